@@ -1,0 +1,104 @@
+//! Wires a validated [`Config`] into running parts: the token refresher in
+//! the background, the proxy and admin listeners in the foreground, and the
+//! shutdown order between them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::proxy::{self, ClientInfo, Proxy};
+use crate::server::{self, Drain};
+use crate::tls;
+use crate::token::{FetchError, RefreshPolicy, Refresher, TokenClient, TokenStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot build the token client: {0}")]
+    TokenClient(#[from] FetchError),
+}
+
+/// The two sockets the proxy serves, bound by the caller (port 0 in tests).
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Runs the proxy until `shutdown` is cancelled and in-flight requests have
+/// drained (or the grace period ran out).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<Drain, AppError> {
+    let tls_config = tls::client_config(&config.coupa.extra_roots)?;
+    let token_client = TokenClient::new(&config.oauth, tls_config.clone())?;
+    let store = Arc::new(TokenStore::new());
+
+    // Background work stops only after the proxy has drained, so requests
+    // finishing during the grace period still see a token.
+    let background = CancellationToken::new();
+    let refresher = Refresher {
+        client: token_client,
+        store: store.clone(),
+        policy: RefreshPolicy::from(&config.oauth),
+        credential: "default".to_owned(),
+    };
+    let refresher_task = tokio::spawn(refresher.run(background.clone()));
+
+    let proxy_addr = listeners.proxy.local_addr().ok();
+    let admin_addr = listeners.admin.local_addr().ok();
+    let admin_store = store.clone();
+    let admin_task = tokio::spawn(server::serve(
+        listeners.admin,
+        None,
+        move |_peer| {
+            let store = admin_store.clone();
+            service_fn(move |request| crate::admin::handle(request, store.clone()))
+        },
+        background.clone(),
+        std::time::Duration::from_secs(1),
+    ));
+
+    let upstream = proxy::upstream::build(&config.coupa, tls_config);
+    let proxy = Proxy::new(&config, store, upstream);
+    info!(
+        listen = ?proxy_addr,
+        admin = ?admin_addr,
+        upstream = %config.coupa.base_url,
+        "coupa-auth-proxy started"
+    );
+    let drain = server::serve(
+        listeners.proxy,
+        None,
+        move |peer| {
+            let proxy = proxy.clone();
+            let client = Arc::new(ClientInfo::new(peer.ip()));
+            service_fn(move |request| {
+                let proxy = proxy.clone();
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
+            })
+        },
+        shutdown,
+        config.listen.shutdown_grace,
+    )
+    .await;
+    match drain {
+        Drain::Complete => info!("all in-flight requests finished"),
+        Drain::TimedOut { open_connections } => warn!(
+            open_connections,
+            "grace period ran out; closing the remaining connections"
+        ),
+    }
+    background.cancel();
+    let _ = refresher_task.await;
+    let _ = admin_task.await;
+    Ok(drain)
+}

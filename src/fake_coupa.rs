@@ -1,0 +1,637 @@
+//! A fake Coupa instance, owned by the project, for tests, benches and the
+//! demo (nobody here can reach a real one). `run` never starts it.
+//!
+//! It behaves like the parts of Coupa the proxy depends on:
+//! - `POST /oauth2/token` validates the form encoding, the client id and
+//!   secret (form or Basic, never both), the grant and that every requested
+//!   scope is assigned to the client; it issues random tokens with a
+//!   configurable lifetime and answers RFC 6749 errors otherwise;
+//! - `/api/*` requires a live bearer token (401 otherwise) and echoes what it
+//!   received as JSON: method, target, headers, body length and SHA-256;
+//! - `/api/_download?bytes=N` streams N bytes of a known pattern;
+//!   `/api/_slow?ms=N` answers after a delay.
+//!
+//! Switches make the token endpoint fail and revoke tokens; counters record
+//! token requests and any use of an expired token.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// An OAuth client registered in the fake.
+#[derive(Debug, Clone)]
+pub struct FakeClient {
+    pub id: String,
+    pub secret: String,
+    /// Scopes assigned to the client; requests may ask for any subset.
+    pub scopes: Vec<String>,
+}
+
+/// How the token endpoint misbehaves while a failure is switched on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenFailure {
+    /// HTTP 500 with an HTML body, like a load balancer error page.
+    ServerError,
+    /// An RFC 6749 error with this code, e.g. `invalid_client`.
+    OAuth(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct FakeCoupaOptions {
+    pub clients: Vec<FakeClient>,
+    /// `expires_in` of issued tokens (Coupa: 86399 s).
+    pub token_lifetime: Duration,
+    /// Serve HTTPS with this configuration instead of plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for FakeCoupaOptions {
+    fn default() -> Self {
+        Self {
+            clients: Vec::new(),
+            token_lifetime: Duration::from_secs(86_399),
+            tls: None,
+        }
+    }
+}
+
+struct TokenRecord {
+    expires_at: Instant,
+    revoked: bool,
+}
+
+/// What the fake knows and counts. All methods are cheap and thread-safe.
+pub struct FakeState {
+    clients: Vec<FakeClient>,
+    lifetime: Mutex<Duration>,
+    failure: Mutex<Option<TokenFailure>>,
+    tokens: Mutex<HashMap<String, TokenRecord>>,
+    token_requests: AtomicU64,
+    tokens_issued: AtomicU64,
+    api_requests: AtomicU64,
+    rejected_api_requests: AtomicU64,
+    expired_token_uses: AtomicU64,
+}
+
+impl FakeState {
+    /// Makes every token request fail (or succeed again with `None`).
+    pub fn set_token_failure(&self, failure: Option<TokenFailure>) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = failure;
+        }
+    }
+
+    /// Changes `expires_in` for tokens issued from now on.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        if let Ok(mut l) = self.lifetime.lock() {
+            *l = lifetime;
+        }
+    }
+
+    /// Revokes every token issued so far.
+    pub fn revoke_all_tokens(&self) {
+        if let Ok(mut tokens) = self.tokens.lock() {
+            for record in tokens.values_mut() {
+                record.revoked = true;
+            }
+        }
+    }
+
+    /// Requests that reached the token endpoint, successful or not.
+    pub fn token_requests(&self) -> u64 {
+        self.token_requests.load(Ordering::SeqCst)
+    }
+
+    pub fn tokens_issued(&self) -> u64 {
+        self.tokens_issued.load(Ordering::SeqCst)
+    }
+
+    /// `/api/*` requests that carried a live token.
+    pub fn api_requests(&self) -> u64 {
+        self.api_requests.load(Ordering::SeqCst)
+    }
+
+    /// `/api/*` requests answered 401.
+    pub fn rejected_api_requests(&self) -> u64 {
+        self.rejected_api_requests.load(Ordering::SeqCst)
+    }
+
+    /// `/api/*` requests that carried a token after its expiry.
+    pub fn expired_token_uses(&self) -> u64 {
+        self.expired_token_uses.load(Ordering::SeqCst)
+    }
+
+    /// Whether `token` was issued here and is live now.
+    pub fn token_is_live(&self, token: &str) -> bool {
+        matches!(self.check_token(token), TokenCheck::Live)
+    }
+
+    fn check_token(&self, token: &str) -> TokenCheck {
+        let Ok(tokens) = self.tokens.lock() else {
+            return TokenCheck::Unknown;
+        };
+        match tokens.get(token) {
+            None => TokenCheck::Unknown,
+            Some(r) if r.revoked => TokenCheck::Revoked,
+            Some(r) if Instant::now() >= r.expires_at => TokenCheck::Expired,
+            Some(_) => TokenCheck::Live,
+        }
+    }
+}
+
+enum TokenCheck {
+    Live,
+    Expired,
+    Revoked,
+    Unknown,
+}
+
+/// A running fake; stops when dropped.
+pub struct FakeCoupa {
+    addr: SocketAddr,
+    tls: bool,
+    state: Arc<FakeState>,
+    shutdown: CancellationToken,
+}
+
+impl FakeCoupa {
+    /// Starts the fake on `127.0.0.1` with an OS-chosen port.
+    pub async fn start(options: FakeCoupaOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_on(listener, options)
+    }
+
+    pub fn start_on(listener: TcpListener, options: FakeCoupaOptions) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let state = Arc::new(FakeState {
+            clients: options.clients,
+            lifetime: Mutex::new(options.token_lifetime),
+            failure: Mutex::new(None),
+            tokens: Mutex::new(HashMap::new()),
+            token_requests: AtomicU64::new(0),
+            tokens_issued: AtomicU64::new(0),
+            api_requests: AtomicU64::new(0),
+            rejected_api_requests: AtomicU64::new(0),
+            expired_token_uses: AtomicU64::new(0),
+        });
+        let shutdown = CancellationToken::new();
+        let tls = options.tls.map(TlsAcceptor::from);
+        let is_tls = tls.is_some();
+        let served = state.clone();
+        tokio::spawn(crate::server::serve(
+            listener,
+            tls,
+            move |_peer| {
+                let state = served.clone();
+                service_fn(move |request| route(state.clone(), request))
+            },
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
+        Ok(Self {
+            addr,
+            tls: is_tls,
+            state,
+            shutdown,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS (test
+    /// certificates are issued for `localhost`).
+    pub fn base_url(&self) -> String {
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
+    }
+
+    pub fn state(&self) -> &FakeState {
+        &self.state
+    }
+}
+
+impl Drop for FakeCoupa {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+type FakeBody = Either<Full<Bytes>, PatternBody>;
+
+async fn route(
+    state: Arc<FakeState>,
+    request: Request<Incoming>,
+) -> Result<Response<FakeBody>, Infallible> {
+    let path = request.uri().path();
+    Ok(if path == "/oauth2/token" {
+        token_endpoint(&state, request).await
+    } else if path.starts_with("/api/") {
+        api(&state, request).await
+    } else {
+        json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"errors": {"path": ["not found"]}}),
+        )
+    })
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<FakeBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn oauth_error(status: StatusCode, code: &str, description: &str) -> Response<FakeBody> {
+    json(
+        status,
+        serde_json::json!({"error": code, "error_description": description}),
+    )
+}
+
+async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody> {
+    state.token_requests.fetch_add(1, Ordering::SeqCst);
+    let failure = state.failure.lock().ok().and_then(|f| f.clone());
+    match failure {
+        Some(TokenFailure::ServerError) => {
+            let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
+                b"<html><body>502 Bad Gateway</body></html>",
+            ))));
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return r;
+        }
+        Some(TokenFailure::OAuth(code)) => {
+            return oauth_error(StatusCode::BAD_REQUEST, &code, "switched on by the test");
+        }
+        None => {}
+    }
+    if request.method() != Method::POST {
+        return oauth_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "use POST",
+        );
+    }
+    let form_encoded = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+        .unwrap_or(false);
+    if !form_encoded {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Content-Type must be application/x-www-form-urlencoded",
+        );
+    }
+    let basic = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| parse_basic(v));
+    let body = match http_body_util::Limited::new(request.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "bad body"),
+    };
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+
+    let body_credentials = form.get("client_id").zip(form.get("client_secret"));
+    let (client_id, client_secret) = match (basic, body_credentials) {
+        (Some(_), Some(_)) => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "provided multiple credentials",
+            )
+        }
+        (Some((id, secret)), None) => (id, secret),
+        (None, Some((id, secret))) => (id.clone(), secret.clone()),
+        (None, None) => {
+            return oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client authentication failed",
+            )
+        }
+    };
+    let Some(client) = state
+        .clients
+        .iter()
+        .find(|c| c.id == client_id && c.secret == client_secret)
+    else {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
+    };
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant type not supported",
+        );
+    }
+    let requested = form.get("scope").map(String::as_str).unwrap_or("");
+    if requested.contains(',') {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            "scopes are separated by spaces",
+        );
+    }
+    let scopes: Vec<&str> = requested.split(' ').filter(|s| !s.is_empty()).collect();
+    if scopes.is_empty() {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", "no scope requested");
+    }
+    if let Some(missing) = scopes
+        .iter()
+        .find(|s| !client.scopes.iter().any(|assigned| assigned == *s))
+    {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            &format!("scope {missing} is not assigned to the client"),
+        );
+    }
+
+    let mut raw = [0u8; 48];
+    rand::rng().fill_bytes(&mut raw);
+    let token = format!(
+        "fake.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    );
+    let lifetime = state
+        .lifetime
+        .lock()
+        .map(|l| *l)
+        .unwrap_or(Duration::from_secs(86_399));
+    if let Ok(mut tokens) = state.tokens.lock() {
+        tokens.insert(
+            token.clone(),
+            TokenRecord {
+                expires_at: Instant::now() + lifetime,
+                revoked: false,
+            },
+        );
+    }
+    state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "access_token": token,
+            "token_type": "bearer",
+            "expires_in": lifetime.as_secs(),
+            "scope": scopes.join(" "),
+        }),
+    )
+}
+
+fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
+    let text = value.to_str().ok()?;
+    let (scheme, encoded) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    Some((id.to_owned(), secret.to_owned()))
+}
+
+async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody> {
+    let token = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned());
+    let verdict = token
+        .as_deref()
+        .map(|t| state.check_token(t))
+        .unwrap_or(TokenCheck::Unknown);
+    let reason = match verdict {
+        TokenCheck::Live => None,
+        TokenCheck::Expired => {
+            state.expired_token_uses.fetch_add(1, Ordering::SeqCst);
+            Some("token expired")
+        }
+        TokenCheck::Revoked => Some("token revoked"),
+        TokenCheck::Unknown => Some("missing or unknown token"),
+    };
+    if let Some(reason) = reason {
+        state.rejected_api_requests.fetch_add(1, Ordering::SeqCst);
+        return json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"errors": {"authorization": [reason]}}),
+        );
+    }
+    state.api_requests.fetch_add(1, Ordering::SeqCst);
+
+    let query = request.uri().query().unwrap_or("");
+    let param = |name: &str| -> Option<u64> {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    match request.uri().path() {
+        "/api/_download" => {
+            let size = param("bytes").unwrap_or(0);
+            let mut response = Response::new(Either::Right(PatternBody::new(size)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        "/api/_slow" => {
+            let ms = param("ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            echo(request).await
+        }
+        _ => echo(request).await,
+    }
+}
+
+/// Answers with what was received; the body is hashed as it streams in, so
+/// uploads of any size use constant memory.
+async fn echo(request: Request<Incoming>) -> Response<FakeBody> {
+    let (parts, mut body) = request.into_parts();
+    let mut hasher = Sha256::new();
+    let mut length: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    hasher.update(data);
+                    length += data.len() as u64;
+                }
+            }
+            Err(err) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"errors": {"body": [err.to_string()]}}),
+                )
+            }
+        }
+    }
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "method": parts.method.as_str(),
+            "target": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "body_bytes": length,
+            "body_sha256": hex(&hasher.finalize()),
+        }),
+    )
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Byte `i` of every download is `i % 251`: cheap to produce, easy to check,
+/// and not a multiple of any buffer size.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// SHA-256 (hex) of the first `size` pattern bytes, for checking downloads.
+pub fn pattern_sha256(size: u64) -> String {
+    let mut hasher = Sha256::new();
+    let mut body = PatternBody::new(size);
+    while let Some(chunk) = body.next_chunk() {
+        hasher.update(&chunk);
+    }
+    hex(&hasher.finalize())
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// A streamed body of the download pattern, produced chunk by chunk.
+pub struct PatternBody {
+    /// One chunk plus a period, so any chunk is a zero-copy slice.
+    source: Bytes,
+    offset: u64,
+    remaining: u64,
+}
+
+impl PatternBody {
+    pub fn new(size: u64) -> Self {
+        let source: Vec<u8> = (0..(CHUNK + 251) as u64).map(pattern_byte).collect();
+        Self {
+            source: Bytes::from(source),
+            offset: 0,
+            remaining: size,
+        }
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let len = (CHUNK as u64).min(self.remaining) as usize;
+        let start = (self.offset % 251) as usize;
+        let chunk = self.source.slice(start..start + len);
+        self.offset += len as u64;
+        self.remaining -= len as u64;
+        Some(chunk)
+    }
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.get_mut().next_chunk().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_body_is_continuous_across_chunks() {
+        let mut body = PatternBody::new(CHUNK as u64 * 2 + 7);
+        let mut all = Vec::new();
+        while let Some(chunk) = body.next_chunk() {
+            all.extend_from_slice(&chunk);
+        }
+        assert_eq!(all.len(), CHUNK * 2 + 7);
+        for (i, b) in all.iter().enumerate() {
+            assert_eq!(*b, pattern_byte(i as u64));
+        }
+    }
+
+    #[test]
+    fn basic_credentials_parse() {
+        let value = HeaderValue::from_static("Basic aWQ6c2VjcmV0");
+        assert_eq!(
+            parse_basic(&value),
+            Some(("id".to_owned(), "secret".to_owned()))
+        );
+    }
+}

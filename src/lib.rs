@@ -1,0 +1,30 @@
+//! coupa-auth-proxy: lets integrations that only know Coupa's retired
+//! `X-COUPA-API-KEY` talk to Coupa's OAuth2-protected API unchanged.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, `${ENV}` expansion, validation into [`config::Config`].
+//! - [`secret`]: the redacting wrapper for secret strings.
+//! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
+//!   rotating ([`token::refresher`]) the access token — background work.
+//! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
+//! - [`server`]: accept loop and graceful drain for every listener.
+//! - [`admin`]: `/healthz` and `/readyz`.
+//! - [`app`]: wires the above together for `run`.
+//! - [`tls`]: the outbound rustls configuration.
+//! - [`telemetry`]: log format and filtering.
+//! - [`fake_coupa`]: a fake Coupa instance for tests, benches and the demo.
+//! - [`demo`]: the `demo` subcommand.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod fake_coupa;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod token;

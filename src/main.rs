@@ -1,0 +1,164 @@
+//! The `coupa-auth-proxy` binary: CLI parsing, logging, exit codes. The work
+//! itself lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use coupa_auth_proxy::app::{self, Listeners};
+use coupa_auth_proxy::config::{Config, CONFIG_ENV};
+use coupa_auth_proxy::telemetry::{self, LogFormat};
+use coupa_auth_proxy::{demo, tls};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a configuration problem (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "coupa-auth-proxy", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. `info`, `warn,coupa_auth_proxy=debug`); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(ConfigArg),
+    /// Validate the configuration and print a summary (secrets redacted).
+    Check(ConfigArg),
+    /// Start a fake Coupa and the proxy in front of it, on loopback.
+    Demo {
+        /// Proxy address (a free port is used if this one is taken).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin address (a free port is used if this one is taken).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, env = CONFIG_ENV)]
+    config: PathBuf,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Self {
+            code: 1,
+            error: error.into(),
+        }
+    }
+}
+
+fn config_failure(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: EXIT_CONFIG,
+        error: error.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = telemetry::init(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("error: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Check(args) => check(&args.config),
+        Command::Run(args) => {
+            let config = Config::load(&args.config).map_err(config_failure)?;
+            runtime()?.block_on(run(config))
+        }
+        Command::Demo { listen, admin } => runtime()?.block_on(async move {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            demo::run(listen, admin, shutdown).await?;
+            Ok(())
+        }),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?)
+}
+
+fn check(path: &std::path::Path) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(config_failure)?;
+    tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
+    println!("{}: configuration is valid\n", path.display());
+    print!("{}", config.summary());
+    Ok(())
+}
+
+async fn run(config: Config) -> Result<(), Failure> {
+    let proxy = TcpListener::bind(config.listen.address)
+        .await
+        .with_context(|| format!("listen.address: cannot bind {}", config.listen.address))
+        .map_err(config_failure)?;
+    let admin = TcpListener::bind(config.admin.address)
+        .await
+        .with_context(|| format!("admin.address: cannot bind {}", config.admin.address))
+        .map_err(config_failure)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    app::run(config, Listeners { proxy, admin }, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown signal received; no new connections, draining");
+    shutdown.cancel();
+}

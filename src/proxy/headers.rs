@@ -1,0 +1,348 @@
+//! The header rewrite, as pure functions over a `HeaderMap`: what the client
+//! sent in, what Coupa gets out. No I/O, so every rule is unit-tested here.
+
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderName, ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderValue};
+
+pub const X_COUPA_API_KEY: HeaderName = HeaderName::from_static("x-coupa-api-key");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones that
+/// clients still send. They describe one connection and never travel on.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// Credentials the client may send that must never reach Coupa: the legacy
+/// key (now meaningless upstream) and any authorization of its own.
+const CLIENT_CREDENTIALS: [HeaderName; 3] = [X_COUPA_API_KEY, AUTHORIZATION, PROXY_AUTHORIZATION];
+
+static APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+static APPLICATION_XML: HeaderValue = HeaderValue::from_static("application/xml");
+
+/// Values decided once at start-up and shared by every request.
+#[derive(Debug, Clone)]
+pub struct RewriteRules {
+    /// `Host` for the upstream (the instance's authority).
+    pub upstream_host: HeaderValue,
+    /// `coupa.accept`.
+    pub default_accept: HeaderValue,
+    /// `X-Forwarded-Proto` of the listener (`http` until inbound TLS).
+    pub forwarded_proto: HeaderValue,
+}
+
+/// Facts about the client connection, rendered once per connection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    /// `ip` as a header value, so requests on a keep-alive connection do
+    /// not format it again.
+    pub ip_header: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(ip: IpAddr) -> Self {
+        let ip_header = HeaderValue::try_from(ip.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { ip, ip_header }
+    }
+}
+
+/// Rewrites a client request's headers for Coupa. `authority` is the
+/// request target's authority (HTTP/2 `:authority`), used for
+/// `X-Forwarded-Host` when there is no `Host` header.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    rules: &RewriteRules,
+    bearer: HeaderValue,
+    client: &ClientInfo,
+) {
+    strip_hop_by_hop(headers);
+    for name in &CLIENT_CREDENTIALS {
+        headers.remove(name);
+    }
+
+    let original_host = headers
+        .remove(HOST)
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    if let Some(host) = original_host {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    headers.insert(HOST, rules.upstream_host.clone());
+
+    if let Some(accept) = choose_accept(
+        headers.get(ACCEPT),
+        headers.get(CONTENT_TYPE),
+        &rules.default_accept,
+    ) {
+        headers.insert(ACCEPT, accept);
+    }
+
+    let forwarded_for = match headers.get(X_FORWARDED_FOR) {
+        Some(prior) => append_forwarded_for(prior, &client.ip_header),
+        None => client.ip_header.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_FORWARDED_PROTO, rules.forwarded_proto.clone());
+
+    headers.insert(AUTHORIZATION, bearer);
+}
+
+/// Rewrites Coupa's response headers for the client.
+pub fn rewrite_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+/// Removes the hop-by-hop fields and every field `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The `Accept` to send, or `None` to keep the client's own.
+///
+/// Coupa answers XML when no `Accept` is sent and wants `Accept` and
+/// `Content-Type` to agree, so a client that expressed no preference gets
+/// the media type of what it sends (when that is JSON or XML), else the
+/// configured default.
+pub fn choose_accept(
+    accept: Option<&HeaderValue>,
+    content_type: Option<&HeaderValue>,
+    default: &HeaderValue,
+) -> Option<HeaderValue> {
+    if let Some(accept) = accept {
+        if !is_only_wildcard(accept) {
+            return None;
+        }
+    }
+    let media_type = content_type
+        .and_then(|ct| ct.to_str().ok())
+        .map(|ct| ct.split(';').next().unwrap_or("").trim());
+    Some(match media_type {
+        Some(mt) if mt.eq_ignore_ascii_case("application/json") => APPLICATION_JSON.clone(),
+        Some(mt) if mt.eq_ignore_ascii_case("application/xml") => APPLICATION_XML.clone(),
+        Some(mt) if is_json_or_xml(mt) => {
+            HeaderValue::from_str(mt).unwrap_or_else(|_| default.clone())
+        }
+        _ => default.clone(),
+    })
+}
+
+/// True for an empty `Accept` or one made only of `*/*` ranges.
+fn is_only_wildcard(accept: &HeaderValue) -> bool {
+    let Ok(text) = accept.to_str() else {
+        return false;
+    };
+    text.split(',')
+        .map(|range| range.split(';').next().unwrap_or("").trim())
+        .all(|range| range.is_empty() || range == "*/*")
+}
+
+fn is_json_or_xml(media_type: &str) -> bool {
+    let mt = media_type.to_ascii_lowercase();
+    mt == "text/xml" || mt.ends_with("+json") || mt.ends_with("+xml")
+}
+
+fn append_forwarded_for(prior: &HeaderValue, ip: &HeaderValue) -> HeaderValue {
+    let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
+    joined.extend_from_slice(prior.as_bytes());
+    joined.extend_from_slice(b", ");
+    joined.extend_from_slice(ip.as_bytes());
+    HeaderValue::from_bytes(&joined).unwrap_or_else(|_| ip.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> RewriteRules {
+        RewriteRules {
+            upstream_host: HeaderValue::from_static("acme.coupahost.com"),
+            default_accept: HeaderValue::from_static("application/json"),
+            forwarded_proto: HeaderValue::from_static("http"),
+        }
+    }
+
+    fn client() -> ClientInfo {
+        ClientInfo::new("10.1.2.3".parse().unwrap())
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn rewrite(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = headers(pairs);
+        rewrite_request(
+            &mut map,
+            None,
+            &rules(),
+            HeaderValue::from_static("Bearer tok"),
+            &client(),
+        );
+        map
+    }
+
+    #[test]
+    fn legacy_key_and_client_credentials_are_replaced_by_the_bearer() {
+        let out = rewrite(&[
+            ("X-Coupa-Api-Key", "legacy"),
+            ("Authorization", "Basic abc"),
+            ("Proxy-Authorization", "Basic def"),
+        ]);
+        assert!(out.get("x-coupa-api-key").is_none());
+        assert!(out.get(PROXY_AUTHORIZATION).is_none());
+        assert_eq!(out.get_all(AUTHORIZATION).iter().count(), 1);
+        assert_eq!(out[AUTHORIZATION], "Bearer tok");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let out = rewrite(&[
+            ("Connection", "keep-alive, X-Secret-Hop"),
+            ("Connection", "x-other"),
+            ("X-Secret-Hop", "1"),
+            ("X-Other", "2"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "x-foo"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "h2c"),
+            ("X-Kept", "yes"),
+        ]);
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "x-other",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            assert!(out.get(gone).is_none(), "{gone} survived");
+        }
+        assert_eq!(out["x-kept"], "yes");
+    }
+
+    #[test]
+    fn host_is_the_upstream_and_forwarded_headers_are_added() {
+        let out = rewrite(&[("Host", "127.0.0.1:8080"), ("X-Forwarded-For", "1.1.1.1")]);
+        assert_eq!(out[HOST], "acme.coupahost.com");
+        assert_eq!(out[X_FORWARDED_HOST], "127.0.0.1:8080");
+        assert_eq!(out[X_FORWARDED_FOR], "1.1.1.1, 10.1.2.3");
+        assert_eq!(out[X_FORWARDED_PROTO], "http");
+
+        let out = rewrite(&[]);
+        assert_eq!(out[X_FORWARDED_FOR], "10.1.2.3");
+        assert!(out.get(X_FORWARDED_HOST).is_none());
+    }
+
+    #[test]
+    fn http2_authority_becomes_forwarded_host() {
+        let mut map = HeaderMap::new();
+        let authority: http::uri::Authority = "proxy.local:8443".parse().unwrap();
+        rewrite_request(
+            &mut map,
+            Some(&authority),
+            &rules(),
+            HeaderValue::from_static("Bearer tok"),
+            &client(),
+        );
+        assert_eq!(map[X_FORWARDED_HOST], "proxy.local:8443");
+    }
+
+    #[test]
+    fn accept_policy() {
+        let default = HeaderValue::from_static("application/json");
+        let hv = |s: &'static str| HeaderValue::from_static(s);
+        // Client's own choice wins.
+        assert_eq!(
+            choose_accept(Some(&hv("application/xml")), None, &default),
+            None
+        );
+        assert_eq!(
+            choose_accept(
+                Some(&hv("text/csv")),
+                Some(&hv("application/json")),
+                &default
+            ),
+            None
+        );
+        // Missing or wildcard: follow the body's type, else the default.
+        assert_eq!(choose_accept(None, None, &default), Some(default.clone()));
+        assert_eq!(
+            choose_accept(Some(&hv("*/*")), None, &default),
+            Some(default.clone())
+        );
+        assert_eq!(
+            choose_accept(
+                Some(&hv("*/*;q=0.8")),
+                Some(&hv("application/xml; charset=utf-8")),
+                &default
+            ),
+            Some(hv("application/xml"))
+        );
+        assert_eq!(
+            choose_accept(None, Some(&hv("text/xml")), &default),
+            Some(hv("text/xml"))
+        );
+        assert_eq!(
+            choose_accept(None, Some(&hv("Application/JSON;charset=UTF-8")), &default),
+            Some(hv("application/json"))
+        );
+        assert_eq!(
+            choose_accept(None, Some(&hv("multipart/form-data; boundary=x")), &default),
+            Some(default.clone())
+        );
+    }
+
+    #[test]
+    fn response_hop_by_hop_is_removed() {
+        let mut map = headers(&[
+            ("Connection", "close, X-Upstream-Hop"),
+            ("X-Upstream-Hop", "1"),
+            ("Transfer-Encoding", "chunked"),
+            ("Content-Type", "application/json"),
+        ]);
+        rewrite_response(&mut map);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map[CONTENT_TYPE], "application/json");
+    }
+}

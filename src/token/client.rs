@@ -1,0 +1,289 @@
+//! One request to the OAuth token endpoint (`grant_type=client_credentials`)
+//! and the translation of its failures into advice.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::config::{ClientAuth, OAuth};
+use crate::secret::Secret;
+
+/// Coupa's documented lifetime, assumed when a response omits `expires_in`.
+const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(86_399);
+
+/// A token as the endpoint issued it.
+#[derive(Debug)]
+pub struct FetchedToken {
+    pub access_token: Secret,
+    pub expires_in: Duration,
+    pub scope: Option<String>,
+    /// When the request was sent: the lifetime counts from here, so our
+    /// idea of the expiry is never later than the server's.
+    pub requested_at: Instant,
+    pub requested_at_wall: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("token endpoint unreachable: {0}")]
+    Network(String),
+    #[error("token endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("token endpoint refused the request: HTTP {status}, OAuth error `{code}`{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    OAuth {
+        status: u16,
+        code: String,
+        description: Option<String>,
+    },
+    #[error("token endpoint answered HTTP {status} without an OAuth error body")]
+    Http { status: u16 },
+    #[error("token endpoint answered something unusable: {0}")]
+    BadResponse(String),
+}
+
+impl FetchError {
+    /// What the user should change, when the cause is known.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            FetchError::OAuth { code, .. } => match code.as_str() {
+                "invalid_client" => Some(
+                    "the client id or secret is wrong: check oauth.client_id and the secret against \
+                     Coupa (Setup > Integrations > OAuth2/OpenID Connect Clients); \
+                     with oauth.client_auth = \"basic\" the secret goes in a header instead of the form",
+                ),
+                "invalid_scope" => Some(
+                    "a scope in oauth.scopes is not assigned to this client: add it to the client in \
+                     Coupa or remove it from oauth.scopes",
+                ),
+                "unauthorized_client" => Some(
+                    "the client may not use the client_credentials grant: set the client's grant type \
+                     to Client credentials in Coupa",
+                ),
+                "unsupported_grant_type" => Some(
+                    "the endpoint does not accept client_credentials: check oauth.token_url points at \
+                     https://<instance>/oauth2/token",
+                ),
+                "invalid_request" => Some(
+                    "the endpoint rejected the request's form: if the description mentions multiple \
+                     credentials, check oauth.client_auth",
+                ),
+                _ => None,
+            },
+            FetchError::Http { status: 404 } => {
+                Some("no token endpoint at oauth.token_url: check coupa.base_url / oauth.token_url")
+            }
+            FetchError::Http { status: 401 | 403 } => {
+                Some("the endpoint rejected the client: check oauth.client_id and the secret")
+            }
+            FetchError::Network(_) | FetchError::Timeout(_) => Some(
+                "check that coupa.base_url names a reachable instance and that its certificate is \
+                 trusted (coupa.ca_file for a private CA)",
+            ),
+            _ => None,
+        }
+    }
+
+    /// The message plus the hint, as one line for logs and the CLI.
+    pub fn explain(&self) -> String {
+        match self.hint() {
+            Some(hint) => format!("{self}; fix: {hint}"),
+            None => self.to_string(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    token_type: String,
+    #[serde(default)]
+    expires_in: Option<serde_json::Value>,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: String,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// Fetches tokens for one OAuth client.
+#[derive(Debug, Clone)]
+pub struct TokenClient {
+    http: reqwest::Client,
+    url: String,
+    client_id: String,
+    secret: Secret,
+    /// Scopes joined by spaces, as Coupa wants them.
+    scope: String,
+    auth: ClientAuth,
+    timeout: Duration,
+}
+
+impl TokenClient {
+    pub fn new(oauth: &OAuth, tls: rustls::ClientConfig) -> Result<Self, FetchError> {
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(oauth.request_timeout)
+            .user_agent(concat!("coupa-auth-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| FetchError::Network(error_chain(&e)))?;
+        Ok(Self {
+            http,
+            url: oauth.token_url.clone(),
+            client_id: oauth.client_id.clone(),
+            secret: oauth.client_secret.clone(),
+            scope: oauth.scopes.join(" "),
+            auth: oauth.client_auth,
+            timeout: oauth.request_timeout,
+        })
+    }
+
+    pub fn token_url(&self) -> &str {
+        &self.url
+    }
+
+    /// Requests one token.
+    pub async fn fetch(&self) -> Result<FetchedToken, FetchError> {
+        let requested_at = Instant::now();
+        let requested_at_wall = SystemTime::now();
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "client_credentials"),
+            ("scope", &self.scope),
+        ];
+        let mut request = self.http.post(&self.url);
+        match self.auth {
+            ClientAuth::Body => {
+                form.push(("client_id", &self.client_id));
+                form.push(("client_secret", self.secret.expose()));
+            }
+            ClientAuth::Basic => {
+                request = request.basic_auth(&self.client_id, Some(self.secret.expose()));
+            }
+        }
+        let response = request
+            .header(http::header::ACCEPT, "application/json")
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorResponse>(&body) {
+                Ok(err) => FetchError::OAuth {
+                    status: status.as_u16(),
+                    code: err.error,
+                    description: err.error_description,
+                },
+                Err(_) => FetchError::Http {
+                    status: status.as_u16(),
+                },
+            });
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            // serde_json's message names the field, never the value.
+            FetchError::BadResponse(format!("not a token response: {e}"))
+        })?;
+        if !parsed.token_type.eq_ignore_ascii_case("bearer") {
+            return Err(FetchError::BadResponse(format!(
+                "token_type is {:?}, expected bearer",
+                parsed.token_type
+            )));
+        }
+        if parsed.access_token.is_empty()
+            || http::HeaderValue::from_str(&parsed.access_token).is_err()
+        {
+            return Err(FetchError::BadResponse(
+                "access_token is empty or not a valid header value".to_owned(),
+            ));
+        }
+        let expires_in = match parsed.expires_in {
+            None => DEFAULT_EXPIRES_IN,
+            Some(value) => parse_expires_in(&value).ok_or_else(|| {
+                FetchError::BadResponse(format!("expires_in {value} is not a number of seconds"))
+            })?,
+        };
+        Ok(FetchedToken {
+            access_token: Secret::new(parsed.access_token),
+            expires_in,
+            scope: parsed.scope,
+            requested_at,
+            requested_at_wall,
+        })
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> FetchError {
+        if e.is_timeout() {
+            FetchError::Timeout(self.timeout)
+        } else {
+            FetchError::Network(error_chain(&e))
+        }
+    }
+}
+
+/// Some servers send `expires_in` as a string; accept both.
+fn parse_expires_in(value: &serde_json::Value) -> Option<Duration> {
+    let secs = match value {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }?;
+    Some(Duration::from_secs(secs))
+}
+
+/// An error with its causes, e.g. "error sending request: connection refused".
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_in_accepts_number_or_string() {
+        assert_eq!(
+            parse_expires_in(&serde_json::json!(86399)),
+            Some(Duration::from_secs(86399))
+        );
+        assert_eq!(
+            parse_expires_in(&serde_json::json!("60")),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(parse_expires_in(&serde_json::json!(-1)), None);
+    }
+
+    #[test]
+    fn oauth_errors_come_with_a_fix() {
+        let err = FetchError::OAuth {
+            status: 401,
+            code: "invalid_client".into(),
+            description: None,
+        };
+        assert!(err.explain().contains("secret"));
+        let err = FetchError::OAuth {
+            status: 400,
+            code: "invalid_scope".into(),
+            description: Some("core.x.read".into()),
+        };
+        assert!(err.explain().contains("oauth.scopes"));
+        assert!(err.explain().contains("core.x.read"));
+    }
+}

@@ -1,0 +1,269 @@
+//! Background token rotation: fetch, wait out the activation delay, swap,
+//! sleep until the renewal point, repeat; back off on failure.
+//!
+//! One task per credential owns every fetch, so there is never more than one
+//! token request in flight. The schedule is made of pure functions so it can
+//! be tested without a clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::client::{FetchedToken, TokenClient};
+use super::store::{ActiveToken, TokenStore};
+use crate::config::OAuth;
+
+/// Never renew sooner than this after a fetch, whatever the lifetime says,
+/// so a server answering `expires_in: 0` cannot make us spin.
+const MIN_RENEW_AFTER: Duration = Duration::from_secs(1);
+/// Cap on the safety margin taken off every lifetime.
+const MAX_EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
+/// When to renew and how to retry.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshPolicy {
+    pub refresh_fraction: f64,
+    pub activation_delay: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+impl From<&OAuth> for RefreshPolicy {
+    fn from(oauth: &OAuth) -> Self {
+        Self {
+            refresh_fraction: oauth.refresh_fraction,
+            activation_delay: oauth.activation_delay,
+            retry_initial: oauth.retry_initial,
+            retry_max: oauth.retry_max,
+        }
+    }
+}
+
+impl RefreshPolicy {
+    /// Last instant we will send the token: its lifetime counted from when
+    /// we asked for it, minus a margin (5 %, at most a minute) for the time a
+    /// forwarded request needs to reach Coupa.
+    pub fn usable_until(&self, requested_at: Instant, lifetime: Duration) -> Instant {
+        let margin = (lifetime / 20).min(MAX_EXPIRY_MARGIN);
+        requested_at + lifetime.saturating_sub(margin)
+    }
+
+    /// When to start fetching the next token.
+    pub fn renew_at(&self, requested_at: Instant, lifetime: Duration) -> Instant {
+        let after = lifetime.mul_f64(self.refresh_fraction).max(MIN_RENEW_AFTER);
+        requested_at + after
+    }
+
+    /// When a freshly fetched token replaces the current one: after the
+    /// activation delay Coupa asks for, but no later than the moment the old
+    /// one stops being usable, and at once when there is none.
+    pub fn activate_at(&self, now: Instant, current_expiry: Option<Instant>) -> Instant {
+        match current_expiry {
+            Some(expiry) if expiry > now => (now + self.activation_delay).min(expiry),
+            _ => now,
+        }
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from the upper half
+/// of a window that doubles from `initial` up to `max`.
+#[derive(Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    window: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            window: initial,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let window = self.window;
+        self.window = (self.window * 2).min(self.max);
+        let half = window / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.window = self.initial;
+    }
+}
+
+/// Keeps one [`TokenStore`] filled.
+pub struct Refresher {
+    pub client: TokenClient,
+    pub store: Arc<TokenStore>,
+    pub policy: RefreshPolicy,
+    /// Credential name for log lines.
+    pub credential: String,
+}
+
+impl Refresher {
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.policy.retry_initial, self.policy.retry_max);
+        loop {
+            let next_fetch = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.client.fetch() => match result {
+                    Ok(token) => {
+                        backoff.reset();
+                        match self.activate(token, &shutdown).await {
+                            Some(renew_at) => renew_at,
+                            None => return,
+                        }
+                    }
+                    Err(err) => {
+                        let retry_in = backoff.next_delay();
+                        let message = err.explain();
+                        let still_valid = self.store.is_ready();
+                        if still_valid {
+                            warn!(credential = %self.credential, error = %message, retry_in = ?retry_in,
+                                "token fetch failed; the current token keeps serving");
+                        } else {
+                            error!(credential = %self.credential, error = %message, retry_in = ?retry_in,
+                                "token fetch failed and no valid token is held; requests get 503");
+                        }
+                        self.store.record_failure(message);
+                        Instant::now() + retry_in
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = sleep_until(next_fetch) => {}
+            }
+        }
+    }
+
+    /// Installs `token` at its activation time; returns when to renew, or
+    /// `None` if shut down while waiting.
+    async fn activate(&self, token: FetchedToken, shutdown: &CancellationToken) -> Option<Instant> {
+        let FetchedToken {
+            access_token,
+            expires_in,
+            scope,
+            requested_at,
+            requested_at_wall,
+        } = token;
+        let usable_until = self.policy.usable_until(requested_at, expires_in);
+        let wall_expiry = requested_at_wall + (usable_until - requested_at);
+        let active = match ActiveToken::new(
+            &access_token,
+            requested_at,
+            usable_until,
+            wall_expiry,
+            scope.clone(),
+        ) {
+            Ok(active) => active,
+            Err(_) => {
+                // Checked by the client already; kept as a guard.
+                self.store
+                    .record_failure("token is not a valid header value".to_owned());
+                return Some(Instant::now() + self.policy.retry_initial);
+            }
+        };
+        self.store.record_success();
+        let now = Instant::now();
+        let current = self.store.current(now).map(|t| t.expires_at);
+        let activate_at = self.policy.activate_at(now, current);
+        info!(
+            credential = %self.credential,
+            expires_in = ?expires_in,
+            expires_at = %humantime::format_rfc3339_seconds(wall_expiry),
+            scope = scope.as_deref().unwrap_or(""),
+            activates_in = ?(activate_at - now),
+            "token fetched"
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = sleep_until(activate_at) => {}
+        }
+        self.store.install(active);
+        info!(credential = %self.credential, "token activated");
+        Some(self.policy.renew_at(requested_at, expires_in))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RefreshPolicy {
+        RefreshPolicy {
+            refresh_fraction: 0.8333,
+            activation_delay: Duration::from_secs(5),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+
+    #[test]
+    fn coupa_token_is_renewed_after_about_twenty_hours() {
+        let t0 = Instant::now();
+        let renew = policy().renew_at(t0, Duration::from_secs(86_399)) - t0;
+        assert!(renew > Duration::from_secs(19 * 3600 + 59 * 60), "{renew:?}");
+        assert!(renew < Duration::from_secs(20 * 3600 + 60), "{renew:?}");
+    }
+
+    #[test]
+    fn usable_until_leaves_a_margin_before_expiry() {
+        let t0 = Instant::now();
+        let p = policy();
+        assert_eq!(
+            p.usable_until(t0, Duration::from_secs(86_399)) - t0,
+            Duration::from_secs(86_339)
+        );
+        assert_eq!(
+            p.usable_until(t0, Duration::from_secs(2)) - t0,
+            Duration::from_millis(1900)
+        );
+    }
+
+    #[test]
+    fn renewal_never_spins_on_tiny_lifetimes() {
+        let t0 = Instant::now();
+        assert_eq!(policy().renew_at(t0, Duration::ZERO) - t0, MIN_RENEW_AFTER);
+    }
+
+    #[test]
+    fn activation_waits_for_delay_only_while_a_token_is_valid() {
+        let p = policy();
+        let now = Instant::now();
+        assert_eq!(p.activate_at(now, None), now);
+        assert_eq!(p.activate_at(now, Some(now)), now);
+        assert_eq!(
+            p.activate_at(now, Some(now + Duration::from_secs(3600))),
+            now + Duration::from_secs(5)
+        );
+        // The old token runs out before the delay: switch when it does.
+        assert_eq!(
+            p.activate_at(now, Some(now + Duration::from_secs(2))),
+            now + Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+        let delays: Vec<_> = (0..12).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(500) && delays[0] <= Duration::from_secs(1));
+        assert!(delays[3] >= Duration::from_secs(4) && delays[3] <= Duration::from_secs(8));
+        for d in &delays {
+            assert!(*d <= Duration::from_secs(300));
+        }
+        assert!(delays[11] >= Duration::from_secs(150));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+}
