@@ -52,8 +52,13 @@ pub async fn run(
     };
     let refresher_task = tokio::spawn(refresher.run(background.clone()));
 
-    let proxy_addr = listeners.proxy.local_addr().ok();
-    let admin_addr = listeners.admin.local_addr().ok();
+    let local = |l: &TcpListener| {
+        l.local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".to_owned())
+    };
+    let proxy_addr = local(&listeners.proxy);
+    let admin_addr = local(&listeners.admin);
     let admin_store = store.clone();
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
@@ -69,8 +74,8 @@ pub async fn run(
     let upstream = proxy::upstream::build(&config.coupa, tls_config);
     let proxy = Proxy::new(&config, store, upstream);
     info!(
-        listen = ?proxy_addr,
-        admin = ?admin_addr,
+        listen = %proxy_addr,
+        admin = %admin_addr,
         upstream = %config.coupa.base_url,
         "coupa-auth-proxy started"
     );

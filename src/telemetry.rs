@@ -2,6 +2,8 @@
 //! `RUST_LOG`. Nothing here ever sees a secret: fields are chosen at the
 //! call sites, and secret types redact themselves.
 
+use std::io::IsTerminal;
+
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
@@ -31,7 +33,8 @@ pub fn init(format: LogFormat, filter: Option<&str>) -> Result<(), LogFilterErro
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

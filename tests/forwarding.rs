@@ -1,0 +1,189 @@
+//! What reaches Coupa: headers injected and stripped, targets byte-exact,
+//! Accept policy, both inbound protocols, and upstream failures as JSON.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const DAY: Duration = Duration::from_secs(86_399);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_key_is_replaced_by_bearer_and_hop_by_hop_headers_are_stripped() {
+    let (fake, proxy) = start_pair(DAY).await;
+    let request = format!(
+        "GET /api/invoices?limit=1 HTTP/1.1\r\n\
+         Host: client.example:8080\r\n\
+         X-COUPA-API-KEY: {LEGACY_KEY}\r\n\
+         x-coupa-api-key: second-{LEGACY_KEY}\r\n\
+         Authorization: Basic dXNlcjpwYXNz\r\n\
+         Proxy-Authorization: Basic cHJveHk6cGFzcw==\r\n\
+         Connection: keep-alive, X-Hop-Secret\r\n\
+         Connection: close\r\n\
+         X-Hop-Secret: must-not-pass\r\n\
+         Keep-Alive: timeout=5\r\n\
+         Proxy-Connection: keep-alive\r\n\
+         TE: trailers\r\n\
+         Trailer: X-Checksum\r\n\
+         X-Forwarded-For: 203.0.113.7\r\n\
+         X-Custom: kept as is\r\n\
+         \r\n"
+    );
+    let (status, _, body) = raw_request(proxy.addr, &request).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let headers = echoed_headers(&echo);
+
+    let token = echoed_token(&echo);
+    assert!(fake.state().token_is_live(&token));
+    for gone in [
+        "x-coupa-api-key",
+        "proxy-authorization",
+        "x-hop-secret",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        assert!(header(&headers, gone).is_empty(), "{gone} was forwarded");
+    }
+    assert_eq!(header(&headers, "x-custom"), ["kept as is"]);
+    assert_eq!(
+        header(&headers, "host"),
+        [fake.addr().to_string().as_str()]
+    );
+    assert_eq!(
+        header(&headers, "x-forwarded-host"),
+        ["client.example:8080"]
+    );
+    assert_eq!(
+        header(&headers, "x-forwarded-for"),
+        ["203.0.113.7, 127.0.0.1"]
+    );
+    assert_eq!(header(&headers, "x-forwarded-proto"), ["http"]);
+    assert_eq!(header(&headers, "accept"), ["application/json"]);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_and_query_are_forwarded_byte_for_byte() {
+    let (_fake, proxy) = start_pair(DAY).await;
+    for target in [
+        "/api/invoices?filter%5Bstatus%5D=approved&q=a%2Bb%20c&empty=&flag",
+        "/api/suppliers/%2F..%2Fetc?name=%E2%9C%93;x=1&x=2",
+        "/api/a%20b/c+d/~user?%3D=%26&%%25",
+        "/api/purchase_orders?fields=[%22id%22,{%22supplier%22:[%22name%22]}]",
+        "/api/UPPER/Case?Key=Value",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, _, body) = raw_request(proxy.addr, &request).await;
+        assert_eq!(status, 200, "{target}: {}", String::from_utf8_lossy(&body));
+        let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(echo["target"], target);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_follows_the_client_then_content_type_then_default() {
+    let (_fake, proxy) = start_pair(DAY).await;
+    let client = http_client();
+    let cases: [(Option<&str>, Option<&str>, &str); 5] = [
+        (None, None, "application/json"),
+        (Some("*/*"), None, "application/json"),
+        (None, Some("application/xml; charset=utf-8"), "application/xml"),
+        (Some("*/*"), Some("application/json"), "application/json"),
+        (Some("application/xml"), Some("application/json"), "application/xml"),
+    ];
+    for (accept, content_type, expected) in cases {
+        let mut request = client.post(proxy.url("/api/invoices")).body("<x/>");
+        if let Some(a) = accept {
+            request = request.header("accept", a);
+        }
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let echo: serde_json::Value = response.json().await.unwrap();
+        let headers = echoed_headers(&echo);
+        assert_eq!(
+            header(&headers, "accept"),
+            [expected],
+            "accept={accept:?} content-type={content_type:?}"
+        );
+        assert_eq!(echo["body_bytes"], 4);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_clients_are_served() {
+    let (fake, proxy) = start_pair(DAY).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = client
+        .get(proxy.url("/api/departments?limit=1"))
+        .header("x-coupa-api-key", LEGACY_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert!(fake.state().token_is_live(&echoed_token(&echo)));
+    let headers = echoed_headers(&echo);
+    assert!(header(&headers, "x-coupa-api-key").is_empty());
+    assert_eq!(
+        header(&headers, "x-forwarded-host"),
+        [proxy.addr.to_string().as_str()]
+    );
+    assert_eq!(echo["target"], "/api/departments?limit=1");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coupa_status_and_body_pass_through_unchanged() {
+    let (_fake, proxy) = start_pair(DAY).await;
+    // The fake answers 404 with Coupa's error shape outside /api.
+    let response = http_client()
+        .get(proxy.url("/not-api"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["errors"].is_object());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gives_502_with_json_body() {
+    // Tokens come from a live fake; the API points at a closed port.
+    let fake = start_fake(DAY).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let text = config_text(
+        &format!("http://{closed_addr}"),
+        "",
+        &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+    let response = http_client()
+        .get(proxy.url("/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "upstream_unreachable");
+    proxy.stop().await;
+}

@@ -1,0 +1,453 @@
+//! Shared test harness: the fake Coupa and the proxy on port 0, in-process
+//! or as the real binary, plus small client helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use coupa_auth_proxy::app::{self, Listeners};
+use coupa_auth_proxy::config::Config;
+use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
+use coupa_auth_proxy::server::Drain;
+use http_body_util::BodyExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const CLIENT_ID: &str = "test-client";
+pub const CLIENT_SECRET: &str = "test-secret-Zx9-never-log-me";
+pub const LEGACY_KEY: &str = "legacy-key-0123456789abcdef0123456789abcd";
+pub const SCOPES: [&str; 2] = ["core.common.read", "core.invoice.read"];
+
+/// Generous bound for waiting on a condition; tests poll, never sleep blind.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn fake_client() -> FakeClient {
+    FakeClient {
+        id: CLIENT_ID.to_owned(),
+        secret: CLIENT_SECRET.to_owned(),
+        scopes: vec![
+            "core.common.read".into(),
+            "core.invoice.read".into(),
+            "core.supplier.read".into(),
+        ],
+    }
+}
+
+pub async fn start_fake(lifetime: Duration) -> FakeCoupa {
+    FakeCoupa::start(FakeCoupaOptions {
+        clients: vec![fake_client()],
+        token_lifetime: lifetime,
+        tls: None,
+    })
+    .await
+    .expect("fake Coupa starts")
+}
+
+/// A config for `base_url` with test-friendly timings; `extra` is appended
+/// to the `[oauth]` table, `coupa_extra` to `[coupa]`.
+pub fn config_text(base_url: &str, coupa_extra: &str, oauth_extra: &str) -> String {
+    format!(
+        r#"
+[listen]
+address = "127.0.0.1:0"
+shutdown_grace = "10s"
+
+[coupa]
+base_url = "{base_url}"
+accept = "application/json"
+{coupa_extra}
+
+[oauth]
+client_id = "{CLIENT_ID}"
+client_secret = "${{TEST_CLIENT_SECRET}}"
+scopes = ["core.common.read", "core.invoice.read"]
+activation_delay = "100ms"
+retry_initial = "100ms"
+retry_max = "500ms"
+{oauth_extra}
+
+[admin]
+address = "127.0.0.1:0"
+"#
+    )
+}
+
+pub fn parse_config(text: &str) -> Config {
+    Config::from_toml(text, Path::new("."), |var| {
+        (var == "TEST_CLIENT_SECRET").then(|| CLIENT_SECRET.to_owned())
+    })
+    .expect("test config is valid")
+}
+
+/// The proxy running in this process on port 0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Drain>,
+}
+
+impl TestProxy {
+    pub async fn start(config: Config) -> Self {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = proxy.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            app::run(config, Listeners { proxy, admin }, token)
+                .await
+                .expect("proxy runs")
+        });
+        Self {
+            addr,
+            admin: admin_addr,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self, target: &str) -> String {
+        format!("http://{}{}", self.addr, target)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Waits until `/readyz` says a token is held.
+    pub async fn wait_ready(&self) {
+        let client = http_client();
+        let url = self.admin_url("/readyz");
+        eventually("proxy ready", || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                matches!(client.get(&url).send().await, Ok(r) if r.status() == 200)
+            }
+        })
+        .await;
+    }
+
+    pub async fn stop(self) -> Drain {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+/// Fake + proxy with a token held, the common starting point.
+pub async fn start_pair(lifetime: Duration) -> (FakeCoupa, TestProxy) {
+    let fake = start_fake(lifetime).await;
+    let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
+    proxy.wait_ready().await;
+    (fake, proxy)
+}
+
+/// A plain HTTP/1.1 client that ignores proxy environment variables.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client builds")
+}
+
+/// Polls `condition` until it holds or [`DEADLINE`] passes.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The echo's headers as (name, value) pairs.
+pub fn echoed_headers(echo: &serde_json::Value) -> Vec<(String, String)> {
+    echo["headers"]
+        .as_array()
+        .expect("headers array")
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_str().unwrap().to_owned(),
+                pair[1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// Reads a hyper response body completely (small bodies only).
+pub async fn body_bytes<B>(body: B) -> Bytes
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    body.collect().await.expect("body reads").to_bytes()
+}
+
+// ---------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_coupa-auth-proxy"))
+}
+
+/// A `coupa-auth-proxy run` child process whose stderr is captured.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub logs: Arc<Mutex<String>>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Self {
+            let path = std::env::temp_dir().join(format!(
+                "coupa-proxy-test-{tag}-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::SeqCst)
+    }
+}
+
+impl ProxyProcess {
+    /// Starts `coupa-auth-proxy [args] run --config <file>` with `config`
+    /// written to a temp file and waits for its listen addresses.
+    pub fn start(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = tempdir::Dir::new("run");
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut command = Command::new(binary());
+        command
+            .args(["--log-format", "json"])
+            .args(args)
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["message"] == "coupa-auth-proxy started" {
+                            let listen = v["listen"].as_str().unwrap().parse().unwrap();
+                            let admin = v["admin"].as_str().unwrap().parse().unwrap();
+                            let _ = tx.send((listen, admin));
+                            sent = true;
+                        }
+                    }
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let (addr, admin) = match rx.recv_timeout(DEADLINE) {
+            Ok(pair) => pair,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "binary did not report its addresses; logs:\n{}",
+                    logs.lock().unwrap()
+                );
+            }
+        };
+        Self {
+            child,
+            logs,
+            addr,
+            admin,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, target: &str) -> String {
+        format!("http://{}{}", self.addr, target)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = http_client();
+        let url = format!("http://{}/readyz", self.admin);
+        eventually("binary ready", || {
+            let client = client.clone();
+            let url = url.clone();
+            async move { matches!(client.get(&url).send().await, Ok(r) if r.status() == 200) }
+        })
+        .await;
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for exit (polling, bounded) and returns the exit code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "binary did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Peak resident memory of the process in KiB (Linux `VmHWM`).
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// Current resident memory of the process in KiB (Linux `VmRSS`).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with `args`, returning (code, stdout, stderr).
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = Command::new(binary());
+    command.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().expect("binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends `request` as raw bytes (so nothing rewrites it on the way) and
+/// reads until the server closes. Returns (status, head, body).
+pub async fn raw_request(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut raw))
+        .await
+        .expect("response within deadline")
+        .unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("complete response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let body = raw[split + 4..].to_vec();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, head, body)
+}
+
+/// The bearer token the fake received, from an echo.
+pub fn echoed_token(echo: &serde_json::Value) -> String {
+    let headers = echoed_headers(echo);
+    let auth = header(&headers, "authorization");
+    assert_eq!(auth.len(), 1, "exactly one Authorization: {auth:?}");
+    auth[0]
+        .strip_prefix("Bearer ")
+        .expect("bearer scheme")
+        .to_owned()
+}
