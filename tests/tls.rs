@@ -1,0 +1,116 @@
+//! Upstream over verified TLS: a test CA made here, trusted through
+//! `coupa.ca_file`; without it the proxy refuses the instance.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use coupa_auth_proxy::fake_coupa::{FakeCoupa, FakeCoupaOptions};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use support::*;
+
+/// A CA (PEM) and a server configuration for `localhost` signed by it,
+/// offering HTTP/2 and HTTP/1.1 by ALPN.
+fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "coupa-auth-proxy test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), Arc::new(server))
+}
+
+async fn tls_fake() -> (FakeCoupa, String) {
+    let (ca_pem, server) = test_pki();
+    let fake = FakeCoupa::start(FakeCoupaOptions {
+        clients: vec![fake_client()],
+        token_lifetime: Duration::from_secs(86_399),
+        tls: Some(server),
+    })
+    .await
+    .unwrap();
+    (fake, ca_pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
+    let (fake, ca_pem) = tls_fake().await;
+    let dir = tempdir::Dir::new("tls");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let text = config_text(
+        &fake.base_url(),
+        &format!("ca_file = \"{}\"", ca_path.display()),
+        "",
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+
+    let response = http_client()
+        .post(proxy.url("/api/invoices?x=%20y"))
+        .header("x-coupa-api-key", LEGACY_KEY)
+        .header("content-type", "application/json")
+        .body("{\"a\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(echo["version"], "HTTP/2.0", "ALPN should pick h2");
+    assert_eq!(echo["target"], "/api/invoices?x=%20y");
+    assert_eq!(echo["body_bytes"], 7);
+    assert!(fake.state().token_is_live(&echoed_token(&echo)));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_certificate_is_refused() {
+    let (fake, _ca_pem) = tls_fake().await;
+    let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
+    let client = http_client();
+    let url = proxy.admin_url("/readyz");
+    let last_error = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    eventually("a failed token fetch", || {
+        let client = client.clone();
+        let url = url.clone();
+        let last_error = last_error.clone();
+        async move {
+            let r: serde_json::Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+            match r["last_token_error"].as_str() {
+                Some(e) => {
+                    *last_error.lock().unwrap() = e.to_owned();
+                    true
+                }
+                None => false,
+            }
+        }
+    })
+    .await;
+    let last_error = last_error.lock().unwrap().clone();
+    assert!(
+        last_error.to_lowercase().contains("certificate"),
+        "error should name the certificate problem: {last_error}"
+    );
+    assert_eq!(fake.state().token_requests(), 0);
+    let response = client.get(proxy.url("/api/invoices")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    proxy.stop().await;
+}
