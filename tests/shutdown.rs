@@ -1,0 +1,56 @@
+//! SIGTERM: the listener closes at once, an in-flight request finishes with
+//! its real answer, and the process exits 0.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_slow_request_finish() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let mut proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
+    proxy.wait_ready().await;
+
+    let client = http_client();
+    let slow = tokio::spawn({
+        let url = proxy.url("/api/_slow?ms=1500");
+        async move { client.get(url).send().await }
+    });
+    eventually("the slow request reaches Coupa", || {
+        let n = fake.state().api_requests();
+        async move { n >= 1 }
+    })
+    .await;
+    proxy.terminate();
+
+    let addr = proxy.addr;
+    eventually("the listener closes", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+
+    let response = slow.await.unwrap().expect("in-flight request completes");
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(echo["target"], "/api/_slow?ms=1500");
+    assert_eq!(proxy.wait_exit().await, Some(0));
+    assert!(proxy.logs().contains("all in-flight requests finished"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_drain_reports_complete() {
+    let (_fake, proxy) = start_pair(Duration::from_secs(86_399)).await;
+    let response = http_client()
+        .get(proxy.url("/api/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+    assert_eq!(
+        proxy.stop().await,
+        coupa_auth_proxy::server::Drain::Complete
+    );
+}
