@@ -277,12 +277,12 @@ impl Config {
         for (key, value) in table.iter_mut() {
             expand_value(value, key, &env)?;
         }
-        let file: FileConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let file: FileConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
                 let key = e.path().to_string();
                 ConfigError::Shape {
                     key: if key == "." { "config".to_owned() } else { key },
-                    message: e.into_inner().to_string(),
+                    message: e.into_inner().message().to_owned(),
                 }
             })?;
         file.validate(base_dir)
@@ -304,11 +304,12 @@ impl Config {
              coupa.ca_file           {}\n\
              coupa.accept            {}\n\
              coupa.connect_timeout   {}\n\
+             coupa.pool_idle_timeout {}\n\
              oauth.client_id         {}\n\
-             oauth.client_secret     <redacted, {} characters, from {}>\n\
+             oauth.client_secret     <redacted> (from {})\n\
              oauth.scopes            {}\n\
              oauth.token_url         {}\n\
-             oauth.client_auth       {:?}\n\
+             oauth.client_auth       {}\n\
              oauth.refresh_fraction  {} (renew after {} of a 24 h token)\n\
              oauth.activation_delay  {}\n\
              oauth.retry             {} .. {}\n\
@@ -319,12 +320,15 @@ impl Config {
             ca,
             c.accept.to_str().unwrap_or("?"),
             humantime::format_duration(c.connect_timeout),
+            humantime::format_duration(c.pool_idle_timeout),
             o.client_id,
-            o.client_secret.len(),
             o.secret_source,
             o.scopes.join(" "),
             o.token_url,
-            o.client_auth,
+            match o.client_auth {
+                ClientAuth::Body => "body",
+                ClientAuth::Basic => "basic",
+            },
             o.refresh_fraction,
             humantime::format_duration(Duration::from_secs(
                 (86_400.0 * o.refresh_fraction).round() as u64
@@ -581,10 +585,8 @@ fn expand_value(
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = expand_str(s, key, env)?;
-            }
+        toml::Value::String(s) if s.contains('$') => {
+            *s = expand_str(s, key, env)?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -713,7 +715,11 @@ address = "127.0.0.1:9090"
         assert!(err.contains("coupa.base_url"), "{err}");
         assert!(err.contains("loopback"), "{err}");
 
-        for ok in ["http://127.0.0.1:1234", "http://localhost:9", "http://[::1]:80"] {
+        for ok in [
+            "http://127.0.0.1:1234",
+            "http://localhost:9",
+            "http://[::1]:80",
+        ] {
             let text = MINIMAL.replace("https://acme.coupahost.com", ok);
             let config = load(&text).unwrap();
             assert_eq!(config.coupa.scheme, Scheme::HTTP, "{ok}");

@@ -14,7 +14,11 @@ use crate::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
 
 const DEMO_CLIENT_ID: &str = "demo-integration";
 const DEMO_CLIENT_SECRET: &str = "demo-secret-only-valid-at-the-fake";
-const DEMO_SCOPES: [&str; 3] = ["core.common.read", "core.invoice.read", "core.supplier.read"];
+const DEMO_SCOPES: [&str; 3] = [
+    "core.common.read",
+    "core.invoice.read",
+    "core.supplier.read",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

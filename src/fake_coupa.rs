@@ -317,10 +317,7 @@ async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Respon
             "Content-Type must be application/x-www-form-urlencoded",
         );
     }
-    let basic = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| parse_basic(v));
+    let basic = request.headers().get(AUTHORIZATION).and_then(parse_basic);
     let body = match http_body_util::Limited::new(request.into_body(), 64 * 1024)
         .collect()
         .await
@@ -377,7 +374,11 @@ async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Respon
     }
     let scopes: Vec<&str> = requested.split(' ').filter(|s| !s.is_empty()).collect();
     if scopes.is_empty() {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", "no scope requested");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            "no scope requested",
+        );
     }
     if let Some(missing) = scopes
         .iter()

@@ -46,9 +46,7 @@ pub async fn serve<M, S, B>(
 ) -> Drain
 where
     M: Fn(SocketAddr) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
@@ -104,9 +102,7 @@ async fn serve_connection<S, B>(
     watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), BoxError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,

@@ -2,6 +2,8 @@
 //! configuration errors name the problem and exit 64, `--config` may come
 //! from COUPA_PROXY_CONFIG.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use support::*;
@@ -55,7 +57,10 @@ fn unknown_key_is_named_and_exits_64() {
     let text = example().replace("[admin]", "[admin]\nadres = \"127.0.0.1:1\"");
     let (code, stderr) = check_text(&text, &[("COUPA_CLIENT_SECRET", SECRET)]);
     assert_eq!(code, Some(64));
-    assert!(stderr.contains("admin") && stderr.contains("adres"), "{stderr}");
+    assert!(
+        stderr.contains("admin") && stderr.contains("adres"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! What reaches Coupa: headers injected and stripped, targets byte-exact,
 //! Accept policy, both inbound protocols, and upstream failures as JSON.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;
@@ -51,10 +53,7 @@ async fn legacy_key_is_replaced_by_bearer_and_hop_by_hop_headers_are_stripped() 
         assert!(header(&headers, gone).is_empty(), "{gone} was forwarded");
     }
     assert_eq!(header(&headers, "x-custom"), ["kept as is"]);
-    assert_eq!(
-        header(&headers, "host"),
-        [fake.addr().to_string().as_str()]
-    );
+    assert_eq!(header(&headers, "host"), [fake.addr().to_string().as_str()]);
     assert_eq!(
         header(&headers, "x-forwarded-host"),
         ["client.example:8080"]
@@ -94,9 +93,17 @@ async fn accept_follows_the_client_then_content_type_then_default() {
     let cases: [(Option<&str>, Option<&str>, &str); 5] = [
         (None, None, "application/json"),
         (Some("*/*"), None, "application/json"),
-        (None, Some("application/xml; charset=utf-8"), "application/xml"),
+        (
+            None,
+            Some("application/xml; charset=utf-8"),
+            "application/xml",
+        ),
         (Some("*/*"), Some("application/json"), "application/json"),
-        (Some("application/xml"), Some("application/json"), "application/xml"),
+        (
+            Some("application/xml"),
+            Some("application/json"),
+            "application/xml",
+        ),
     ];
     for (accept, content_type, expected) in cases {
         let mut request = client.post(proxy.url("/api/invoices")).body("<x/>");

@@ -2,6 +2,8 @@
 //! used after its expiry, and the 503 → 200 path when the token endpoint
 //! fails at start-up.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +38,12 @@ async fn rotation_under_concurrent_load_fails_no_request_and_never_sends_an_expi
         );
         workers.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
-                match client.get(&url).header("x-coupa-api-key", LEGACY_KEY).send().await {
+                match client
+                    .get(&url)
+                    .header("x-coupa-api-key", LEGACY_KEY)
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status() == 200 => {
                         let echo: serde_json::Value = r.json().await.unwrap();
                         tokens.lock().unwrap().insert(echoed_token(&echo));
@@ -67,7 +74,11 @@ async fn rotation_under_concurrent_load_fails_no_request_and_never_sends_an_expi
         w.await.unwrap();
     }
 
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "requests failed during rotation");
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "requests failed during rotation"
+    );
     assert_eq!(fake.state().rejected_api_requests(), 0);
     assert_eq!(
         fake.state().expired_token_uses(),
@@ -85,7 +96,8 @@ async fn rotation_under_concurrent_load_fails_no_request_and_never_sends_an_expi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_down_at_startup_gives_503_then_recovers() {
     let fake = start_fake(Duration::from_secs(86_399)).await;
-    fake.state().set_token_failure(Some(TokenFailure::ServerError));
+    fake.state()
+        .set_token_failure(Some(TokenFailure::ServerError));
     let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
     let client = http_client();
 
@@ -105,14 +117,24 @@ async fn token_endpoint_down_at_startup_gives_503_then_recovers() {
     assert!(response.headers().contains_key("retry-after"));
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "no_token");
-    assert_eq!(fake.state().api_requests() + fake.state().rejected_api_requests(), 0,
-        "nothing may be forwarded without a token");
+    assert_eq!(
+        fake.state().api_requests() + fake.state().rejected_api_requests(),
+        0,
+        "nothing may be forwarded without a token"
+    );
 
     let ready = client.get(proxy.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let ready: serde_json::Value = ready.json().await.unwrap();
-    assert!(ready["last_token_error"].as_str().unwrap().contains("HTTP 500"));
-    let health = client.get(proxy.admin_url("/healthz")).send().await.unwrap();
+    assert!(ready["last_token_error"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP 500"));
+    let health = client
+        .get(proxy.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
 
     fake.state().set_token_failure(None);

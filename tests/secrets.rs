@@ -3,6 +3,8 @@
 //! clients, and an OAuth failure, leaves no client secret, token or legacy
 //! key in the output.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;

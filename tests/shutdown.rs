@@ -1,6 +1,8 @@
 //! SIGTERM: the listener closes at once, an in-flight request finishes with
 //! its real answer, and the process exits 0.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;
@@ -42,11 +44,7 @@ async fn sigterm_lets_an_in_flight_slow_request_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_drain_reports_complete() {
     let (_fake, proxy) = start_pair(Duration::from_secs(86_399)).await;
-    let response = http_client()
-        .get(proxy.url("/api/x"))
-        .send()
-        .await
-        .unwrap();
+    let response = http_client().get(proxy.url("/api/x")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     drop(response);
     assert_eq!(

@@ -1,6 +1,8 @@
 //! Bodies stream both ways with bounded memory: 128 MiB each way through the
 //! real binary, checked by SHA-256, while its peak RSS stays small.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Upstream over verified TLS: a test CA made here, trusted through
 //! `coupa.ca_file`; without it the proxy refuses the instance.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::sync::Arc;

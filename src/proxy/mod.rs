@@ -71,7 +71,11 @@ impl Proxy {
     }
 
     /// Handles one client request; never fails (failures are responses).
-    pub async fn handle(&self, request: Request<Incoming>, client: &ClientInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: &ClientInfo,
+    ) -> Response<ProxyBody> {
         let started = StdInstant::now();
         let method = request.method().clone();
         let target = request.uri().path_and_query().cloned();

@@ -150,10 +150,8 @@ impl TokenClient {
     pub async fn fetch(&self) -> Result<FetchedToken, FetchError> {
         let requested_at = Instant::now();
         let requested_at_wall = SystemTime::now();
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "client_credentials"),
-            ("scope", &self.scope),
-        ];
+        let mut form: Vec<(&str, &str)> =
+            vec![("grant_type", "client_credentials"), ("scope", &self.scope)];
         let mut request = self.http.post(&self.url);
         match self.auth {
             ClientAuth::Body => {

@@ -212,7 +212,10 @@ mod tests {
     fn coupa_token_is_renewed_after_about_twenty_hours() {
         let t0 = Instant::now();
         let renew = policy().renew_at(t0, Duration::from_secs(86_399)) - t0;
-        assert!(renew > Duration::from_secs(19 * 3600 + 59 * 60), "{renew:?}");
+        assert!(
+            renew > Duration::from_secs(19 * 3600 + 59 * 60),
+            "{renew:?}"
+        );
         assert!(renew < Duration::from_secs(20 * 3600 + 60), "{renew:?}");
     }
 

@@ -107,7 +107,8 @@ impl TokenStore {
         self.current(Instant::now()).is_some()
     }
 
-    pub(crate) fn install(&self, token: ActiveToken) {
+    /// Makes `token` the one the request path sends.
+    pub fn install(&self, token: ActiveToken) {
         self.current.store(Some(Arc::new(token)));
     }
 

@@ -129,9 +129,7 @@ impl TestProxy {
         eventually("proxy ready", || {
             let client = client.clone();
             let url = url.clone();
-            async move {
-                matches!(client.get(&url).send().await, Ok(r) if r.status() == 200)
-            }
+            async move { matches!(client.get(&url).send().await, Ok(r) if r.status() == 200) }
         })
         .await;
     }
@@ -404,7 +402,10 @@ impl Drop for ProxyProcess {
 /// Runs the binary to completion with `args`, returning (code, stdout, stderr).
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut command = Command::new(binary());
-    command.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    command
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
     for (k, v) in env {
         command.env(k, v);
     }
