@@ -13,7 +13,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::client::{FetchedToken, TokenClient};
+use super::client::{FetchError, FetchedToken, TokenClient};
 use super::store::{ActiveToken, TokenStore};
 use crate::config::OAuth;
 
@@ -99,16 +99,29 @@ impl Backoff {
     }
 }
 
+/// Where new tokens come from. The token endpoint in production
+/// ([`TokenClient`]); a script in tests, so the schedule can be checked
+/// under paused time.
+pub trait TokenSource: Send + Sync + 'static {
+    fn fetch(&self) -> impl std::future::Future<Output = Result<FetchedToken, FetchError>> + Send;
+}
+
+impl TokenSource for TokenClient {
+    fn fetch(&self) -> impl std::future::Future<Output = Result<FetchedToken, FetchError>> + Send {
+        TokenClient::fetch(self)
+    }
+}
+
 /// Keeps one [`TokenStore`] filled.
-pub struct Refresher {
-    pub client: TokenClient,
+pub struct Refresher<S = TokenClient> {
+    pub client: S,
     pub store: Arc<TokenStore>,
     pub policy: RefreshPolicy,
     /// Credential name for log lines.
     pub credential: String,
 }
 
-impl Refresher {
+impl<S: TokenSource> Refresher<S> {
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.policy.retry_initial, self.policy.retry_max);
@@ -254,6 +267,100 @@ mod tests {
             p.activate_at(now, Some(now + Duration::from_secs(2))),
             now + Duration::from_secs(2)
         );
+    }
+
+    /// Hands out numbered tokens, or fails while `failing` is set.
+    struct Script {
+        fetches: Arc<std::sync::atomic::AtomicU64>,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        lifetime: Duration,
+    }
+
+    impl TokenSource for Script {
+        async fn fetch(&self) -> Result<FetchedToken, FetchError> {
+            use std::sync::atomic::Ordering;
+            let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(FetchError::Http { status: 500 });
+            }
+            Ok(FetchedToken {
+                access_token: crate::secret::Secret::new(format!("t{n}")),
+                expires_in: self.lifetime,
+                scope: None,
+                requested_at: Instant::now(),
+                requested_at_wall: std::time::SystemTime::now(),
+            })
+        }
+    }
+
+    fn bearer(store: &TokenStore) -> Option<String> {
+        store
+            .bearer(Instant::now())
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn schedule_follows_fraction_activation_delay_and_backoff() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let fetches = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let store = Arc::new(TokenStore::new());
+        let refresher = Refresher {
+            client: Script {
+                fetches: fetches.clone(),
+                failing: failing.clone(),
+                lifetime: Duration::from_secs(1000),
+            },
+            store: store.clone(),
+            policy: RefreshPolicy {
+                refresh_fraction: 0.5,
+                activation_delay: Duration::from_secs(5),
+                retry_initial: Duration::from_secs(1),
+                retry_max: Duration::from_secs(8),
+            },
+            credential: "test".into(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        let step = |secs: u64| tokio::time::sleep(Duration::from_secs(secs));
+
+        // First token: active at once, no activation delay without a token.
+        step(0).await;
+        tokio::task::yield_now().await;
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t1"));
+
+        // Renewal at half the lifetime; the old token serves through the
+        // activation delay, then the new one takes over.
+        step(499).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        step(2).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t1"));
+        step(5).await;
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t2"));
+
+        // The endpoint fails from the next renewal on: retries back off
+        // (0.5-1 s, 1-2 s, 2-4 s, then capped at 4-8 s) while t2 serves.
+        failing.store(true, Ordering::SeqCst);
+        step(500).await; // t = 1006; the renewal was due at 1000
+        let attempts = fetches.load(Ordering::SeqCst) - 2;
+        assert!((3..=6).contains(&attempts), "{attempts} attempts in 5 s");
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t2"));
+
+        // Past t2's usable end (fetched at 500, + 950): nothing is sent.
+        step(950).await;
+        assert_eq!(bearer(&store), None);
+        let status = store.status();
+        assert!(status.fetches_failed > 100);
+        assert!(status.last_error.unwrap().contains("HTTP 500"));
+
+        // Recovery within one backoff step (at most 8 s).
+        failing.store(false, Ordering::SeqCst);
+        step(8).await;
+        assert!(bearer(&store).is_some());
+
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[test]
