@@ -378,18 +378,6 @@ impl ProxyProcess {
             .parse()
             .ok()
     }
-
-    /// Current resident memory of the process in KiB (Linux `VmRSS`).
-    pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    }
 }
 
 impl Drop for ProxyProcess {
