@@ -71,6 +71,12 @@ struct ListenFile {
     address: SocketAddr,
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     shutdown_grace: Duration,
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    header_read_timeout: Duration,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
 }
 
 impl Default for ListenFile {
@@ -78,6 +84,9 @@ impl Default for ListenFile {
         Self {
             address: default_listen_address(),
             shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -93,6 +102,24 @@ struct CoupaFile {
     connect_timeout: Duration,
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pool_idle_timeout: Duration,
+    #[serde(default = "default_response_header_timeout", with = "humantime_serde")]
+    response_header_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(default = "default_replay_body_limit")]
+    replay_body_limit: usize,
+    rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitFile {
+    #[serde(default = "default_rate_per_second")]
+    per_second: f64,
+    #[serde(default = "default_rate_burst")]
+    burst: u32,
+    #[serde(default = "default_rate_max_queue")]
+    max_queue: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +142,8 @@ struct OAuthFile {
     retry_max: Duration,
     #[serde(default = "default_token_timeout", with = "humantime_serde")]
     request_timeout: Duration,
+    #[serde(default = "default_rejected_token_cooldown", with = "humantime_serde")]
+    rejected_token_cooldown: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +169,37 @@ fn default_admin_address() -> SocketAddr {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_response_header_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_replay_body_limit() -> usize {
+    1024 * 1024
+}
+fn default_rate_per_second() -> f64 {
+    // Coupa's documented limit per instance.
+    25.0
+}
+fn default_rate_burst() -> u32 {
+    20
+}
+fn default_rate_max_queue() -> usize {
+    100
+}
+fn default_rejected_token_cooldown() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_accept() -> String {
     "application/json".to_owned()
@@ -197,6 +257,12 @@ pub struct Listen {
     pub address: SocketAddr,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// A client must send a whole request head within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    /// Open client connections beyond this get a 503 and are closed.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +282,22 @@ pub struct Coupa {
     pub accept: HeaderValue,
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Coupa must start answering (status and headers) within this.
+    pub response_header_timeout: Duration,
+    /// A response body that stalls this long is aborted.
+    pub idle_timeout: Duration,
+    /// Request bodies up to this size are kept while they stream, so the
+    /// request can be replayed after a 401 or a stale connection.
+    pub replay_body_limit: usize,
+    /// Outbound shaping to Coupa's rate limit; off when absent.
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+    pub max_queue: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +314,8 @@ pub struct OAuth {
     pub retry_initial: Duration,
     pub retry_max: Duration,
     pub request_timeout: Duration,
+    /// After a 401-triggered token fetch, no other one starts within this.
+    pub rejected_token_cooldown: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,54 +374,81 @@ impl Config {
 
     /// A human-readable summary with every secret redacted, for `check`.
     pub fn summary(&self) -> String {
-        let c = &self.coupa;
-        let o = &self.oauth;
+        let (l, c, o) = (&self.listen, &self.coupa, &self.oauth);
+        let d = |v: Duration| humantime::format_duration(v).to_string();
         let ca = c
             .ca_file
             .as_ref()
             .map(|p| format!("{} ({} certificates)", p.display(), c.extra_roots.len()))
             .unwrap_or_else(|| "none (public roots only)".to_owned());
-        format!(
-            "listen.address          {}\n\
-             listen.shutdown_grace   {}\n\
-             coupa.base_url          {}\n\
-             coupa.ca_file           {}\n\
-             coupa.accept            {}\n\
-             coupa.connect_timeout   {}\n\
-             coupa.pool_idle_timeout {}\n\
-             oauth.client_id         {}\n\
-             oauth.client_secret     <redacted> (from {})\n\
-             oauth.scopes            {}\n\
-             oauth.token_url         {}\n\
-             oauth.client_auth       {}\n\
-             oauth.refresh_fraction  {} (renew after {} of a 24 h token)\n\
-             oauth.activation_delay  {}\n\
-             oauth.retry             {} .. {}\n\
-             admin.address           {}\n",
-            self.listen.address,
-            humantime::format_duration(self.listen.shutdown_grace),
-            c.base_url,
-            ca,
-            c.accept.to_str().unwrap_or("?"),
-            humantime::format_duration(c.connect_timeout),
-            humantime::format_duration(c.pool_idle_timeout),
-            o.client_id,
-            o.secret_source,
-            o.scopes.join(" "),
-            o.token_url,
-            match o.client_auth {
-                ClientAuth::Body => "body",
-                ClientAuth::Basic => "basic",
-            },
-            o.refresh_fraction,
-            humantime::format_duration(Duration::from_secs(
-                (86_400.0 * o.refresh_fraction).round() as u64
-            )),
-            humantime::format_duration(o.activation_delay),
-            humantime::format_duration(o.retry_initial),
-            humantime::format_duration(o.retry_max),
-            self.admin.address,
-        )
+        let rate = c
+            .rate_limit
+            .map(|r| {
+                format!(
+                    "{}/s, burst {}, queue {}",
+                    r.per_second, r.burst, r.max_queue
+                )
+            })
+            .unwrap_or_else(|| "off".to_owned());
+        let renew_after = Duration::from_secs((86_400.0 * o.refresh_fraction).round() as u64);
+        let rows: [(&str, String); 24] = [
+            ("listen.address", l.address.to_string()),
+            ("listen.shutdown_grace", d(l.shutdown_grace)),
+            ("listen.header_read_timeout", d(l.header_read_timeout)),
+            ("listen.max_header_bytes", l.max_header_bytes.to_string()),
+            ("listen.max_connections", l.max_connections.to_string()),
+            ("coupa.base_url", c.base_url.clone()),
+            ("coupa.ca_file", ca),
+            ("coupa.accept", c.accept.to_str().unwrap_or("?").to_owned()),
+            ("coupa.connect_timeout", d(c.connect_timeout)),
+            (
+                "coupa.response_header_timeout",
+                d(c.response_header_timeout),
+            ),
+            ("coupa.idle_timeout", d(c.idle_timeout)),
+            ("coupa.pool_idle_timeout", d(c.pool_idle_timeout)),
+            (
+                "coupa.replay_body_limit",
+                format!("{} bytes", c.replay_body_limit),
+            ),
+            ("coupa.rate_limit", rate),
+            ("oauth.client_id", o.client_id.clone()),
+            (
+                "oauth.client_secret",
+                format!("<redacted> (from {})", o.secret_source),
+            ),
+            ("oauth.scopes", o.scopes.join(" ")),
+            ("oauth.token_url", o.token_url.clone()),
+            (
+                "oauth.client_auth",
+                match o.client_auth {
+                    ClientAuth::Body => "body",
+                    ClientAuth::Basic => "basic",
+                }
+                .to_owned(),
+            ),
+            (
+                "oauth.refresh_fraction",
+                format!(
+                    "{} (renew after {} of a 24 h token)",
+                    o.refresh_fraction,
+                    d(renew_after)
+                ),
+            ),
+            ("oauth.activation_delay", d(o.activation_delay)),
+            (
+                "oauth.retry",
+                format!("{} .. {}", d(o.retry_initial), d(o.retry_max)),
+            ),
+            (
+                "oauth.rejected_token_cooldown",
+                d(o.rejected_token_cooldown),
+            ),
+            ("admin.address", self.admin.address.to_string()),
+        ];
+        rows.iter()
+            .map(|(key, value)| format!("{key:<31}{value}\n"))
+            .collect()
     }
 }
 
@@ -354,6 +465,9 @@ impl FileConfig {
         let ListenFile {
             address: listen_address,
             shutdown_grace,
+            header_read_timeout,
+            max_header_bytes,
+            max_connections,
         } = listen;
         let CoupaFile {
             base_url,
@@ -361,6 +475,10 @@ impl FileConfig {
             accept,
             connect_timeout,
             pool_idle_timeout,
+            response_header_timeout,
+            idle_timeout,
+            replay_body_limit,
+            rate_limit,
         } = coupa;
         let OAuthFile {
             client_id,
@@ -374,6 +492,7 @@ impl FileConfig {
             retry_initial,
             retry_max,
             request_timeout,
+            rejected_token_cooldown,
         } = oauth;
         let AdminFile {
             address: admin_address,
@@ -485,14 +604,57 @@ impl FileConfig {
         if request_timeout.is_zero() {
             return Err(invalid("oauth.request_timeout", "must be positive"));
         }
-        if connect_timeout.is_zero() {
-            return Err(invalid("coupa.connect_timeout", "must be positive"));
+        for (key, value) in [
+            ("coupa.connect_timeout", connect_timeout),
+            ("coupa.response_header_timeout", response_header_timeout),
+            ("coupa.idle_timeout", idle_timeout),
+            ("listen.header_read_timeout", header_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be positive"));
+            }
         }
+        // hyper cannot read a request head into less than 8 KiB.
+        if max_header_bytes < 8192 {
+            return Err(invalid(
+                "listen.max_header_bytes",
+                format!("must be at least 8192, got {max_header_bytes}"),
+            ));
+        }
+        if max_connections == 0 {
+            return Err(invalid("listen.max_connections", "must be positive"));
+        }
+        let rate_limit = match rate_limit {
+            None => None,
+            Some(RateLimitFile {
+                per_second,
+                burst,
+                max_queue,
+            }) => {
+                if !(per_second.is_finite() && per_second > 0.0) {
+                    return Err(invalid(
+                        "coupa.rate_limit.per_second",
+                        format!("must be a positive number, got {per_second}"),
+                    ));
+                }
+                if burst == 0 {
+                    return Err(invalid("coupa.rate_limit.burst", "must be at least 1"));
+                }
+                Some(RateLimit {
+                    per_second,
+                    burst,
+                    max_queue,
+                })
+            }
+        };
 
         Ok(Config {
             listen: Listen {
                 address: listen_address,
                 shutdown_grace,
+                header_read_timeout,
+                max_header_bytes,
+                max_connections,
             },
             coupa: Coupa {
                 base_url,
@@ -504,6 +666,10 @@ impl FileConfig {
                 accept,
                 connect_timeout,
                 pool_idle_timeout,
+                response_header_timeout,
+                idle_timeout,
+                replay_body_limit,
+                rate_limit,
             },
             oauth: OAuth {
                 client_id,
@@ -517,6 +683,7 @@ impl FileConfig {
                 retry_initial,
                 retry_max,
                 request_timeout,
+                rejected_token_cooldown,
             },
             admin: Admin {
                 address: admin_address,
