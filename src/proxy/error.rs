@@ -1,26 +1,31 @@
 //! Why a request could not be forwarded, and the one place where each cause
 //! becomes an HTTP status with a JSON body.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::ProxyBody;
-use crate::token::client::error_chain;
-
-/// Seconds a client should wait before retrying while no token is held.
-/// Renewal retries start at one second, so a few seconds is honest.
-const NO_TOKEN_RETRY_AFTER: HeaderValue = HeaderValue::from_static("5");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("no valid access token is held yet; the proxy is fetching one")]
-    NoToken,
+    #[error("no valid access token is held: {cause}")]
+    NoToken { cause: String, retry_after: Duration },
     #[error("the request target has no path")]
     BadTarget,
+    #[error("CONNECT is not supported: this proxy only forwards to its Coupa instance")]
+    ConnectMethod,
+    #[error("absolute-form target for {0:?}: this proxy only forwards to its Coupa instance")]
+    ForeignTarget(String),
+    #[error("the request body is malformed: {0}")]
+    BadBody(String),
+    #[error("too many requests queued for Coupa's rate limit")]
+    RateLimited { retry_after: Duration },
     #[error("could not connect to Coupa: {0}")]
-    Connect(String),
+    Unreachable(String),
     #[error("Coupa did not answer in time: {0}")]
     Timeout(String),
     #[error("forwarding to Coupa failed: {0}")]
@@ -28,23 +33,15 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn from_client(error: hyper_util::client::legacy::Error) -> Self {
-        let message = error_chain(&error);
-        let timed_out = message.contains("timed out") || message.contains("deadline");
-        if timed_out {
-            ProxyError::Timeout(message)
-        } else if error.is_connect() {
-            ProxyError::Connect(message)
-        } else {
-            ProxyError::Upstream(message)
-        }
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoToken => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BadTarget => StatusCode::BAD_REQUEST,
-            ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadTarget | ProxyError::ForeignTarget(_) | ProxyError::BadBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -52,11 +49,24 @@ impl ProxyError {
     /// A short machine-readable cause for the JSON body.
     pub fn code(&self) -> &'static str {
         match self {
-            ProxyError::NoToken => "no_token",
+            ProxyError::NoToken { .. } => "no_token",
             ProxyError::BadTarget => "bad_request",
-            ProxyError::Connect(_) => "upstream_unreachable",
+            ProxyError::ConnectMethod => "method_not_allowed",
+            ProxyError::ForeignTarget(_) => "foreign_target",
+            ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::NoToken { retry_after, .. } | ProxyError::RateLimited { retry_after } => {
+                Some(*retry_after)
+            }
+            _ => None,
         }
     }
 
@@ -70,9 +80,38 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if matches!(self, ProxyError::NoToken) {
-            headers.insert(RETRY_AFTER, NO_TOKEN_RETRY_AFTER);
+        if let Some(wait) = self.retry_after() {
+            // Whole seconds, rounded up, at least one.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if matches!(self, ProxyError::ConnectMethod) {
+            headers.insert(
+                ALLOW,
+                HeaderValue::from_static("GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE"),
+            );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let r = ProxyError::RateLimited {
+            retry_after: Duration::from_millis(1200),
+        }
+        .into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "2");
+        let r = ProxyError::NoToken {
+            cause: "x".into(),
+            retry_after: Duration::ZERO,
+        }
+        .into_response();
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
     }
 }

@@ -2,36 +2,48 @@
 //!
 //! A request goes through named phases, so a reader knows where a change
 //! belongs:
-//! 1. `request_filter`: is there a valid token? If not, 503 and stop.
-//! 2. `upstream_request`: target URI and header rewrite ([`headers`]).
-//! 3. send over the pooled client ([`upstream`]), bodies streaming.
-//! 4. `response_filter`: hop-by-hop removal on the way back.
-//! 5. `log`: one access line.
+//! 1. `request_filter`: a target this proxy serves, and a valid token; if
+//!    not, an error answer and nothing is forwarded.
+//! 2. `upstream_request`: target URI and header rewrite ([`headers`]); the
+//!    body is wrapped so it can be replayed ([`body`]).
+//! 3. `send`: rate limit ([`ratelimit`]), pooled client ([`upstream`]),
+//!    response-header timeout; one retry on a fresh connection for
+//!    idempotent requests.
+//! 4. `on_rejected_token`: Coupa answered 401, so fetch a new token (once
+//!    for a whole burst) and replay the request once.
+//! 5. `response_filter`: hop-by-hop removal, stall guard on the body.
+//! 6. `log`: one access line.
 //!
-//! Failures become responses in one place ([`error`]).
+//! Failures become answers in one place ([`error`]).
 
+pub mod body;
 pub mod error;
 pub mod headers;
+pub mod ratelimit;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::Instant as StdInstant;
+use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use bytes::Bytes;
+use http::header::AUTHORIZATION;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::token::TokenStore;
+use crate::token::client::error_chain;
+use crate::token::{AfterRejection, TokenStore};
+use body::{Replay, ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
+use ratelimit::RateLimiter;
 pub use upstream::UpstreamClient;
 
 /// Response body: Coupa's streamed through, or one the proxy wrote itself.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// Where requests go and how they are rewritten. Cheap to clone.
 #[derive(Clone)]
@@ -47,6 +59,58 @@ struct Inner {
     authority: Authority,
     /// Path the instance lives under; empty for a normal instance URL.
     path_prefix: String,
+    response_header_timeout: Duration,
+    idle_timeout: Duration,
+    replay_body_limit: usize,
+    rejected_token_cooldown: Duration,
+    /// How long a request that got 401 waits for a fresh token.
+    token_wait: Duration,
+    rate_limiter: Option<RateLimiter>,
+}
+
+/// Why one attempt to reach Coupa failed.
+enum SendFailure {
+    RateLimited(ratelimit::QueueFull),
+    Timeout(Duration),
+    Client(hyper_util::client::legacy::Error),
+}
+
+impl SendFailure {
+    /// A dropped or refused connection: safe to try once more for an
+    /// idempotent request. A timeout is not: Coupa may still be working.
+    fn is_connection_failure(&self) -> bool {
+        matches!(self, SendFailure::Client(_))
+    }
+}
+
+impl From<SendFailure> for ProxyError {
+    fn from(failure: SendFailure) -> Self {
+        match failure {
+            SendFailure::RateLimited(full) => ProxyError::RateLimited {
+                retry_after: full.retry_after,
+            },
+            SendFailure::Timeout(after) => {
+                ProxyError::Timeout(format!("no response headers within {after:?}"))
+            }
+            SendFailure::Client(error) => {
+                let message = error_chain(&error);
+                if message.contains("timed out") {
+                    ProxyError::Timeout(message)
+                } else if error.is_connect() {
+                    ProxyError::Unreachable(message)
+                } else {
+                    ProxyError::Upstream(message)
+                }
+            }
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
 }
 
 impl Proxy {
@@ -66,6 +130,12 @@ impl Proxy {
                 scheme: coupa.scheme.clone(),
                 authority: coupa.authority.clone(),
                 path_prefix: coupa.path_prefix.clone(),
+                response_header_timeout: coupa.response_header_timeout,
+                idle_timeout: coupa.idle_timeout,
+                replay_body_limit: coupa.replay_body_limit,
+                rejected_token_cooldown: config.oauth.rejected_token_cooldown,
+                token_wait: config.oauth.request_timeout,
+                rate_limiter: coupa.rate_limit.map(RateLimiter::new),
             }),
         }
     }
@@ -82,8 +152,8 @@ impl Proxy {
         let response = match self.forward(request, target.as_ref(), client).await {
             Ok(response) => response,
             Err(err) => {
-                if !matches!(err, ProxyError::NoToken) {
-                    tracing::warn!(error = %err, "request failed");
+                if !matches!(err, ProxyError::NoToken { .. }) {
+                    warn!(error = %err, "request not forwarded");
                 }
                 err.into_response()
             }
@@ -109,38 +179,153 @@ impl Proxy {
         let inner = &*self.inner;
 
         // request_filter
+        self.check_target(&request)?;
         let bearer = inner
             .store
             .bearer(tokio::time::Instant::now())
-            .ok_or(ProxyError::NoToken)?;
+            .ok_or_else(|| self.no_token())?;
 
         // upstream_request
         let (mut parts, body) = request.into_parts();
         let target = target.ok_or(ProxyError::BadTarget)?;
-        let upstream_uri = self.upstream_uri(target)?;
+        let uri = self.upstream_uri(target)?;
         headers::rewrite_request(
             &mut parts.headers,
             parts.uri.authority(),
             &inner.rules,
-            bearer,
+            bearer.clone(),
             client,
         );
-        parts.uri = upstream_uri;
-        // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's
-        // version says nothing about the upstream hop.
-        parts.version = Version::HTTP_11;
+        let (body, replay) = UpstreamBody::from_client(body, inner.replay_body_limit)
+            .await
+            .map_err(|e| ProxyError::BadBody(e.to_string()))?;
+        let method = parts.method;
+        let headers = parts.headers;
 
         // send
-        let response = inner
-            .client
-            .request(Request::from_parts(parts, body))
-            .await
-            .map_err(ProxyError::from_client)?;
+        let first = self
+            .send(upstream_request(&method, &uri, headers.clone(), body))
+            .await;
+        let mut response = match first {
+            Ok(response) => response,
+            Err(failure) if failure.is_connection_failure() && is_idempotent(&method) => {
+                let Some(body) = replay.body() else {
+                    return Err(failure.into());
+                };
+                debug!(error = %ProxyError::from(failure), "retrying once on a fresh connection");
+                self.send(upstream_request(&method, &uri, headers.clone(), body))
+                    .await?
+            }
+            Err(failure) => return Err(failure.into()),
+        };
+
+        // on_rejected_token
+        if response.status() == StatusCode::UNAUTHORIZED {
+            if let Some(replayed) = self
+                .on_rejected_token(&bearer, &replay, &method, &uri, headers)
+                .await
+            {
+                response = replayed?;
+            }
+        }
 
         // response_filter
         let (mut parts, body) = response.into_parts();
         headers::rewrite_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(
+            parts,
+            Either::Left(ResponseBody::new(body, inner.idle_timeout)),
+        ))
+    }
+
+    /// Coupa rejected `bearer`. Gets a fresh token (one fetch for a burst)
+    /// and replays the request once; `None` passes the 401 on (body not
+    /// replayable, no new token in time, or a fresh token rejected too).
+    async fn on_rejected_token(
+        &self,
+        bearer: &HeaderValue,
+        replay: &Replay,
+        method: &Method,
+        uri: &Uri,
+        mut headers: HeaderMap,
+    ) -> Option<Result<Response<Incoming>, ProxyError>> {
+        let store = &self.inner.store;
+        let outcome = store.report_rejected(bearer, self.inner.rejected_token_cooldown);
+        let body = replay.body()?;
+        let fresh = match outcome {
+            AfterRejection::Replay(fresh) => fresh,
+            AfterRejection::Wait => store.wait_for_replacement(bearer, self.inner.token_wait).await?,
+            AfterRejection::GiveUp => return None,
+        };
+        debug!("replaying a request Coupa answered 401 with a fresh token");
+        headers.insert(AUTHORIZATION, fresh);
+        Some(
+            self.send(upstream_request(method, uri, headers, body))
+                .await
+                .map_err(ProxyError::from),
+        )
+    }
+
+    /// One attempt: rate limit, then the pooled client, bounded by the
+    /// response-header timeout.
+    async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        let inner = &*self.inner;
+        if let Some(limiter) = &inner.rate_limiter {
+            limiter.acquire().await.map_err(SendFailure::RateLimited)?;
+        }
+        match tokio::time::timeout(inner.response_header_timeout, inner.client.request(request))
+            .await
+        {
+            Ok(result) => result.map_err(SendFailure::Client),
+            Err(_) => Err(SendFailure::Timeout(inner.response_header_timeout)),
+        }
+    }
+
+    /// The proxy is never an open proxy: no CONNECT tunnels, and an
+    /// HTTP/1 absolute-form target must name the instance itself. (HTTP/2
+    /// always carries an authority: the proxy's own address, like `Host`.)
+    fn check_target<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectMethod);
+        }
+        if request.version() <= Version::HTTP_11 {
+            if let Some(authority) = request.uri().authority() {
+                let ours = &self.inner.authority;
+                let default_port = |scheme: Option<&Scheme>| match scheme {
+                    Some(s) if *s == Scheme::HTTPS => 443,
+                    _ => 80,
+                };
+                let same_host = authority.host().eq_ignore_ascii_case(ours.host());
+                let same_port = authority
+                    .port_u16()
+                    .unwrap_or_else(|| default_port(request.uri().scheme()))
+                    == ours
+                        .port_u16()
+                        .unwrap_or_else(|| default_port(Some(&self.inner.scheme)));
+                if !(same_host && same_port) {
+                    return Err(ProxyError::ForeignTarget(authority.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The 503 answer while no token is held, naming the cause.
+    fn no_token(&self) -> ProxyError {
+        let status = self.inner.store.status();
+        let retry_after = status
+            .next_attempt
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(1));
+        let cause = match status.last_error {
+            Some(error) => format!("the last token request failed: {error}"),
+            None if status.fetches_ok > 0 => "the token expired and no new one arrived".to_owned(),
+            None => "the first token is still being fetched".to_owned(),
+        };
+        ProxyError::NoToken { cause, retry_after }
     }
 
     /// `base_url` + the request's path and query, byte for byte.
@@ -159,4 +344,20 @@ impl Proxy {
         parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts).map_err(|_| ProxyError::BadTarget)
     }
+}
+
+fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's
+    // version says nothing about the upstream hop.
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
 }

@@ -1,7 +1,7 @@
 //! The pooled HTTPS client that carries requests to Coupa: keep-alive,
 //! HTTP/1.1 or HTTP/2 as ALPN decides, certificate verification always on.
 
-use hyper::body::Incoming;
+use super::body::UpstreamBody;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -9,7 +9,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Coupa;
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 pub fn build(coupa: &Coupa, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut tcp = HttpConnector::new();

@@ -84,6 +84,13 @@ impl FetchError {
         }
     }
 
+    /// Failures that only a change of configuration (here or in Coupa) can
+    /// fix; retrying them soon is pointless.
+    pub fn is_configuration_error(&self) -> bool {
+        matches!(self, FetchError::OAuth { code, .. }
+            if matches!(code.as_str(), "invalid_client" | "invalid_scope" | "unauthorized_client"))
+    }
+
     /// The message plus the hint, as one line for logs and the CLI.
     pub fn explain(&self) -> String {
         match self.hint() {

@@ -14,4 +14,4 @@ pub mod store;
 
 pub use client::{FetchError, FetchedToken, TokenClient};
 pub use refresher::{RefreshPolicy, Refresher};
-pub use store::{ActiveToken, TokenStatus, TokenStore};
+pub use store::{ActiveToken, AfterRejection, TokenStatus, TokenStore};

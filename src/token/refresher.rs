@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::client::{FetchError, FetchedToken, TokenClient};
 use super::store::{ActiveToken, TokenStore};
@@ -125,29 +125,33 @@ impl<S: TokenSource> Refresher<S> {
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.policy.retry_initial, self.policy.retry_max);
+        // The last failure logged loudly; a repeat of it is logged quietly.
+        let mut last_failure: Option<String> = None;
         loop {
             let next_fetch = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 result = self.client.fetch() => match result {
                     Ok(token) => {
                         backoff.reset();
+                        if last_failure.take().is_some() {
+                            info!(credential = %self.credential, "token endpoint recovered");
+                        }
                         match self.activate(token, &shutdown).await {
                             Some(renew_at) => renew_at,
                             None => return,
                         }
                     }
                     Err(err) => {
-                        let retry_in = backoff.next_delay();
-                        let message = err.explain();
-                        let still_valid = self.store.is_ready();
-                        if still_valid {
-                            warn!(credential = %self.credential, error = %message, retry_in = ?retry_in,
-                                "token fetch failed; the current token keeps serving");
+                        let retry_in = if err.is_configuration_error() {
+                            // Retrying soon cannot fix a wrong secret or
+                            // scope; do not hammer Coupa while someone does.
+                            self.policy.retry_max.mul_f64(0.5 + 0.5 * rand::rng().random::<f64>())
                         } else {
-                            error!(credential = %self.credential, error = %message, retry_in = ?retry_in,
-                                "token fetch failed and no valid token is held; requests get 503");
-                        }
-                        self.store.record_failure(message);
+                            backoff.next_delay()
+                        };
+                        let message = err.explain();
+                        self.log_failure(&message, retry_in, &mut last_failure);
+                        self.store.record_failure(message, retry_in);
                         Instant::now() + retry_in
                     }
                 }
@@ -155,8 +159,26 @@ impl<S: TokenSource> Refresher<S> {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = sleep_until(next_fetch) => {}
+                _ = self.store.refresh_requested() => {
+                    info!(credential = %self.credential, "Coupa rejected the token; fetching a new one now");
+                }
             }
         }
+    }
+
+    fn log_failure(&self, message: &str, retry_in: Duration, last: &mut Option<String>) {
+        let still_valid = self.store.is_ready();
+        if last.as_deref() == Some(message) {
+            debug!(credential = %self.credential, error = %message, retry_in = ?retry_in,
+                "token fetch failed again");
+        } else if still_valid {
+            warn!(credential = %self.credential, error = %message, retry_in = ?retry_in,
+                "token fetch failed; the current token keeps serving");
+        } else {
+            error!(credential = %self.credential, error = %message, retry_in = ?retry_in,
+                "token fetch failed and no valid token is held; requests get 503");
+        }
+        *last = Some(message.to_owned());
     }
 
     /// Installs `token` at its activation time; returns when to renew, or
@@ -181,9 +203,10 @@ impl<S: TokenSource> Refresher<S> {
             Ok(active) => active,
             Err(_) => {
                 // Checked by the client already; kept as a guard.
+                let retry_in = self.policy.retry_initial;
                 self.store
-                    .record_failure("token is not a valid header value".to_owned());
-                return Some(Instant::now() + self.policy.retry_initial);
+                    .record_failure("token is not a valid header value".to_owned(), retry_in);
+                return Some(Instant::now() + retry_in);
             }
         };
         self.store.record_success();
@@ -201,6 +224,9 @@ impl<S: TokenSource> Refresher<S> {
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = sleep_until(activate_at) => {}
+            // The current token was rejected: waiting out the activation
+            // delay would only fail more requests.
+            _ = self.store.refresh_requested() => {}
         }
         self.store.install(active);
         info!(credential = %self.credential, "token activated");

@@ -6,7 +6,7 @@
 //! no formatting, no allocation.
 
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -74,17 +74,56 @@ pub struct TokenStatus {
     /// The last failure's message (never contains secrets).
     pub last_error: Option<String>,
     pub last_success: Option<SystemTime>,
+    /// When the refresher will try again after a failure.
+    pub next_attempt: Option<SystemTime>,
 }
 
+/// What a request that got 401 should do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AfterRejection {
+    /// A different valid token is already held: replay with it.
+    Replay(HeaderValue),
+    /// A fresh token is on its way: wait for it, then replay.
+    Wait,
+    /// A token fetched for a 401 moments ago was rejected too: a fetch
+    /// would not help, pass the 401 on.
+    GiveUp,
+}
+
+/// The 401-triggered fetch most recently asked for.
 #[derive(Debug, Default)]
+struct ForcedRefresh {
+    at: Option<Instant>,
+    /// The rejected header it was asked for.
+    rejected: Option<HeaderValue>,
+}
+
+#[derive(Debug)]
 pub struct TokenStore {
     current: ArcSwapOption<ActiveToken>,
     status: Mutex<TokenStatus>,
+    /// Bumped on every install, so waiters learn of a new token.
+    installed: tokio::sync::watch::Sender<u64>,
+    /// Wakes the refresher for an out-of-schedule fetch.
+    refresh_now: tokio::sync::Notify,
+    forced: Mutex<ForcedRefresh>,
+}
+
+impl Default for TokenStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl TokenStore {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            current: ArcSwapOption::empty(),
+            status: Mutex::new(TokenStatus::default()),
+            installed: tokio::sync::watch::Sender::new(0),
+            refresh_now: tokio::sync::Notify::new(),
+            forced: Mutex::new(ForcedRefresh::default()),
+        }
     }
 
     /// The `Authorization` value to send now, or `None` when no token is
@@ -110,6 +149,60 @@ impl TokenStore {
     /// Makes `token` the one the request path sends.
     pub fn install(&self, token: ActiveToken) {
         self.current.store(Some(Arc::new(token)));
+        self.installed.send_modify(|generation| *generation += 1);
+    }
+
+    /// Coupa answered 401 to a request sent with `rejected`. Asks the
+    /// refresher for a new token unless one is already on its way, so a
+    /// burst of 401s costs one token request; within `cooldown` of the last
+    /// such request it asks for nothing (no loops on a token Coupa keeps
+    /// rejecting).
+    pub fn report_rejected(&self, rejected: &HeaderValue, cooldown: Duration) -> AfterRejection {
+        let now = Instant::now();
+        if let Some(current) = self.bearer(now) {
+            if current != *rejected {
+                return AfterRejection::Replay(current);
+            }
+        }
+        let Ok(mut forced) = self.forced.lock() else {
+            return AfterRejection::GiveUp;
+        };
+        if forced.rejected.as_ref() == Some(rejected) {
+            return AfterRejection::Wait;
+        }
+        if forced.at.is_some_and(|at| now < at + cooldown) {
+            return AfterRejection::GiveUp;
+        }
+        forced.at = Some(now);
+        forced.rejected = Some(rejected.clone());
+        self.refresh_now.notify_one();
+        AfterRejection::Wait
+    }
+
+    /// Waits up to `timeout` for a valid token other than `rejected`.
+    pub async fn wait_for_replacement(
+        &self,
+        rejected: &HeaderValue,
+        timeout: Duration,
+    ) -> Option<HeaderValue> {
+        let mut installs = self.installed.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(current) = self.bearer(Instant::now()) {
+                if current != *rejected {
+                    return Some(current);
+                }
+            }
+            match tokio::time::timeout_at(deadline, installs.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Resolves when a request asked for an out-of-schedule fetch.
+    pub(crate) async fn refresh_requested(&self) {
+        self.refresh_now.notified().await;
     }
 
     pub fn status(&self) -> TokenStatus {
@@ -120,14 +213,16 @@ impl TokenStore {
         if let Ok(mut s) = self.status.lock() {
             s.fetches_ok += 1;
             s.last_error = None;
+            s.next_attempt = None;
             s.last_success = Some(SystemTime::now());
         }
     }
 
-    pub(crate) fn record_failure(&self, message: String) {
+    pub(crate) fn record_failure(&self, message: String, retry_in: Duration) {
         if let Ok(mut s) = self.status.lock() {
             s.fetches_failed += 1;
             s.last_error = Some(message);
+            s.next_attempt = Some(SystemTime::now() + retry_in);
         }
     }
 }
@@ -135,7 +230,6 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn token(secret: &str, now: Instant, ttl: Duration) -> ActiveToken {
         ActiveToken::new(
@@ -163,6 +257,51 @@ mod tests {
         assert!(value.is_sensitive());
         assert!(store.bearer(now + Duration::from_secs(10)).is_none());
         assert!(store.bearer(now + Duration::from_secs(9)).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_rejections_asks_for_one_fetch_then_cools_down() {
+        let store = TokenStore::new();
+        let now = Instant::now();
+        store.install(token("old", now, Duration::from_secs(100)));
+        let old = store.bearer(now).unwrap();
+        let cooldown = Duration::from_secs(10);
+
+        assert_eq!(store.report_rejected(&old, cooldown), AfterRejection::Wait);
+        // The refresher is woken exactly once for the whole burst.
+        for _ in 0..50 {
+            assert_eq!(store.report_rejected(&old, cooldown), AfterRejection::Wait);
+        }
+        store.refresh_requested().await;
+        let woken_again =
+            tokio::time::timeout(Duration::from_millis(1), store.refresh_requested()).await;
+        assert!(woken_again.is_err(), "a burst must wake the refresher once");
+
+        // A waiter gets the new token as soon as it is installed.
+        let waiter = store.wait_for_replacement(&old, Duration::from_secs(5));
+        store.install(token("new", now, Duration::from_secs(100)));
+        assert_eq!(waiter.await.unwrap(), "Bearer new");
+
+        // Late 401s for the old token replay with the new one at once.
+        let new = store.bearer(Instant::now()).unwrap();
+        assert_eq!(
+            store.report_rejected(&old, cooldown),
+            AfterRejection::Replay(new.clone())
+        );
+        // The new token rejected too, within the cool-down: give up.
+        assert_eq!(store.report_rejected(&new, cooldown), AfterRejection::GiveUp);
+        tokio::time::advance(cooldown).await;
+        assert_eq!(store.report_rejected(&new, cooldown), AfterRejection::Wait);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_replacement_times_out() {
+        let store = TokenStore::new();
+        let old = HeaderValue::from_static("Bearer old");
+        assert_eq!(
+            store.wait_for_replacement(&old, Duration::from_secs(3)).await,
+            None
+        );
     }
 
     #[test]

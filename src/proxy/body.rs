@@ -1,0 +1,279 @@
+//! Body wrappers of the request path.
+//!
+//! - [`UpstreamBody`]: what is sent to Coupa. A streamed client body is
+//!   copied aside while it streams (up to `replay_body_limit`), so the
+//!   request can be sent again after a 401 or a dropped connection; a
+//!   replay sends the copy.
+//! - [`ResponseBody`]: Coupa's answer on its way to the client, aborted if
+//!   it stalls for longer than `idle_timeout`, so a hung upstream can never
+//!   hang the client.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The copy of a streamed request body (fields private to this module).
+#[derive(Debug, Default)]
+pub struct Capture {
+    chunks: Vec<Bytes>,
+    size: usize,
+    complete: bool,
+    overflowed: bool,
+}
+
+/// Handle to a request body's copy, kept by the request path.
+#[derive(Debug, Clone)]
+pub enum Replay {
+    /// The request had no body.
+    Empty,
+    /// The body was copied while it streamed (or not, if it was too big).
+    Captured(Arc<Mutex<Capture>>),
+    /// The body came from a previous copy.
+    Buffered(Bytes),
+}
+
+impl Replay {
+    /// A body to send the request again with, if the whole original body
+    /// is known.
+    pub fn body(&self) -> Option<UpstreamBody> {
+        match self {
+            Replay::Empty => Some(UpstreamBody::Empty),
+            Replay::Buffered(bytes) => Some(UpstreamBody::Buffered(Some(bytes.clone()))),
+            Replay::Captured(capture) => {
+                let capture = capture.lock().ok()?;
+                if !capture.complete || capture.overflowed {
+                    return None;
+                }
+                let bytes = match capture.chunks.as_slice() {
+                    [] => Bytes::new(),
+                    [one] => one.clone(),
+                    many => {
+                        let mut joined = BytesMut::with_capacity(capture.size);
+                        for chunk in many {
+                            joined.extend_from_slice(chunk);
+                        }
+                        joined.freeze()
+                    }
+                };
+                Some(UpstreamBody::Buffered(Some(bytes)))
+            }
+        }
+    }
+}
+
+/// The request body sent to Coupa.
+pub enum UpstreamBody {
+    Empty,
+    /// The client's body, streaming, with its first frame already read.
+    Streaming(TeeBody),
+    /// A body held in memory (a replay).
+    Buffered(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    /// Wraps the client's body. Reads the first frame before anything is
+    /// sent upstream, so a body that is broken from the start (e.g. a bad
+    /// chunk size) is rejected without a byte reaching Coupa.
+    pub async fn from_client(
+        mut body: Incoming,
+        replay_limit: usize,
+    ) -> Result<(Self, Replay), hyper::Error> {
+        use http_body_util::BodyExt;
+        if body.is_end_stream() {
+            return Ok((UpstreamBody::Empty, Replay::Empty));
+        }
+        let first = match body.frame().await {
+            None => return Ok((UpstreamBody::Empty, Replay::Empty)),
+            Some(frame) => frame?,
+        };
+        let capture = Arc::new(Mutex::new(Capture::default()));
+        let mut tee = TeeBody {
+            first: None,
+            inner: body,
+            capture: capture.clone(),
+            limit: replay_limit,
+        };
+        tee.record(&first);
+        tee.first = Some(first);
+        Ok((UpstreamBody::Streaming(tee), Replay::Captured(capture)))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Streaming(tee) => Pin::new(tee).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Buffered(bytes) => bytes.is_none(),
+            UpstreamBody::Streaming(tee) => tee.first.is_none() && tee.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpstreamBody::Streaming(tee) => {
+                let pending = tee
+                    .first
+                    .as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len() as u64);
+                let inner = tee.inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + pending);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + pending);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// Streams the client's body and keeps a copy of it up to a limit.
+pub struct TeeBody {
+    first: Option<Frame<Bytes>>,
+    inner: Incoming,
+    capture: Arc<Mutex<Capture>>,
+    limit: usize,
+}
+
+impl TeeBody {
+    fn record(&self, frame: &Frame<Bytes>) {
+        let Ok(mut capture) = self.capture.lock() else {
+            return;
+        };
+        if let Some(data) = frame.data_ref() {
+            if !capture.overflowed {
+                if capture.size + data.len() > self.limit {
+                    capture.overflowed = true;
+                    capture.chunks = Vec::new();
+                } else {
+                    capture.size += data.len();
+                    capture.chunks.push(data.clone());
+                }
+            }
+        }
+        if self.inner.is_end_stream() {
+            capture.complete = true;
+        }
+    }
+
+    fn mark_complete(&self) {
+        if let Ok(mut capture) = self.capture.lock() {
+            capture.complete = true;
+        }
+    }
+}
+
+impl Body for TeeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                this.record(&frame);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
+            None => {
+                this.mark_complete();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.inner.is_end_stream()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Coupa's response body, aborted when no data arrives for `idle`.
+    pub struct ResponseBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        stall: Sleep,
+        idle: Duration,
+    }
+}
+
+impl ResponseBody {
+    pub fn new(inner: Incoming, idle: Duration) -> Self {
+        Self {
+            inner,
+            stall: tokio::time::sleep(idle),
+            idle,
+        }
+    }
+}
+
+/// The upstream body went silent for longer than `coupa.idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("Coupa sent no response data for {0:?}; response aborted")]
+pub struct IdleTimeout(Duration);
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.stall.as_mut().reset(Instant::now() + *this.idle);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                ready!(this.stall.poll(cx));
+                tracing::warn!(idle = ?this.idle, "upstream response stalled; aborting it");
+                Poll::Ready(Some(Err(IdleTimeout(*this.idle).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
