@@ -67,6 +67,7 @@ pub async fn run(
             let store = admin_store.clone();
             service_fn(move |request| crate::admin::handle(request, store.clone()))
         },
+        server::Limits::default(),
         background.clone(),
         std::time::Duration::from_secs(1),
     ));
@@ -90,6 +91,11 @@ pub async fn run(
                 let client = client.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
             })
+        },
+        server::Limits {
+            header_read_timeout: config.listen.header_read_timeout,
+            max_header_bytes: config.listen.max_header_bytes,
+            max_connections: config.listen.max_connections,
         },
         shutdown,
         config.listen.shutdown_grace,

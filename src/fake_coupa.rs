@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,6 +86,11 @@ pub struct FakeState {
     lifetime: Mutex<Duration>,
     failure: Mutex<Option<TokenFailure>>,
     tokens: Mutex<HashMap<String, TokenRecord>>,
+    /// Extra characters appended to issued tokens (Coupa's JWTs grow with
+    /// their scopes; tests need multi-kilobyte ones).
+    token_padding: AtomicU64,
+    /// While set, every token is treated as revoked, even new ones.
+    reject_all: std::sync::atomic::AtomicBool,
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
     api_requests: AtomicU64,
@@ -105,6 +111,16 @@ impl FakeState {
         if let Ok(mut l) = self.lifetime.lock() {
             *l = lifetime;
         }
+    }
+
+    /// Makes tokens issued from now on `extra` characters longer.
+    pub fn set_token_padding(&self, extra: usize) {
+        self.token_padding.store(extra as u64, Ordering::SeqCst);
+    }
+
+    /// Rejects every token, issued before or after, until switched off.
+    pub fn set_reject_all_tokens(&self, reject: bool) {
+        self.reject_all.store(reject, Ordering::SeqCst);
     }
 
     /// Revokes every token issued so far.
@@ -146,6 +162,9 @@ impl FakeState {
     }
 
     fn check_token(&self, token: &str) -> TokenCheck {
+        if self.reject_all.load(Ordering::SeqCst) {
+            return TokenCheck::Revoked;
+        }
         let Ok(tokens) = self.tokens.lock() else {
             return TokenCheck::Unknown;
         };
@@ -187,6 +206,8 @@ impl FakeCoupa {
             lifetime: Mutex::new(options.token_lifetime),
             failure: Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
+            token_padding: AtomicU64::new(0),
+            reject_all: std::sync::atomic::AtomicBool::new(false),
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
             api_requests: AtomicU64::new(0),
@@ -203,6 +224,10 @@ impl FakeCoupa {
             move |_peer| {
                 let state = served.clone();
                 service_fn(move |request| route(state.clone(), request))
+            },
+            crate::server::Limits {
+                max_connections: 100_000,
+                ..Default::default()
             },
             shutdown.clone(),
             Duration::from_secs(1),
@@ -240,7 +265,7 @@ impl Drop for FakeCoupa {
     }
 }
 
-type FakeBody = Either<Full<Bytes>, PatternBody>;
+type FakeBody = Either<Full<Bytes>, Either<PatternBody, FaultyBody>>;
 
 async fn route(
     state: Arc<FakeState>,
@@ -393,9 +418,11 @@ async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Respon
 
     let mut raw = [0u8; 48];
     rand::rng().fill_bytes(&mut raw);
+    let padding = state.token_padding.load(Ordering::SeqCst) as usize;
     let token = format!(
-        "fake.{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        "fake.{}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw),
+        "p".repeat(padding)
     );
     let lifetime = state
         .lifetime
@@ -459,6 +486,10 @@ async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody
         TokenCheck::Unknown => Some("missing or unknown token"),
     };
     if let Some(reason) = reason {
+        // Like a real server, read the request before answering it.
+        let _ = http_body_util::Limited::new(request.into_body(), 4 * 1024 * 1024)
+            .collect()
+            .await;
         state.rejected_api_requests.fetch_add(1, Ordering::SeqCst);
         return json(
             StatusCode::UNAUTHORIZED,
@@ -476,11 +507,37 @@ async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody
     match request.uri().path() {
         "/api/_download" => {
             let size = param("bytes").unwrap_or(0);
-            let mut response = Response::new(Either::Right(PatternBody::new(size)));
+            let mut response = Response::new(Either::Right(Either::Left(PatternBody::new(size))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
+            response
+        }
+        "/api/_stall" => {
+            // Sends `bytes` of a body that claims more, then goes silent.
+            let size = param("bytes").unwrap_or(0);
+            stream_then(size, size + 1, Ending::Stall)
+        }
+        "/api/_broken" => {
+            // Sends `bytes` of a body that claims more, then breaks the
+            // connection.
+            let size = param("bytes").unwrap_or(0);
+            stream_then(size, size + 1, Ending::Break)
+        }
+        "/api/_status" => {
+            // Answers with the given status, like Coupa's own 429s.
+            let code = param("code")
+                .and_then(|c| u16::try_from(c).ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::OK);
+            let mut response = json(
+                code,
+                serde_json::json!({"errors": {"fake": [format!("status {code}")]}}),
+            );
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("7"));
             response
         }
         "/api/_slow" => {
@@ -489,6 +546,68 @@ async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody
             echo(request).await
         }
         _ => echo(request).await,
+    }
+}
+
+enum Ending {
+    Stall,
+    Break,
+}
+
+pin_project_lite::pin_project! {
+    /// Pattern bytes, then a stall or an error: an upstream failing mid-body.
+    pub struct FaultyBody {
+        pattern: PatternBody,
+        claimed: u64,
+        ending: Option<Ending>,
+        #[pin]
+        stall: tokio::time::Sleep,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("fake Coupa broke the response on purpose")]
+struct Broken;
+
+fn stream_then(size: u64, claimed: u64, ending: Ending) -> Response<FakeBody> {
+    let body = FaultyBody {
+        pattern: PatternBody::new(size),
+        claimed,
+        ending: Some(ending),
+        stall: tokio::time::sleep(Duration::from_secs(3600)),
+    };
+    let mut response = Response::new(Either::Right(Either::Right(body)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
+
+impl Body for FaultyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let Some(chunk) = this.pattern.next_chunk() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match this.ending {
+            Some(Ending::Break) => {
+                *this.ending = None;
+                Poll::Ready(Some(Err(Box::new(Broken))))
+            }
+            Some(Ending::Stall) => this.stall.poll(cx).map(|_| None),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.claimed)
     }
 }
 

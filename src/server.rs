@@ -19,11 +19,36 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Per-listener protection against misbehaving clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head; HTTP/1 answers 431 beyond it.
+    pub max_header_bytes: usize,
+    /// Open connections beyond this get a 503 and are closed.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_connections: 1024,
+        }
+    }
+}
+
+/// Body of the answer to a connection over `max_connections`.
+const TOO_MANY_CONNECTIONS: &str = r#"{"error":"too_many_connections","message":"the proxy's connection limit (listen.max_connections) is reached","source":"coupa-auth-proxy"}"#;
 
 /// How a server stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +66,7 @@ pub async fn serve<M, S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     make_service: M,
+    limits: Limits,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> Drain
@@ -53,10 +79,19 @@ where
     B::Error: Into<BoxError>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http1()
+        // Without a timer hyper silently ignores header_read_timeout.
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -72,6 +107,11 @@ where
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, max_connections = limits.max_connections, "connection limit reached; refusing a connection");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let service = make_service(peer);
         let watcher = graceful.watcher();
         let builder = builder.clone();
@@ -80,6 +120,7 @@ where
             if let Err(err) = serve_connection(stream, tls, &builder, service, watcher).await {
                 debug!(%peer, error = %err, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);
@@ -92,6 +133,22 @@ where
         _ = graceful.shutdown() => Drain::Complete,
         _ = tokio::time::sleep(grace) => Drain::TimedOut { open_connections: open },
     }
+}
+
+/// Answers a connection over the limit with a 503 and closes it.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+            TOO_MANY_CONNECTIONS.len(),
+            TOO_MANY_CONNECTIONS
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn serve_connection<S, B>(

@@ -13,7 +13,10 @@ use super::ProxyBody;
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no valid access token is held: {cause}")]
-    NoToken { cause: String, retry_after: Duration },
+    NoToken {
+        cause: String,
+        retry_after: Duration,
+    },
     #[error("the request target has no path")]
     BadTarget,
     #[error("CONNECT is not supported: this proxy only forwards to its Coupa instance")]

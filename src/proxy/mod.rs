@@ -254,7 +254,11 @@ impl Proxy {
         let body = replay.body()?;
         let fresh = match outcome {
             AfterRejection::Replay(fresh) => fresh,
-            AfterRejection::Wait => store.wait_for_replacement(bearer, self.inner.token_wait).await?,
+            AfterRejection::Wait => {
+                store
+                    .wait_for_replacement(bearer, self.inner.token_wait)
+                    .await?
+            }
             AfterRejection::GiveUp => return None,
         };
         debug!("replaying a request Coupa answered 401 with a fresh token");

@@ -295,10 +295,12 @@ mod tests {
         );
     }
 
-    /// Hands out numbered tokens, or fails while `failing` is set.
+    /// Hands out numbered tokens, or fails while `failing` is set
+    /// (with an OAuth configuration error when `misconfigured` is set).
     struct Script {
         fetches: Arc<std::sync::atomic::AtomicU64>,
         failing: Arc<std::sync::atomic::AtomicBool>,
+        misconfigured: bool,
         lifetime: Duration,
     }
 
@@ -307,7 +309,15 @@ mod tests {
             use std::sync::atomic::Ordering;
             let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
             if self.failing.load(Ordering::SeqCst) {
-                return Err(FetchError::Http { status: 500 });
+                return Err(if self.misconfigured {
+                    FetchError::OAuth {
+                        status: 401,
+                        code: "invalid_client".into(),
+                        description: None,
+                    }
+                } else {
+                    FetchError::Http { status: 500 }
+                });
             }
             Ok(FetchedToken {
                 access_token: crate::secret::Secret::new(format!("t{n}")),
@@ -335,6 +345,7 @@ mod tests {
             client: Script {
                 fetches: fetches.clone(),
                 failing: failing.clone(),
+                misconfigured: false,
                 lifetime: Duration::from_secs(1000),
             },
             store: store.clone(),
@@ -385,6 +396,38 @@ mod tests {
         step(8).await;
         assert!(bearer(&store).is_some());
 
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn configuration_errors_are_retried_in_minutes_not_seconds() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let fetches = Arc::new(AtomicU64::new(0));
+        let store = Arc::new(TokenStore::new());
+        let refresher = Refresher {
+            client: Script {
+                fetches: fetches.clone(),
+                failing: Arc::new(AtomicBool::new(true)),
+                misconfigured: true,
+                lifetime: Duration::from_secs(1000),
+            },
+            store: store.clone(),
+            policy: policy(),
+            credential: "test".into(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        // retry_max is 5 min: the second attempt comes after 2.5-5 min.
+        tokio::time::sleep(Duration::from_secs(149)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(152)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+        assert!(store
+            .status()
+            .last_error
+            .unwrap()
+            .contains("invalid_client"));
         shutdown.cancel();
         task.await.unwrap();
     }

@@ -289,7 +289,10 @@ mod tests {
             AfterRejection::Replay(new.clone())
         );
         // The new token rejected too, within the cool-down: give up.
-        assert_eq!(store.report_rejected(&new, cooldown), AfterRejection::GiveUp);
+        assert_eq!(
+            store.report_rejected(&new, cooldown),
+            AfterRejection::GiveUp
+        );
         tokio::time::advance(cooldown).await;
         assert_eq!(store.report_rejected(&new, cooldown), AfterRejection::Wait);
     }
@@ -299,7 +302,9 @@ mod tests {
         let store = TokenStore::new();
         let old = HeaderValue::from_static("Bearer old");
         assert_eq!(
-            store.wait_for_replacement(&old, Duration::from_secs(3)).await,
+            store
+                .wait_for_replacement(&old, Duration::from_secs(3))
+                .await,
             None
         );
     }
