@@ -63,7 +63,7 @@ pub async fn run(
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
         None,
-        move |_peer| {
+        move |_peer, _guard| {
             let store = admin_store.clone();
             service_fn(move |request| crate::admin::handle(request, store.clone()))
         },
@@ -83,9 +83,9 @@ pub async fn run(
     let drain = server::serve(
         listeners.proxy,
         None,
-        move |peer| {
+        move |peer, guard| {
             let proxy = proxy.clone();
-            let client = Arc::new(ClientInfo::new(peer.ip()));
+            let client = Arc::new(ClientInfo::new(peer.ip(), guard));
             service_fn(move |request| {
                 let proxy = proxy.clone();
                 let client = client.clone();

@@ -221,7 +221,7 @@ impl FakeCoupa {
         tokio::spawn(crate::server::serve(
             listener,
             tls,
-            move |_peer| {
+            move |_peer, _guard| {
                 let state = served.clone();
                 service_fn(move |request| route(state.clone(), request))
             },

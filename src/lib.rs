@@ -7,7 +7,8 @@
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
 //!   rotating ([`token::refresher`]) the access token — background work.
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
-//! - [`server`]: accept loop and graceful drain for every listener.
+//! - [`server`]: accept loop, connection limits and graceful drain for every listener.
+//! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
 //! - [`admin`]: `/healthz` and `/readyz`.
 //! - [`app`]: wires the above together for `run`.
 //! - [`tls`]: the outbound rustls configuration.
@@ -22,6 +23,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod fake_coupa;
+pub mod framing;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -21,6 +21,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use crate::framing::{ConnectionGuard, FramingGuard};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -71,7 +73,7 @@ pub async fn serve<M, S, B>(
     grace: Duration,
 ) -> Drain
 where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr, Arc<ConnectionGuard>) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -112,12 +114,21 @@ where
             tokio::spawn(refuse(stream));
             continue;
         };
-        let service = make_service(peer);
+        let verdicts = Arc::new(ConnectionGuard::default());
+        let service = make_service(peer, verdicts.clone());
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let tls = tls.clone();
+        let max_head = limits.max_header_bytes;
         tokio::spawn(async move {
-            if let Err(err) = serve_connection(stream, tls, &builder, service, watcher).await {
+            let guarded = Guarded {
+                verdicts,
+                max_head,
+                first_byte_timeout: limits.header_read_timeout,
+            };
+            if let Err(err) =
+                serve_connection(stream, tls, guarded, &builder, service, watcher).await
+            {
                 debug!(%peer, error = %err, "connection ended with an error");
             }
             drop(slot);
@@ -151,9 +162,17 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// What the framing guard of one connection needs.
+struct Guarded {
+    verdicts: Arc<ConnectionGuard>,
+    max_head: usize,
+    first_byte_timeout: Duration,
+}
+
 async fn serve_connection<S, B>(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
+    guarded: Guarded,
     builder: &auto::Builder<TokioExecutor>,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
@@ -167,14 +186,25 @@ where
 {
     // Small request/response exchanges: do not let Nagle hold them back.
     let _ = stream.set_nodelay(true);
+    let Guarded {
+        verdicts,
+        max_head,
+        first_byte_timeout,
+    } = guarded;
     match tls {
         None => {
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let io = FramingGuard::new(stream, max_head, verdicts)
+                .with_first_byte_timeout(first_byte_timeout);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             watcher.watch(conn.into_owned()).await
         }
         Some(acceptor) => {
-            let stream = acceptor.accept(stream).await?;
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
+                .await
+                .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
+            let io = FramingGuard::new(stream, max_head, verdicts)
+                .with_first_byte_timeout(first_byte_timeout);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             watcher.watch(conn.into_owned()).await
         }
     }

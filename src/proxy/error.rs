@@ -23,6 +23,10 @@ pub enum ProxyError {
     ConnectMethod,
     #[error("absolute-form target for {0:?}: this proxy only forwards to its Coupa instance")]
     ForeignTarget(String),
+    #[error(
+        "the request has both Content-Length and Transfer-Encoding (possible request smuggling)"
+    )]
+    AmbiguousFraming,
     #[error("the request body is malformed: {0}")]
     BadBody(String),
     #[error("too many requests queued for Coupa's rate limit")]
@@ -39,9 +43,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BadTarget | ProxyError::ForeignTarget(_) | ProxyError::BadBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadTarget
+            | ProxyError::ForeignTarget(_)
+            | ProxyError::BadBody(_)
+            | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -57,6 +62,7 @@ impl ProxyError {
             ProxyError::ConnectMethod => "method_not_allowed",
             ProxyError::ForeignTarget(_) => "foreign_target",
             ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::AmbiguousFraming => "ambiguous_framing",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",

@@ -2,12 +2,15 @@
 //! sent in, what Coupa gets out. No I/O, so every rule is unit-tested here.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::header::{
     HeaderName, ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHORIZATION, TE,
     TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderValue};
+
+use crate::framing::ConnectionGuard;
 
 pub const X_COUPA_API_KEY: HeaderName = HeaderName::from_static("x-coupa-api-key");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -51,13 +54,19 @@ pub struct ClientInfo {
     /// `ip` as a header value, so requests on a keep-alive connection do
     /// not format it again.
     pub ip_header: HeaderValue,
+    /// The framing guard's verdicts for this connection's requests.
+    pub framing: Arc<ConnectionGuard>,
 }
 
 impl ClientInfo {
-    pub fn new(ip: IpAddr) -> Self {
+    pub fn new(ip: IpAddr, framing: Arc<ConnectionGuard>) -> Self {
         let ip_header = HeaderValue::try_from(ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self { ip, ip_header }
+        Self {
+            ip,
+            ip_header,
+            framing,
+        }
     }
 }
 
@@ -191,7 +200,7 @@ mod tests {
     }
 
     fn client() -> ClientInfo {
-        ClientInfo::new("10.1.2.3".parse().unwrap())
+        ClientInfo::new("10.1.2.3".parse().unwrap(), Default::default())
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -179,6 +179,9 @@ impl Proxy {
         let inner = &*self.inner;
 
         // request_filter
+        if client.framing.next_request_is_ambiguous() {
+            return Err(ProxyError::AmbiguousFraming);
+        }
         self.check_target(&request)?;
         let bearer = inner
             .store

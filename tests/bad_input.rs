@@ -1,0 +1,198 @@
+//! Hostile and broken clients, as raw bytes over TCP: nothing malformed or
+//! ambiguous is forwarded, the proxy is never an open proxy, and slow or
+//! greedy clients are cut off.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DAY: Duration = Duration::from_secs(86_399);
+
+async fn start(listen_extra: &str) -> (coupa_auth_proxy::fake_coupa::FakeCoupa, TestProxy) {
+    let fake = start_fake(DAY).await;
+    let text = config_text(&fake.base_url(), "", "").replace(
+        "shutdown_grace = \"10s\"",
+        &format!("shutdown_grace = \"10s\"\n{listen_extra}"),
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+    (fake, proxy)
+}
+
+/// Requests that must be refused with `status` and never reach Coupa.
+async fn assert_refused(cases: &[(&str, String, u16)]) {
+    let (fake, proxy) = start("max_header_bytes = 16384").await;
+    for (name, request, status) in cases {
+        let (got, head, _) = raw_request(proxy.addr, request).await;
+        assert_eq!(got, *status, "{name}: {head}");
+    }
+    assert_eq!(
+        fake.state().api_requests() + fake.state().rejected_api_requests(),
+        0,
+        "a refused request reached Coupa"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_are_refused_before_forwarding() {
+    let big = "a".repeat(20 * 1024);
+    assert_refused(&[
+        (
+            "header section too large",
+            format!("GET /api/x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"),
+            431,
+        ),
+        (
+            "header without colon",
+            "GET /api/x HTTP/1.1\r\nHost x\r\n\r\n".into(),
+            400,
+        ),
+        ("garbage request line", "GET\r\n\r\n".into(), 400),
+        (
+            "space in target",
+            "GET /api/a b HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            400,
+        ),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_shapes_are_refused_before_forwarding() {
+    assert_refused(&[
+        (
+            "content-length and transfer-encoding",
+            "POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "transfer-encoding and content-length",
+            "POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 30\r\n\r\n0\r\n\r\nGET /api/smuggled HTTP/1.1\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "duplicate differing content-length",
+            "POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".into(),
+            400,
+        ),
+        (
+            "obs-fold",
+            "GET /api/x HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "bad chunk size",
+            "POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "transfer-encoding not chunked",
+            "POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc".into(),
+            400,
+        ),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_is_never_an_open_proxy() {
+    assert_refused(&[
+        (
+            "absolute-form for another host",
+            "GET http://evil.example/api/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n".into(),
+            400,
+        ),
+        (
+            "CONNECT",
+            "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n".into(),
+            405,
+        ),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_for_the_instance_itself_is_served() {
+    let (fake, proxy) = start("").await;
+    let request = format!(
+        "GET http://{}/api/x?y=1 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        fake.addr(),
+        fake.addr()
+    );
+    let (status, _, body) = raw_request(proxy.addr, &request).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["target"], "/api/x?y=1");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_headers_slowly_is_cut_off() {
+    let (fake, proxy) = start("header_read_timeout = \"300ms\"").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Never finish the head. The proxy must close the connection (hyper
+    // may send a 408 first); without its timer this read would hang.
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("header-read timeout must close the connection")
+        .ok();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+
+    // A client that connects and sends nothing at all is cut off too.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, silent.read_to_end(&mut rest))
+        .await
+        .expect("a silent connection must be closed")
+        .ok();
+    assert_eq!(fake.state().api_requests(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_get_a_clear_503() {
+    // Idle connections hold their slots (a long header-read timeout).
+    let (_fake, proxy) = start("max_connections = 2\nheader_read_timeout = \"1h\"").await;
+    // Two idle connections hold both slots.
+    let _a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut refused = Vec::new();
+    eventually("a refused connection", || {
+        let addr = proxy.addr;
+        async move {
+            let Ok(mut third) = tokio::net::TcpStream::connect(addr).await else {
+                return false;
+            };
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut answer)).await;
+            String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 503")
+                && String::from_utf8_lossy(&answer).contains("too_many_connections")
+        }
+    })
+    .await;
+    refused.push(());
+    drop(_a);
+    // A freed slot is usable again.
+    eventually("a slot frees up", || {
+        let url = proxy.url("/api/x");
+        async move { matches!(http_client().get(url).send().await, Ok(r) if r.status() == 200) }
+    })
+    .await;
+    proxy.stop().await;
+}
