@@ -52,3 +52,47 @@ async fn in_process_drain_reports_complete() {
         coupa_auth_proxy::server::Drain::Complete
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_no_in_flight_request() {
+    const IN_FLIGHT: usize = 200;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let mut proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
+    proxy.wait_ready().await;
+
+    let client = http_client();
+    let mut requests = Vec::new();
+    for i in 0..IN_FLIGHT {
+        let request = client
+            .post(proxy.url(&format!("/api/_slow?ms=1500&n={i}")))
+            .body(format!("request {i}"));
+        requests.push(tokio::spawn(async move {
+            let response = request.send().await?;
+            let status = response.status();
+            let echo: serde_json::Value = response.json().await?;
+            Ok::<_, reqwest::Error>((status, echo))
+        }));
+    }
+    eventually("every request reaches Coupa", || {
+        let n = fake.state().api_requests();
+        async move { n >= IN_FLIGHT as u64 }
+    })
+    .await;
+    proxy.terminate();
+    let addr = proxy.addr;
+    eventually("the listener closes", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+
+    for (i, request) in requests.into_iter().enumerate() {
+        let (status, echo) = request
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("request {i} was lost: {e}"));
+        assert_eq!(status, 200, "request {i}");
+        assert_eq!(echo["target"], format!("/api/_slow?ms=1500&n={i}"));
+        assert_eq!(echo["body_bytes"], format!("request {i}").len());
+    }
+    assert_eq!(proxy.wait_exit().await, Some(0));
+}

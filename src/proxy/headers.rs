@@ -94,7 +94,7 @@ pub fn rewrite_request(
     headers.insert(HOST, rules.upstream_host.clone());
 
     if let Some(accept) = choose_accept(
-        headers.get(ACCEPT),
+        headers.get_all(ACCEPT),
         headers.get(CONTENT_TYPE),
         &rules.default_accept,
     ) {
@@ -141,15 +141,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `Content-Type` to agree, so a client that expressed no preference gets
 /// the media type of what it sends (when that is JSON or XML), else the
 /// configured default.
-pub fn choose_accept(
-    accept: Option<&HeaderValue>,
+pub fn choose_accept<'a>(
+    accept: impl IntoIterator<Item = &'a HeaderValue>,
     content_type: Option<&HeaderValue>,
     default: &HeaderValue,
 ) -> Option<HeaderValue> {
-    if let Some(accept) = accept {
-        if !is_only_wildcard(accept) {
-            return None;
-        }
+    // A client may split its preferences over several Accept lines.
+    if accept.into_iter().any(|value| !is_only_wildcard(value)) {
+        return None;
     }
     let media_type = content_type
         .and_then(|ct| ct.to_str().ok())
@@ -164,7 +163,7 @@ pub fn choose_accept(
     })
 }
 
-/// True for an empty `Accept` or one made only of `*/*` ranges.
+/// True for an empty `Accept` value or one made only of `*/*` ranges.
 fn is_only_wildcard(accept: &HeaderValue) -> bool {
     let Ok(text) = accept.to_str() else {
         return false;
@@ -340,6 +339,12 @@ mod tests {
             choose_accept(None, Some(&hv("multipart/form-data; boundary=x")), &default),
             Some(default.clone())
         );
+        // Found by the property test: a preference on a second Accept line
+        // counts too.
+        assert_eq!(
+            choose_accept([&hv("*/*"), &hv("application/xml")], None, &default),
+            None
+        );
     }
 
     #[test]
@@ -353,5 +358,105 @@ mod tests {
         rewrite_response(&mut map);
         assert_eq!(map.len(), 1);
         assert_eq!(map[CONTENT_TYPE], "application/json");
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Property tests: for any header set a client can send, the rewrite
+    //! keeps its promises. Run with the unit tests (`cargo test`).
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Names a client may send, weighted towards the ones the rewrite
+    /// treats specially.
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "connection", "keep-alive", "proxy-connection", "te", "trailer",
+                "transfer-encoding", "upgrade", "x-coupa-api-key", "authorization",
+                "proxy-authorization", "host", "accept", "content-type",
+                "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-custom",
+            ]).prop_map(str::to_owned),
+            1 => "x-[a-z]{1,8}",
+        ]
+    }
+
+    fn header_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[ -~]{0,24}",
+            prop::collection::vec(header_name(), 1..4).prop_map(|names| names.join(", ")),
+            Just("*/*".to_owned()),
+            Just("application/xml; charset=utf-8".to_owned()),
+        ]
+    }
+
+    const SET_BY_PROXY: [&str; 6] = [
+        "host",
+        "authorization",
+        "accept",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+
+    proptest! {
+        #[test]
+        fn rewrite_keeps_its_promises(
+            pairs in prop::collection::vec((header_name(), header_value()), 0..16)
+        ) {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &pairs {
+                if let Ok(value) = HeaderValue::from_str(value) {
+                    headers.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), value);
+                }
+            }
+            let original = headers.clone();
+            let rules = RewriteRules {
+                upstream_host: HeaderValue::from_static("acme.coupahost.com"),
+                default_accept: HeaderValue::from_static("application/json"),
+                forwarded_proto: HeaderValue::from_static("http"),
+            };
+            let client = ClientInfo::new("192.0.2.1".parse().unwrap(), Default::default());
+            let bearer = HeaderValue::from_static("Bearer the-token");
+            rewrite_request(&mut headers, None, &rules, bearer, &client);
+
+            let auth: Vec<_> = headers.get_all(AUTHORIZATION).iter().cloned().collect();
+            prop_assert_eq!(auth, vec![HeaderValue::from_static("Bearer the-token")]);
+            prop_assert_eq!(headers.get_all(HOST).iter().count(), 1);
+            prop_assert_eq!(&headers[HOST], "acme.coupahost.com");
+            let client_chose = original.get_all(ACCEPT).iter().any(|v| !is_only_wildcard(v));
+            let accepts = headers.get_all(ACCEPT).iter().count();
+            if client_chose {
+                prop_assert_eq!(accepts, original.get_all(ACCEPT).iter().count());
+            } else {
+                prop_assert_eq!(accepts, 1);
+            }
+            for gone in HOP_BY_HOP.iter().chain(&[X_COUPA_API_KEY, PROXY_AUTHORIZATION]) {
+                prop_assert!(!headers.contains_key(gone), "{} survived", gone);
+            }
+            let named: Vec<String> = original
+                .get_all(CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect();
+            for name in &named {
+                if !SET_BY_PROXY.contains(&name.as_str()) && !name.is_empty() {
+                    prop_assert!(!headers.contains_key(name.as_str()), "{} named by Connection survived", name);
+                }
+            }
+            // Everything else is passed on untouched.
+            for (name, value) in &original {
+                let special = HOP_BY_HOP.contains(name)
+                    || CLIENT_CREDENTIALS.contains(name)
+                    || SET_BY_PROXY.contains(&name.as_str())
+                    || named.iter().any(|n| n == name.as_str());
+                if !special {
+                    prop_assert!(headers.get_all(name).iter().any(|v| v == value), "{} changed", name);
+                }
+            }
+        }
     }
 }
