@@ -55,6 +55,8 @@ async fn tls_fake() -> (FakeCoupa, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
     let (fake, ca_pem) = tls_fake().await;
+    // Coupa's JWTs grow with their scopes: the HTTP/2 hop must carry them.
+    fake.state().set_token_padding(20 * 1024);
     let dir = tempdir::Dir::new("tls");
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca_pem).unwrap();
@@ -79,7 +81,9 @@ async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
     assert_eq!(echo["version"], "HTTP/2.0", "ALPN should pick h2");
     assert_eq!(echo["target"], "/api/invoices?x=%20y");
     assert_eq!(echo["body_bytes"], 7);
-    assert!(fake.state().token_is_live(&echoed_token(&echo)));
+    let token = echoed_token(&echo);
+    assert!(token.len() > 20 * 1024);
+    assert!(fake.state().token_is_live(&token));
     proxy.stop().await;
 }
 
