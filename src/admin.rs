@@ -16,9 +16,12 @@ use hyper::body::Incoming;
 
 use crate::token::TokenStore;
 
+/// Token stores by credential name.
+pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
+
 pub async fn handle(
     request: Request<Incoming>,
-    store: Arc<TokenStore>,
+    stores: Stores,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Ok(json(
@@ -28,7 +31,7 @@ pub async fn handle(
     }
     Ok(match request.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => readiness(&store),
+        "/readyz" => readiness(&stores),
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": "not_found", "endpoints": ["/healthz", "/readyz"]}),
@@ -36,21 +39,44 @@ pub async fn handle(
     })
 }
 
-fn readiness(store: &TokenStore) -> Response<Full<Bytes>> {
-    let status = store.status();
-    let token = store.current(tokio::time::Instant::now());
-    let expires_in = token.as_ref().map(|t| {
-        t.expires_at_wall
-            .duration_since(SystemTime::now())
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    });
+/// Ready when every credential holds a valid token. The top-level fields
+/// describe the first credential not ready (or the first one), so a
+/// single-credential set-up reads simply.
+fn readiness(stores: &[(String, Arc<TokenStore>)]) -> Response<Full<Bytes>> {
+    let now = tokio::time::Instant::now();
+    let credentials: Vec<serde_json::Value> = stores
+        .iter()
+        .map(|(name, store)| {
+            let status = store.status();
+            let token = store.current(now);
+            let expires_in = token.as_ref().map(|t| {
+                t.expires_at_wall
+                    .duration_since(SystemTime::now())
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            });
+            serde_json::json!({
+                "credential": name,
+                "ready": token.is_some(),
+                "token_expires_in_seconds": expires_in,
+                "last_token_error": status.last_error,
+            })
+        })
+        .collect();
+    let ready = credentials.iter().all(|c| c["ready"] == true);
+    let headline = credentials
+        .iter()
+        .find(|c| c["ready"] != true)
+        .or_else(|| credentials.first())
+        .cloned()
+        .unwrap_or_default();
     let body = serde_json::json!({
-        "ready": token.is_some(),
-        "token_expires_in_seconds": expires_in,
-        "last_token_error": status.last_error,
+        "ready": ready,
+        "token_expires_in_seconds": headline["token_expires_in_seconds"],
+        "last_token_error": headline["last_token_error"],
+        "credentials": credentials,
     });
-    let code = if token.is_some() {
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -38,19 +38,30 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Drain, AppError> {
     let tls_config = tls::client_config(&config.coupa.extra_roots)?;
-    let token_client = TokenClient::new(&config.oauth, tls_config.clone())?;
-    let store = Arc::new(TokenStore::new());
 
     // Background work stops only after the proxy has drained, so requests
     // finishing during the grace period still see a token.
     let background = CancellationToken::new();
-    let refresher = Refresher {
-        client: token_client,
-        store: store.clone(),
-        policy: RefreshPolicy::from(&config.oauth),
-        credential: "default".to_owned(),
-    };
-    let refresher_task = tokio::spawn(refresher.run(background.clone()));
+    // One store and one refresher per credential.
+    let mut stores = Vec::with_capacity(config.credentials.len());
+    let mut refreshers = Vec::with_capacity(config.credentials.len());
+    for credential in &config.credentials {
+        let store = Arc::new(TokenStore::new());
+        let refresher = Refresher {
+            client: TokenClient::new(&credential.oauth, tls_config.clone())?,
+            store: store.clone(),
+            policy: RefreshPolicy::from(&credential.oauth),
+            credential: credential.name.clone(),
+        };
+        refreshers.push(tokio::spawn(refresher.run(background.clone())));
+        stores.push((credential.name.clone(), store));
+    }
+    if config.integrations.is_empty() && !config.listen.address.ip().is_loopback() {
+        warn!(
+            listen = %config.listen.address,
+            "listen.allow_unauthenticated is set: anyone who can reach this address gets requests sent with a Coupa token"
+        );
+    }
 
     let local = |l: &TcpListener| {
         l.local_addr()
@@ -59,13 +70,13 @@ pub async fn run(
     };
     let proxy_addr = local(&listeners.proxy);
     let admin_addr = local(&listeners.admin);
-    let admin_store = store.clone();
+    let admin_stores = Arc::new(stores.clone());
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
         None,
         move |_peer, _guard| {
-            let store = admin_store.clone();
-            service_fn(move |request| crate::admin::handle(request, store.clone()))
+            let stores = admin_stores.clone();
+            service_fn(move |request| crate::admin::handle(request, stores.clone()))
         },
         server::Limits::default(),
         background.clone(),
@@ -73,7 +84,8 @@ pub async fn run(
     ));
 
     let upstream = proxy::upstream::build(&config.coupa, tls_config);
-    let proxy = Proxy::new(&config, store, upstream);
+    let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
+    let proxy = Proxy::new(&config, &token_stores, upstream);
     info!(
         listen = %proxy_addr,
         admin = %admin_addr,
@@ -109,7 +121,9 @@ pub async fn run(
         ),
     }
     background.cancel();
-    let _ = refresher_task.await;
+    for refresher in refreshers {
+        let _ = refresher.await;
+    }
     let _ = admin_task.await;
     Ok(drain)
 }

@@ -22,6 +22,10 @@ use crate::secret::Secret;
 /// The environment variable that may hold the config file's path.
 pub const CONFIG_ENV: &str = "COUPA_PROXY_CONFIG";
 
+/// The name of the credential a single `[oauth]` table defines, and the one
+/// used when no integrations are configured.
+pub const DEFAULT_CREDENTIAL: &str = "default";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -38,12 +42,12 @@ pub enum ConfigError {
     #[error("{key}: {message}")]
     Shape { key: String, message: String },
     #[error("{key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.into(),
         reason: reason.into(),
     }
 }
@@ -59,9 +63,26 @@ pub struct FileConfig {
     #[serde(default)]
     listen: ListenFile,
     coupa: CoupaFile,
-    oauth: OAuthFile,
+    /// One credential (`[oauth]` with `client_id`, named `default`) or
+    /// several (`[oauth.NAME]` tables); told apart in `validate`.
+    oauth: toml::Table,
+    #[serde(default)]
+    integration: Vec<IntegrationFile>,
     #[serde(default)]
     admin: AdminFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IntegrationFile {
+    name: String,
+    api_key_sha256: String,
+    #[serde(default = "default_credential_name")]
+    credential: String,
+}
+
+fn default_credential_name() -> String {
+    DEFAULT_CREDENTIAL.to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +98,8 @@ struct ListenFile {
     max_header_bytes: usize,
     #[serde(default = "default_max_connections")]
     max_connections: usize,
+    #[serde(default)]
+    allow_unauthenticated: bool,
 }
 
 impl Default for ListenFile {
@@ -87,6 +110,7 @@ impl Default for ListenFile {
             header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
+            allow_unauthenticated: false,
         }
     }
 }
@@ -248,8 +272,38 @@ pub enum ClientAuth {
 pub struct Config {
     pub listen: Listen,
     pub coupa: Coupa,
-    pub oauth: OAuth,
+    /// At least one; sorted by name.
+    pub credentials: Vec<Credential>,
+    /// Empty: every request uses the default credential, unauthenticated.
+    pub integrations: Vec<Integration>,
     pub admin: Admin,
+}
+
+/// A named OAuth client with its own token and rotation.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub name: String,
+    pub oauth: OAuth,
+}
+
+/// A legacy integration, recognised by its old API key.
+#[derive(Clone)]
+pub struct Integration {
+    pub name: String,
+    /// SHA-256 of the integration's `X-COUPA-API-KEY`.
+    pub api_key_sha256: [u8; 32],
+    /// Index into [`Config::credentials`].
+    pub credential: usize,
+}
+
+impl fmt::Debug for Integration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The hash is not the key, but there is no reason to print it.
+        f.debug_struct("Integration")
+            .field("name", &self.name)
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -263,6 +317,8 @@ pub struct Listen {
     pub max_header_bytes: usize,
     /// Open client connections beyond this get a 503 and are closed.
     pub max_connections: usize,
+    /// Serve a non-loopback address without integrations (explicit opt-in).
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -374,7 +430,7 @@ impl Config {
 
     /// A human-readable summary with every secret redacted, for `check`.
     pub fn summary(&self) -> String {
-        let (l, c, o) = (&self.listen, &self.coupa, &self.oauth);
+        let (l, c) = (&self.listen, &self.coupa);
         let d = |v: Duration| humantime::format_duration(v).to_string();
         let ca = c
             .ca_file
@@ -390,65 +446,116 @@ impl Config {
                 )
             })
             .unwrap_or_else(|| "off".to_owned());
-        let renew_after = Duration::from_secs((86_400.0 * o.refresh_fraction).round() as u64);
-        let rows: [(&str, String); 24] = [
-            ("listen.address", l.address.to_string()),
-            ("listen.shutdown_grace", d(l.shutdown_grace)),
-            ("listen.header_read_timeout", d(l.header_read_timeout)),
-            ("listen.max_header_bytes", l.max_header_bytes.to_string()),
-            ("listen.max_connections", l.max_connections.to_string()),
-            ("coupa.base_url", c.base_url.clone()),
-            ("coupa.ca_file", ca),
-            ("coupa.accept", c.accept.to_str().unwrap_or("?").to_owned()),
-            ("coupa.connect_timeout", d(c.connect_timeout)),
+        let mut rows: Vec<(String, String)> = vec![
+            ("listen.address".into(), l.address.to_string()),
+            ("listen.shutdown_grace".into(), d(l.shutdown_grace)),
             (
-                "coupa.response_header_timeout",
+                "listen.header_read_timeout".into(),
+                d(l.header_read_timeout),
+            ),
+            (
+                "listen.max_header_bytes".into(),
+                l.max_header_bytes.to_string(),
+            ),
+            (
+                "listen.max_connections".into(),
+                l.max_connections.to_string(),
+            ),
+            (
+                "listen.allow_unauthenticated".into(),
+                l.allow_unauthenticated.to_string(),
+            ),
+            ("coupa.base_url".into(), c.base_url.clone()),
+            ("coupa.ca_file".into(), ca),
+            (
+                "coupa.accept".into(),
+                c.accept.to_str().unwrap_or("?").to_owned(),
+            ),
+            ("coupa.connect_timeout".into(), d(c.connect_timeout)),
+            (
+                "coupa.response_header_timeout".into(),
                 d(c.response_header_timeout),
             ),
-            ("coupa.idle_timeout", d(c.idle_timeout)),
-            ("coupa.pool_idle_timeout", d(c.pool_idle_timeout)),
+            ("coupa.idle_timeout".into(), d(c.idle_timeout)),
+            ("coupa.pool_idle_timeout".into(), d(c.pool_idle_timeout)),
             (
-                "coupa.replay_body_limit",
+                "coupa.replay_body_limit".into(),
                 format!("{} bytes", c.replay_body_limit),
             ),
-            ("coupa.rate_limit", rate),
-            ("oauth.client_id", o.client_id.clone()),
-            (
-                "oauth.client_secret",
-                format!("<redacted> (from {})", o.secret_source),
-            ),
-            ("oauth.scopes", o.scopes.join(" ")),
-            ("oauth.token_url", o.token_url.clone()),
-            (
-                "oauth.client_auth",
-                match o.client_auth {
-                    ClientAuth::Body => "body",
-                    ClientAuth::Basic => "basic",
-                }
-                .to_owned(),
-            ),
-            (
-                "oauth.refresh_fraction",
-                format!(
-                    "{} (renew after {} of a 24 h token)",
-                    o.refresh_fraction,
-                    d(renew_after)
-                ),
-            ),
-            ("oauth.activation_delay", d(o.activation_delay)),
-            (
-                "oauth.retry",
-                format!("{} .. {}", d(o.retry_initial), d(o.retry_max)),
-            ),
-            (
-                "oauth.rejected_token_cooldown",
-                d(o.rejected_token_cooldown),
-            ),
-            ("admin.address", self.admin.address.to_string()),
+            ("coupa.rate_limit".into(), rate),
         ];
+        let single = self.credentials.len() == 1 && self.credentials[0].name == DEFAULT_CREDENTIAL;
+        for credential in &self.credentials {
+            let o = &credential.oauth;
+            let prefix = if single {
+                "oauth".to_owned()
+            } else {
+                format!("oauth.{}", credential.name)
+            };
+            let renew_after =
+                Duration::from_secs((86_400.0_f64 * o.refresh_fraction).round() as u64);
+            rows.extend([
+                (format!("{prefix}.client_id"), o.client_id.clone()),
+                (
+                    format!("{prefix}.client_secret"),
+                    format!("<redacted> (from {})", o.secret_source),
+                ),
+                (format!("{prefix}.scopes"), o.scopes.join(" ")),
+                (format!("{prefix}.token_url"), o.token_url.clone()),
+                (
+                    format!("{prefix}.client_auth"),
+                    match o.client_auth {
+                        ClientAuth::Body => "body",
+                        ClientAuth::Basic => "basic",
+                    }
+                    .to_owned(),
+                ),
+                (
+                    format!("{prefix}.refresh_fraction"),
+                    format!(
+                        "{} (renew after {} of a 24 h token)",
+                        o.refresh_fraction,
+                        d(renew_after)
+                    ),
+                ),
+                (format!("{prefix}.activation_delay"), d(o.activation_delay)),
+                (
+                    format!("{prefix}.retry"),
+                    format!("{} .. {}", d(o.retry_initial), d(o.retry_max)),
+                ),
+                (
+                    format!("{prefix}.rejected_token_cooldown"),
+                    d(o.rejected_token_cooldown),
+                ),
+            ]);
+        }
+        if self.integrations.is_empty() {
+            rows.push((
+                "integration".into(),
+                "none: every client gets the default credential's token".into(),
+            ));
+        }
+        for integration in &self.integrations {
+            rows.push((
+                format!("integration {:?}", integration.name),
+                format!(
+                    "credential {} (key hash <redacted>)",
+                    self.credentials[integration.credential].name
+                ),
+            ));
+        }
+        rows.push(("admin.address".into(), self.admin.address.to_string()));
         rows.iter()
             .map(|(key, value)| format!("{key:<31}{value}\n"))
             .collect()
+    }
+
+    /// The credential used when no integrations are configured.
+    pub fn default_credential(&self) -> usize {
+        self.credentials
+            .iter()
+            .position(|c| c.name == DEFAULT_CREDENTIAL)
+            .unwrap_or(0)
     }
 }
 
@@ -460,6 +567,7 @@ impl FileConfig {
             listen,
             coupa,
             oauth,
+            integration,
             admin,
         } = self;
         let ListenFile {
@@ -468,6 +576,7 @@ impl FileConfig {
             header_read_timeout,
             max_header_bytes,
             max_connections,
+            allow_unauthenticated,
         } = listen;
         let CoupaFile {
             base_url,
@@ -480,24 +589,9 @@ impl FileConfig {
             replay_body_limit,
             rate_limit,
         } = coupa;
-        let OAuthFile {
-            client_id,
-            client_secret,
-            client_secret_file,
-            scopes,
-            token_url,
-            client_auth,
-            refresh_fraction,
-            activation_delay,
-            retry_initial,
-            retry_max,
-            request_timeout,
-            rejected_token_cooldown,
-        } = oauth;
         let AdminFile {
             address: admin_address,
         } = admin;
-
         let base = parse_endpoint("coupa.base_url", &base_url)?;
         if base.query().is_some() || base.fragment().is_some() {
             return Err(invalid(
@@ -521,11 +615,6 @@ impl FileConfig {
         let path_prefix = base.path().trim_end_matches('/').to_owned();
         let base_url = base_url.trim_end_matches('/').to_owned();
 
-        let token_url = match token_url {
-            Some(url) => parse_endpoint("oauth.token_url", &url)?.to_string(),
-            None => format!("{base_url}/oauth2/token"),
-        };
-
         let (ca_file, extra_roots) = match ca_file {
             None => (None, Vec::new()),
             Some(path) => {
@@ -540,69 +629,24 @@ impl FileConfig {
             .filter(|v| !v.is_empty())
             .ok_or_else(|| invalid("coupa.accept", "must be a non-empty header value"))?;
 
-        if client_id.trim().is_empty() {
-            return Err(invalid("oauth.client_id", "must not be empty"));
-        }
-        let (client_secret, secret_source) = match (client_secret, client_secret_file) {
-            (Some(_), Some(_)) => {
+        let credentials = validate_credentials(oauth, base_dir, &base_url)?;
+        let integrations = validate_integrations(integration, &credentials)?;
+        if integrations.is_empty() {
+            if !credentials.iter().any(|c| c.name == DEFAULT_CREDENTIAL) && credentials.len() > 1 {
                 return Err(invalid(
-                    "oauth.client_secret",
-                    "set either client_secret or client_secret_file, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "oauth.client_secret",
-                    "missing: set client_secret (e.g. \"${COUPA_CLIENT_SECRET}\") or client_secret_file",
-                ))
-            }
-            (Some(secret), None) => (Secret::new(secret), SecretSource::Inline),
-            (None, Some(path)) => {
-                let path = base_dir.join(path);
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    invalid(
-                        "oauth.client_secret_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                // Secret files are usually written with a trailing newline.
-                let secret = Secret::new(text.trim_end_matches(['\r', '\n']));
-                (secret, SecretSource::File(path))
-            }
-        };
-        if client_secret.expose().trim().is_empty() {
-            return Err(invalid("oauth.client_secret", "is empty"));
-        }
-
-        if scopes.is_empty() {
-            return Err(invalid(
-                "oauth.scopes",
-                "list at least one scope, e.g. [\"core.common.read\"]",
-            ));
-        }
-        for scope in &scopes {
-            if scope.is_empty() || scope.contains([' ', ',', '\t']) {
-                return Err(invalid(
-                    "oauth.scopes",
-                    format!("{scope:?} is not one scope: give each scope as its own list item (service.object.right)"),
+                    "integration",
+                    "several credentials but no [[integration]] to choose between them: add integrations, or name one credential \"default\"",
                 ));
             }
-        }
-
-        if !(refresh_fraction > 0.0 && refresh_fraction < 1.0) {
-            return Err(invalid(
-                "oauth.refresh_fraction",
-                format!("must be between 0 and 1 (exclusive), got {refresh_fraction}"),
-            ));
-        }
-        if retry_initial.is_zero() || retry_max < retry_initial {
-            return Err(invalid(
-                "oauth.retry_max",
-                "retry_initial must be positive and retry_max at least retry_initial",
-            ));
-        }
-        if request_timeout.is_zero() {
-            return Err(invalid("oauth.request_timeout", "must be positive"));
+            if !listen_address.ip().is_loopback() && !allow_unauthenticated {
+                return Err(invalid(
+                    "listen.address",
+                    format!(
+                        "{listen_address} is reachable from other machines, and with no [[integration]] anyone who can connect gets a Coupa token; \
+                         add [[integration]] tables (coupa-auth-proxy hash-key), bind 127.0.0.1, or set listen.allow_unauthenticated = true"
+                    ),
+                ));
+            }
         }
         for (key, value) in [
             ("coupa.connect_timeout", connect_timeout),
@@ -655,6 +699,7 @@ impl FileConfig {
                 header_read_timeout,
                 max_header_bytes,
                 max_connections,
+                allow_unauthenticated,
             },
             coupa: Coupa {
                 base_url,
@@ -671,20 +716,8 @@ impl FileConfig {
                 replay_body_limit,
                 rate_limit,
             },
-            oauth: OAuth {
-                client_id,
-                client_secret,
-                secret_source,
-                scopes,
-                token_url,
-                client_auth,
-                refresh_fraction,
-                activation_delay,
-                retry_initial,
-                retry_max,
-                request_timeout,
-                rejected_token_cooldown,
-            },
+            credentials,
+            integrations,
             admin: Admin {
                 address: admin_address,
             },
@@ -692,9 +725,234 @@ impl FileConfig {
     }
 }
 
+/// `[oauth]` as one credential named `default`, or `[oauth.NAME]` tables.
+fn validate_credentials(
+    oauth: toml::Table,
+    base_dir: &Path,
+    base_url: &str,
+) -> Result<Vec<Credential>, ConfigError> {
+    let single = oauth.is_empty() || oauth.values().any(|v| !v.is_table());
+    let named: Vec<(String, toml::Value)> = if single {
+        vec![(DEFAULT_CREDENTIAL.to_owned(), toml::Value::Table(oauth))]
+    } else {
+        oauth.into_iter().collect()
+    };
+    let mut credentials = Vec::with_capacity(named.len());
+    for (name, table) in named {
+        let prefix = if single {
+            "oauth".to_owned()
+        } else {
+            format!("oauth.{name}")
+        };
+        if !single && !is_identifier(&name) {
+            return Err(invalid(
+                prefix,
+                "credential names use letters, digits, '-' and '_'",
+            ));
+        }
+        let file: OAuthFile = serde_path_to_error::deserialize(table).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::Shape {
+                key: if path == "." {
+                    prefix.clone()
+                } else {
+                    format!("{prefix}.{path}")
+                },
+                message: e.into_inner().message().to_owned(),
+            }
+        })?;
+        let oauth = validate_oauth(&prefix, file, base_dir, base_url)?;
+        credentials.push(Credential { name, oauth });
+    }
+    credentials.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(credentials)
+}
+
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn validate_oauth(
+    prefix: &str,
+    oauth: OAuthFile,
+    base_dir: &Path,
+    base_url: &str,
+) -> Result<OAuth, ConfigError> {
+    let OAuthFile {
+        client_id,
+        client_secret,
+        client_secret_file,
+        scopes,
+        token_url,
+        client_auth,
+        refresh_fraction,
+        activation_delay,
+        retry_initial,
+        retry_max,
+        request_timeout,
+        rejected_token_cooldown,
+    } = oauth;
+    let token_url = match token_url {
+        Some(url) => parse_endpoint(&format!("{prefix}.token_url"), &url)?.to_string(),
+        None => format!("{base_url}/oauth2/token"),
+    };
+    if client_id.trim().is_empty() {
+        return Err(invalid(format!("{prefix}.client_id"), "must not be empty"));
+    }
+    let (client_secret, secret_source) = match (client_secret, client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!("{prefix}.client_secret"),
+                "set either client_secret or client_secret_file, not both",
+            ))
+        }
+        (None, None) => return Err(invalid(
+            format!("{prefix}.client_secret"),
+            "missing: set client_secret (e.g. \"${COUPA_CLIENT_SECRET}\") or client_secret_file",
+        )),
+        (Some(secret), None) => (Secret::new(secret), SecretSource::Inline),
+        (None, Some(path)) => {
+            let path = base_dir.join(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    format!("{prefix}.client_secret_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            // Secret files are usually written with a trailing newline.
+            let secret = Secret::new(text.trim_end_matches(['\r', '\n']));
+            (secret, SecretSource::File(path))
+        }
+    };
+    if client_secret.expose().trim().is_empty() {
+        return Err(invalid(format!("{prefix}.client_secret"), "is empty"));
+    }
+
+    if scopes.is_empty() {
+        return Err(invalid(
+            format!("{prefix}.scopes"),
+            "list at least one scope, e.g. [\"core.common.read\"]",
+        ));
+    }
+    for scope in &scopes {
+        if scope.is_empty() || scope.contains([' ', ',', '\t']) {
+            return Err(invalid(
+                    format!("{prefix}.scopes"),
+                    format!("{scope:?} is not one scope: give each scope as its own list item (service.object.right)"),
+                ));
+        }
+    }
+
+    if !(refresh_fraction > 0.0 && refresh_fraction < 1.0) {
+        return Err(invalid(
+            format!("{prefix}.refresh_fraction"),
+            format!("must be between 0 and 1 (exclusive), got {refresh_fraction}"),
+        ));
+    }
+    if retry_initial.is_zero() || retry_max < retry_initial {
+        return Err(invalid(
+            format!("{prefix}.retry_max"),
+            "retry_initial must be positive and retry_max at least retry_initial",
+        ));
+    }
+    if request_timeout.is_zero() {
+        return Err(invalid(
+            format!("{prefix}.request_timeout"),
+            "must be positive",
+        ));
+    }
+    Ok(OAuth {
+        client_id,
+        client_secret,
+        secret_source,
+        scopes,
+        token_url,
+        client_auth,
+        refresh_fraction,
+        activation_delay,
+        retry_initial,
+        retry_max,
+        request_timeout,
+        rejected_token_cooldown,
+    })
+}
+
+fn validate_integrations(
+    files: Vec<IntegrationFile>,
+    credentials: &[Credential],
+) -> Result<Vec<Integration>, ConfigError> {
+    let mut integrations: Vec<Integration> = Vec::with_capacity(files.len());
+    for (i, file) in files.into_iter().enumerate() {
+        let IntegrationFile {
+            name,
+            api_key_sha256,
+            credential,
+        } = file;
+        let key = format!("integration[{i}]");
+        if name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        let hash = parse_sha256(&api_key_sha256).ok_or_else(|| {
+            invalid(
+                format!("{key}.api_key_sha256"),
+                "must be 64 hex digits: the SHA-256 of the legacy key (coupa-auth-proxy hash-key prints it)",
+            )
+        })?;
+        let credential_index = credentials
+            .iter()
+            .position(|c| c.name == credential)
+            .ok_or_else(|| {
+                let known: Vec<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
+                invalid(
+                    format!("{key}.credential"),
+                    format!(
+                        "no credential named {credential:?} (known: {})",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+        if let Some(other) = integrations.iter().find(|o| o.name == name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?} is used twice", other.name),
+            ));
+        }
+        if let Some(other) = integrations.iter().find(|o| o.api_key_sha256 == hash) {
+            return Err(invalid(
+                format!("{key}.api_key_sha256"),
+                format!(
+                    "same key as integration {:?}: each integration needs its own key",
+                    other.name
+                ),
+            ));
+        }
+        integrations.push(Integration {
+            name,
+            api_key_sha256: hash,
+            credential: credential_index,
+        });
+    }
+    Ok(integrations)
+}
+
+fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Parses an upstream URL and applies the transport policy: HTTPS always,
 /// plain HTTP only to this machine (tests, a local TLS-terminating sidecar).
-fn parse_endpoint(key: &'static str, text: &str) -> Result<reqwest::Url, ConfigError> {
+fn parse_endpoint(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
     let url = reqwest::Url::parse(text.trim())
         .map_err(|e| invalid(key, format!("{text:?} is not a URL: {e}")))?;
     if !url.username().is_empty() || url.password().is_some() {
@@ -837,14 +1095,20 @@ address = "127.0.0.1:9090"
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let config = load(MINIMAL).unwrap();
-        assert_eq!(config.oauth.client_secret.expose(), "s3cr3t-value");
         assert_eq!(
-            config.oauth.token_url,
+            config.credentials[0].oauth.client_secret.expose(),
+            "s3cr3t-value"
+        );
+        assert_eq!(
+            config.credentials[0].oauth.token_url,
             "https://acme.coupahost.com/oauth2/token"
         );
-        assert_eq!(config.oauth.refresh_fraction, 0.8333);
-        assert_eq!(config.oauth.activation_delay, Duration::from_secs(5));
-        assert_eq!(config.oauth.client_auth, ClientAuth::Body);
+        assert_eq!(config.credentials[0].oauth.refresh_fraction, 0.8333);
+        assert_eq!(
+            config.credentials[0].oauth.activation_delay,
+            Duration::from_secs(5)
+        );
+        assert_eq!(config.credentials[0].oauth.client_auth, ClientAuth::Body);
         assert_eq!(config.listen.shutdown_grace, Duration::from_secs(30));
         assert_eq!(config.coupa.scheme, Scheme::HTTPS);
         assert_eq!(config.coupa.authority.as_str(), "acme.coupahost.com");

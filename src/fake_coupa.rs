@@ -78,6 +78,8 @@ impl Default for FakeCoupaOptions {
 struct TokenRecord {
     expires_at: Instant,
     revoked: bool,
+    /// Granted scopes, space-separated.
+    scope: String,
 }
 
 /// What the fake knows and counts. All methods are cheap and thread-safe.
@@ -154,6 +156,11 @@ impl FakeState {
     /// `/api/*` requests that carried a token after its expiry.
     pub fn expired_token_uses(&self) -> u64 {
         self.expired_token_uses.load(Ordering::SeqCst)
+    }
+
+    /// The scopes `token` was issued with.
+    pub fn token_scope(&self, token: &str) -> Option<String> {
+        self.tokens.lock().ok()?.get(token).map(|r| r.scope.clone())
     }
 
     /// Whether `token` was issued here and is live now.
@@ -435,6 +442,7 @@ async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Respon
             TokenRecord {
                 expires_at: Instant::now() + lifetime,
                 revoked: false,
+                scope: scopes.join(" "),
             },
         );
     }

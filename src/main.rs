@@ -36,6 +36,9 @@ enum Command {
     Run(ConfigArg),
     /// Validate the configuration and print a summary (secrets redacted).
     Check(ConfigArg),
+    /// Read a legacy API key on stdin and print its SHA-256, for
+    /// `api_key_sha256` in an `[[integration]]` table.
+    HashKey,
     /// Start a fake Coupa and the proxy in front of it, on loopback.
     Demo {
         /// Proxy address (a free port is used if this one is taken).
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Check(args) => check(&args.config),
+        Command::HashKey => hash_key(),
         Command::Run(args) => {
             let config = Config::load(&args.config).map_err(config_failure)?;
             runtime()?.block_on(run(config))
@@ -105,6 +109,21 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }),
     }
+}
+
+fn hash_key() -> Result<(), Failure> {
+    let mut key = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut key)
+        .context("cannot read the key from stdin")?;
+    // `echo KEY | …` and files end with a newline that is not part of the key.
+    let key = key.trim_end_matches(['\r', '\n']);
+    if key.is_empty() {
+        return Err(config_failure(anyhow::anyhow!(
+            "no key on stdin: pipe the legacy API key in, e.g. `printf %s \"$KEY\" | coupa-auth-proxy hash-key`"
+        )));
+    }
+    println!("{}", coupa_auth_proxy::proxy::auth::hash_key(key));
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

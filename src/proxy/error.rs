@@ -19,6 +19,10 @@ pub enum ProxyError {
     },
     #[error("the request target has no path")]
     BadTarget,
+    #[error(
+        "missing or unknown X-COUPA-API-KEY: this proxy only serves its configured integrations"
+    )]
+    UnknownApiKey,
     #[error("CONNECT is not supported: this proxy only forwards to its Coupa instance")]
     ConnectMethod,
     #[error("absolute-form target for {0:?}: this proxy only forwards to its Coupa instance")]
@@ -48,6 +52,7 @@ impl ProxyError {
             | ProxyError::BadBody(_)
             | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UnknownApiKey => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -60,6 +65,7 @@ impl ProxyError {
             ProxyError::NoToken { .. } => "no_token",
             ProxyError::BadTarget => "bad_request",
             ProxyError::ConnectMethod => "method_not_allowed",
+            ProxyError::UnknownApiKey => "unknown_api_key",
             ProxyError::ForeignTarget(_) => "foreign_target",
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::AmbiguousFraming => "ambiguous_framing",

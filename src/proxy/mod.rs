@@ -16,6 +16,7 @@
 //!
 //! Failures become answers in one place ([`error`]).
 
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod headers;
@@ -36,6 +37,8 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::token::client::error_chain;
 use crate::token::{AfterRejection, TokenStore};
+use arc_swap::ArcSwap;
+use auth::Integrations;
 use body::{Replay, ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
@@ -51,8 +54,22 @@ pub struct Proxy {
     inner: Arc<Inner>,
 }
 
+/// One OAuth credential as the request path sees it.
+pub struct CredentialSlot {
+    pub name: String,
+    pub store: Arc<TokenStore>,
+    /// After a 401-triggered token fetch, no other one within this.
+    pub rejected_token_cooldown: Duration,
+    /// How long a request that got 401 waits for a fresh token.
+    pub token_wait: Duration,
+}
+
 struct Inner {
-    store: Arc<TokenStore>,
+    credentials: Vec<CredentialSlot>,
+    /// Used when no integrations are configured.
+    default_credential: usize,
+    /// Swapped whole on reload; read lock-free per request.
+    integrations: ArcSwap<Integrations>,
     client: UpstreamClient,
     rules: RewriteRules,
     scheme: Scheme,
@@ -62,9 +79,6 @@ struct Inner {
     response_header_timeout: Duration,
     idle_timeout: Duration,
     replay_body_limit: usize,
-    rejected_token_cooldown: Duration,
-    /// How long a request that got 401 waits for a fresh token.
-    token_wait: Duration,
     rate_limiter: Option<RateLimiter>,
 }
 
@@ -114,7 +128,8 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 impl Proxy {
-    pub fn new(config: &Config, store: Arc<TokenStore>, client: UpstreamClient) -> Self {
+    /// `stores` holds one token store per entry of `config.credentials`.
+    pub fn new(config: &Config, stores: &[Arc<TokenStore>], client: UpstreamClient) -> Self {
         let coupa = &config.coupa;
         let rules = RewriteRules {
             upstream_host: HeaderValue::from_str(coupa.authority.as_str())
@@ -122,9 +137,24 @@ impl Proxy {
             default_accept: coupa.accept.clone(),
             forwarded_proto: HeaderValue::from_static("http"),
         };
+        let credentials = config
+            .credentials
+            .iter()
+            .zip(stores)
+            .map(|(credential, store)| CredentialSlot {
+                name: credential.name.clone(),
+                store: store.clone(),
+                rejected_token_cooldown: credential.oauth.rejected_token_cooldown,
+                token_wait: credential.oauth.request_timeout,
+            })
+            .collect();
         Self {
             inner: Arc::new(Inner {
-                store,
+                credentials,
+                default_credential: config.default_credential(),
+                integrations: ArcSwap::from_pointee(Integrations::from_config(
+                    &config.integrations,
+                )),
                 client,
                 rules,
                 scheme: coupa.scheme.clone(),
@@ -133,8 +163,6 @@ impl Proxy {
                 response_header_timeout: coupa.response_header_timeout,
                 idle_timeout: coupa.idle_timeout,
                 replay_body_limit: coupa.replay_body_limit,
-                rejected_token_cooldown: config.oauth.rejected_token_cooldown,
-                token_wait: config.oauth.request_timeout,
                 rate_limiter: coupa.rate_limit.map(RateLimiter::new),
             }),
         }
@@ -149,7 +177,11 @@ impl Proxy {
         let started = StdInstant::now();
         let method = request.method().clone();
         let target = request.uri().path_and_query().cloned();
-        let response = match self.forward(request, target.as_ref(), client).await {
+        let mut integration = None;
+        let response = match self
+            .forward(request, target.as_ref(), client, &mut integration)
+            .await
+        {
             Ok(response) => response,
             Err(err) => {
                 if !matches!(err, ProxyError::NoToken { .. }) {
@@ -163,6 +195,7 @@ impl Proxy {
             target: "coupa_auth_proxy::access",
             method = %method,
             path = target.as_ref().map(|t| t.path()).unwrap_or(""),
+            integration = integration.as_deref().unwrap_or(""),
             status = response.status().as_u16(),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             "request"
@@ -175,6 +208,7 @@ impl Proxy {
         request: Request<Incoming>,
         target: Option<&PathAndQuery>,
         client: &ClientInfo,
+        integration: &mut Option<Arc<str>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
 
@@ -183,10 +217,22 @@ impl Proxy {
             return Err(ProxyError::AmbiguousFraming);
         }
         self.check_target(&request)?;
-        let bearer = inner
+        let credential = {
+            let integrations = inner.integrations.load();
+            if integrations.is_empty() {
+                &inner.credentials[inner.default_credential]
+            } else {
+                let found = integrations
+                    .identify(request.headers().get(headers::X_COUPA_API_KEY))
+                    .ok_or(ProxyError::UnknownApiKey)?;
+                *integration = Some(found.name.clone());
+                &inner.credentials[found.credential]
+            }
+        };
+        let bearer = credential
             .store
             .bearer(tokio::time::Instant::now())
-            .ok_or_else(|| self.no_token())?;
+            .ok_or_else(|| self.no_token(credential))?;
 
         // upstream_request
         let (mut parts, body) = request.into_parts();
@@ -225,7 +271,7 @@ impl Proxy {
         // on_rejected_token
         if response.status() == StatusCode::UNAUTHORIZED {
             if let Some(replayed) = self
-                .on_rejected_token(&bearer, &replay, &method, &uri, headers)
+                .on_rejected_token(credential, &bearer, &replay, &method, &uri, headers)
                 .await
             {
                 response = replayed?;
@@ -246,20 +292,21 @@ impl Proxy {
     /// replayable, no new token in time, or a fresh token rejected too).
     async fn on_rejected_token(
         &self,
+        credential: &CredentialSlot,
         bearer: &HeaderValue,
         replay: &Replay,
         method: &Method,
         uri: &Uri,
         mut headers: HeaderMap,
     ) -> Option<Result<Response<Incoming>, ProxyError>> {
-        let store = &self.inner.store;
-        let outcome = store.report_rejected(bearer, self.inner.rejected_token_cooldown);
+        let store = &credential.store;
+        let outcome = store.report_rejected(bearer, credential.rejected_token_cooldown);
         let body = replay.body()?;
         let fresh = match outcome {
             AfterRejection::Replay(fresh) => fresh,
             AfterRejection::Wait => {
                 store
-                    .wait_for_replacement(bearer, self.inner.token_wait)
+                    .wait_for_replacement(bearer, credential.token_wait)
                     .await?
             }
             AfterRejection::GiveUp => return None,
@@ -321,8 +368,8 @@ impl Proxy {
     }
 
     /// The 503 answer while no token is held, naming the cause.
-    fn no_token(&self) -> ProxyError {
-        let status = self.inner.store.status();
+    fn no_token(&self, credential: &CredentialSlot) -> ProxyError {
+        let status = credential.store.status();
         let retry_after = status
             .next_attempt
             .and_then(|at| at.duration_since(SystemTime::now()).ok())
