@@ -3,6 +3,7 @@
 //! shutdown order between them.
 
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::proxy::{self, ClientInfo, Proxy};
+use crate::reload::Reloader;
 use crate::server::{self, Drain};
 use crate::tls;
 use crate::token::{FetchError, RefreshPolicy, Refresher, TokenClient, TokenStore};
@@ -37,6 +39,17 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<Drain, AppError> {
+    run_with_reload(config, None, listeners, shutdown).await
+}
+
+/// [`run`], re-reading `config_path` on SIGHUP or when it or a secret file
+/// changes (see [`crate::reload`]).
+pub async fn run_with_reload(
+    config: Config,
+    config_path: Option<PathBuf>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<Drain, AppError> {
     let tls_config = tls::client_config(&config.coupa.extra_roots)?;
 
     // Background work stops only after the proxy has drained, so requests
@@ -44,16 +57,19 @@ pub async fn run(
     let background = CancellationToken::new();
     // One store and one refresher per credential.
     let mut stores = Vec::with_capacity(config.credentials.len());
-    let mut refreshers = Vec::with_capacity(config.credentials.len());
+    let mut background_tasks = Vec::with_capacity(config.credentials.len());
+    let mut secrets = Vec::with_capacity(config.credentials.len());
     for credential in &config.credentials {
         let store = Arc::new(TokenStore::new());
+        let client = TokenClient::new(&credential.oauth, tls_config.clone())?;
+        secrets.push(client.secret_handle());
         let refresher = Refresher {
-            client: TokenClient::new(&credential.oauth, tls_config.clone())?,
+            client,
             store: store.clone(),
             policy: RefreshPolicy::from(&credential.oauth),
             credential: credential.name.clone(),
         };
-        refreshers.push(tokio::spawn(refresher.run(background.clone())));
+        background_tasks.push(tokio::spawn(refresher.run(background.clone())));
         stores.push((credential.name.clone(), store));
     }
     if config.integrations.is_empty() && !config.listen.address.ip().is_loopback() {
@@ -86,6 +102,15 @@ pub async fn run(
     let upstream = proxy::upstream::build(&config.coupa, tls_config);
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
     let proxy = Proxy::new(&config, &token_stores, upstream);
+    if let Some(path) = config_path {
+        let reloader = Reloader {
+            path,
+            startup: config.clone(),
+            secrets,
+            proxy: proxy.clone(),
+        };
+        background_tasks.push(reloader.spawn(background.clone()));
+    }
     info!(
         listen = %proxy_addr,
         admin = %admin_addr,
@@ -121,7 +146,7 @@ pub async fn run(
         ),
     }
     background.cancel();
-    for refresher in refreshers {
+    for refresher in background_tasks {
         let _ = refresher.await;
     }
     let _ = admin_task.await;

@@ -70,6 +70,27 @@ pub struct FileConfig {
     integration: Vec<IntegrationFile>,
     #[serde(default)]
     admin: AdminFile,
+    #[serde(default)]
+    reload: ReloadFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadFile {
+    #[serde(default = "default_watch_interval", with = "humantime_serde")]
+    watch_interval: Duration,
+}
+
+impl Default for ReloadFile {
+    fn default() -> Self {
+        Self {
+            watch_interval: default_watch_interval(),
+        }
+    }
+}
+
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +298,9 @@ pub struct Config {
     /// Empty: every request uses the default credential, unauthenticated.
     pub integrations: Vec<Integration>,
     pub admin: Admin,
+    /// How often the config file and secret files are checked for changes;
+    /// `None`: only on SIGHUP.
+    pub watch_interval: Option<Duration>,
 }
 
 /// A named OAuth client with its own token and rotation.
@@ -430,6 +454,15 @@ impl Config {
 
     /// A human-readable summary with every secret redacted, for `check`.
     pub fn summary(&self) -> String {
+        self.summary_rows()
+            .iter()
+            .map(|(key, value)| format!("{key:<31}{value}\n"))
+            .collect()
+    }
+
+    /// The summary as (key, value) rows; reload compares them to name what
+    /// changed.
+    pub fn summary_rows(&self) -> Vec<(String, String)> {
         let (l, c) = (&self.listen, &self.coupa);
         let d = |v: Duration| humantime::format_duration(v).to_string();
         let ca = c
@@ -545,9 +578,13 @@ impl Config {
             ));
         }
         rows.push(("admin.address".into(), self.admin.address.to_string()));
-        rows.iter()
-            .map(|(key, value)| format!("{key:<31}{value}\n"))
-            .collect()
+        rows.push((
+            "reload.watch_interval".into(),
+            self.watch_interval
+                .map(d)
+                .unwrap_or_else(|| "off (SIGHUP only)".into()),
+        ));
+        rows
     }
 
     /// The credential used when no integrations are configured.
@@ -569,7 +606,9 @@ impl FileConfig {
             oauth,
             integration,
             admin,
+            reload,
         } = self;
+        let ReloadFile { watch_interval } = reload;
         let ListenFile {
             address: listen_address,
             shutdown_grace,
@@ -721,6 +760,7 @@ impl FileConfig {
             admin: Admin {
                 address: admin_address,
             },
+            watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
         })
     }
 }

@@ -84,7 +84,7 @@ struct TokenRecord {
 
 /// What the fake knows and counts. All methods are cheap and thread-safe.
 pub struct FakeState {
-    clients: Vec<FakeClient>,
+    clients: Mutex<Vec<FakeClient>>,
     lifetime: Mutex<Duration>,
     failure: Mutex<Option<TokenFailure>>,
     tokens: Mutex<HashMap<String, TokenRecord>>,
@@ -112,6 +112,15 @@ impl FakeState {
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         if let Ok(mut l) = self.lifetime.lock() {
             *l = lifetime;
+        }
+    }
+
+    /// Changes a client's secret, as rotating it in Coupa would.
+    pub fn set_client_secret(&self, client_id: &str, secret: &str) {
+        if let Ok(mut clients) = self.clients.lock() {
+            for client in clients.iter_mut().filter(|c| c.id == client_id) {
+                client.secret = secret.to_owned();
+            }
         }
     }
 
@@ -209,7 +218,7 @@ impl FakeCoupa {
     pub fn start_on(listener: TcpListener, options: FakeCoupaOptions) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(FakeState {
-            clients: options.clients,
+            clients: Mutex::new(options.clients),
             lifetime: Mutex::new(options.token_lifetime),
             failure: Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
@@ -378,11 +387,13 @@ async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Respon
             )
         }
     };
-    let Some(client) = state
-        .clients
-        .iter()
-        .find(|c| c.id == client_id && c.secret == client_secret)
-    else {
+    let client = state.clients.lock().ok().and_then(|clients| {
+        clients
+            .iter()
+            .find(|c| c.id == client_id && c.secret == client_secret)
+            .cloned()
+    });
+    let Some(client) = client else {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",

@@ -10,6 +10,7 @@
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener.
 //! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
 //! - [`admin`]: `/healthz` and `/readyz`.
+//! - [`reload`]: SIGHUP and file-change reload of secrets and integrations.
 //! - [`app`]: wires the above together for `run`.
 //! - [`tls`]: the outbound rustls configuration.
 //! - [`telemetry`]: log format and filtering.
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod fake_coupa;
 pub mod framing;
 pub mod proxy;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod telemetry;

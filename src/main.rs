@@ -100,7 +100,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         Command::HashKey => hash_key(),
         Command::Run(args) => {
             let config = Config::load(&args.config).map_err(config_failure)?;
-            runtime()?.block_on(run(config))
+            runtime()?.block_on(run(config, args.config))
         }
         Command::Demo { listen, admin } => runtime()?.block_on(async move {
             let shutdown = CancellationToken::new();
@@ -141,7 +141,7 @@ fn check(path: &std::path::Path) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn run(config: Config) -> Result<(), Failure> {
+async fn run(config: Config, path: PathBuf) -> Result<(), Failure> {
     let proxy = TcpListener::bind(config.listen.address)
         .await
         .with_context(|| format!("listen.address: cannot bind {}", config.listen.address))
@@ -152,7 +152,7 @@ async fn run(config: Config) -> Result<(), Failure> {
         .map_err(config_failure)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    app::run(config, Listeners { proxy, admin }, shutdown).await?;
+    app::run_with_reload(config, Some(path), Listeners { proxy, admin }, shutdown).await?;
     Ok(())
 }
 

@@ -26,7 +26,11 @@ async fn two_client_fake() -> FakeCoupa {
             client(
                 "erp-invoices",
                 "invoices-secret-value",
-                &["core.invoice.read", "core.invoice.write", "core.common.read"],
+                &[
+                    "core.invoice.read",
+                    "core.invoice.write",
+                    "core.common.read",
+                ],
             ),
             client(
                 "supplier-sync",
@@ -88,9 +92,11 @@ address = "127.0.0.1:0"
 async fn each_integration_gets_a_token_with_its_own_scopes() {
     let fake = two_client_fake().await;
     let dir = tempdir::Dir::new("integrations");
-    let proxy =
-        TestProxy::start(parse_config(&two_integration_config(&fake.base_url(), dir.path())))
-            .await;
+    let proxy = TestProxy::start(parse_config(&two_integration_config(
+        &fake.base_url(),
+        dir.path(),
+    )))
+    .await;
     proxy.wait_ready().await;
     let client = http_client();
     for (key, scope) in [
@@ -126,9 +132,11 @@ async fn each_integration_gets_a_token_with_its_own_scopes() {
 async fn unknown_or_missing_key_gets_401_and_nothing_is_forwarded() {
     let fake = two_client_fake().await;
     let dir = tempdir::Dir::new("integrations");
-    let proxy =
-        TestProxy::start(parse_config(&two_integration_config(&fake.base_url(), dir.path())))
-            .await;
+    let proxy = TestProxy::start(parse_config(&two_integration_config(
+        &fake.base_url(),
+        dir.path(),
+    )))
+    .await;
     proxy.wait_ready().await;
     let client = http_client();
     for key in [Some("not-a-known-key"), Some(""), None] {
@@ -177,7 +185,10 @@ fn an_open_listener_without_integrations_needs_an_explicit_opt_in() {
     );
     let (code, stdout, stderr) = check(&opted_in);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("listen.allow_unauthenticated   true"), "{stdout}");
+    assert!(
+        stdout.contains("listen.allow_unauthenticated   true"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -197,5 +208,8 @@ fn hash_key_prints_the_digest_of_stdin() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash_key(ERP_KEY));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        hash_key(ERP_KEY)
+    );
 }

@@ -168,6 +168,12 @@ impl Proxy {
         }
     }
 
+    /// Replaces the integrations (on reload); requests already past
+    /// identification keep the answer they got.
+    pub fn set_integrations(&self, integrations: Integrations) {
+        self.inner.integrations.store(Arc::new(integrations));
+    }
+
     /// Handles one client request; never fails (failures are responses).
     pub async fn handle(
         &self,

@@ -1,7 +1,10 @@
 //! One request to the OAuth token endpoint (`grant_type=client_credentials`)
 //! and the translation of its failures into advice.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
 
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -123,7 +126,8 @@ pub struct TokenClient {
     http: reqwest::Client,
     url: String,
     client_id: String,
-    secret: Secret,
+    /// Swappable: a reload may bring a new secret for the next fetch.
+    secret: Arc<ArcSwap<Secret>>,
     /// Scopes joined by spaces, as Coupa wants them.
     scope: String,
     auth: ClientAuth,
@@ -142,7 +146,7 @@ impl TokenClient {
             http,
             url: oauth.token_url.clone(),
             client_id: oauth.client_id.clone(),
-            secret: oauth.client_secret.clone(),
+            secret: Arc::new(ArcSwap::from_pointee(oauth.client_secret.clone())),
             scope: oauth.scopes.join(" "),
             auth: oauth.client_auth,
             timeout: oauth.request_timeout,
@@ -153,20 +157,26 @@ impl TokenClient {
         &self.url
     }
 
+    /// Where a reload puts a new client secret.
+    pub fn secret_handle(&self) -> Arc<ArcSwap<Secret>> {
+        self.secret.clone()
+    }
+
     /// Requests one token.
     pub async fn fetch(&self) -> Result<FetchedToken, FetchError> {
         let requested_at = Instant::now();
         let requested_at_wall = SystemTime::now();
         let mut form: Vec<(&str, &str)> =
             vec![("grant_type", "client_credentials"), ("scope", &self.scope)];
+        let secret = self.secret.load_full();
         let mut request = self.http.post(&self.url);
         match self.auth {
             ClientAuth::Body => {
                 form.push(("client_id", &self.client_id));
-                form.push(("client_secret", self.secret.expose()));
+                form.push(("client_secret", secret.expose()));
             }
             ClientAuth::Basic => {
-                request = request.basic_auth(&self.client_id, Some(self.secret.expose()));
+                request = request.basic_auth(&self.client_id, Some(secret.expose()));
             }
         }
         let response = request

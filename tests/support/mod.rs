@@ -328,6 +328,25 @@ impl ProxyProcess {
         format!("http://{}{}", self.addr, target)
     }
 
+    /// The config file the process runs with (tests rewrite it).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("proxy.toml")
+    }
+
+    /// A directory that lives as long as the process, for secret files.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }

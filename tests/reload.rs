@@ -1,0 +1,122 @@
+//! Live reload under a running binary: a rotated client secret file is
+//! picked up for the next token fetch, SIGHUP applies new integrations, and
+//! a bad file changes nothing. No secret or key appears in the logs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::time::Duration;
+
+use coupa_auth_proxy::proxy::auth::hash_key;
+use support::*;
+
+const NEW_SECRET: &str = "rotated-secret-Q7-never-log-me";
+const KEY_A: &str = "integration-a-legacy-key-aaaaaaaaaaaaaaaaaaaaaaaaa";
+const KEY_B: &str = "integration-b-legacy-key-bbbbbbbbbbbbbbbbbbbbbbbbb";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_secret_file_is_used_for_the_next_token_fetch() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let secrets = tempdir::Dir::new("secret");
+    let secret_file = secrets.path().join("client-secret");
+    std::fs::write(&secret_file, format!("{CLIENT_SECRET}\n")).unwrap();
+    let text = config_text(&fake.base_url(), "", "").replace(
+        "client_secret = \"${TEST_CLIENT_SECRET}\"",
+        &format!("client_secret_file = \"{}\"", secret_file.display()),
+    ) + "\n[reload]\nwatch_interval = \"100ms\"\n";
+    let proxy = ProxyProcess::start(&text, &["--log-level", "trace"], &[]);
+    proxy.wait_ready().await;
+
+    // Rotate the secret in Coupa, then on disk (as a secret manager would).
+    fake.state().set_client_secret(CLIENT_ID, NEW_SECRET);
+    std::fs::write(&secret_file, format!("{NEW_SECRET}\n")).unwrap();
+    eventually("the new secret is loaded", || {
+        let logs = proxy.logs();
+        async move { logs.contains("client secret changed") }
+    })
+    .await;
+
+    // Force a fetch: Coupa rejects the current token, the proxy fetches a
+    // new one with the new secret and replays.
+    let issued = fake.state().tokens_issued();
+    fake.state().revoke_all_tokens();
+    let response = http_client()
+        .get(proxy.url("/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.state().tokens_issued(), issued + 1);
+    let logs = proxy.logs();
+    assert!(!logs.contains(NEW_SECRET) && !logs.contains(CLIENT_SECRET));
+}
+
+fn integrations_config(base_url: &str, keys: &[(&str, &str)]) -> String {
+    let mut text = config_text(base_url, "", "");
+    for (name, key) in keys {
+        text.push_str(&format!(
+            "\n[[integration]]\nname = \"{name}\"\napi_key_sha256 = \"{}\"\n",
+            hash_key(key)
+        ));
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_new_integrations_and_a_bad_file_changes_nothing() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = integrations_config(&fake.base_url(), &[("a", KEY_A)]);
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let client = http_client();
+    let status_with = |key: &'static str| {
+        let (client, url) = (client.clone(), proxy.url("/api/invoices"));
+        async move {
+            client
+                .get(url)
+                .header("x-coupa-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(status_with(KEY_A).await, 200);
+    assert_eq!(status_with(KEY_B).await, 401);
+
+    // A broken file: the running configuration stays.
+    std::fs::write(
+        proxy.config_path(),
+        text.replace("[admin]", "[admin]\nbogus = 1"),
+    )
+    .unwrap();
+    proxy.hangup();
+    eventually("the failed reload is logged", || {
+        let logs = proxy.logs();
+        async move { logs.contains("reload failed") }
+    })
+    .await;
+    assert!(proxy.logs().contains("bogus"), "the log names the problem");
+    assert_eq!(status_with(KEY_A).await, 200);
+
+    // A good file adding integration b and dropping a.
+    std::fs::write(
+        proxy.config_path(),
+        integrations_config(&fake.base_url(), &[("b", KEY_B)]),
+    )
+    .unwrap();
+    proxy.hangup();
+    eventually("the reload is applied", || {
+        let logs = proxy.logs();
+        async move { logs.contains("configuration reloaded") }
+    })
+    .await;
+    assert_eq!(status_with(KEY_B).await, 200);
+    assert_eq!(status_with(KEY_A).await, 401);
+
+    let logs = proxy.logs();
+    for secret in [KEY_A, KEY_B, CLIENT_SECRET] {
+        assert!(!logs.contains(secret));
+    }
+}
