@@ -24,6 +24,8 @@ pub enum AppError {
     Tls(#[from] tls::TlsError),
     #[error("cannot build the token client: {0}")]
     TokenClient(#[from] FetchError),
+    #[error("listen.tls: {0}")]
+    ServerTls(#[from] tls::ServerTlsError),
 }
 
 /// The two sockets the proxy serves, bound by the caller (port 0 in tests).
@@ -51,6 +53,19 @@ pub async fn run_with_reload(
     shutdown: CancellationToken,
 ) -> Result<Drain, AppError> {
     let tls_config = tls::client_config(&config.coupa.extra_roots)?;
+    let inbound_cert = match &config.listen.tls {
+        Some(t) => Some(Arc::new(tls::ReloadingCert::load(
+            &t.cert_file,
+            &t.key_file,
+        )?)),
+        None => None,
+    };
+    let acceptor = match (&config.listen.tls, &inbound_cert) {
+        (Some(t), Some(cert)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls::server_config(cert.clone(), t.client_ca_file.as_deref())?,
+        ))),
+        _ => None,
+    };
 
     // Background work stops only after the proxy has drained, so requests
     // finishing during the grace period still see a token.
@@ -108,6 +123,7 @@ pub async fn run_with_reload(
             startup: config.clone(),
             secrets,
             proxy: proxy.clone(),
+            cert: inbound_cert,
         };
         background_tasks.push(reloader.spawn(background.clone()));
     }
@@ -119,7 +135,7 @@ pub async fn run_with_reload(
     );
     let drain = server::serve(
         listeners.proxy,
-        None,
+        acceptor,
         move |peer, guard| {
             let proxy = proxy.clone();
             let client = Arc::new(ClientInfo::new(peer.ip(), guard));

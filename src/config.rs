@@ -121,6 +121,15 @@ struct ListenFile {
     max_connections: usize,
     #[serde(default)]
     allow_unauthenticated: bool,
+    tls: Option<ListenTlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenTlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ListenFile {
@@ -132,6 +141,7 @@ impl Default for ListenFile {
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
             allow_unauthenticated: false,
+            tls: None,
         }
     }
 }
@@ -343,6 +353,16 @@ pub struct Listen {
     pub max_connections: usize,
     /// Serve a non-loopback address without integrations (explicit opt-in).
     pub allow_unauthenticated: bool,
+    /// Inbound TLS; plain HTTP when absent.
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Client certificates must chain to these (mTLS) when set.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -498,6 +518,21 @@ impl Config {
                 "listen.allow_unauthenticated".into(),
                 l.allow_unauthenticated.to_string(),
             ),
+            (
+                "listen.tls".into(),
+                match &l.tls {
+                    None => "off (plain HTTP)".into(),
+                    Some(t) => format!(
+                        "cert {}, key {}, client certificates {}",
+                        t.cert_file.display(),
+                        t.key_file.display(),
+                        t.client_ca_file
+                            .as_ref()
+                            .map(|p| format!("required ({})", p.display()))
+                            .unwrap_or_else(|| "not required".into())
+                    ),
+                },
+            ),
             ("coupa.base_url".into(), c.base_url.clone()),
             ("coupa.ca_file".into(), ca),
             (
@@ -616,7 +651,26 @@ impl FileConfig {
             max_header_bytes,
             max_connections,
             allow_unauthenticated,
+            tls,
         } = listen;
+        let tls = tls.map(|t| {
+            let ListenTlsFile {
+                cert_file,
+                key_file,
+                client_ca_file,
+            } = t;
+            ListenTls {
+                cert_file: base_dir.join(cert_file),
+                key_file: base_dir.join(key_file),
+                client_ca_file: client_ca_file.map(|p| base_dir.join(p)),
+            }
+        });
+        if let Some(t) = &tls {
+            crate::tls::load_certified_key(&t.cert_file, &t.key_file)
+                .map_err(|e| invalid("listen.tls", e.to_string()))?;
+        }
+        // Client certificates authenticate clients as well as legacy keys do.
+        let mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         let CoupaFile {
             base_url,
             ca_file,
@@ -677,7 +731,7 @@ impl FileConfig {
                     "several credentials but no [[integration]] to choose between them: add integrations, or name one credential \"default\"",
                 ));
             }
-            if !listen_address.ip().is_loopback() && !allow_unauthenticated {
+            if !listen_address.ip().is_loopback() && !allow_unauthenticated && !mutual_tls {
                 return Err(invalid(
                     "listen.address",
                     format!(
@@ -739,6 +793,7 @@ impl FileConfig {
                 max_header_bytes,
                 max_connections,
                 allow_unauthenticated,
+                tls,
             },
             coupa: Coupa {
                 base_url,

@@ -9,7 +9,7 @@
 //! timeouts, scopes, credentials added or removed) are named in a warning
 //! and take effect after a restart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -21,6 +21,7 @@ use crate::config::{Config, SecretSource};
 use crate::proxy::auth::Integrations;
 use crate::proxy::Proxy;
 use crate::secret::Secret;
+use crate::tls::ReloadingCert;
 
 /// What identifies a file's version without reading it.
 type Stamp = Option<(SystemTime, u64)>;
@@ -33,6 +34,8 @@ pub struct Reloader {
     /// Each credential's secret, in `startup.credentials` order.
     pub secrets: Vec<Arc<ArcSwap<Secret>>>,
     pub proxy: Proxy,
+    /// The inbound TLS certificate, re-read with the rest.
+    pub cert: Option<Arc<ReloadingCert>>,
 }
 
 #[cfg(unix)]
@@ -85,6 +88,7 @@ impl Reloader {
                     info!(path = %self.path.display(), "configuration or secret file changed: reloading");
                 }
             }
+            self.reload_cert();
             if let Some(applied) = self.reload() {
                 current_files = applied;
             }
@@ -92,24 +96,36 @@ impl Reloader {
         }
     }
 
-    /// Modification time and size of the config file and secret files.
+    /// Modification time and size of the config, secret and certificate
+    /// files.
     fn stamps(&self, config: &Config) -> Vec<Stamp> {
-        let stamp = |path: &PathBuf| -> Stamp {
+        let stamp = |path: &Path| -> Stamp {
             let meta = std::fs::metadata(path).ok()?;
             Some((meta.modified().ok()?, meta.len()))
         };
-        std::iter::once(&self.path)
-            .chain(
-                config
-                    .credentials
-                    .iter()
-                    .filter_map(|c| match &c.oauth.secret_source {
-                        SecretSource::File(path) => Some(path),
-                        SecretSource::Inline => None,
-                    }),
-            )
+        let secret_files = config
+            .credentials
+            .iter()
+            .filter_map(|c| match &c.oauth.secret_source {
+                SecretSource::File(path) => Some(path.as_path()),
+                SecretSource::Inline => None,
+            });
+        std::iter::once(self.path.as_path())
+            .chain(secret_files)
+            .chain(self.cert.iter().flat_map(|c| c.files()))
             .map(stamp)
             .collect()
+    }
+
+    /// New connections get the re-read certificate; open ones keep theirs.
+    fn reload_cert(&self) {
+        let Some(cert) = &self.cert else { return };
+        match cert.reload() {
+            Ok(()) => info!("TLS certificate reloaded"),
+            Err(err) => {
+                error!(error = %err, "TLS certificate reload failed; the current certificate stays")
+            }
+        }
     }
 
     /// Reads, validates and applies; returns the new configuration if it

@@ -5,43 +5,14 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use coupa_auth_proxy::fake_coupa::{FakeCoupa, FakeCoupaOptions};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use support::*;
 
-/// A CA (PEM) and a server configuration for `localhost` signed by it,
-/// offering HTTP/2 and HTTP/1.1 by ALPN.
-fn test_pki() -> (String, Arc<rustls::ServerConfig>) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "coupa-auth-proxy test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], key)
-        .unwrap();
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    (ca.pem(), Arc::new(server))
-}
-
 async fn tls_fake() -> (FakeCoupa, String) {
-    let (ca_pem, server) = test_pki();
+    let ca = pki::Ca::new("coupa-auth-proxy test CA");
+    let (ca_pem, server) = (ca.pem(), ca.server_config());
     let fake = FakeCoupa::start(FakeCoupaOptions {
         clients: vec![fake_client()],
         token_lifetime: Duration::from_secs(86_399),

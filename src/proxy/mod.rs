@@ -135,7 +135,11 @@ impl Proxy {
             upstream_host: HeaderValue::from_str(coupa.authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             default_accept: coupa.accept.clone(),
-            forwarded_proto: HeaderValue::from_static("http"),
+            forwarded_proto: HeaderValue::from_static(if config.listen.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            }),
         };
         let credentials = config
             .credentials

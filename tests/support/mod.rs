@@ -459,3 +459,99 @@ pub fn echoed_token(echo: &serde_json::Value) -> String {
         .expect("bearer scheme")
         .to_owned()
 }
+
+/// Test certificate authorities, made fresh in each test.
+pub mod pki {
+    use std::sync::Arc;
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    pub struct Ca {
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    /// A certificate and its key, as PEM and DER.
+    pub struct Issued {
+        pub cert_pem: String,
+        pub key_pem: String,
+        pub cert: CertificateDer<'static>,
+        pub key: PrivateKeyDer<'static>,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Self {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            Self {
+                issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+            }
+        }
+
+        pub fn pem(&self) -> String {
+            self.issuer.pem()
+        }
+
+        pub fn roots(&self) -> rustls::RootCertStore {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.issuer.der().clone()).unwrap();
+            roots
+        }
+
+        /// A leaf for `names` (server or client use).
+        pub fn issue(&self, names: &[&str]) -> Issued {
+            let key = KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &self.issuer)
+                .unwrap();
+            Issued {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+                cert: cert.der().clone(),
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            }
+        }
+
+        /// A server configuration for `localhost`, offering h2 and http/1.1.
+        pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+            let leaf = self.issue(&["localhost"]);
+            let mut server = rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![leaf.cert], leaf.key)
+                .unwrap();
+            server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Arc::new(server)
+        }
+    }
+
+    pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// An HTTPS client trusting `ca`, presenting `identity` if given.
+    pub fn client(ca: &Ca, identity: Option<&Issued>) -> reqwest::Client {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(ca.roots());
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some(id) => builder
+                .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
+                .unwrap(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        reqwest::Client::builder()
+            .no_proxy()
+            .use_preconfigured_tls(config)
+            .build()
+            .unwrap()
+    }
+}

@@ -1,0 +1,162 @@
+//! The listener over TLS: served to clients trusting its CA, mutual TLS
+//! when a client CA is configured, and certificate rotation without
+//! dropping connections.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::pki::{client, Ca};
+use support::*;
+
+/// Writes the listener's certificate and key (and a client CA) and
+/// returns the `[listen.tls]` table.
+fn tls_table(dir: &Path, server_ca: &Ca, client_ca: Option<&Ca>) -> String {
+    let leaf = server_ca.issue(&["localhost"]);
+    std::fs::write(dir.join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &leaf.key_pem).unwrap();
+    let mut table = format!(
+        "\n[listen.tls]\ncert_file = \"{}/cert.pem\"\nkey_file = \"{}/key.pem\"\n",
+        dir.display(),
+        dir.display()
+    );
+    if let Some(ca) = client_ca {
+        std::fs::write(dir.join("clients.pem"), ca.pem()).unwrap();
+        table.push_str(&format!(
+            "client_ca_file = \"{}/clients.pem\"\n",
+            dir.display()
+        ));
+    }
+    table
+}
+
+/// The test config with a `[listen.tls]` table (it must follow `[listen]`).
+fn tls_config(base_url: &str, table: &str) -> String {
+    config_text(base_url, "", "").replace("\n[coupa]", &format!("{table}\n[coupa]"))
+        + "\n[reload]\nwatch_interval = \"100ms\"\n"
+}
+
+fn https(proxy: &ProxyProcess, target: &str) -> String {
+    format!("https://localhost:{}{}", proxy.addr.port(), target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_is_served_to_clients_trusting_its_ca() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let dir = tempdir::Dir::new("inbound-tls");
+    let ca = Ca::new("listener CA");
+    let proxy = ProxyProcess::start(
+        &tls_config(&fake.base_url(), &tls_table(dir.path(), &ca, None)),
+        &[],
+        &[],
+    );
+    proxy.wait_ready().await;
+
+    let response = client(&ca, None)
+        .get(https(&proxy, "/api/invoices?x=1"))
+        .header("x-coupa-api-key", LEGACY_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN h2");
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        header(&echoed_headers(&echo), "x-forwarded-proto"),
+        ["https"]
+    );
+
+    // A client trusting another CA refuses the listener.
+    let stranger = Ca::new("someone else");
+    assert!(client(&stranger, None)
+        .get(https(&proxy, "/api/invoices"))
+        .send()
+        .await
+        .is_err());
+    // Plain HTTP to the TLS port gets nowhere.
+    assert!(http_client()
+        .get(proxy.url("/api/invoices"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_certificate() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let dir = tempdir::Dir::new("mtls");
+    let server_ca = Ca::new("listener CA");
+    let client_ca = Ca::new("integration client CA");
+    let proxy = ProxyProcess::start(
+        &tls_config(
+            &fake.base_url(),
+            &tls_table(dir.path(), &server_ca, Some(&client_ca)),
+        ),
+        &[],
+        &[],
+    );
+    proxy.wait_ready().await;
+
+    let anonymous = client(&server_ca, None)
+        .get(https(&proxy, "/api/invoices"))
+        .send()
+        .await;
+    assert!(
+        anonymous.is_err(),
+        "a client without a certificate must be refused"
+    );
+
+    let foreign = Ca::new("not trusted").issue(&["erp"]);
+    let wrong = client(&server_ca, Some(&foreign))
+        .get(https(&proxy, "/api/invoices"))
+        .send()
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a certificate from another CA must be refused"
+    );
+
+    let identity = client_ca.issue(&["erp-connector"]);
+    let response = client(&server_ca, Some(&identity))
+        .get(https(&proxy, "/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.state().api_requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_certificate_is_served_without_dropping_connections() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let dir = tempdir::Dir::new("rotate");
+    let old_ca = Ca::new("old CA");
+    let proxy = ProxyProcess::start(
+        &tls_config(&fake.base_url(), &tls_table(dir.path(), &old_ca, None)),
+        &[],
+        &[],
+    );
+    proxy.wait_ready().await;
+    let old_client = client(&old_ca, None);
+    let get = |c: &reqwest::Client| c.get(https(&proxy, "/api/invoices")).send();
+    assert_eq!(get(&old_client).await.unwrap().status(), 200);
+
+    // cert-manager writes a certificate from a new CA.
+    let new_ca = Ca::new("new CA");
+    let leaf = new_ca.issue(&["localhost"]);
+    std::fs::write(dir.path().join("key.pem"), &leaf.key_pem).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), &leaf.cert_pem).unwrap();
+    eventually("the new certificate is served", || {
+        let request = get(&client(&new_ca, None));
+        async move { matches!(request.await, Ok(r) if r.status() == 200) }
+    })
+    .await;
+    assert!(proxy.logs().contains("TLS certificate reloaded"));
+    // The old client's HTTP/2 connection was negotiated before the swap
+    // and keeps working.
+    assert_eq!(get(&old_client).await.unwrap().status(), 200);
+}
