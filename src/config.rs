@@ -1293,4 +1293,50 @@ address = "127.0.0.1:9090"
         let text = include_str!("../proxy.toml.example");
         load(text).unwrap();
     }
+
+    #[test]
+    fn two_integration_example_is_valid() {
+        let text = include_str!("../examples/two-integrations.toml");
+        let config = Config::from_toml(text, Path::new("."), |var| {
+            var.starts_with("COUPA_").then(|| format!("secret-of-{var}"))
+        })
+        .unwrap();
+        assert_eq!(config.credentials.len(), 2);
+        assert_eq!(config.integrations.len(), 2);
+        let invoices = &config.credentials[config.integrations[0].credential];
+        assert_eq!(invoices.name, "invoices");
+        assert_eq!(invoices.oauth.scopes, ["core.invoice.read", "core.invoice.write"]);
+    }
+
+    #[test]
+    fn named_credentials_and_integrations_are_checked() {
+        let named = MINIMAL.replace("[oauth]", "[oauth.main]");
+        let cases: [(String, &[&str]); 4] = [
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"abc\"\ncredential = \"main\"\n"),
+                &["integration[0].api_key_sha256", "64 hex"],
+            ),
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"{}\"\ncredential = \"other\"\n", "0".repeat(64)),
+                &["integration[0].credential", "main"],
+            ),
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"{h}\"\ncredential = \"main\"\n[[integration]]\nname = \"b\"\napi_key_sha256 = \"{h}\"\ncredential = \"main\"\n", h = "1".repeat(64)),
+                &["integration[1].api_key_sha256", "same key"],
+            ),
+            (
+                named.replace("client_id", "client_idd"),
+                &["oauth.main", "client_idd"],
+            ),
+        ];
+        for (text, fragments) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            for fragment in fragments {
+                assert!(err.contains(fragment), "{err}");
+            }
+        }
+        // A single named credential without integrations serves everyone.
+        let config = load(&named).unwrap();
+        assert_eq!(config.credentials[config.default_credential()].name, "main");
+    }
 }

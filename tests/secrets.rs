@@ -125,3 +125,76 @@ async fn wrong_secret_is_logged_with_the_fix_and_requests_get_503() {
     let response = http_client().get(proxy.url("/api/x")).send().await.unwrap();
     assert_eq!(response.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrations_tls_and_reload_at_trace_level_leak_nothing() {
+    use coupa_auth_proxy::proxy::auth::hash_key;
+    const KEY: &str = "integration-key-Zq8-secret-0123456789abcdef0123";
+    const UNKNOWN: &str = "unknown-key-Wm3-secret-0123456789abcdef0123456";
+    const ROTATED: &str = "rotated-secret-Hk5-never-log-me";
+
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let dir = tempdir::Dir::new("secrets-tls");
+    let ca = pki::Ca::new("listener CA");
+    let leaf = ca.issue(&["localhost"]);
+    std::fs::write(dir.path().join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.path().join("key.pem"), &leaf.key_pem).unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, CLIENT_SECRET).unwrap();
+    let text = config_text(&fake.base_url(), "", "")
+        .replace(
+            "\n[coupa]",
+            &format!(
+                "\n[listen.tls]\ncert_file = \"{d}/cert.pem\"\nkey_file = \"{d}/key.pem\"\n\n[coupa]",
+                d = dir.path().display()
+            ),
+        )
+        .replace(
+            "client_secret = \"${TEST_CLIENT_SECRET}\"",
+            &format!("client_secret_file = \"{}\"", secret_file.display()),
+        )
+        + &format!(
+            "\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n\n[reload]\nwatch_interval = \"100ms\"\n",
+            hash_key(KEY)
+        );
+    let mut proxy = ProxyProcess::start(&text, &["--log-level", "trace"], &[]);
+    proxy.wait_ready().await;
+
+    let client = pki::client(&ca, None);
+    let url = format!("https://localhost:{}/api/invoices", proxy.addr.port());
+    let response = client
+        .get(&url)
+        .header("x-coupa-api-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = response.json().await.unwrap();
+    let token = echoed_token(&echo);
+    let response = client
+        .get(&url)
+        .header("x-coupa-api-key", UNKNOWN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    fake.state().set_client_secret(CLIENT_ID, ROTATED);
+    std::fs::write(&secret_file, ROTATED).unwrap();
+    eventually("the rotated secret is loaded", || {
+        let logs = proxy.logs();
+        async move { logs.contains("client secret changed") }
+    })
+    .await;
+    proxy.terminate();
+    assert_eq!(proxy.wait_exit().await, Some(0));
+
+    let logs = proxy.logs();
+    assert!(logs.contains("TRACE"));
+    for secret in [KEY, UNKNOWN, ROTATED, CLIENT_SECRET, token.as_str(), &hash_key(KEY)] {
+        assert!(
+            !logs.contains(&secret[..secret.len().min(24)]),
+            "logs contain a secret fragment"
+        );
+    }
+}
