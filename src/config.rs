@@ -1298,14 +1298,18 @@ address = "127.0.0.1:9090"
     fn two_integration_example_is_valid() {
         let text = include_str!("../examples/two-integrations.toml");
         let config = Config::from_toml(text, Path::new("."), |var| {
-            var.starts_with("COUPA_").then(|| format!("secret-of-{var}"))
+            var.starts_with("COUPA_")
+                .then(|| format!("secret-of-{var}"))
         })
         .unwrap();
         assert_eq!(config.credentials.len(), 2);
         assert_eq!(config.integrations.len(), 2);
         let invoices = &config.credentials[config.integrations[0].credential];
         assert_eq!(invoices.name, "invoices");
-        assert_eq!(invoices.oauth.scopes, ["core.invoice.read", "core.invoice.write"]);
+        assert_eq!(
+            invoices.oauth.scopes,
+            ["core.invoice.read", "core.invoice.write"]
+        );
     }
 
     #[test]

@@ -191,7 +191,14 @@ async fn integrations_tls_and_reload_at_trace_level_leak_nothing() {
 
     let logs = proxy.logs();
     assert!(logs.contains("TRACE"));
-    for secret in [KEY, UNKNOWN, ROTATED, CLIENT_SECRET, token.as_str(), &hash_key(KEY)] {
+    for secret in [
+        KEY,
+        UNKNOWN,
+        ROTATED,
+        CLIENT_SECRET,
+        token.as_str(),
+        &hash_key(KEY),
+    ] {
         assert!(
             !logs.contains(&secret[..secret.len().min(24)]),
             "logs contain a secret fragment"
