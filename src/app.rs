@@ -73,11 +73,11 @@ pub async fn run_with_reload(
     // One store and one refresher per credential.
     let mut stores = Vec::with_capacity(config.credentials.len());
     let mut background_tasks = Vec::with_capacity(config.credentials.len());
-    let mut secrets = Vec::with_capacity(config.credentials.len());
+    let mut handles = Vec::with_capacity(config.credentials.len());
     for credential in &config.credentials {
         let store = Arc::new(TokenStore::new());
         let client = TokenClient::new(&credential.oauth, tls_config.clone())?;
-        secrets.push(client.secret_handle());
+        handles.push((client.params_handle(), store.clone()));
         let refresher = Refresher {
             client,
             store: store.clone(),
@@ -121,7 +121,7 @@ pub async fn run_with_reload(
         let reloader = Reloader {
             path,
             startup: config.clone(),
-            secrets,
+            credentials: handles,
             proxy: proxy.clone(),
             cert: inbound_cert,
         };

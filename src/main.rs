@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use coupa_auth_proxy::app::{self, Listeners};
 use coupa_auth_proxy::config::{Config, CONFIG_ENV};
 use coupa_auth_proxy::telemetry::{self, LogFormat};
+use coupa_auth_proxy::token::TokenClient;
 use coupa_auth_proxy::{demo, tls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,20 @@ enum Command {
     Run(ConfigArg),
     /// Validate the configuration and print a summary (secrets redacted).
     Check(ConfigArg),
+    /// Fetch one access token and print it on stdout (expiry and scopes on
+    /// stderr), for tools that take a ready-made token. The output is a
+    /// credential: treat it like the client secret.
+    Token {
+        /// Configuration file.
+        #[arg(long, env = CONFIG_ENV)]
+        config: PathBuf,
+        /// The `[oauth.NAME]` credential to use (default: the only one, or `default`).
+        #[arg(long)]
+        credential: Option<String>,
+        /// Print the token endpoint's whole JSON answer instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Read a legacy API key on stdin and print its SHA-256, for
     /// `api_key_sha256` in an `[[integration]]` table.
     HashKey,
@@ -98,6 +113,11 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
         Command::Check(args) => check(&args.config),
         Command::HashKey => hash_key(),
+        Command::Token {
+            config,
+            credential,
+            json,
+        } => token(&config, credential.as_deref(), json),
         Command::Run(args) => {
             let config = Config::load(&args.config).map_err(config_failure)?;
             runtime()?.block_on(run(config, args.config))
@@ -109,6 +129,50 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }),
     }
+}
+
+fn token(path: &std::path::Path, credential: Option<&str>, json: bool) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(config_failure)?;
+    let chosen = match credential {
+        Some(name) => config
+            .credentials
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+                config_failure(anyhow::anyhow!(
+                    "--credential {name}: no such credential (known: {})",
+                    known.join(", ")
+                ))
+            })?,
+        None if config.credentials.len() == 1 => &config.credentials[0],
+        None => &config.credentials[config.default_credential()],
+    };
+    let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
+    let client = TokenClient::new(&chosen.oauth, tls)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (token, response) = runtime
+        .block_on(client.fetch_with_response())
+        .map_err(|e| anyhow::anyhow!("{}", e.explain()))?;
+    // stdout carries the credential alone, so `$(coupa-auth-proxy token …)` works.
+    if json {
+        println!("{}", response.expose().trim());
+    } else {
+        println!("{}", token.access_token.expose());
+    }
+    let expires_at = std::time::SystemTime::now() + token.expires_in;
+    eprintln!(
+        "credential {}: token expires in {} (at {}); scopes: {}",
+        chosen.name,
+        humantime::format_duration(token.expires_in),
+        humantime::format_rfc3339_seconds(expires_at),
+        token.scope.as_deref().unwrap_or("(not stated)")
+    );
+    eprintln!("warning: the printed token is a credential; do not paste it into tickets or logs");
+    Ok(())
 }
 
 fn hash_key() -> Result<(), Failure> {

@@ -2,7 +2,12 @@
 //! changes on disk, the file is read and validated again and what can
 //! change safely under traffic is applied at once:
 //! - client secrets (used from each credential's next token fetch),
-//! - the `[[integration]]` list with its key hashes.
+//! - a credential's `client_id`, `scopes`, `token_url`, `client_auth`: a
+//!   new token is fetched at once, and the current one serves until the new
+//!   one is active (scopes are part of the token request, so a token script
+//!   would break here; the proxy does not),
+//! - the `[[integration]]` list with its key hashes,
+//! - the inbound TLS certificate.
 //!
 //! A file that does not validate changes nothing: the running
 //! configuration stays and the log says why. Other changes (addresses,
@@ -20,8 +25,9 @@ use tracing::{error, info, warn};
 use crate::config::{Config, SecretSource};
 use crate::proxy::auth::Integrations;
 use crate::proxy::Proxy;
-use crate::secret::Secret;
 use crate::tls::ReloadingCert;
+use crate::token::client::ClientParams;
+use crate::token::TokenStore;
 
 /// What identifies a file's version without reading it.
 type Stamp = Option<(SystemTime, u64)>;
@@ -31,8 +37,9 @@ pub struct Reloader {
     /// The configuration the process started with: the reference for what
     /// needs a restart.
     pub startup: Config,
-    /// Each credential's secret, in `startup.credentials` order.
-    pub secrets: Vec<Arc<ArcSwap<Secret>>>,
+    /// Each credential's token request parameters and token store, in
+    /// `startup.credentials` order.
+    pub credentials: Vec<(Arc<ArcSwap<ClientParams>>, Arc<TokenStore>)>,
     pub proxy: Proxy,
     /// The inbound TLS certificate, re-read with the rest.
     pub cert: Option<Arc<ReloadingCert>>,
@@ -149,12 +156,29 @@ impl Reloader {
             return None;
         }
 
-        for ((credential, secret), name) in
-            new.credentials.iter().zip(&self.secrets).zip(names(&new))
-        {
-            if **secret.load() != credential.oauth.client_secret {
-                secret.store(Arc::new(credential.oauth.client_secret.clone()));
-                info!(credential = %name, "client secret changed; the next token fetch uses it");
+        for (credential, (params, store)) in new.credentials.iter().zip(&self.credentials) {
+            let old = params.load_full();
+            let fresh = ClientParams::from(&credential.oauth);
+            if *old == fresh {
+                continue;
+            }
+            let request_changed = old.client_id != fresh.client_id
+                || old.scope != fresh.scope
+                || old.url != fresh.url
+                || old.auth != fresh.auth;
+            params.store(Arc::new(fresh.clone()));
+            if request_changed {
+                info!(
+                    credential = %credential.name,
+                    old_scopes = %old.scope,
+                    new_scopes = %fresh.scope,
+                    client_id_changed = old.client_id != fresh.client_id,
+                    token_url_changed = old.url != fresh.url,
+                    "token request changed; fetching a new token now, the current one serves until it is active"
+                );
+                store.renew_soon();
+            } else {
+                info!(credential = %credential.name, "client secret changed; the next token fetch uses it");
             }
         }
         self.proxy
@@ -177,7 +201,18 @@ impl Reloader {
 
 /// Summary keys whose values differ, other than the ones reload applies.
 fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
-    let live = |key: &str| key.starts_with("integration") || key.ends_with(".client_secret");
+    let live = |key: &str| {
+        key.starts_with("integration")
+            || [
+                ".client_secret",
+                ".client_id",
+                ".scopes",
+                ".token_url",
+                ".client_auth",
+            ]
+            .iter()
+            .any(|suffix| key.ends_with(suffix))
+    };
     let old_rows = running.summary_rows();
     let new_rows = new.summary_rows();
     let mut keys: Vec<String> = new_rows

@@ -120,3 +120,87 @@ async fn sighup_applies_new_integrations_and_a_bad_file_changes_nothing() {
         assert!(!logs.contains(secret));
     }
 }
+
+/// The fake's client may use `core.supplier.read` too; it may not use
+/// `core.budget.write`.
+fn scopes_config(base_url: &str, scopes: &str) -> String {
+    config_text(base_url, "", "").replace(
+        r#"scopes = ["core.common.read", "core.invoice.read"]"#,
+        &format!("scopes = [{scopes}]"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_a_scope_fetches_one_new_token_and_uses_it() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = scopes_config(
+        &fake.base_url(),
+        r#""core.common.read", "core.invoice.read""#,
+    );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let before = fake.state().token_requests();
+
+    std::fs::write(
+        proxy.config_path(),
+        scopes_config(
+            &fake.base_url(),
+            r#""core.common.read", "core.invoice.read", "core.supplier.read""#,
+        ),
+    )
+    .unwrap();
+    proxy.hangup();
+    let client = http_client();
+    eventually("traffic carries a token with the new scope", || {
+        let (client, url) = (client.clone(), proxy.url("/api/suppliers"));
+        let fake = &fake;
+        async move {
+            let response = client.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200, "traffic never fails");
+            let echo: serde_json::Value = response.json().await.unwrap();
+            fake.state().token_scope(&echoed_token(&echo)).as_deref()
+                == Some("core.common.read core.invoice.read core.supplier.read")
+        }
+    })
+    .await;
+    assert_eq!(fake.state().token_requests(), before + 1);
+    let logs = proxy.logs();
+    assert!(logs.contains("token request changed"), "{logs}");
+    assert!(logs.contains("core.supplier.read"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_asking_for_an_unassigned_scope_keeps_the_old_token_and_names_the_scope() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = scopes_config(&fake.base_url(), r#""core.common.read""#);
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+
+    std::fs::write(
+        proxy.config_path(),
+        scopes_config(
+            &fake.base_url(),
+            r#""core.common.read", "core.budget.write""#,
+        ),
+    )
+    .unwrap();
+    proxy.hangup();
+    eventually("the refusal is logged", || {
+        let logs = proxy.logs();
+        async move { logs.contains("invalid_scope") }
+    })
+    .await;
+    let logs = proxy.logs();
+    assert!(
+        logs.contains(
+            "scopes the client is missing (requested now, not granted before): core.budget.write"
+        ),
+        "{logs}"
+    );
+    let response = http_client()
+        .get(proxy.url("/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the old token keeps serving");
+}

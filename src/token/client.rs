@@ -120,17 +120,36 @@ struct ErrorResponse {
     error_description: Option<String>,
 }
 
+/// What a token request is made of. Replaced whole on reload, so a fetch
+/// never mixes old and new values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientParams {
+    pub url: String,
+    pub client_id: String,
+    pub secret: Secret,
+    /// Scopes joined by spaces, as Coupa wants them.
+    pub scope: String,
+    pub auth: ClientAuth,
+}
+
+impl From<&OAuth> for ClientParams {
+    fn from(oauth: &OAuth) -> Self {
+        Self {
+            url: oauth.token_url.clone(),
+            client_id: oauth.client_id.clone(),
+            secret: oauth.client_secret.clone(),
+            scope: oauth.scopes.join(" "),
+            auth: oauth.client_auth,
+        }
+    }
+}
+
 /// Fetches tokens for one OAuth client.
 #[derive(Debug, Clone)]
 pub struct TokenClient {
     http: reqwest::Client,
-    url: String,
-    client_id: String,
-    /// Swappable: a reload may bring a new secret for the next fetch.
-    secret: Arc<ArcSwap<Secret>>,
-    /// Scopes joined by spaces, as Coupa wants them.
-    scope: String,
-    auth: ClientAuth,
+    /// Swappable: a reload may bring a new secret, scopes or client.
+    params: Arc<ArcSwap<ClientParams>>,
     timeout: Duration,
 }
 
@@ -144,39 +163,44 @@ impl TokenClient {
             .map_err(|e| FetchError::Network(error_chain(&e)))?;
         Ok(Self {
             http,
-            url: oauth.token_url.clone(),
-            client_id: oauth.client_id.clone(),
-            secret: Arc::new(ArcSwap::from_pointee(oauth.client_secret.clone())),
-            scope: oauth.scopes.join(" "),
-            auth: oauth.client_auth,
+            params: Arc::new(ArcSwap::from_pointee(ClientParams::from(oauth))),
             timeout: oauth.request_timeout,
         })
     }
 
-    pub fn token_url(&self) -> &str {
-        &self.url
+    /// Where a reload puts new parameters, used from the next fetch.
+    pub fn params_handle(&self) -> Arc<ArcSwap<ClientParams>> {
+        self.params.clone()
     }
 
-    /// Where a reload puts a new client secret.
-    pub fn secret_handle(&self) -> Arc<ArcSwap<Secret>> {
-        self.secret.clone()
+    /// The scopes the next fetch asks for, space-separated.
+    pub fn requested_scope(&self) -> String {
+        self.params.load().scope.clone()
     }
 
     /// Requests one token.
     pub async fn fetch(&self) -> Result<FetchedToken, FetchError> {
+        self.fetch_with_response().await.map(|(token, _)| token)
+    }
+
+    /// Requests one token and also returns the endpoint's JSON answer as
+    /// it came (for `coupa-auth-proxy token --json`; it holds the token).
+    pub async fn fetch_with_response(&self) -> Result<(FetchedToken, Secret), FetchError> {
         let requested_at = Instant::now();
         let requested_at_wall = SystemTime::now();
-        let mut form: Vec<(&str, &str)> =
-            vec![("grant_type", "client_credentials"), ("scope", &self.scope)];
-        let secret = self.secret.load_full();
-        let mut request = self.http.post(&self.url);
-        match self.auth {
+        let params = self.params.load_full();
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "client_credentials"),
+            ("scope", &params.scope),
+        ];
+        let mut request = self.http.post(&params.url);
+        match params.auth {
             ClientAuth::Body => {
-                form.push(("client_id", &self.client_id));
-                form.push(("client_secret", secret.expose()));
+                form.push(("client_id", &params.client_id));
+                form.push(("client_secret", params.secret.expose()));
             }
             ClientAuth::Basic => {
-                request = request.basic_auth(&self.client_id, Some(secret.expose()));
+                request = request.basic_auth(&params.client_id, Some(params.secret.expose()));
             }
         }
         let response = request
@@ -225,13 +249,14 @@ impl TokenClient {
                 FetchError::BadResponse(format!("expires_in {value} is not a number of seconds"))
             })?,
         };
-        Ok(FetchedToken {
+        let token = FetchedToken {
             access_token: Secret::new(parsed.access_token),
             expires_in,
             scope: parsed.scope,
             requested_at,
             requested_at_wall,
-        })
+        };
+        Ok((token, Secret::new(String::from_utf8_lossy(&body))))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> FetchError {

@@ -104,12 +104,33 @@ impl Backoff {
 /// under paused time.
 pub trait TokenSource: Send + Sync + 'static {
     fn fetch(&self) -> impl std::future::Future<Output = Result<FetchedToken, FetchError>> + Send;
+
+    /// The scopes a fetch asks for, space-separated (for advice on
+    /// `invalid_scope`).
+    fn requested_scope(&self) -> String {
+        String::new()
+    }
 }
 
 impl TokenSource for TokenClient {
     fn fetch(&self) -> impl std::future::Future<Output = Result<FetchedToken, FetchError>> + Send {
         TokenClient::fetch(self)
     }
+
+    fn requested_scope(&self) -> String {
+        TokenClient::requested_scope(self)
+    }
+}
+
+/// Scopes in `requested` but not in `granted`: after a reload that added
+/// scopes, the likely culprits of an `invalid_scope`.
+pub fn missing_scopes(requested: &str, granted: &str) -> Vec<String> {
+    let granted: Vec<&str> = granted.split_whitespace().collect();
+    requested
+        .split_whitespace()
+        .filter(|s| !granted.contains(s))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Keeps one [`TokenStore`] filled.
@@ -127,6 +148,9 @@ impl<S: TokenSource> Refresher<S> {
         let mut backoff = Backoff::new(self.policy.retry_initial, self.policy.retry_max);
         // The last failure logged loudly; a repeat of it is logged quietly.
         let mut last_failure: Option<String> = None;
+        // Scopes of the last token Coupa granted, to name what a later
+        // request is missing.
+        let mut granted = String::new();
         loop {
             let next_fetch = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -136,6 +160,7 @@ impl<S: TokenSource> Refresher<S> {
                         if last_failure.take().is_some() {
                             info!(credential = %self.credential, "token endpoint recovered");
                         }
+                        granted = token.scope.clone().unwrap_or_else(|| self.client.requested_scope());
                         match self.activate(token, &shutdown).await {
                             Some(renew_at) => renew_at,
                             None => return,
@@ -149,7 +174,16 @@ impl<S: TokenSource> Refresher<S> {
                         } else {
                             backoff.next_delay()
                         };
-                        let message = err.explain();
+                        let mut message = err.explain();
+                        if matches!(&err, super::FetchError::OAuth { code, .. } if code == "invalid_scope") {
+                            let missing = missing_scopes(&self.client.requested_scope(), &granted);
+                            if !granted.is_empty() && !missing.is_empty() {
+                                message.push_str(&format!(
+                                    "; scopes the client is missing (requested now, not granted before): {}",
+                                    missing.join(" ")
+                                ));
+                            }
+                        }
                         self.log_failure(&message, retry_in, &mut last_failure);
                         self.store.record_failure(message, retry_in);
                         Instant::now() + retry_in
@@ -161,6 +195,9 @@ impl<S: TokenSource> Refresher<S> {
                 _ = sleep_until(next_fetch) => {}
                 _ = self.store.refresh_requested() => {
                     info!(credential = %self.credential, "Coupa rejected the token; fetching a new one now");
+                }
+                _ = self.store.renew_requested() => {
+                    info!(credential = %self.credential, "renewing now for the reloaded configuration");
                 }
             }
         }
@@ -430,6 +467,18 @@ mod tests {
             .contains("invalid_client"));
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn missing_scopes_are_the_new_ones() {
+        assert_eq!(
+            missing_scopes(
+                "core.a.read core.b.read core.c.write",
+                "core.a.read core.b.read"
+            ),
+            vec!["core.c.write".to_owned()]
+        );
+        assert!(missing_scopes("core.a.read", "core.a.read").is_empty());
     }
 
     #[test]

@@ -104,8 +104,12 @@ pub struct TokenStore {
     status: Mutex<TokenStatus>,
     /// Bumped on every install, so waiters learn of a new token.
     installed: tokio::sync::watch::Sender<u64>,
-    /// Wakes the refresher for an out-of-schedule fetch.
+    /// Wakes the refresher for an out-of-schedule fetch whose token replaces
+    /// a rejected one at once.
     refresh_now: tokio::sync::Notify,
+    /// Wakes the refresher for an early renewal (new scopes or client after a
+    /// reload): the current token serves until the new one activates.
+    renew_now: tokio::sync::Notify,
     forced: Mutex<ForcedRefresh>,
 }
 
@@ -122,6 +126,7 @@ impl TokenStore {
             status: Mutex::new(TokenStatus::default()),
             installed: tokio::sync::watch::Sender::new(0),
             refresh_now: tokio::sync::Notify::new(),
+            renew_now: tokio::sync::Notify::new(),
             forced: Mutex::new(ForcedRefresh::default()),
         }
     }
@@ -203,6 +208,15 @@ impl TokenStore {
     /// Resolves when a request asked for an out-of-schedule fetch.
     pub(crate) async fn refresh_requested(&self) {
         self.refresh_now.notified().await;
+    }
+
+    /// Asks the refresher to renew now, with the usual activation delay.
+    pub fn renew_soon(&self) {
+        self.renew_now.notify_one();
+    }
+
+    pub(crate) async fn renew_requested(&self) {
+        self.renew_now.notified().await;
     }
 
     pub fn status(&self) -> TokenStatus {
