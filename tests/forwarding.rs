@@ -159,11 +159,7 @@ async fn http2_cleartext_clients_are_served() {
 async fn coupa_status_and_body_pass_through_unchanged() {
     let (_fake, proxy) = start_pair(DAY).await;
     // The fake answers 404 with Coupa's error shape outside /api.
-    let response = http_client()
-        .get(proxy.url("/not-api"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/not-api")).await;
     assert_eq!(response.status(), 404);
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(body["errors"].is_object());
@@ -184,11 +180,7 @@ async fn unreachable_upstream_gives_502_with_json_body() {
     );
     let proxy = TestProxy::start(parse_config(&text)).await;
     proxy.wait_ready().await;
-    let response = http_client()
-        .get(proxy.url("/api/invoices"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "upstream_unreachable");

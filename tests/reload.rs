@@ -41,11 +41,7 @@ async fn rotated_secret_file_is_used_for_the_next_token_fetch() {
     // new one with the new secret and replays.
     let issued = fake.state().tokens_issued();
     fake.state().revoke_all_tokens();
-    let response = http_client()
-        .get(proxy.url("/api/invoices"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(fake.state().tokens_issued(), issued + 1);
     let logs = proxy.logs();
@@ -197,10 +193,6 @@ async fn a_reload_asking_for_an_unassigned_scope_keeps_the_old_token_and_names_t
         ),
         "{logs}"
     );
-    let response = http_client()
-        .get(proxy.url("/api/invoices"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200, "the old token keeps serving");
 }

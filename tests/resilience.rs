@@ -235,11 +235,7 @@ async fn configuration_errors_are_logged_once_with_the_fix_and_retried_slowly() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gets_504_after_the_response_header_timeout() {
     let (_fake, proxy) = start_with("response_header_timeout = \"300ms\"", "").await;
-    let response = http_client()
-        .get(proxy.url("/api/_slow?ms=10000"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/_slow?ms=10000")).await;
     assert_eq!(response.status(), 504);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "upstream_timeout");
@@ -249,11 +245,7 @@ async fn slow_upstream_gets_504_after_the_response_header_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_response_body_is_aborted_not_left_hanging() {
     let (_fake, proxy) = start_with("idle_timeout = \"300ms\"", "").await;
-    let response = http_client()
-        .get(proxy.url("/api/_stall?bytes=5000"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/_stall?bytes=5000")).await;
     assert_eq!(response.status(), 200);
     let body = tokio::time::timeout(DEADLINE, response.bytes())
         .await
@@ -268,11 +260,7 @@ async fn stalled_response_body_is_aborted_not_left_hanging() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_upstream_body_aborts_the_client_response() {
     let (_fake, proxy) = start_pair(DAY).await;
-    let response = http_client()
-        .get(proxy.url("/api/_broken?bytes=100000"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/_broken?bytes=100000")).await;
     assert_eq!(response.status(), 200);
     assert!(
         response.bytes().await.is_err(),
@@ -385,11 +373,7 @@ async fn rate_limit_queues_a_burst_and_answers_429_past_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coupas_own_429_passes_through_untouched() {
     let (_fake, proxy) = start_pair(DAY).await;
-    let response = http_client()
-        .get(proxy.url("/api/_status?code=429"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/_status?code=429")).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "7");
     let body: serde_json::Value = response.json().await.unwrap();
@@ -403,11 +387,7 @@ async fn multi_kilobyte_tokens_are_sent_upstream() {
     fake.state().set_token_padding(20 * 1024);
     let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
     proxy.wait_ready().await;
-    let response = http_client()
-        .get(proxy.url("/api/invoices"))
-        .send()
-        .await
-        .unwrap();
+    let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
     let echo: serde_json::Value = response.json().await.unwrap();
     assert!(echoed_token(&echo).len() > 20 * 1024);

@@ -122,7 +122,7 @@ async fn wrong_secret_is_logged_with_the_fix_and_requests_get_503() {
     let logs = proxy.logs();
     assert!(logs.contains("client id or secret is wrong"), "{logs}");
     assert!(!logs.contains("wrong-secret-value"));
-    let response = http_client().get(proxy.url("/api/x")).send().await.unwrap();
+    let response = get(proxy.url("/api/x")).await;
     assert_eq!(response.status(), 503);
 }
 

@@ -44,7 +44,7 @@ async fn sigterm_lets_an_in_flight_slow_request_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_drain_reports_complete() {
     let (_fake, proxy) = start_pair(Duration::from_secs(86_399)).await;
-    let response = http_client().get(proxy.url("/api/x")).send().await.unwrap();
+    let response = get(proxy.url("/api/x")).await;
     assert_eq!(response.status(), 200);
     drop(response);
     assert_eq!(

@@ -555,3 +555,12 @@ pub mod pki {
             .unwrap()
     }
 }
+
+/// One plain GET with a fresh client (no legacy key).
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Response {
+    http_client()
+        .get(url)
+        .send()
+        .await
+        .expect("request completes")
+}
