@@ -12,7 +12,7 @@ fn embedded_configs(manifest: &str) -> Vec<String> {
     let mut configs = Vec::new();
     let mut current: Option<String> = None;
     for line in manifest.lines() {
-        if line.trim_end() == "proxy.toml: |" {
+        if line.trim() == "proxy.toml: |" {
             current = Some(String::new());
             continue;
         }
@@ -32,7 +32,9 @@ fn embedded_configs(manifest: &str) -> Vec<String> {
 #[test]
 fn configs_in_the_kubernetes_manifests_are_valid() {
     for name in ["sidecar.yaml", "shared-service.yaml"] {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/kubernetes")
+            .join(name);
         let manifest = std::fs::read_to_string(&path).unwrap();
         let configs = embedded_configs(&manifest);
         assert_eq!(configs.len(), 1, "{name}");
