@@ -186,3 +186,51 @@ async fn unreachable_upstream_gives_502_with_json_body() {
     assert_eq!(body["error"], "upstream_unreachable");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_is_forwarded_returned_and_logged() {
+    let fake = start_fake(DAY).await;
+    let proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
+    proxy.wait_ready().await;
+    let client = http_client();
+
+    let response = client
+        .get(proxy.url("/api/invoices"))
+        .header("x-request-id", "erp-run-7f3a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "erp-run-7f3a");
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        header(&echoed_headers(&echo), "x-request-id"),
+        ["erp-run-7f3a"]
+    );
+
+    // Without one, the proxy makes one and uses it on both sides.
+    let response = get(proxy.url("/api/suppliers")).await;
+    let generated = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        header(&echoed_headers(&echo), "x-request-id"),
+        [generated.as_str()]
+    );
+
+    eventually("both ids in the JSON access log", || {
+        let logs = proxy.logs();
+        let generated = generated.clone();
+        async move {
+            let ids: Vec<String> = logs
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["message"] == "request")
+                .filter_map(|v| v["request_id"].as_str().map(str::to_owned))
+                .collect();
+            ids.contains(&"erp-run-7f3a".to_owned()) && ids.contains(&generated)
+        }
+    })
+    .await;
+}

@@ -16,6 +16,10 @@ pub const X_COUPA_API_KEY: HeaderName = HeaderName::from_static("x-coupa-api-key
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client-supplied request id kept; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
 
 /// RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones that
 /// clients still send. They describe one connection and never travel on.
@@ -109,6 +113,28 @@ pub fn rewrite_request(
     headers.insert(X_FORWARDED_PROTO, rules.forwarded_proto.clone());
 
     headers.insert(AUTHORIZATION, bearer);
+}
+
+/// The request's id: the client's `X-Request-Id` when it is a sane token,
+/// else a fresh random one, which is set on the request so it travels on
+/// to Coupa.
+pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(X_REQUEST_ID) {
+        let sane = !id.is_empty()
+            && id.len() <= MAX_REQUEST_ID
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(b));
+        if sane && headers.get_all(X_REQUEST_ID).iter().count() == 1 {
+            return id.clone();
+        }
+    }
+    let random: u128 = rand::random();
+    let id = HeaderValue::try_from(format!("{random:032x}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
 }
 
 /// Rewrites Coupa's response headers for the client.
@@ -345,6 +371,24 @@ mod tests {
             choose_accept([&hv("*/*"), &hv("application/xml")], None, &default),
             None
         );
+    }
+
+    #[test]
+    fn request_id_is_kept_when_sane_and_made_otherwise() {
+        let mut map = headers(&[("x-request-id", "erp-42.7")]);
+        assert_eq!(request_id(&mut map), "erp-42.7");
+
+        for bad in ["", "has space", &"x".repeat(200)] {
+            let mut map = headers(&[("x-request-id", bad)]);
+            let id = request_id(&mut map);
+            assert_eq!(id.len(), 32, "{bad:?}");
+            assert_eq!(map.get_all(X_REQUEST_ID).iter().count(), 1);
+            assert_eq!(map[X_REQUEST_ID], id);
+        }
+        let mut map = HeaderMap::new();
+        let first = request_id(&mut map);
+        let mut again = HeaderMap::new();
+        assert_ne!(first, request_id(&mut again));
     }
 
     #[test]

@@ -181,14 +181,15 @@ impl Proxy {
     /// Handles one client request; never fails (failures are responses).
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         client: &ClientInfo,
     ) -> Response<ProxyBody> {
         let started = StdInstant::now();
+        let request_id = headers::request_id(request.headers_mut());
         let method = request.method().clone();
         let target = request.uri().path_and_query().cloned();
         let mut integration = None;
-        let response = match self
+        let mut response = match self
             .forward(request, target.as_ref(), client, &mut integration)
             .await
         {
@@ -200,12 +201,18 @@ impl Proxy {
                 err.into_response()
             }
         };
+        // The same id reaches Coupa and comes back, so one call can be
+        // followed through the integration, the proxy and Coupa support.
+        response
+            .headers_mut()
+            .insert(headers::X_REQUEST_ID, request_id.clone());
         // The query string can carry business data; only the path is logged.
         info!(
             target: "coupa_auth_proxy::access",
             method = %method,
             path = target.as_ref().map(|t| t.path()).unwrap_or(""),
             integration = integration.as_deref().unwrap_or(""),
+            request_id = request_id.to_str().unwrap_or(""),
             status = response.status().as_u16(),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             "request"
