@@ -16,6 +16,7 @@
 //! - [`telemetry`]: log format and filtering.
 //! - [`fake_coupa`]: a fake Coupa instance for tests, benches and the demo.
 //! - [`demo`]: the `demo` subcommand.
+//! - [`live`]: `check --live`, a token and one API call per credential.
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod demo;
 pub mod fake_coupa;
 pub mod framing;
+pub mod live;
 pub mod proxy;
 pub mod reload;
 pub mod secret;

@@ -36,7 +36,16 @@ enum Command {
     /// Run the proxy.
     Run(ConfigArg),
     /// Validate the configuration and print a summary (secrets redacted).
-    Check(ConfigArg),
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also fetch a token with each credential and make one API call.
+        #[arg(long)]
+        live: bool,
+        /// The API call `--live` makes.
+        #[arg(long, default_value = coupa_auth_proxy::live::DEFAULT_LIVE_PATH)]
+        live_path: String,
+    },
     /// Fetch one access token and print it on stdout (expiry and scopes on
     /// stderr), for tools that take a ready-made token. The output is a
     /// credential: treat it like the client secret.
@@ -111,7 +120,11 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Check(args) => check(&args.config),
+        Command::Check {
+            config,
+            live,
+            live_path,
+        } => check(&config.config, live.then_some(live_path.as_str())),
         Command::HashKey => hash_key(),
         Command::Token {
             config,
@@ -197,12 +210,33 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .context("cannot start the async runtime")?)
 }
 
-fn check(path: &std::path::Path) -> Result<(), Failure> {
+fn check(path: &std::path::Path, live_path: Option<&str>) -> Result<(), Failure> {
     let config = Config::load(path).map_err(config_failure)?;
     tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
     println!("{}: configuration is valid\n", path.display());
     print!("{}", config.summary());
-    Ok(())
+    let Some(live_path) = live_path else {
+        return Ok(());
+    };
+    println!("\nlive check against {}:", config.coupa.base_url);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let reports = runtime.block_on(coupa_auth_proxy::live::check(&config, live_path));
+    for report in &reports {
+        print!("{}", report.text);
+    }
+    let failed = reports.iter().filter(|r| !r.ok).count();
+    if failed == 0 {
+        println!("live check passed");
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            error: anyhow::anyhow!("live check failed for {failed} credential(s); see above"),
+        })
+    }
 }
 
 async fn run(config: Config, path: PathBuf) -> Result<(), Failure> {

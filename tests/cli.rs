@@ -112,3 +112,70 @@ fn run_with_bad_config_exits_64_without_serving() {
     assert_eq!(code, Some(64));
     assert!(stderr.contains("oauth"), "{stderr}");
 }
+
+/// `check --live` against the fake with `text`; (exit code, stdout).
+async fn live(text: String, secret: &'static str) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        let dir = tempdir::Dir::new("live");
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = run_binary(
+            &["check", "--live", "--config", path.to_str().unwrap()],
+            &[("TEST_CLIENT_SECRET", secret)],
+        );
+        (code, format!("{stdout}{stderr}"))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_check_passes_against_a_working_instance() {
+    let fake = start_fake(std::time::Duration::from_secs(86_399)).await;
+    let (code, out) = live(config_text(&fake.base_url(), "", ""), CLIENT_SECRET).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("token       ok"), "{out}");
+    assert!(out.contains("core.common.read core.invoice.read"), "{out}");
+    assert!(
+        out.contains("GET /api/departments?return_object=limited&limit=1 -> 200"),
+        "{out}"
+    );
+    assert!(!out.contains(CLIENT_SECRET));
+    assert_eq!(fake.state().api_requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_check_explains_a_wrong_secret_scope_or_port() {
+    let fake = start_fake(std::time::Duration::from_secs(86_399)).await;
+    let (code, out) = live(config_text(&fake.base_url(), "", ""), "wrong-secret").await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("invalid_client") && out.contains("client id or secret is wrong"),
+        "{out}"
+    );
+
+    let unassigned = config_text(&fake.base_url(), "", "").replace(
+        r#"scopes = ["core.common.read", "core.invoice.read"]"#,
+        r#"scopes = ["core.common.read", "core.budget.write"]"#,
+    );
+    let (code, out) = live(unassigned, CLIENT_SECRET).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("invalid_scope") && out.contains("not assigned to this client"),
+        "{out}"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (code, out) = live(
+        config_text(&format!("http://127.0.0.1:{port}"), "", ""),
+        CLIENT_SECRET,
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("unreachable") && out.contains("coupa.base_url"),
+        "{out}"
+    );
+}
