@@ -1,12 +1,17 @@
-//! The admin listener: liveness and readiness for orchestrators.
+//! The admin listener: probes for orchestrators, Prometheus metrics, and a
+//! status page for people.
 //!
-//! `/healthz` is 200 while the process runs; `/readyz` is 200 only while a
-//! valid token is held, so a load balancer never routes to a proxy that
-//! would answer 503.
+//! - `/healthz`: 200 while the process runs.
+//! - `/readyz`: 200 only while every credential holds a valid token, so a
+//!   load balancer never routes to a proxy that would answer 503.
+//! - `/metrics`: Prometheus text format ([`crate::metrics`]).
+//! - `/` and `/status.json`: credentials, integrations, version, uptime —
+//!   server-rendered, no external assets, nothing secret.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -14,14 +19,43 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::token::TokenStore;
+use crate::config::Config;
+use crate::metrics::{Metrics, Stores};
 
-/// Token stores by credential name.
-pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
+/// What a credential is, for the status page (no secret).
+struct CredentialInfo {
+    client_id: String,
+    scopes: String,
+}
+
+pub struct AdminState {
+    stores: Stores,
+    metrics: Arc<Metrics>,
+    credentials: Vec<CredentialInfo>,
+    upstream: String,
+}
+
+impl AdminState {
+    pub fn new(config: &Config, stores: Stores, metrics: Arc<Metrics>) -> Self {
+        Self {
+            stores,
+            metrics,
+            credentials: config
+                .credentials
+                .iter()
+                .map(|c| CredentialInfo {
+                    client_id: c.oauth.client_id.clone(),
+                    scopes: c.oauth.scopes.join(" "),
+                })
+                .collect(),
+            upstream: config.coupa.base_url.clone(),
+        }
+    }
+}
 
 pub async fn handle(
     request: Request<Incoming>,
-    stores: Stores,
+    state: Arc<AdminState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Ok(json(
@@ -31,22 +65,31 @@ pub async fn handle(
     }
     Ok(match request.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => readiness(&stores),
+        "/readyz" => readiness(&state),
+        "/metrics" => text(
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.render(),
+        ),
+        "/status.json" => json(StatusCode::OK, status(&state)),
+        "/" => text("text/html; charset=utf-8", status_page(&status(&state))),
         _ => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not_found", "endpoints": ["/healthz", "/readyz"]}),
+            serde_json::json!({
+                "error": "not_found",
+                "endpoints": ["/", "/status.json", "/metrics", "/healthz", "/readyz"],
+            }),
         ),
     })
 }
 
-/// Ready when every credential holds a valid token. The top-level fields
-/// describe the first credential not ready (or the first one), so a
-/// single-credential set-up reads simply.
-fn readiness(stores: &[(String, Arc<TokenStore>)]) -> Response<Full<Bytes>> {
+/// Each credential's token state.
+fn credentials(state: &AdminState) -> Vec<serde_json::Value> {
     let now = tokio::time::Instant::now();
-    let credentials: Vec<serde_json::Value> = stores
+    state
+        .stores
         .iter()
-        .map(|(name, store)| {
+        .zip(&state.credentials)
+        .map(|((name, store), info)| {
             let status = store.status();
             let token = store.current(now);
             let expires_in = token.as_ref().map(|t| {
@@ -55,14 +98,32 @@ fn readiness(stores: &[(String, Arc<TokenStore>)]) -> Response<Full<Bytes>> {
                     .map(|d| d.as_secs())
                     .unwrap_or(0)
             });
+            let age = token
+                .as_ref()
+                .map(|t| now.saturating_duration_since(t.issued_at).as_secs());
             serde_json::json!({
                 "credential": name,
+                "client_id": info.client_id,
+                "grant": "client_credentials",
+                "scopes": info.scopes,
+                "granted_scopes": token.as_ref().and_then(|t| t.scope.clone()),
                 "ready": token.is_some(),
+                "token_age_seconds": age,
                 "token_expires_in_seconds": expires_in,
+                "last_refresh": if status.last_error.is_some() { "failed" } else if status.fetches_ok > 0 { "ok" } else { "pending" },
                 "last_token_error": status.last_error,
+                "fetches_ok": status.fetches_ok,
+                "fetches_failed": status.fetches_failed,
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Ready when every credential holds a valid token. The top-level fields
+/// describe the first credential not ready (or the first one), so a
+/// single-credential set-up reads simply.
+fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
+    let credentials = credentials(state);
     let ready = credentials.iter().all(|c| c["ready"] == true);
     let headline = credentials
         .iter()
@@ -82,6 +143,114 @@ fn readiness(stores: &[(String, Arc<TokenStore>)]) -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json(code, body)
+}
+
+fn status(state: &AdminState) -> serde_json::Value {
+    let integrations: Vec<serde_json::Value> = state
+        .metrics
+        .integration_counts()
+        .into_iter()
+        .map(|(name, requests, errors)| {
+            serde_json::json!({
+                "integration": if name.is_empty() { "(none)".to_owned() } else { name },
+                "requests": requests,
+                "errors": errors,
+                "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.metrics.uptime().as_secs(),
+        "upstream": state.upstream,
+        "credentials": credentials(state),
+        "integrations": integrations,
+    })
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn cell(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "—".to_owned(),
+        serde_json::Value::String(s) => escape(s),
+        other => escape(&other.to_string()),
+    }
+}
+
+fn seconds(value: &serde_json::Value) -> String {
+    value
+        .as_u64()
+        .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
+        .unwrap_or_else(|| "—".to_owned())
+}
+
+/// The status page: one self-contained HTML document.
+fn status_page(status: &serde_json::Value) -> String {
+    let mut html = String::from(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"10\"><title>coupa-auth-proxy</title>\
+         <style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
+         table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
+         .ok{color:#060}.bad{color:#a00}</style></head><body>",
+    );
+    let _ = write!(
+        html,
+        "<h1>coupa-auth-proxy {}</h1><p>Upstream {} · up {}</p><h2>Credentials</h2>\
+         <table><tr><th>credential</th><th>client id</th><th>grant</th><th>scopes</th>\
+         <th>token age</th><th>expires in</th><th>last refresh</th><th>last error</th></tr>",
+        cell(&status["version"]),
+        cell(&status["upstream"]),
+        seconds(&status["uptime_seconds"]),
+    );
+    for c in status["credentials"].as_array().into_iter().flatten() {
+        let class = if c["ready"] == true { "ok" } else { "bad" };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td class=\"{class}\">{}</td><td>{}</td><td>{}</td></tr>",
+            cell(&c["credential"]),
+            cell(&c["client_id"]),
+            cell(&c["grant"]),
+            cell(&c["scopes"]),
+            seconds(&c["token_age_seconds"]),
+            seconds(&c["token_expires_in_seconds"]),
+            cell(&c["last_refresh"]),
+            cell(&c["last_token_error"]),
+        );
+    }
+    html.push_str(
+        "</table><h2>Integrations</h2><table><tr><th>integration</th><th>requests</th>\
+         <th>errors</th><th>error rate</th></tr>",
+    );
+    for i in status["integrations"].as_array().into_iter().flatten() {
+        let rate = i["error_rate"].as_f64().unwrap_or(0.0) * 100.0;
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{rate:.1} %</td></tr>",
+            cell(&i["integration"]),
+            cell(&i["requests"]),
+            cell(&i["errors"]),
+        );
+    }
+    html.push_str(
+        "</table><p><a href=\"/status.json\">status.json</a> · <a href=\"/metrics\">metrics</a></p>\
+         </body></html>",
+    );
+    html
+}
+
+fn text(content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

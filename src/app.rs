@@ -11,7 +11,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::admin::AdminState;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::{self, ClientInfo, Proxy};
 use crate::reload::Reloader;
 use crate::server::{self, Drain};
@@ -101,22 +103,28 @@ pub async fn run_with_reload(
     };
     let proxy_addr = local(&listeners.proxy);
     let admin_addr = local(&listeners.admin);
-    let admin_stores = Arc::new(stores.clone());
+    let stores = Arc::new(stores);
+    let metrics = Metrics::new(stores.clone());
+    let admin_state = Arc::new(AdminState::new(&config, stores.clone(), metrics.clone()));
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
         None,
         move |_peer, _guard| {
-            let stores = admin_stores.clone();
-            service_fn(move |request| crate::admin::handle(request, stores.clone()))
+            let state = admin_state.clone();
+            service_fn(move |request| crate::admin::handle(request, state.clone()))
         },
         server::Limits::default(),
         background.clone(),
         std::time::Duration::from_secs(1),
     ));
 
-    let upstream = proxy::upstream::build(&config.coupa, tls_config);
+    let upstream = proxy::upstream::build(
+        &config.coupa,
+        tls_config,
+        metrics.upstream_connections.clone(),
+    );
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
-    let proxy = Proxy::new(&config, &token_stores, upstream);
+    let proxy = Proxy::new(&config, &token_stores, upstream, metrics);
     if let Some(path) = config_path {
         let reloader = Reloader {
             path,

@@ -9,7 +9,8 @@
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener.
 //! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
-//! - [`admin`]: `/healthz` and `/readyz`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`reload`]: SIGHUP and file-change reload of secrets and integrations.
 //! - [`app`]: wires the above together for `run`.
 //! - [`tls`]: the outbound rustls configuration.
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod fake_coupa;
 pub mod framing;
 pub mod live;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod secret;

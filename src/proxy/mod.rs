@@ -35,6 +35,7 @@ use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::token::client::error_chain;
 use crate::token::{AfterRejection, TokenStore};
 use arc_swap::ArcSwap;
@@ -80,6 +81,16 @@ struct Inner {
     idle_timeout: Duration,
     replay_body_limit: usize,
     rate_limiter: Option<RateLimiter>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the request path learns about a request, for its log line and
+/// metrics.
+#[derive(Default)]
+struct Trace {
+    integration: Option<Arc<str>>,
+    /// Time spent waiting for Coupa's response headers (all attempts).
+    upstream: Option<Duration>,
 }
 
 /// Why one attempt to reach Coupa failed.
@@ -129,7 +140,12 @@ fn is_idempotent(method: &Method) -> bool {
 
 impl Proxy {
     /// `stores` holds one token store per entry of `config.credentials`.
-    pub fn new(config: &Config, stores: &[Arc<TokenStore>], client: UpstreamClient) -> Self {
+    pub fn new(
+        config: &Config,
+        stores: &[Arc<TokenStore>],
+        client: UpstreamClient,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let coupa = &config.coupa;
         let rules = RewriteRules {
             upstream_host: HeaderValue::from_str(coupa.authority.as_str())
@@ -168,6 +184,7 @@ impl Proxy {
                 idle_timeout: coupa.idle_timeout,
                 replay_body_limit: coupa.replay_body_limit,
                 rate_limiter: coupa.rate_limit.map(RateLimiter::new),
+                metrics,
             }),
         }
     }
@@ -185,12 +202,13 @@ impl Proxy {
         client: &ClientInfo,
     ) -> Response<ProxyBody> {
         let started = StdInstant::now();
+        let _in_flight = self.inner.metrics.in_flight();
         let request_id = headers::request_id(request.headers_mut());
         let method = request.method().clone();
         let target = request.uri().path_and_query().cloned();
-        let mut integration = None;
+        let mut trace = Trace::default();
         let mut response = match self
-            .forward(request, target.as_ref(), client, &mut integration)
+            .forward(request, target.as_ref(), client, &mut trace)
             .await
         {
             Ok(response) => response,
@@ -211,11 +229,18 @@ impl Proxy {
             target: "coupa_auth_proxy::access",
             method = %method,
             path = target.as_ref().map(|t| t.path()).unwrap_or(""),
-            integration = integration.as_deref().unwrap_or(""),
+            integration = trace.integration.as_deref().unwrap_or(""),
             request_id = request_id.to_str().unwrap_or(""),
             status = response.status().as_u16(),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             "request"
+        );
+        self.inner.metrics.record(
+            &method,
+            response.status(),
+            trace.integration.as_ref(),
+            started.elapsed(),
+            trace.upstream,
         );
         response
     }
@@ -225,7 +250,7 @@ impl Proxy {
         request: Request<Incoming>,
         target: Option<&PathAndQuery>,
         client: &ClientInfo,
-        integration: &mut Option<Arc<str>>,
+        trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
 
@@ -242,7 +267,7 @@ impl Proxy {
                 let found = integrations
                     .identify(request.headers().get(headers::X_COUPA_API_KEY))
                     .ok_or(ProxyError::UnknownApiKey)?;
-                *integration = Some(found.name.clone());
+                trace.integration = Some(found.name.clone());
                 &inner.credentials[found.credential]
             }
         };
@@ -270,7 +295,10 @@ impl Proxy {
 
         // send
         let first = self
-            .send(upstream_request(&method, &uri, headers.clone(), body))
+            .send(
+                upstream_request(&method, &uri, headers.clone(), body),
+                trace,
+            )
             .await;
         let mut response = match first {
             Ok(response) => response,
@@ -279,8 +307,11 @@ impl Proxy {
                     return Err(failure.into());
                 };
                 debug!(error = %ProxyError::from(failure), "retrying once on a fresh connection");
-                self.send(upstream_request(&method, &uri, headers.clone(), body))
-                    .await?
+                self.send(
+                    upstream_request(&method, &uri, headers.clone(), body),
+                    trace,
+                )
+                .await?
             }
             Err(failure) => return Err(failure.into()),
         };
@@ -288,7 +319,13 @@ impl Proxy {
         // on_rejected_token
         if response.status() == StatusCode::UNAUTHORIZED {
             if let Some(replayed) = self
-                .on_rejected_token(credential, &bearer, &replay, &method, &uri, headers)
+                .on_rejected_token(
+                    credential,
+                    &bearer,
+                    &replay,
+                    (&method, &uri, headers),
+                    trace,
+                )
                 .await
             {
                 response = replayed?;
@@ -312,9 +349,8 @@ impl Proxy {
         credential: &CredentialSlot,
         bearer: &HeaderValue,
         replay: &Replay,
-        method: &Method,
-        uri: &Uri,
-        mut headers: HeaderMap,
+        (method, uri, mut headers): (&Method, &Uri, HeaderMap),
+        trace: &mut Trace,
     ) -> Option<Result<Response<Incoming>, ProxyError>> {
         let store = &credential.store;
         let outcome = store.report_rejected(bearer, credential.rejected_token_cooldown);
@@ -331,7 +367,7 @@ impl Proxy {
         debug!("replaying a request Coupa answered 401 with a fresh token");
         headers.insert(AUTHORIZATION, fresh);
         Some(
-            self.send(upstream_request(method, uri, headers, body))
+            self.send(upstream_request(method, uri, headers, body), trace)
                 .await
                 .map_err(ProxyError::from),
         )
@@ -342,14 +378,18 @@ impl Proxy {
     async fn send(
         &self,
         request: Request<UpstreamBody>,
+        trace: &mut Trace,
     ) -> Result<Response<Incoming>, SendFailure> {
         let inner = &*self.inner;
         if let Some(limiter) = &inner.rate_limiter {
             limiter.acquire().await.map_err(SendFailure::RateLimited)?;
         }
-        match tokio::time::timeout(inner.response_header_timeout, inner.client.request(request))
-            .await
-        {
+        let sent = StdInstant::now();
+        let result =
+            tokio::time::timeout(inner.response_header_timeout, inner.client.request(request))
+                .await;
+        *trace.upstream.get_or_insert(Duration::ZERO) += sent.elapsed();
+        match result {
             Ok(result) => result.map_err(SendFailure::Client),
             Err(_) => Err(SendFailure::Timeout(inner.response_header_timeout)),
         }

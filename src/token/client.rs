@@ -94,6 +94,16 @@ impl FetchError {
             if matches!(code.as_str(), "invalid_client" | "invalid_scope" | "unauthorized_client"))
     }
 
+    /// The metrics label of this failure.
+    pub fn outcome(&self) -> &str {
+        match self {
+            FetchError::Network(_) | FetchError::Timeout(_) => "network",
+            FetchError::OAuth { code, .. } => code,
+            FetchError::Http { .. } => "http_error",
+            FetchError::BadResponse(_) => "bad_response",
+        }
+    }
+
     /// The message plus the hint, as one line for logs and the CLI.
     pub fn explain(&self) -> String {
         match self.hint() {

@@ -185,7 +185,7 @@ impl<S: TokenSource> Refresher<S> {
                             }
                         }
                         self.log_failure(&message, retry_in, &mut last_failure);
-                        self.store.record_failure(message, retry_in);
+                        self.store.record_failure(err.outcome(), message, retry_in);
                         Instant::now() + retry_in
                     }
                 }
@@ -241,8 +241,11 @@ impl<S: TokenSource> Refresher<S> {
             Err(_) => {
                 // Checked by the client already; kept as a guard.
                 let retry_in = self.policy.retry_initial;
-                self.store
-                    .record_failure("token is not a valid header value".to_owned(), retry_in);
+                self.store.record_failure(
+                    "bad_response",
+                    "token is not a valid header value".to_owned(),
+                    retry_in,
+                );
                 return Some(Instant::now() + retry_in);
             }
         };

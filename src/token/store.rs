@@ -102,7 +102,10 @@ struct ForcedRefresh {
 pub struct TokenStore {
     current: ArcSwapOption<ActiveToken>,
     status: Mutex<TokenStatus>,
-    /// Bumped on every install, so waiters learn of a new token.
+    /// Token requests by outcome label, for metrics.
+    outcomes: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Bumped on every install and every failed fetch, so waiters learn
+    /// of a new token, or that none is coming for now.
     installed: tokio::sync::watch::Sender<u64>,
     /// Wakes the refresher for an out-of-schedule fetch whose token replaces
     /// a rejected one at once.
@@ -124,6 +127,7 @@ impl TokenStore {
         Self {
             current: ArcSwapOption::empty(),
             status: Mutex::new(TokenStatus::default()),
+            outcomes: Mutex::new(std::collections::BTreeMap::new()),
             installed: tokio::sync::watch::Sender::new(0),
             refresh_now: tokio::sync::Notify::new(),
             renew_now: tokio::sync::Notify::new(),
@@ -184,19 +188,24 @@ impl TokenStore {
         AfterRejection::Wait
     }
 
-    /// Waits up to `timeout` for a valid token other than `rejected`.
+    /// Waits up to `timeout` for a valid token other than `rejected`; gives
+    /// up early when a token fetch fails meanwhile.
     pub async fn wait_for_replacement(
         &self,
         rejected: &HeaderValue,
         timeout: Duration,
     ) -> Option<HeaderValue> {
         let mut installs = self.installed.subscribe();
+        let failures_before = self.status().fetches_failed;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(current) = self.bearer(Instant::now()) {
                 if current != *rejected {
                     return Some(current);
                 }
+            }
+            if self.status().fetches_failed > failures_before {
+                return None;
             }
             match tokio::time::timeout_at(deadline, installs.changed()).await {
                 Ok(Ok(())) => continue,
@@ -223,7 +232,22 @@ impl TokenStore {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Token requests so far by outcome (`ok`, `network`, an OAuth code…).
+    pub fn fetch_outcomes(&self) -> Vec<(String, u64)> {
+        self.outcomes
+            .lock()
+            .map(|o| o.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    fn count_outcome(&self, outcome: &str) {
+        if let Ok(mut outcomes) = self.outcomes.lock() {
+            *outcomes.entry(outcome.to_owned()).or_default() += 1;
+        }
+    }
+
     pub(crate) fn record_success(&self) {
+        self.count_outcome("ok");
         if let Ok(mut s) = self.status.lock() {
             s.fetches_ok += 1;
             s.last_error = None;
@@ -232,12 +256,14 @@ impl TokenStore {
         }
     }
 
-    pub(crate) fn record_failure(&self, message: String, retry_in: Duration) {
+    pub(crate) fn record_failure(&self, outcome: &str, message: String, retry_in: Duration) {
+        self.count_outcome(outcome);
         if let Ok(mut s) = self.status.lock() {
             s.fetches_failed += 1;
             s.last_error = Some(message);
             s.next_attempt = Some(SystemTime::now() + retry_in);
         }
+        self.installed.send_modify(|generation| *generation += 1);
     }
 }
 
@@ -309,6 +335,19 @@ mod tests {
         );
         tokio::time::advance(cooldown).await;
         assert_eq!(store.report_rejected(&new, cooldown), AfterRejection::Wait);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_replacement_ends_when_the_fetch_fails() {
+        let store = TokenStore::new();
+        let old = HeaderValue::from_static("Bearer old");
+        let started = Instant::now();
+        let waiter = store.wait_for_replacement(&old, Duration::from_secs(30));
+        tokio::pin!(waiter);
+        assert!(futures_util::poll!(waiter.as_mut()).is_pending());
+        store.record_failure("invalid_client", "refused".into(), Duration::from_secs(60));
+        assert_eq!(waiter.await, None);
+        assert_eq!(Instant::now(), started, "no waiting out the timeout");
     }
 
     #[tokio::test(start_paused = true)]
