@@ -105,6 +105,7 @@ address = "{admin_addr}"
          \n  fake Coupa  {base} (OAuth client {DEMO_CLIENT_ID:?}, tokens live 24 h)\
          \n  proxy       http://{proxy_addr}\
          \n  readiness   http://{admin_addr}/readyz\
+         \n  status      http://{admin_addr}/ (metrics at /metrics)\
          \n\nA legacy integration's call, sent to the proxy with an old API key:\n\
          \n  curl -s -H 'X-COUPA-API-KEY: 0123456789abcdef0123456789abcdef01234567' 'http://{proxy_addr}/api/invoices?limit=1&offset=0'\n\
          \nThe fake Coupa answers with what it received: no X-COUPA-API-KEY, an\
