@@ -160,9 +160,14 @@ async fn a_reload_that_adds_a_scope_fetches_one_new_token_and_uses_it() {
     })
     .await;
     assert_eq!(fake.state().token_requests(), before + 1);
-    let logs = proxy.logs();
-    assert!(logs.contains("token request changed"), "{logs}");
-    assert!(logs.contains("core.supplier.read"));
+    eventually("the change is logged with the new scopes", || {
+        let logs = proxy.logs();
+        async move {
+            logs.lines()
+                .any(|l| l.contains("token request changed") && l.contains("core.supplier.read"))
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

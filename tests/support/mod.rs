@@ -219,6 +219,9 @@ pub fn binary() -> PathBuf {
 pub struct ProxyProcess {
     pub child: Child,
     pub logs: Arc<Mutex<String>>,
+    /// Copies the child's stderr into `logs`; done once the child exited
+    /// and every line was read.
+    log_reader: std::thread::JoinHandle<()>,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     _dir: tempdir::Dir,
@@ -286,7 +289,7 @@ impl ProxyProcess {
         let logs = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -318,6 +321,7 @@ impl ProxyProcess {
         Self {
             child,
             logs,
+            log_reader,
             addr,
             admin,
             _dir: dir,
@@ -371,12 +375,15 @@ impl ProxyProcess {
         assert!(status.success());
     }
 
-    /// Waits for exit (polling, bounded) and returns the exit code.
+    /// Waits for exit (polling, bounded) and for the last log line to be
+    /// read, and returns the exit code.
     pub async fn wait_exit(&mut self) -> Option<i32> {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
+                if self.log_reader.is_finished() {
+                    return status.code();
+                }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
