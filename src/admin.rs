@@ -2,8 +2,9 @@
 //! status page for people.
 //!
 //! - `/healthz`: 200 while the process runs.
-//! - `/readyz`: 200 only while every credential holds a valid token, so a
-//!   load balancer never routes to a proxy that would answer 503.
+//! - `/readyz`: 200 only while every credential holds a valid token and the
+//!   proxy is not shutting down, so a load balancer never routes to a proxy
+//!   that would answer 503 or is draining.
 //! - `/metrics`: Prometheus text format ([`crate::metrics`]).
 //! - `/` and `/status.json`: credentials, integrations, version, uptime —
 //!   server-rendered, no external assets, nothing secret.
@@ -29,6 +30,9 @@ struct CredentialInfo {
 }
 
 pub struct AdminState {
+    /// Cancelled when the proxy starts draining: from then on `/readyz`
+    /// says 503 so load balancers stop sending new requests.
+    draining: tokio_util::sync::CancellationToken,
     stores: Stores,
     metrics: Arc<Metrics>,
     credentials: Vec<CredentialInfo>,
@@ -36,8 +40,14 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    pub fn new(config: &Config, stores: Stores, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        draining: tokio_util::sync::CancellationToken,
+    ) -> Self {
         Self {
+            draining,
             stores,
             metrics,
             credentials: config
@@ -124,7 +134,8 @@ fn credentials(state: &AdminState) -> Vec<serde_json::Value> {
 /// single-credential set-up reads simply.
 fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
     let credentials = credentials(state);
-    let ready = credentials.iter().all(|c| c["ready"] == true);
+    let draining = state.draining.is_cancelled();
+    let ready = !draining && credentials.iter().all(|c| c["ready"] == true);
     let headline = credentials
         .iter()
         .find(|c| c["ready"] != true)
@@ -133,6 +144,7 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         .unwrap_or_default();
     let body = serde_json::json!({
         "ready": ready,
+        "draining": draining,
         "token_expires_in_seconds": headline["token_expires_in_seconds"],
         "last_token_error": headline["last_token_error"],
         "credentials": credentials,

@@ -105,7 +105,12 @@ pub async fn run_with_reload(
     let admin_addr = local(&listeners.admin);
     let stores = Arc::new(stores);
     let metrics = Metrics::new(stores.clone());
-    let admin_state = Arc::new(AdminState::new(&config, stores.clone(), metrics.clone()));
+    let admin_state = Arc::new(AdminState::new(
+        &config,
+        stores.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
         None,

@@ -96,3 +96,22 @@ async fn sigterm_under_load_loses_no_in_flight_request() {
     }
     assert_eq!(proxy.wait_exit().await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_while_draining() {
+    let (fake, proxy) = start_pair(Duration::from_secs(86_399)).await;
+    let slow = tokio::spawn(get(proxy.url("/api/_slow?ms=1500")));
+    eventually("the slow request reaches Coupa", || {
+        let n = fake.state().api_requests();
+        async move { n >= 1 }
+    })
+    .await;
+    assert_eq!(get(proxy.admin_url("/readyz")).await.status(), 200);
+    proxy.shutdown.cancel();
+    let ready = get(proxy.admin_url("/readyz")).await;
+    assert_eq!(ready.status(), 503, "a draining proxy is not ready");
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["draining"], true);
+    assert_eq!(slow.await.unwrap().status(), 200);
+    proxy.task.await.unwrap();
+}
