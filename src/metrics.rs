@@ -77,6 +77,9 @@ pub struct Metrics {
     in_flight: Gauge,
     pub upstream_connections: Gauge,
     by_integration: RwLock<Vec<(Arc<str>, Arc<IntegrationCounts>)>>,
+    /// The label of traffic without integrations, made once rather than
+    /// allocated per request.
+    unnamed: Arc<str>,
     started: SystemTime,
 }
 
@@ -133,6 +136,7 @@ impl Metrics {
             in_flight,
             upstream_connections,
             by_integration: RwLock::new(Vec::new()),
+            unnamed: Arc::from(""),
             started: SystemTime::now(),
         })
     }
@@ -151,7 +155,7 @@ impl Metrics {
         total: Duration,
         upstream: Option<Duration>,
     ) {
-        let name = integration.cloned().unwrap_or_else(|| Arc::from(""));
+        let name = integration.unwrap_or(&self.unnamed).clone();
         self.requests
             .get_or_create(&RequestLabels {
                 method: MethodClass::of(method),

@@ -88,8 +88,9 @@ address = "127.0.0.1:0"
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_integration_gets_a_token_with_its_own_scopes() {
+/// Fake with two clients, and the proxy with two integrations, ready. The
+/// directory holds a secret file and must outlive the proxy.
+async fn start_two_integrations() -> (FakeCoupa, TestProxy, tempdir::Dir) {
     let fake = two_client_fake().await;
     let dir = tempdir::Dir::new("integrations");
     let proxy = TestProxy::start(parse_config(&two_integration_config(
@@ -98,6 +99,12 @@ async fn each_integration_gets_a_token_with_its_own_scopes() {
     )))
     .await;
     proxy.wait_ready().await;
+    (fake, proxy, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_integration_gets_a_token_with_its_own_scopes() {
+    let (fake, proxy, _dir) = start_two_integrations().await;
     let client = http_client();
     for (key, scope) in [
         (ERP_KEY, "core.invoice.read core.invoice.write"),
@@ -130,14 +137,7 @@ async fn each_integration_gets_a_token_with_its_own_scopes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_or_missing_key_gets_401_and_nothing_is_forwarded() {
-    let fake = two_client_fake().await;
-    let dir = tempdir::Dir::new("integrations");
-    let proxy = TestProxy::start(parse_config(&two_integration_config(
-        &fake.base_url(),
-        dir.path(),
-    )))
-    .await;
-    proxy.wait_ready().await;
+    let (fake, proxy, _dir) = start_two_integrations().await;
     let client = http_client();
     for key in [Some("not-a-known-key"), Some(""), None] {
         let mut request = client.get(proxy.url("/api/invoices"));
