@@ -128,7 +128,8 @@ impl Reloader {
     fn reload_cert(&self) {
         let Some(cert) = &self.cert else { return };
         match cert.reload() {
-            Ok(()) => info!("TLS certificate reloaded"),
+            Ok(true) => info!("TLS certificate reloaded"),
+            Ok(false) => {}
             Err(err) => {
                 error!(error = %err, "TLS certificate reload failed; the current certificate stays")
             }

@@ -128,10 +128,14 @@ impl ReloadingCert {
     }
 
     /// Reads the files again; on failure the current certificate stays.
-    pub fn reload(&self) -> Result<(), ServerTlsError> {
+    /// Returns whether the certificate changed.
+    pub fn reload(&self) -> Result<bool, ServerTlsError> {
         let fresh = load_certified_key(&self.cert_file, &self.key_file)?;
+        if fresh.cert == self.current.load().cert {
+            return Ok(false);
+        }
         self.current.store(Arc::new(fresh));
-        Ok(())
+        Ok(true)
     }
 
     pub fn files(&self) -> [&Path; 2] {
