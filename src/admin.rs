@@ -27,6 +27,7 @@ use crate::metrics::{Metrics, Stores};
 struct CredentialInfo {
     client_id: String,
     scopes: String,
+    grant: &'static str,
 }
 
 pub struct AdminState {
@@ -56,6 +57,7 @@ impl AdminState {
                 .map(|c| CredentialInfo {
                     client_id: c.oauth.client_id.clone(),
                     scopes: c.oauth.scopes.join(" "),
+                    grant: c.oauth.grant.kind().as_str(),
                 })
                 .collect(),
             upstream: config.coupa.base_url.clone(),
@@ -111,10 +113,12 @@ fn credentials(state: &AdminState) -> Vec<serde_json::Value> {
             let age = token
                 .as_ref()
                 .map(|t| now.saturating_duration_since(t.issued_at).as_secs());
+            let wall_now = SystemTime::now();
+            let refresh = status.refresh_token.as_ref();
             serde_json::json!({
                 "credential": name,
                 "client_id": info.client_id,
-                "grant": "client_credentials",
+                "grant": info.grant,
                 "scopes": info.scopes,
                 "granted_scopes": token.as_ref().and_then(|t| t.scope.clone()),
                 "ready": token.is_some(),
@@ -124,6 +128,8 @@ fn credentials(state: &AdminState) -> Vec<serde_json::Value> {
                 "last_token_error": status.last_error,
                 "fetches_ok": status.fetches_ok,
                 "fetches_failed": status.fetches_failed,
+                "refresh_token_expires_in_seconds": refresh.map(|r| r.remaining(wall_now).as_secs()),
+                "warning": refresh.and_then(|r| r.warning(wall_now)),
             })
         })
         .collect()
@@ -142,9 +148,22 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         .or_else(|| credentials.first())
         .cloned()
         .unwrap_or_default();
+    // Not a reason to refuse traffic today, but someone must act soon.
+    let warnings: Vec<String> = credentials
+        .iter()
+        .filter_map(|c| {
+            c["warning"].as_str().map(|w| {
+                format!(
+                    "credential {}: {w}",
+                    c["credential"].as_str().unwrap_or("?")
+                )
+            })
+        })
+        .collect();
     let body = serde_json::json!({
         "ready": ready,
         "draining": draining,
+        "warnings": warnings,
         "token_expires_in_seconds": headline["token_expires_in_seconds"],
         "last_token_error": headline["last_token_error"],
         "credentials": credentials,
@@ -215,7 +234,8 @@ fn status_page(status: &serde_json::Value) -> String {
         html,
         "<h1>coupa-auth-proxy {}</h1><p>Upstream {} · up {}</p><h2>Credentials</h2>\
          <table><tr><th>credential</th><th>client id</th><th>grant</th><th>scopes</th>\
-         <th>token age</th><th>expires in</th><th>last refresh</th><th>last error</th></tr>",
+         <th>token age</th><th>expires in</th><th>last refresh</th><th>last error</th>\
+         <th>refresh token ends in</th></tr>",
         cell(&status["version"]),
         cell(&status["upstream"]),
         seconds(&status["uptime_seconds"]),
@@ -225,7 +245,7 @@ fn status_page(status: &serde_json::Value) -> String {
         let _ = write!(
             html,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td class=\"{class}\">{}</td><td>{}</td><td>{}</td></tr>",
+             <td class=\"{class}\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             cell(&c["credential"]),
             cell(&c["client_id"]),
             cell(&c["grant"]),
@@ -234,6 +254,10 @@ fn status_page(status: &serde_json::Value) -> String {
             seconds(&c["token_expires_in_seconds"]),
             cell(&c["last_refresh"]),
             cell(&c["last_token_error"]),
+            match c["warning"].as_str() {
+                Some(warning) => format!("<span class=\"bad\">{}</span>", escape(warning)),
+                None => seconds(&c["refresh_token_expires_in_seconds"]),
+            },
         );
     }
     html.push_str(

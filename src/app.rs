@@ -18,14 +18,15 @@ use crate::proxy::{self, ClientInfo, Proxy};
 use crate::reload::Reloader;
 use crate::server::{self, Drain};
 use crate::tls;
-use crate::token::{FetchError, RefreshPolicy, Refresher, TokenClient, TokenStore};
+use crate::token::source::SourceError;
+use crate::token::{CredentialSource, RefreshPolicy, Refresher, TokenStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("cannot build the token client: {0}")]
-    TokenClient(#[from] FetchError),
+    #[error(transparent)]
+    TokenSource(#[from] SourceError),
     #[error("listen.tls: {0}")]
     ServerTls(#[from] tls::ServerTlsError),
 }
@@ -72,16 +73,27 @@ pub async fn run_with_reload(
     // Background work stops only after the proxy has drained, so requests
     // finishing during the grace period still see a token.
     let background = CancellationToken::new();
-    // One store and one refresher per credential.
-    let mut stores = Vec::with_capacity(config.credentials.len());
-    let mut background_tasks = Vec::with_capacity(config.credentials.len());
-    let mut handles = Vec::with_capacity(config.credentials.len());
+    // One store and one refresher per credential. Every source is built
+    // before any refresher starts, so a missing consent stops start-up
+    // with nothing left running.
+    let mut sources = Vec::with_capacity(config.credentials.len());
     for credential in &config.credentials {
         let store = Arc::new(TokenStore::new());
-        let client = TokenClient::new(&credential.oauth, tls_config.clone())?;
-        handles.push((client.params_handle(), store.clone()));
+        let source = CredentialSource::new(
+            credential,
+            tls_config.clone(),
+            config_path.as_deref(),
+            store.clone(),
+        )?;
+        sources.push((credential, source, store));
+    }
+    let mut stores = Vec::with_capacity(sources.len());
+    let mut background_tasks = Vec::with_capacity(sources.len());
+    let mut handles = Vec::with_capacity(sources.len());
+    for (credential, source, store) in sources {
+        handles.push((source.params_handle(), store.clone()));
         let refresher = Refresher {
-            client,
+            client: source,
             store: store.clone(),
             policy: RefreshPolicy::from(&credential.oauth),
             credential: credential.name.clone(),

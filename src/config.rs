@@ -199,6 +199,14 @@ struct OAuthFile {
     request_timeout: Duration,
     #[serde(default = "default_rejected_token_cooldown", with = "humantime_serde")]
     rejected_token_cooldown: Duration,
+    #[serde(default)]
+    grant: GrantKind,
+    state_file: Option<PathBuf>,
+    redirect_uri: Option<String>,
+    authorize_url: Option<String>,
+    device_authorization_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    refresh_token_lifetime: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +301,35 @@ pub enum ClientAuth {
     /// HTTP Basic authentication.
     Basic,
 }
+
+/// How a credential obtains its tokens (`grant` in an `[oauth]` table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// System-to-system: the client's own id and secret, no user.
+    #[default]
+    ClientCredentials,
+    /// A user consents once in a browser (PKCE); refresh tokens after that.
+    AuthorizationCode,
+    /// A user consents once on another device with a short code.
+    DeviceCode,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::AuthorizationCode => "authorization_code",
+            Self::DeviceCode => "device_code",
+        }
+    }
+}
+
+/// Coupa's refresh tokens last 90 days.
+pub const DEFAULT_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+/// The authorization code grant's default redirect URI: a loopback
+/// listener `authorize` starts for the length of the consent.
+pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
 
 // ---------------------------------------------------------------------------
 // Validated model (what the proxy runs on)
@@ -403,7 +440,8 @@ pub struct RateLimit {
 #[derive(Debug, Clone)]
 pub struct OAuth {
     pub client_id: String,
-    pub client_secret: Secret,
+    /// `None` for a public client (PKCE alone; user grants only).
+    pub client_secret: Option<Secret>,
     /// Where the secret came from, for the summary (never the value).
     pub secret_source: SecretSource,
     pub scopes: Vec<String>,
@@ -416,12 +454,61 @@ pub struct OAuth {
     pub request_timeout: Duration,
     /// After a 401-triggered token fetch, no other one starts within this.
     pub rejected_token_cooldown: Duration,
+    pub grant: Grant,
+}
+
+/// The grant with what it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    ClientCredentials,
+    AuthorizationCode {
+        authorize_url: String,
+        /// Loopback `http://` URI; port 0 means any free port.
+        redirect_uri: url::Url,
+        consent: Consent,
+    },
+    DeviceCode {
+        device_authorization_url: String,
+        consent: Consent,
+    },
+}
+
+impl Grant {
+    pub fn kind(&self) -> GrantKind {
+        match self {
+            Self::ClientCredentials => GrantKind::ClientCredentials,
+            Self::AuthorizationCode { .. } => GrantKind::AuthorizationCode,
+            Self::DeviceCode { .. } => GrantKind::DeviceCode,
+        }
+    }
+
+    /// Where a user-consented grant keeps its tokens; `None` for client
+    /// credentials.
+    pub fn consent(&self) -> Option<&Consent> {
+        match self {
+            Self::ClientCredentials => None,
+            Self::AuthorizationCode { consent, .. } | Self::DeviceCode { consent, .. } => {
+                Some(consent)
+            }
+        }
+    }
+}
+
+/// Settings shared by the user-consented grants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consent {
+    /// Refresh and access token, written by `authorize` and by every refresh.
+    pub state_file: PathBuf,
+    /// How long a refresh token lasts from its issue (Coupa: 90 days).
+    pub refresh_token_lifetime: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     Inline,
     File(PathBuf),
+    /// A public client: no secret at all.
+    None,
 }
 
 impl fmt::Display for SecretSource {
@@ -429,6 +516,7 @@ impl fmt::Display for SecretSource {
         match self {
             Self::Inline => f.write_str("client_secret"),
             Self::File(path) => write!(f, "client_secret_file {}", path.display()),
+            Self::None => f.write_str("none: public client"),
         }
     }
 }
@@ -566,7 +654,14 @@ impl Config {
                 (format!("{prefix}.client_id"), o.client_id.clone()),
                 (
                     format!("{prefix}.client_secret"),
-                    format!("<redacted> (from {})", o.secret_source),
+                    match o.secret_source {
+                        SecretSource::None => "(none: public client, PKCE only)".to_owned(),
+                        ref source => format!("<redacted> (from {source})"),
+                    },
+                ),
+                (
+                    format!("{prefix}.grant"),
+                    o.grant.kind().as_str().to_owned(),
                 ),
                 (format!("{prefix}.scopes"), o.scopes.join(" ")),
                 (format!("{prefix}.token_url"), o.token_url.clone()),
@@ -596,6 +691,36 @@ impl Config {
                     d(o.rejected_token_cooldown),
                 ),
             ]);
+            match &o.grant {
+                Grant::ClientCredentials => {}
+                Grant::AuthorizationCode {
+                    authorize_url,
+                    redirect_uri,
+                    ..
+                } => rows.extend([
+                    (format!("{prefix}.authorize_url"), authorize_url.clone()),
+                    (format!("{prefix}.redirect_uri"), redirect_uri.to_string()),
+                ]),
+                Grant::DeviceCode {
+                    device_authorization_url,
+                    ..
+                } => rows.push((
+                    format!("{prefix}.device_authorization_url"),
+                    device_authorization_url.clone(),
+                )),
+            }
+            if let Some(consent) = o.grant.consent() {
+                rows.extend([
+                    (
+                        format!("{prefix}.state_file"),
+                        consent.state_file.display().to_string(),
+                    ),
+                    (
+                        format!("{prefix}.refresh_token_lifetime"),
+                        d(consent.refresh_token_lifetime),
+                    ),
+                ]);
+            }
         }
         if self.integrations.is_empty() {
             rows.push((
@@ -889,6 +1014,12 @@ fn validate_oauth(
         retry_max,
         request_timeout,
         rejected_token_cooldown,
+        grant,
+        state_file,
+        redirect_uri,
+        authorize_url,
+        device_authorization_url,
+        refresh_token_lifetime,
     } = oauth;
     let token_url = match token_url {
         Some(url) => parse_endpoint(&format!("{prefix}.token_url"), &url)?.to_string(),
@@ -904,11 +1035,12 @@ fn validate_oauth(
                 "set either client_secret or client_secret_file, not both",
             ))
         }
+        (None, None) if grant != GrantKind::ClientCredentials => (None, SecretSource::None),
         (None, None) => return Err(invalid(
             format!("{prefix}.client_secret"),
             "missing: set client_secret (e.g. \"${COUPA_CLIENT_SECRET}\") or client_secret_file",
         )),
-        (Some(secret), None) => (Secret::new(secret), SecretSource::Inline),
+        (Some(secret), None) => (Some(Secret::new(secret)), SecretSource::Inline),
         (None, Some(path)) => {
             let path = base_dir.join(path);
             let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -919,10 +1051,13 @@ fn validate_oauth(
             })?;
             // Secret files are usually written with a trailing newline.
             let secret = Secret::new(text.trim_end_matches(['\r', '\n']));
-            (secret, SecretSource::File(path))
+            (Some(secret), SecretSource::File(path))
         }
     };
-    if client_secret.expose().trim().is_empty() {
+    if client_secret
+        .as_ref()
+        .is_some_and(|s| s.expose().trim().is_empty())
+    {
         return Err(invalid(format!("{prefix}.client_secret"), "is empty"));
     }
 
@@ -959,7 +1094,22 @@ fn validate_oauth(
             "must be positive",
         ));
     }
+    let grant = validate_grant(
+        prefix,
+        GrantFile {
+            kind: grant,
+            state_file,
+            redirect_uri,
+            authorize_url,
+            device_authorization_url,
+            refresh_token_lifetime,
+        },
+        &scopes,
+        base_dir,
+        base_url,
+    )?;
     Ok(OAuth {
+        grant,
         client_id,
         client_secret,
         secret_source,
@@ -972,6 +1122,123 @@ fn validate_oauth(
         retry_max,
         request_timeout,
         rejected_token_cooldown,
+    })
+}
+
+/// The grant-specific keys of an `[oauth]` table.
+struct GrantFile {
+    kind: GrantKind,
+    state_file: Option<PathBuf>,
+    redirect_uri: Option<String>,
+    authorize_url: Option<String>,
+    device_authorization_url: Option<String>,
+    refresh_token_lifetime: Option<Duration>,
+}
+
+fn validate_grant(
+    prefix: &str,
+    file: GrantFile,
+    scopes: &[String],
+    base_dir: &Path,
+    base_url: &str,
+) -> Result<Grant, ConfigError> {
+    let key = |name: &str| format!("{prefix}.{name}");
+    let only_for = |name: &str, grants: &str| {
+        invalid(
+            key(name),
+            format!(
+                "only applies to grant = {grants} (this credential's grant is {})",
+                file.kind.as_str()
+            ),
+        )
+    };
+    let user_grants = "\"authorization_code\" or \"device_code\"";
+    if file.kind == GrantKind::ClientCredentials {
+        if file.state_file.is_some() {
+            return Err(only_for("state_file", user_grants));
+        }
+        if file.refresh_token_lifetime.is_some() {
+            return Err(only_for("refresh_token_lifetime", user_grants));
+        }
+    }
+    if file.kind != GrantKind::AuthorizationCode {
+        if file.redirect_uri.is_some() {
+            return Err(only_for("redirect_uri", "\"authorization_code\""));
+        }
+        if file.authorize_url.is_some() {
+            return Err(only_for("authorize_url", "\"authorization_code\""));
+        }
+    }
+    if file.kind != GrantKind::DeviceCode && file.device_authorization_url.is_some() {
+        return Err(only_for("device_authorization_url", "\"device_code\""));
+    }
+    if file.kind == GrantKind::ClientCredentials {
+        return Ok(Grant::ClientCredentials);
+    }
+    if !scopes.iter().any(|s| s == "offline_access") {
+        return Err(invalid(
+            key("scopes"),
+            "add \"offline_access\": without it Coupa issues no refresh token, and the proxy would \
+             need a new consent every day",
+        ));
+    }
+    let state_file = file.state_file.ok_or_else(|| {
+        invalid(
+            key("state_file"),
+            "missing: user-consented grants keep their tokens in a file, e.g. \
+             state_file = \"/var/lib/coupa-auth-proxy/NAME.json\"",
+        )
+    })?;
+    let refresh_token_lifetime = file
+        .refresh_token_lifetime
+        .unwrap_or(DEFAULT_REFRESH_TOKEN_LIFETIME);
+    if refresh_token_lifetime.is_zero() {
+        return Err(invalid(key("refresh_token_lifetime"), "must be positive"));
+    }
+    let consent = Consent {
+        state_file: base_dir.join(state_file),
+        refresh_token_lifetime,
+    };
+    let endpoint = |name: &str, given: Option<String>, default_path: &str| match given {
+        Some(url) => parse_endpoint(&key(name), &url).map(|u| u.to_string()),
+        None => Ok(format!("{base_url}{default_path}")),
+    };
+    Ok(match file.kind {
+        GrantKind::AuthorizationCode => {
+            let text = file
+                .redirect_uri
+                .unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_owned());
+            let redirect_uri = url::Url::parse(&text)
+                .map_err(|e| invalid(key("redirect_uri"), format!("{text:?} is not a URL: {e}")))?;
+            let loopback = redirect_uri.host().is_some_and(|h| is_loopback(&h));
+            if redirect_uri.scheme() != "http" || !loopback || redirect_uri.port().is_none() {
+                return Err(invalid(
+                    key("redirect_uri"),
+                    format!(
+                        "{text:?} must be http://127.0.0.1:PORT/PATH (or localhost): `authorize` \
+                         listens there for Coupa's redirect; register the same URI on the client in Coupa"
+                    ),
+                ));
+            }
+            Grant::AuthorizationCode {
+                authorize_url: endpoint(
+                    "authorize_url",
+                    file.authorize_url,
+                    "/oauth2/authorizations/new",
+                )?,
+                redirect_uri,
+                consent,
+            }
+        }
+        GrantKind::DeviceCode => Grant::DeviceCode {
+            device_authorization_url: endpoint(
+                "device_authorization_url",
+                file.device_authorization_url,
+                "/oauth2/device_authorizations",
+            )?,
+            consent,
+        },
+        GrantKind::ClientCredentials => Grant::ClientCredentials,
     })
 }
 
@@ -1191,7 +1458,12 @@ address = "127.0.0.1:9090"
     fn minimal_config_gets_documented_defaults() {
         let config = load(MINIMAL).unwrap();
         assert_eq!(
-            config.credentials[0].oauth.client_secret.expose(),
+            config.credentials[0]
+                .oauth
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose(),
             "s3cr3t-value"
         );
         assert_eq!(

@@ -5,7 +5,10 @@
 //! - [`config`]: the TOML file, `${ENV}` expansion, validation into [`config::Config`].
 //! - [`secret`]: the redacting wrapper for secret strings.
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
-//!   rotating ([`token::refresher`]) the access token — background work.
+//!   rotating ([`token::refresher`]) the access token — background work;
+//!   user-consented grants renew from a state file ([`token::user_grant`]).
+//! - [`authorize`]: the `authorize` subcommand, a user's one-time consent
+//!   (authorization code with PKCE, or device code).
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener.
 //! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
@@ -23,6 +26,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authorize;
 pub mod config;
 pub mod demo;
 pub mod fake_coupa;

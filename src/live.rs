@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use crate::config::{Config, Credential};
 use crate::token::client::error_chain;
-use crate::token::TokenClient;
+use crate::token::refresher::TokenSource;
+use crate::token::{CredentialSource, TokenStore};
 
 /// Coupa's cheapest call: one department, only its id fields.
 pub const DEFAULT_LIVE_PATH: &str = "/api/departments?return_object=limited&limit=1";
@@ -19,16 +20,21 @@ pub struct CredentialReport {
 }
 
 /// Checks every credential; the report is human-readable.
-pub async fn check(config: &Config, path: &str) -> Vec<CredentialReport> {
+pub async fn check(
+    config: &Config,
+    config_path: Option<&std::path::Path>,
+    path: &str,
+) -> Vec<CredentialReport> {
     let mut reports = Vec::new();
     for credential in &config.credentials {
-        reports.push(check_credential(config, credential, path).await);
+        reports.push(check_credential(config, config_path, credential, path).await);
     }
     reports
 }
 
 async fn check_credential(
     config: &Config,
+    config_path: Option<&std::path::Path>,
     credential: &Credential,
     path: &str,
 ) -> CredentialReport {
@@ -40,9 +46,11 @@ async fn check_credential(
         Ok(tls) => tls,
         Err(err) => return failed(text, format!("  tls         FAILED: {err}\n")),
     };
-    let client = match TokenClient::new(&credential.oauth, tls.clone()) {
+    // A user-consented credential renews from its state file, as `run` would.
+    let store = std::sync::Arc::new(TokenStore::new());
+    let client = match CredentialSource::new(credential, tls.clone(), config_path, store) {
         Ok(client) => client,
-        Err(err) => return failed(text, format!("  token       FAILED: {}\n", err.explain())),
+        Err(err) => return failed(text, format!("  token       FAILED: {err}\n")),
     };
     let token = match client.fetch().await {
         Ok(token) => token,

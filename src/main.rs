@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use coupa_auth_proxy::app::{self, Listeners};
+use coupa_auth_proxy::config::Credential;
 use coupa_auth_proxy::config::{Config, CONFIG_ENV};
 use coupa_auth_proxy::telemetry::{self, LogFormat};
-use coupa_auth_proxy::token::TokenClient;
+use coupa_auth_proxy::token::refresher::TokenSource;
+use coupa_auth_proxy::token::{CredentialSource, TokenClient, TokenRequest, TokenStore};
 use coupa_auth_proxy::{demo, tls};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,19 @@ enum Command {
         /// Print the token endpoint's whole JSON answer instead.
         #[arg(long)]
         json: bool,
+    },
+    /// Give a user's one-time consent for an `authorization_code` or
+    /// `device_code` credential and store the tokens in its state_file.
+    Authorize {
+        /// Configuration file.
+        #[arg(long, env = CONFIG_ENV)]
+        config: PathBuf,
+        /// The `[oauth.NAME]` credential to authorize (default: the only one, or `default`).
+        #[arg(long)]
+        credential: Option<String>,
+        /// Give up when the consent has not arrived within this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Read a legacy API key on stdin and print its SHA-256, for
     /// `api_key_sha256` in an `[[integration]]` table.
@@ -126,6 +141,11 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             live_path,
         } => check(&config.config, live.then_some(live_path.as_str())),
         Command::HashKey => hash_key(),
+        Command::Authorize {
+            config,
+            credential,
+            timeout,
+        } => authorize(&config, credential.as_deref(), timeout),
         Command::Token {
             config,
             credential,
@@ -144,9 +164,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
     }
 }
 
-fn token(path: &std::path::Path, credential: Option<&str>, json: bool) -> Result<(), Failure> {
-    let config = Config::load(path).map_err(config_failure)?;
-    let chosen = match credential {
+/// The credential `--credential` names, or the only (or default) one.
+fn choose_credential<'c>(
+    config: &'c Config,
+    credential: Option<&str>,
+) -> Result<&'c Credential, Failure> {
+    Ok(match credential {
         Some(name) => config
             .credentials
             .iter()
@@ -160,21 +183,86 @@ fn token(path: &std::path::Path, credential: Option<&str>, json: bool) -> Result
             })?,
         None if config.credentials.len() == 1 => &config.credentials[0],
         None => &config.credentials[config.default_credential()],
-    };
-    let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
-    let client = TokenClient::new(&chosen.oauth, tls)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    })
+}
+
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    let (token, response) = runtime
-        .block_on(client.fetch_with_response())
-        .map_err(|e| anyhow::anyhow!("{}", e.explain()))?;
-    // stdout carries the credential alone, so `$(coupa-auth-proxy token …)` works.
-    if json {
-        println!("{}", response.expose().trim());
+        .context("cannot start the async runtime")?)
+}
+
+fn authorize(
+    path: &std::path::Path,
+    credential: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(config_failure)?;
+    let chosen = choose_credential(&config, credential)?;
+    let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
+    let state = current_thread_runtime()?
+        .block_on(coupa_auth_proxy::authorize::authorize(chosen, tls, timeout))
+        .map_err(|e| match e {
+            coupa_auth_proxy::authorize::AuthorizeError::NotAUserGrant(_) => config_failure(e),
+            other => other.into(),
+        })?;
+    let consent = chosen.oauth.grant.consent();
+    let refresh_until = consent.map(|c| state.refresh_token_issued_at + c.refresh_token_lifetime);
+    eprintln!(
+        "credential {}: consent stored in {} (mode 0600); granted scopes: {}",
+        chosen.name,
+        consent
+            .map(|c| c.state_file.display().to_string())
+            .unwrap_or_default(),
+        state.scope
+    );
+    if let Some(until) = refresh_until {
+        eprintln!(
+            "the refresh token lasts until about {}; `run` renews from it, and a running proxy \
+             picks the new consent up at its next renewal",
+            humantime::format_rfc3339_seconds(until)
+        );
+    }
+    Ok(())
+}
+
+fn token(path: &std::path::Path, credential: Option<&str>, json: bool) -> Result<(), Failure> {
+    let config = Config::load(path).map_err(config_failure)?;
+    let chosen = choose_credential(&config, credential)?;
+    let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
+    let runtime = current_thread_runtime()?;
+    let (token, response) = if chosen.oauth.grant.consent().is_none() {
+        let client = TokenClient::new(&chosen.oauth, tls)?;
+        runtime
+            .block_on(client.request(TokenRequest::ClientCredentials))
+            .map(|(token, response)| (token, Some(response)))
     } else {
-        println!("{}", token.access_token.expose());
+        // Renews from the state file like `run`, persisting a rotated
+        // refresh token, so a proxy sharing the file keeps working.
+        let source = CredentialSource::new(
+            chosen,
+            tls,
+            Some(path),
+            std::sync::Arc::new(TokenStore::new()),
+        )
+        .map_err(config_failure)?;
+        runtime.block_on(source.fetch()).map(|token| (token, None))
+    }
+    .map_err(|e| anyhow::anyhow!("{}", e.explain()))?;
+    // stdout carries the credential alone, so `$(coupa-auth-proxy token …)` works.
+    match (json, response) {
+        (true, Some(response)) => println!("{}", response.expose().trim()),
+        (true, None) => println!(
+            "{}",
+            serde_json::json!({
+                "access_token": token.access_token.expose(),
+                "token_type": "bearer",
+                "expires_in": token.expires_in.as_secs(),
+                "scope": token.scope,
+            })
+        ),
+        (false, _) => println!("{}", token.access_token.expose()),
     }
     let expires_at = std::time::SystemTime::now() + token.expires_in;
     eprintln!(
@@ -212,9 +300,29 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn check(path: &std::path::Path, live_path: Option<&str>) -> Result<(), Failure> {
     let config = Config::load(path).map_err(config_failure)?;
-    tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
+    let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
     println!("{}: configuration is valid\n", path.display());
     print!("{}", config.summary());
+    // `run` refuses to start without a consent on file; so does `check`.
+    for credential in &config.credentials {
+        if credential.oauth.grant.consent().is_none() {
+            continue;
+        }
+        let store = std::sync::Arc::new(TokenStore::new());
+        CredentialSource::new(credential, tls.clone(), Some(path), store.clone())
+            .map_err(config_failure)?;
+        if let Some(info) = store.status().refresh_token {
+            let now = std::time::SystemTime::now();
+            println!(
+                "credential {}: consent on file; refresh token valid for about {} more days",
+                credential.name,
+                info.remaining(now).as_secs() / 86_400
+            );
+            if let Some(warning) = info.warning(now) {
+                println!("warning: credential {}: {warning}", credential.name);
+            }
+        }
+    }
     let Some(live_path) = live_path else {
         return Ok(());
     };
@@ -223,7 +331,11 @@ fn check(path: &std::path::Path, live_path: Option<&str>) -> Result<(), Failure>
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let reports = runtime.block_on(coupa_auth_proxy::live::check(&config, live_path));
+    let reports = runtime.block_on(coupa_auth_proxy::live::check(
+        &config,
+        Some(path),
+        live_path,
+    ));
     for report in &reports {
         print!("{}", report.text);
     }

@@ -258,6 +258,21 @@ impl Collector for TokenCollector {
                 gauge.encode(family.encode_family(&[("credential", name.as_str())])?)?;
             }
         }
+        {
+            let wall_now = std::time::SystemTime::now();
+            let mut family = encoder.encode_descriptor(
+                "refresh_token_expires_in_seconds",
+                "Seconds until the refresh token of a user-consented credential ends (authorization_code and device_code grants only); alert well before 0",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (name, store) in self.stores.iter() {
+                if let Some(info) = store.status().refresh_token {
+                    let gauge = ConstGauge::new(info.remaining(wall_now).as_secs_f64());
+                    gauge.encode(family.encode_family(&[("credential", name.as_str())])?)?;
+                }
+            }
+        }
         let mut family = encoder.encode_descriptor(
             "token_fetches",
             "Token requests by credential and outcome (ok, network, http_error, bad_response, or the OAuth error code)",

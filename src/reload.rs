@@ -115,7 +115,7 @@ impl Reloader {
             .iter()
             .filter_map(|c| match &c.oauth.secret_source {
                 SecretSource::File(path) => Some(path.as_path()),
-                SecretSource::Inline => None,
+                SecretSource::Inline | SecretSource::None => None,
             });
         std::iter::once(self.path.as_path())
             .chain(secret_files)

@@ -1,5 +1,6 @@
-//! One request to the OAuth token endpoint (`grant_type=client_credentials`)
-//! and the translation of its failures into advice.
+//! One request to the OAuth token endpoint, for any of the grants (client
+//! credentials, authorization code, refresh token, device code), and the
+//! translation of its failures into advice.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,7 +10,7 @@ use arc_swap::ArcSwap;
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::config::{ClientAuth, OAuth};
+use crate::config::{ClientAuth, GrantKind, OAuth};
 use crate::secret::Secret;
 
 /// Coupa's documented lifetime, assumed when a response omits `expires_in`.
@@ -21,6 +22,8 @@ pub struct FetchedToken {
     pub access_token: Secret,
     pub expires_in: Duration,
     pub scope: Option<String>,
+    /// Issued by user-consented grants when `offline_access` was granted.
+    pub refresh_token: Option<Secret>,
     /// When the request was sent: the lifetime counts from here, so our
     /// idea of the expiry is never later than the server's.
     pub requested_at: Instant,
@@ -43,6 +46,52 @@ pub enum FetchError {
     Http { status: u16 },
     #[error("token endpoint answered something unusable: {0}")]
     BadResponse(String),
+    /// A user-consented grant needs a new consent: the refresh token was
+    /// rejected, or there is none.
+    #[error("{reason}; run `{command}` to give consent again")]
+    ConsentNeeded { reason: String, command: String },
+    /// The state file of a user-consented grant could not be written; the
+    /// new token is held back until it is, or a restart would lose it.
+    #[error("{0}")]
+    StateFile(String),
+}
+
+/// One token request, by grant.
+pub enum TokenRequest<'a> {
+    ClientCredentials,
+    AuthorizationCode {
+        code: &'a str,
+        redirect_uri: &'a str,
+        code_verifier: &'a Secret,
+    },
+    RefreshToken(&'a Secret),
+    DeviceCode(&'a Secret),
+}
+
+impl TokenRequest<'_> {
+    fn form(&self) -> Vec<(&str, &str)> {
+        match self {
+            Self::ClientCredentials => vec![("grant_type", "client_credentials")],
+            Self::AuthorizationCode {
+                code,
+                redirect_uri,
+                code_verifier,
+            } => vec![
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", redirect_uri),
+                ("code_verifier", code_verifier.expose()),
+            ],
+            Self::RefreshToken(token) => vec![
+                ("grant_type", "refresh_token"),
+                ("refresh_token", token.expose()),
+            ],
+            Self::DeviceCode(code) => vec![
+                ("grant_type", crate::token::DEVICE_CODE_GRANT),
+                ("device_code", code.expose()),
+            ],
+        }
+    }
 }
 
 impl FetchError {
@@ -60,12 +109,16 @@ impl FetchError {
                      Coupa or remove it from oauth.scopes",
                 ),
                 "unauthorized_client" => Some(
-                    "the client may not use the client_credentials grant: set the client's grant type \
-                     to Client credentials in Coupa",
+                    "the client may not use this grant: set the client's grant type in Coupa to match \
+                     oauth.grant (Client credentials, Authorization code or Device code)",
                 ),
                 "unsupported_grant_type" => Some(
-                    "the endpoint does not accept client_credentials: check oauth.token_url points at \
+                    "the endpoint does not accept this grant: check oauth.token_url points at \
                      https://<instance>/oauth2/token",
+                ),
+                "invalid_grant" => Some(
+                    "the authorization code, device code or refresh token was rejected: it expired, \
+                     was used already or was revoked; run `coupa-auth-proxy authorize` again",
                 ),
                 "invalid_request" => Some(
                     "the endpoint rejected the request's form: if the description mentions multiple \
@@ -90,8 +143,14 @@ impl FetchError {
     /// Failures that only a change of configuration (here or in Coupa) can
     /// fix; retrying them soon is pointless.
     pub fn is_configuration_error(&self) -> bool {
-        matches!(self, FetchError::OAuth { code, .. }
-            if matches!(code.as_str(), "invalid_client" | "invalid_scope" | "unauthorized_client"))
+        match self {
+            FetchError::OAuth { code, .. } => matches!(
+                code.as_str(),
+                "invalid_client" | "invalid_scope" | "unauthorized_client" | "invalid_grant"
+            ),
+            FetchError::ConsentNeeded { .. } => true,
+            _ => false,
+        }
     }
 
     /// The metrics label of this failure.
@@ -101,6 +160,8 @@ impl FetchError {
             FetchError::OAuth { code, .. } => code,
             FetchError::Http { .. } => "http_error",
             FetchError::BadResponse(_) => "bad_response",
+            FetchError::ConsentNeeded { .. } => "consent_needed",
+            FetchError::StateFile(_) => "state_file",
         }
     }
 
@@ -121,6 +182,8 @@ struct TokenResponse {
     expires_in: Option<serde_json::Value>,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    refresh_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -136,10 +199,12 @@ struct ErrorResponse {
 pub struct ClientParams {
     pub url: String,
     pub client_id: String,
-    pub secret: Secret,
+    /// `None`: a public client, identified by `client_id` alone.
+    pub secret: Option<Secret>,
     /// Scopes joined by spaces, as Coupa wants them.
     pub scope: String,
     pub auth: ClientAuth,
+    pub grant: GrantKind,
 }
 
 impl From<&OAuth> for ClientParams {
@@ -150,6 +215,7 @@ impl From<&OAuth> for ClientParams {
             secret: oauth.client_secret.clone(),
             scope: oauth.scopes.join(" "),
             auth: oauth.client_auth,
+            grant: oauth.grant.kind(),
         }
     }
 }
@@ -188,29 +254,35 @@ impl TokenClient {
         self.params.load().scope.clone()
     }
 
-    /// Requests one token.
+    /// Requests one token with the client credentials grant.
     pub async fn fetch(&self) -> Result<FetchedToken, FetchError> {
-        self.fetch_with_response().await.map(|(token, _)| token)
+        self.request(TokenRequest::ClientCredentials)
+            .await
+            .map(|(token, _)| token)
     }
 
-    /// Requests one token and also returns the endpoint's JSON answer as
-    /// it came (for `coupa-auth-proxy token --json`; it holds the token).
-    pub async fn fetch_with_response(&self) -> Result<(FetchedToken, Secret), FetchError> {
-        let requested_at = Instant::now();
-        let requested_at_wall = SystemTime::now();
+    /// The grant this client was configured for.
+    pub fn grant(&self) -> GrantKind {
+        self.params.load().grant
+    }
+
+    /// Posts `form` (plus client authentication) to `url` and returns the
+    /// successful answer's body, or the RFC 6749 error.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        mut form: Vec<(&str, &str)>,
+    ) -> Result<bytes::Bytes, FetchError> {
         let params = self.params.load_full();
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", "client_credentials"),
-            ("scope", &params.scope),
-        ];
-        let mut request = self.http.post(&params.url);
-        match params.auth {
-            ClientAuth::Body => {
+        let mut request = self.http.post(url);
+        match (&params.secret, params.auth) {
+            (None, _) => form.push(("client_id", &params.client_id)),
+            (Some(secret), ClientAuth::Body) => {
                 form.push(("client_id", &params.client_id));
-                form.push(("client_secret", params.secret.expose()));
+                form.push(("client_secret", secret.expose()));
             }
-            ClientAuth::Basic => {
-                request = request.basic_auth(&params.client_id, Some(params.secret.expose()));
+            (Some(secret), ClientAuth::Basic) => {
+                request = request.basic_auth(&params.client_id, Some(secret.expose()));
             }
         }
         let response = request
@@ -224,18 +296,35 @@ impl TokenClient {
             .bytes()
             .await
             .map_err(|e| self.transport_error(e))?;
-        if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorResponse>(&body) {
-                Ok(err) => FetchError::OAuth {
-                    status: status.as_u16(),
-                    code: err.error,
-                    description: err.error_description,
-                },
-                Err(_) => FetchError::Http {
-                    status: status.as_u16(),
-                },
-            });
+        if status.is_success() {
+            return Ok(body);
         }
+        Err(match serde_json::from_slice::<ErrorResponse>(&body) {
+            Ok(err) => FetchError::OAuth {
+                status: status.as_u16(),
+                code: err.error,
+                description: err.error_description,
+            },
+            Err(_) => FetchError::Http {
+                status: status.as_u16(),
+            },
+        })
+    }
+
+    /// Requests one token and also returns the endpoint's JSON answer as
+    /// it came (for `coupa-auth-proxy token --json`; it holds the token).
+    pub async fn request(
+        &self,
+        grant: TokenRequest<'_>,
+    ) -> Result<(FetchedToken, Secret), FetchError> {
+        let requested_at = Instant::now();
+        let requested_at_wall = SystemTime::now();
+        let params = self.params.load_full();
+        let mut form = grant.form();
+        if matches!(grant, TokenRequest::ClientCredentials) {
+            form.push(("scope", &params.scope));
+        }
+        let body = self.post_form(&params.url, form).await?;
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
             // serde_json's message names the field, never the value.
             FetchError::BadResponse(format!("not a token response: {e}"))
@@ -263,6 +352,10 @@ impl TokenClient {
             access_token: Secret::new(parsed.access_token),
             expires_in,
             scope: parsed.scope,
+            refresh_token: parsed
+                .refresh_token
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
             requested_at,
             requested_at_wall,
         };

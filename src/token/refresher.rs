@@ -227,6 +227,7 @@ impl<S: TokenSource> Refresher<S> {
             scope,
             requested_at,
             requested_at_wall,
+            ..
         } = token;
         let usable_until = self.policy.usable_until(requested_at, expires_in);
         let wall_expiry = requested_at_wall + (usable_until - requested_at);
@@ -363,6 +364,7 @@ mod tests {
                 access_token: crate::secret::Secret::new(format!("t{n}")),
                 expires_in: self.lifetime,
                 scope: None,
+                refresh_token: None,
                 requested_at: Instant::now(),
                 requested_at_wall: std::time::SystemTime::now(),
             })

@@ -76,6 +76,48 @@ pub struct TokenStatus {
     pub last_success: Option<SystemTime>,
     /// When the refresher will try again after a failure.
     pub next_attempt: Option<SystemTime>,
+    /// User-consented grants only: the refresh token's end of life.
+    pub refresh_token: Option<RefreshTokenInfo>,
+}
+
+/// Warn this long before a refresh token's end of life.
+pub const REFRESH_TOKEN_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// The refresh token of a user-consented grant: when it ends, and the
+/// command that gives a new consent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshTokenInfo {
+    pub expires_at: SystemTime,
+    pub reauthorize: String,
+}
+
+impl RefreshTokenInfo {
+    /// Time left at `now` (zero once past).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at.duration_since(now).unwrap_or_default()
+    }
+
+    /// The advice to give at `now`, within [`REFRESH_TOKEN_WARNING`] of
+    /// the end.
+    pub fn warning(&self, now: SystemTime) -> Option<String> {
+        let left = self.remaining(now);
+        if left > REFRESH_TOKEN_WARNING {
+            return None;
+        }
+        let when = humantime::format_rfc3339_seconds(self.expires_at);
+        Some(if left.is_zero() {
+            format!(
+                "the refresh token reached its end of life at {when}; run `{}` to give consent again",
+                self.reauthorize
+            )
+        } else {
+            format!(
+                "the refresh token expires in {} days (at {when}); run `{}` before then",
+                left.as_secs().div_ceil(86_400),
+                self.reauthorize
+            )
+        })
+    }
 }
 
 /// What a request that got 401 should do next.
@@ -226,6 +268,13 @@ impl TokenStore {
 
     pub(crate) async fn renew_requested(&self) {
         self.renew_now.notified().await;
+    }
+
+    /// Records a user-consented grant's refresh token lifetime.
+    pub fn set_refresh_token(&self, info: RefreshTokenInfo) {
+        if let Ok(mut status) = self.status.lock() {
+            status.refresh_token = Some(info);
+        }
     }
 
     pub fn status(&self) -> TokenStatus {

@@ -11,8 +11,13 @@
 //! - `/api/_download?bytes=N` streams N bytes of a known pattern;
 //!   `/api/_slow?ms=N` answers after a delay.
 //!
+//! - the OAuth side of user-consented grants (authorize, PKCE, device
+//!   authorization, refresh tokens) lives in [`oauth`].
+//!
 //! Switches make the token endpoint fail and revoke tokens; counters record
 //! token requests and any use of an expired token.
+
+mod oauth;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,15 +29,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -42,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct FakeClient {
     pub id: String,
+    /// Empty for a public client, which authenticates with PKCE alone.
     pub secret: String,
     /// Scopes assigned to the client; requests may ask for any subset.
     pub scopes: Vec<String>,
@@ -98,9 +102,73 @@ pub struct FakeState {
     api_requests: AtomicU64,
     rejected_api_requests: AtomicU64,
     expired_token_uses: AtomicU64,
+    oauth: Mutex<oauth::OAuthState>,
+    base_url: String,
 }
 
 impl FakeState {
+    fn oauth(&self) -> std::sync::MutexGuard<'_, oauth::OAuthState> {
+        // A panicking test thread must not wedge the fake for the others.
+        self.oauth.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the test user decline consent (authorize and device grants).
+    pub fn set_deny_consent(&self, deny: bool) {
+        self.oauth().deny_consent = deny;
+    }
+
+    /// Lifetime of refresh tokens issued from now on (Coupa: 90 days).
+    pub fn set_refresh_token_lifetime(&self, lifetime: Duration) {
+        self.oauth().refresh_token_lifetime = lifetime;
+    }
+
+    /// Whether a refresh issues a new refresh token and kills the old one
+    /// (default) or keeps the old one.
+    pub fn set_rotate_refresh_tokens(&self, rotate: bool) {
+        self.oauth().rotate_refresh_tokens = rotate;
+    }
+
+    /// The `interval` device authorizations announce, and enforce.
+    pub fn set_device_interval(&self, interval: Duration) {
+        self.oauth().device_interval = interval;
+    }
+
+    /// The answers polls get, in order, before the user approves, e.g.
+    /// `["authorization_pending", "slow_down"]`.
+    pub fn set_device_script(&self, answers: &[&str]) {
+        self.oauth().device_script = answers.iter().map(|a| (*a).to_owned()).collect();
+    }
+
+    /// Device-code token requests received.
+    pub fn device_polls(&self) -> u64 {
+        self.oauth().device_polls
+    }
+
+    /// Device-code polls sent sooner than the interval allowed.
+    pub fn device_polls_too_fast(&self) -> u64 {
+        self.oauth().device_polls_too_fast
+    }
+
+    /// `grant_type=refresh_token` requests received.
+    pub fn refresh_grants(&self) -> u64 {
+        self.oauth().refresh_grants
+    }
+
+    /// Revokes every refresh token issued so far.
+    pub fn revoke_refresh_tokens(&self) {
+        for record in self.oauth().refresh_tokens.values_mut() {
+            record.revoked = true;
+        }
+    }
+
+    /// Whether `token` is a refresh token that a refresh would accept now.
+    pub fn refresh_token_is_live(&self, token: &str) -> bool {
+        self.oauth()
+            .refresh_tokens
+            .get(token)
+            .is_some_and(|r| r.is_live())
+    }
+
     /// Makes every token request fail (or succeed again with `None`).
     pub fn set_token_failure(&self, failure: Option<TokenFailure>) {
         if let Ok(mut f) = self.failure.lock() {
@@ -229,6 +297,8 @@ impl FakeCoupa {
             api_requests: AtomicU64::new(0),
             rejected_api_requests: AtomicU64::new(0),
             expired_token_uses: AtomicU64::new(0),
+            oauth: Mutex::new(oauth::OAuthState::default()),
+            base_url: base_url(addr, options.tls.is_some()),
         });
         let shutdown = CancellationToken::new();
         let tls = options.tls.map(TlsAcceptor::from);
@@ -263,15 +333,19 @@ impl FakeCoupa {
     /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS (test
     /// certificates are issued for `localhost`).
     pub fn base_url(&self) -> String {
-        if self.tls {
-            format!("https://localhost:{}", self.addr.port())
-        } else {
-            format!("http://{}", self.addr)
-        }
+        base_url(self.addr, self.tls)
     }
 
     pub fn state(&self) -> &FakeState {
         &self.state
+    }
+}
+
+fn base_url(addr: SocketAddr, tls: bool) -> String {
+    if tls {
+        format!("https://localhost:{}", addr.port())
+    } else {
+        format!("http://{addr}")
     }
 }
 
@@ -289,7 +363,11 @@ async fn route(
 ) -> Result<Response<FakeBody>, Infallible> {
     let path = request.uri().path();
     Ok(if path == "/oauth2/token" {
-        token_endpoint(&state, request).await
+        oauth::token_endpoint(&state, request).await
+    } else if path == "/oauth2/authorizations/new" {
+        oauth::authorize(&state, &request)
+    } else if path == "/oauth2/device_authorizations" {
+        oauth::device_authorization(&state, &state.base_url, request).await
     } else if path.starts_with("/api/") {
         api(&state, request).await
     } else {
@@ -307,180 +385,6 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<FakeBody> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-fn oauth_error(status: StatusCode, code: &str, description: &str) -> Response<FakeBody> {
-    json(
-        status,
-        serde_json::json!({"error": code, "error_description": description}),
-    )
-}
-
-async fn token_endpoint(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody> {
-    state.token_requests.fetch_add(1, Ordering::SeqCst);
-    let failure = state.failure.lock().ok().and_then(|f| f.clone());
-    match failure {
-        Some(TokenFailure::ServerError) => {
-            let mut r = Response::new(Either::Left(Full::new(Bytes::from_static(
-                b"<html><body>502 Bad Gateway</body></html>",
-            ))));
-            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            return r;
-        }
-        Some(TokenFailure::OAuth(code)) => {
-            return oauth_error(StatusCode::BAD_REQUEST, &code, "switched on by the test");
-        }
-        None => {}
-    }
-    if request.method() != Method::POST {
-        return oauth_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request",
-            "use POST",
-        );
-    }
-    let form_encoded = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
-        .unwrap_or(false);
-    if !form_encoded {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Content-Type must be application/x-www-form-urlencoded",
-        );
-    }
-    let basic = request.headers().get(AUTHORIZATION).and_then(parse_basic);
-    let body = match http_body_util::Limited::new(request.into_body(), 64 * 1024)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "bad body"),
-    };
-    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
-
-    let body_credentials = form.get("client_id").zip(form.get("client_secret"));
-    let (client_id, client_secret) = match (basic, body_credentials) {
-        (Some(_), Some(_)) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "provided multiple credentials",
-            )
-        }
-        (Some((id, secret)), None) => (id, secret),
-        (None, Some((id, secret))) => (id.clone(), secret.clone()),
-        (None, None) => {
-            return oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "client authentication failed",
-            )
-        }
-    };
-    let client = state.clients.lock().ok().and_then(|clients| {
-        clients
-            .iter()
-            .find(|c| c.id == client_id && c.secret == client_secret)
-            .cloned()
-    });
-    let Some(client) = client else {
-        return oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "client authentication failed",
-        );
-    };
-    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            "grant type not supported",
-        );
-    }
-    let requested = form.get("scope").map(String::as_str).unwrap_or("");
-    if requested.contains(',') {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            "scopes are separated by spaces",
-        );
-    }
-    let scopes: Vec<&str> = requested.split(' ').filter(|s| !s.is_empty()).collect();
-    if scopes.is_empty() {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            "no scope requested",
-        );
-    }
-    if let Some(missing) = scopes
-        .iter()
-        .find(|s| !client.scopes.iter().any(|assigned| assigned == *s))
-    {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            &format!("scope {missing} is not assigned to the client"),
-        );
-    }
-
-    let mut raw = [0u8; 48];
-    rand::rng().fill_bytes(&mut raw);
-    let padding = state.token_padding.load(Ordering::SeqCst) as usize;
-    let token = format!(
-        "fake.{}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw),
-        "p".repeat(padding)
-    );
-    let lifetime = state
-        .lifetime
-        .lock()
-        .map(|l| *l)
-        .unwrap_or(Duration::from_secs(86_399));
-    if let Ok(mut tokens) = state.tokens.lock() {
-        tokens.insert(
-            token.clone(),
-            TokenRecord {
-                expires_at: Instant::now() + lifetime,
-                revoked: false,
-                scope: scopes.join(" "),
-            },
-        );
-    }
-    state.tokens_issued.fetch_add(1, Ordering::SeqCst);
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "access_token": token,
-            "token_type": "bearer",
-            "expires_in": lifetime.as_secs(),
-            "scope": scopes.join(" "),
-        }),
-    )
-}
-
-fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
-    let text = value.to_str().ok()?;
-    let (scheme, encoded) = text.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    Some((id.to_owned(), secret.to_owned()))
 }
 
 async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody> {
@@ -763,14 +667,5 @@ mod tests {
         for (i, b) in all.iter().enumerate() {
             assert_eq!(*b, pattern_byte(i as u64));
         }
-    }
-
-    #[test]
-    fn basic_credentials_parse() {
-        let value = HeaderValue::from_static("Basic aWQ6c2VjcmV0");
-        assert_eq!(
-            parse_basic(&value),
-            Some(("id".to_owned(), "secret".to_owned()))
-        );
     }
 }

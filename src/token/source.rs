@@ -1,0 +1,76 @@
+//! Picks a credential's token source by its grant: the token endpoint
+//! directly (client credentials), or the consented refresh token
+//! ([`UserGrantSource`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::client::{ClientParams, FetchError, FetchedToken, TokenClient};
+use super::refresher::TokenSource;
+use super::store::TokenStore;
+use super::user_grant::{ConsentError, UserGrantSource};
+use crate::config::Credential;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot build the token client: {0}")]
+    Client(#[from] FetchError),
+    #[error(transparent)]
+    Consent(#[from] ConsentError),
+}
+
+pub enum CredentialSource {
+    ClientCredentials(TokenClient),
+    /// Boxed: it holds the consent state, and the enum is built once.
+    UserGrant(Box<UserGrantSource>),
+}
+
+impl CredentialSource {
+    /// The source for `credential`; a user-consented one reads its state
+    /// file now, so a missing consent stops start-up with advice.
+    pub fn new(
+        credential: &Credential,
+        tls: rustls::ClientConfig,
+        config_path: Option<&Path>,
+        store: Arc<TokenStore>,
+    ) -> Result<Self, SourceError> {
+        let client = TokenClient::new(&credential.oauth, tls)?;
+        Ok(match credential.oauth.grant.consent() {
+            None => Self::ClientCredentials(client),
+            Some(consent) => Self::UserGrant(Box::new(UserGrantSource::load(
+                client,
+                credential,
+                consent,
+                config_path,
+                store,
+            )?)),
+        })
+    }
+
+    pub fn client(&self) -> &TokenClient {
+        match self {
+            Self::ClientCredentials(client) => client,
+            Self::UserGrant(source) => source.client(),
+        }
+    }
+
+    /// Where a reload puts new request parameters.
+    pub fn params_handle(&self) -> Arc<ArcSwap<ClientParams>> {
+        self.client().params_handle()
+    }
+}
+
+impl TokenSource for CredentialSource {
+    async fn fetch(&self) -> Result<FetchedToken, FetchError> {
+        match self {
+            Self::ClientCredentials(client) => client.fetch().await,
+            Self::UserGrant(source) => source.fetch_token().await,
+        }
+    }
+
+    fn requested_scope(&self) -> String {
+        self.client().requested_scope()
+    }
+}
