@@ -1454,6 +1454,112 @@ address = "127.0.0.1:9090"
         Config::from_toml(text, Path::new("."), env)
     }
 
+    /// MINIMAL turned into a user-consented credential: no secret,
+    /// `offline_access`, a state file, plus `extra` oauth keys.
+    fn user_grant(grant: &str, extra: &str) -> String {
+        MINIMAL
+            .replace("client_secret = \"${COUPA_CLIENT_SECRET}\"\n", "")
+            .replace(
+                "scopes = [\"core.common.read\", \"core.invoice.read\"]",
+                &format!(
+                    "scopes = [\"core.invoice.read\", \"offline_access\"]\ngrant = \"{grant}\"\n\
+                     state_file = \"state/invoices.json\"\n{extra}"
+                ),
+            )
+    }
+
+    fn error_of(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn user_grants_get_coupa_endpoints_and_may_be_public_clients() {
+        let config = load(&user_grant("authorization_code", "")).unwrap();
+        let oauth = &config.credentials[0].oauth;
+        assert!(oauth.client_secret.is_none());
+        match &oauth.grant {
+            Grant::AuthorizationCode {
+                authorize_url,
+                redirect_uri,
+                consent,
+            } => {
+                assert_eq!(
+                    authorize_url,
+                    "https://acme.coupahost.com/oauth2/authorizations/new"
+                );
+                assert_eq!(redirect_uri.as_str(), DEFAULT_REDIRECT_URI);
+                assert_eq!(consent.state_file, Path::new("./state/invoices.json"));
+                assert_eq!(
+                    consent.refresh_token_lifetime,
+                    DEFAULT_REFRESH_TOKEN_LIFETIME
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let config = load(&user_grant(
+            "device_code",
+            "refresh_token_lifetime = \"30d\"",
+        ))
+        .unwrap();
+        match &config.credentials[0].oauth.grant {
+            Grant::DeviceCode {
+                device_authorization_url,
+                consent,
+            } => {
+                assert_eq!(
+                    device_authorization_url,
+                    "https://acme.coupahost.com/oauth2/device_authorizations"
+                );
+                assert_eq!(
+                    consent.refresh_token_lifetime,
+                    Duration::from_secs(30 * 86_400)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let summary = config.summary();
+        assert!(
+            summary.contains("device_code") && summary.contains("public client"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn user_grant_mistakes_name_the_key() {
+        let without_offline = user_grant("device_code", "").replace(", \"offline_access\"", "");
+        assert!(error_of(&without_offline).starts_with("oauth.scopes: add \"offline_access\""));
+        let without_state =
+            user_grant("device_code", "").replace("state_file = \"state/invoices.json\"\n", "");
+        assert!(error_of(&without_state).starts_with("oauth.state_file: missing"));
+        let remote_redirect = user_grant(
+            "authorization_code",
+            "redirect_uri = \"https://example.com/callback\"",
+        );
+        assert!(error_of(&remote_redirect).starts_with("oauth.redirect_uri:"));
+        let portless = user_grant(
+            "authorization_code",
+            "redirect_uri = \"http://127.0.0.1/cb\"",
+        );
+        assert!(error_of(&portless).starts_with("oauth.redirect_uri:"));
+        let misplaced = user_grant("device_code", "redirect_uri = \"http://127.0.0.1:8765/cb\"");
+        assert!(
+            error_of(&misplaced)
+                .starts_with("oauth.redirect_uri: only applies to grant = \"authorization_code\""),
+            "{}",
+            error_of(&misplaced)
+        );
+        let state_on_cc = MINIMAL.replace("scopes = [", "state_file = \"x.json\"\nscopes = [");
+        assert!(error_of(&state_on_cc).starts_with("oauth.state_file: only applies"));
+        let secretless_cc = MINIMAL.replace("client_secret = \"${COUPA_CLIENT_SECRET}\"\n", "");
+        assert!(error_of(&secretless_cc).starts_with("oauth.client_secret: missing"));
+        let unknown = user_grant("password", "");
+        assert!(
+            error_of(&unknown).starts_with("oauth.grant:"),
+            "{}",
+            error_of(&unknown)
+        );
+    }
+
     #[test]
     fn minimal_config_gets_documented_defaults() {
         let config = load(MINIMAL).unwrap();
@@ -1564,6 +1670,29 @@ address = "127.0.0.1:9090"
     fn shipped_example_config_is_valid() {
         let text = include_str!("../proxy.toml.example");
         load(text).unwrap();
+    }
+
+    /// The commented `[oauth.NAME]` grant examples in proxy.toml.example
+    /// are valid as written, once uncommented.
+    #[test]
+    fn commented_grant_examples_are_valid() {
+        let text = include_str!("../proxy.toml.example");
+        for (name, grant) in [
+            ("buyer", GrantKind::AuthorizationCode),
+            ("approver", GrantKind::DeviceCode),
+        ] {
+            let header = format!("#   [oauth.{name}]");
+            let block: String = text
+                .lines()
+                .skip_while(|l| *l != header)
+                .take_while(|l| l.starts_with("#   "))
+                .map(|l| format!("{}\n", &l[4..]))
+                .collect();
+            assert!(block.contains("grant"), "example {name} not found");
+            let config = format!("[coupa]\nbase_url = \"https://acme.coupahost.com\"\n{block}");
+            let config = load(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.credentials[0].oauth.grant.kind(), grant);
+        }
     }
 
     #[test]

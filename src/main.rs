@@ -12,6 +12,7 @@ use coupa_auth_proxy::config::Credential;
 use coupa_auth_proxy::config::{Config, CONFIG_ENV};
 use coupa_auth_proxy::telemetry::{self, LogFormat};
 use coupa_auth_proxy::token::refresher::TokenSource;
+use coupa_auth_proxy::token::source::SourceError;
 use coupa_auth_proxy::token::{CredentialSource, TokenClient, TokenRequest, TokenStore};
 use coupa_auth_proxy::{demo, tls};
 use tokio::net::TcpListener;
@@ -362,8 +363,12 @@ async fn run(config: Config, path: PathBuf) -> Result<(), Failure> {
         .map_err(config_failure)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    app::run_with_reload(config, Some(path), Listeners { proxy, admin }, shutdown).await?;
-    Ok(())
+    match app::run_with_reload(config, Some(path), Listeners { proxy, admin }, shutdown).await {
+        Ok(_) => Ok(()),
+        // A missing or unusable consent is fixed by the user, like a config error.
+        Err(e @ app::AppError::TokenSource(SourceError::Consent(_))) => Err(config_failure(e)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.

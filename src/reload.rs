@@ -167,6 +167,16 @@ impl Reloader {
                 || old.scope != fresh.scope
                 || old.url != fresh.url
                 || old.auth != fresh.auth;
+            if request_changed && credential.oauth.grant.consent().is_some() {
+                // A consent fixes client and scopes; a refresh cannot change them.
+                warn!(
+                    credential = %credential.name,
+                    "client_id, scopes or token_url of a user-consented credential changed: run \
+                     `coupa-auth-proxy authorize` for this credential, then restart; the running \
+                     configuration stays"
+                );
+                continue;
+            }
             params.store(Arc::new(fresh.clone()));
             if request_changed {
                 info!(

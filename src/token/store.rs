@@ -332,6 +332,28 @@ mod tests {
     }
 
     #[test]
+    fn refresh_token_warning_starts_fourteen_days_before_the_end() {
+        let now = SystemTime::now();
+        let info = |days_left: u64| RefreshTokenInfo {
+            expires_at: now + Duration::from_secs(days_left * 86_400),
+            reauthorize: "coupa-auth-proxy authorize --config p --credential c".to_owned(),
+        };
+        assert_eq!(info(15).warning(now), None);
+        let warning = info(14).warning(now).unwrap();
+        assert!(warning.contains("expires in 14 days"), "{warning}");
+        assert!(
+            warning.contains("authorize --config p --credential c"),
+            "{warning}"
+        );
+        let ended = RefreshTokenInfo {
+            expires_at: now - Duration::from_secs(1),
+            ..info(0)
+        };
+        assert!(ended.warning(now).unwrap().contains("reached its end"));
+        assert_eq!(ended.remaining(now), Duration::ZERO);
+    }
+
+    #[test]
     fn empty_store_has_no_bearer() {
         assert!(TokenStore::new().bearer(Instant::now()).is_none());
     }
