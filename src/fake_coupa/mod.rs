@@ -104,9 +104,37 @@ pub struct FakeState {
     expired_token_uses: AtomicU64,
     oauth: Mutex<oauth::OAuthState>,
     base_url: String,
+    /// Benchmark mode: `/api/*` answers a fixed JSON body.
+    fast_api: std::sync::atomic::AtomicBool,
 }
 
+/// The fixed answer of fast mode: a JSON array padded to `kib` KiB.
+fn fast_body(kib: usize) -> Bytes {
+    let record = br#"{"id":1,"name":"Office supplies","active":true,"description":"padding"}"#;
+    let mut body = Vec::with_capacity(kib * 1024);
+    body.push(b'[');
+    while body.len() + record.len() + 2 <= kib * 1024 {
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        body.extend_from_slice(record);
+    }
+    body.push(b']');
+    body.resize(kib * 1024, b' ');
+    Bytes::from(body)
+}
+
+static FAST_1K: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| fast_body(1));
+static FAST_64K: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| fast_body(64));
+
 impl FakeState {
+    /// Benchmark mode: `/api/*` with a live token answers a fixed JSON
+    /// body of 1 KiB (`?kib=64`: 64 KiB) and does nothing else, so the
+    /// upstream costs as little as possible.
+    pub fn set_fast_api(&self, fast: bool) {
+        self.fast_api.store(fast, Ordering::SeqCst);
+    }
+
     fn oauth(&self) -> std::sync::MutexGuard<'_, oauth::OAuthState> {
         // A panicking test thread must not wedge the fake for the others.
         self.oauth.lock().unwrap_or_else(|e| e.into_inner())
@@ -299,6 +327,7 @@ impl FakeCoupa {
             expired_token_uses: AtomicU64::new(0),
             oauth: Mutex::new(oauth::OAuthState::default()),
             base_url: base_url(addr, options.tls.is_some()),
+            fast_api: std::sync::atomic::AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();
         let tls = options.tls.map(TlsAcceptor::from);
@@ -420,6 +449,17 @@ async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody
         );
     }
     state.api_requests.fetch_add(1, Ordering::SeqCst);
+    if state.fast_api.load(Ordering::Relaxed) {
+        let body = match request.uri().query() {
+            Some(q) if q.contains("kib=64") => FAST_64K.clone(),
+            _ => FAST_1K.clone(),
+        };
+        let mut response = Response::new(Either::Left(Full::new(body)));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return response;
+    }
 
     let query = request.uri().query().unwrap_or("");
     let param = |name: &str| -> Option<u64> {
@@ -655,6 +695,16 @@ impl Body for PatternBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_bodies_are_json_of_the_stated_size() {
+        for kib in [1, 64] {
+            let body = fast_body(kib);
+            assert_eq!(body.len(), kib * 1024);
+            let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(parsed.as_array().is_some_and(|a| !a.is_empty()));
+        }
+    }
 
     #[test]
     fn pattern_body_is_continuous_across_chunks() {
