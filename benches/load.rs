@@ -7,7 +7,11 @@
 //! Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4),
 //! BENCH_SCENARIOS (comma-separated names, default all), BENCH_TARGETS
 //! (default all), BENCH_SOAK_SECONDS (0: off; else a soak of the proxy at
-//! 50 connections sampling its RSS), BENCH_JSON (summary path).
+//! 50 connections sampling its RSS), BENCH_JSON (summary path), BENCH_PERF
+//! (a file: `perf record` the proxy during its h1-c50-1k runs),
+//! BENCH_CALLGRIND=1 (instead of the table: the proxy under valgrind's
+//! callgrind, user-space instructions per request at 16 connections; a
+//! stable figure on a noisy machine for comparing two builds).
 //!
 //! Layout on a 2-core machine: every proxy under test is pinned to core 0;
 //! the load generator and the upstream (the fake Coupa, in this process)
@@ -238,6 +242,17 @@ fn pinned(core: &str, program: &str) -> Command {
 }
 
 fn start_proxy(upstream: u16, work: &Path, name: &'static str, log: bool) -> Target {
+    start_proxy_with(upstream, work, name, log, &[])
+}
+
+/// The proxy, run through `wrapper` (e.g. valgrind) when one is given.
+fn start_proxy_with(
+    upstream: u16,
+    work: &Path,
+    name: &'static str,
+    log: bool,
+    wrapper: &[&str],
+) -> Target {
     let port = free_port();
     let admin = free_port();
     let dir = work.join(name);
@@ -267,7 +282,15 @@ watch_interval = "0s"
     .unwrap();
     let binary = env!("CARGO_BIN_EXE_coupa-auth-proxy");
     let log_file = std::fs::File::create(dir.join("proxy.log")).unwrap();
-    let child = pinned(PROXY_CORE, binary)
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = pinned(PROXY_CORE, program);
+            command.args(args).arg(binary);
+            command
+        }
+        None => pinned(PROXY_CORE, binary),
+    };
+    let child = command
         .args([
             "--log-level",
             if log { "info" } else { "warn" },
@@ -280,7 +303,7 @@ watch_interval = "0s"
         .spawn()
         .expect("proxy starts");
     wait_for_port(port, "proxy");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !answers_200(admin, "/readyz") {
         assert!(Instant::now() < deadline, "proxy not ready");
         std::thread::sleep(Duration::from_millis(50));
@@ -643,6 +666,11 @@ fn main() {
     });
     let _ = fake_runtime;
 
+    if std::env::var("BENCH_CALLGRIND").is_ok() {
+        callgrind(upstream, &work);
+        let _ = std::fs::remove_dir_all(&work);
+        std::process::exit(0);
+    }
     let mut targets: Vec<Target> = Vec::new();
     if wanted("BENCH_TARGETS", "direct") {
         targets.push(Target {
@@ -687,7 +715,26 @@ fn main() {
             }
             for target in order {
                 let before = target.cpu_ticks();
+                // BENCH_PERF=FILE: record a profile of the proxy's busiest run.
+                let profiler = match std::env::var("BENCH_PERF") {
+                    Ok(file) if target.name == "proxy" && scenario.name == "h1-c50-1k" => {
+                        Command::new("perf")
+                            .args(["record", "-F", "1999", "-g", "-o", &file, "-p"])
+                            .arg(target.pids()[0].to_string())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .ok()
+                    }
+                    _ => None,
+                };
                 let mut sample = load(target, scenario, seconds, &work);
+                if let Some(mut perf) = profiler {
+                    let _ = Command::new("kill")
+                        .args(["-INT", &perf.id().to_string()])
+                        .status();
+                    let _ = perf.wait();
+                }
                 let cpu = target.cpu_ticks() - before;
                 if target.child.is_some() && sample.requests > 0 {
                     sample.cpu_us_per_request =
@@ -740,6 +787,83 @@ fn main() {
     drop(logged);
     let _ = std::fs::remove_dir_all(&work);
     std::process::exit(0);
+}
+
+/// Instructions the proxy executes per request, from callgrind: counting
+/// starts after start-up and a warm-up, so only the request path counts.
+fn callgrind(upstream: u16, work: &Path) {
+    // Kept after the run, for callgrind_annotate.
+    let keep = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/load-bench");
+    std::fs::create_dir_all(&keep).unwrap();
+    for old in std::fs::read_dir(&keep).unwrap().flatten() {
+        if old
+            .file_name()
+            .to_string_lossy()
+            .starts_with("callgrind.out")
+        {
+            let _ = std::fs::remove_file(old.path());
+        }
+    }
+    let out = keep.join("callgrind.out");
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    let proxy = start_proxy_with(
+        upstream,
+        work,
+        "proxy-callgrind",
+        false,
+        &[
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            &out_arg,
+        ],
+    );
+    let pid = proxy.pids()[0].to_string();
+    let scenario = Scenario {
+        name: "callgrind",
+        protocol: Protocol::H1,
+        concurrency: 16,
+        kib: 1,
+    };
+    load(&proxy, &scenario, 2, work);
+    let control = |args: &[&str]| {
+        Command::new("callgrind_control")
+            .args(args)
+            .arg(&pid)
+            .stdout(Stdio::null())
+            .status()
+            .expect("callgrind_control runs")
+    };
+    control(&["--instr=on"]);
+    let sample = load(&proxy, &scenario, 10, work);
+    control(&["--dump"]);
+    control(&["--instr=off"]);
+    let dumps: Vec<PathBuf> = std::fs::read_dir(&keep)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("callgrind.out"))
+        .collect();
+    let instructions: u64 = dumps
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|text| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("summary:")
+                        .or_else(|| l.strip_prefix("totals:"))
+                })
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0);
+    println!(
+        "callgrind: {} requests, {:.0} user-space instructions per request ({} dumps in {})",
+        sample.requests,
+        instructions as f64 / sample.requests.max(1) as f64,
+        dumps.len(),
+        keep.display()
+    );
 }
 
 /// Drives the proxy at 50 connections for `seconds`, sampling its RSS

@@ -72,6 +72,52 @@ pub struct FileConfig {
     admin: AdminFile,
     #[serde(default)]
     reload: ReloadFile,
+    #[serde(default)]
+    runtime: RuntimeFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeFile {
+    #[serde(default)]
+    flavor: RuntimeFlavor,
+    worker_threads: Option<usize>,
+}
+
+/// How the async runtime runs the proxy (`[runtime] flavor`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeFlavor {
+    /// `current_thread` when the process may use one CPU (a pinned or
+    /// CPU-limited container), `multi_thread` otherwise.
+    #[default]
+    Auto,
+    /// One thread does everything: the least CPU per request.
+    CurrentThread,
+    /// A worker per core (or `worker_threads`): scales across cores.
+    MultiThread,
+}
+
+/// The async runtime the binary builds for `run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runtime {
+    pub flavor: RuntimeFlavor,
+    pub worker_threads: Option<usize>,
+}
+
+impl Runtime {
+    /// The flavor after `auto` is decided for `cores` usable CPUs, and the
+    /// worker count for multi_thread.
+    pub fn resolve(&self, cores: usize) -> (RuntimeFlavor, usize) {
+        match self.flavor {
+            RuntimeFlavor::Auto if cores <= 1 => (RuntimeFlavor::CurrentThread, 1),
+            RuntimeFlavor::CurrentThread => (RuntimeFlavor::CurrentThread, 1),
+            _ => (
+                RuntimeFlavor::MultiThread,
+                self.worker_threads.unwrap_or(cores).max(1),
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,6 +394,7 @@ pub struct Config {
     /// How often the config file and secret files are checked for changes;
     /// `None`: only on SIGHUP.
     pub watch_interval: Option<Duration>,
+    pub runtime: Runtime,
 }
 
 /// A named OAuth client with its own token and rotation.
@@ -744,6 +791,18 @@ impl Config {
                 .map(d)
                 .unwrap_or_else(|| "off (SIGHUP only)".into()),
         ));
+        let runtime = &self.runtime;
+        rows.push((
+            "runtime.flavor".into(),
+            match (runtime.flavor, runtime.worker_threads) {
+                (RuntimeFlavor::Auto, _) => {
+                    "auto (current_thread on one usable CPU, else multi_thread)".into()
+                }
+                (RuntimeFlavor::CurrentThread, _) => "current_thread".into(),
+                (RuntimeFlavor::MultiThread, Some(n)) => format!("multi_thread, {n} workers"),
+                (RuntimeFlavor::MultiThread, None) => "multi_thread, a worker per CPU".into(),
+            },
+        ));
         rows
     }
 
@@ -767,8 +826,22 @@ impl FileConfig {
             integration,
             admin,
             reload,
+            runtime,
         } = self;
         let ReloadFile { watch_interval } = reload;
+        let RuntimeFile {
+            flavor,
+            worker_threads,
+        } = runtime;
+        if worker_threads == Some(0) {
+            return Err(invalid("runtime.worker_threads", "must be at least 1"));
+        }
+        if worker_threads.is_some() && flavor != RuntimeFlavor::MultiThread {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "only applies to flavor = \"multi_thread\"",
+            ));
+        }
         let ListenFile {
             address: listen_address,
             shutdown_grace,
@@ -941,6 +1014,10 @@ impl FileConfig {
                 address: admin_address,
             },
             watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+            runtime: Runtime {
+                flavor,
+                worker_threads,
+            },
         })
     }
 }
@@ -1655,6 +1732,37 @@ address = "127.0.0.1:9090"
         );
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("oauth.scopes"), "{err}");
+    }
+
+    #[test]
+    fn runtime_flavor_follows_the_usable_cpus_unless_set() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.runtime.flavor, RuntimeFlavor::Auto);
+        assert_eq!(config.runtime.resolve(1), (RuntimeFlavor::CurrentThread, 1));
+        assert_eq!(config.runtime.resolve(4), (RuntimeFlavor::MultiThread, 4));
+
+        let pinned = load(&format!(
+            "{MINIMAL}\n[runtime]\nflavor = \"current_thread\"\n"
+        ))
+        .unwrap();
+        assert_eq!(pinned.runtime.resolve(8), (RuntimeFlavor::CurrentThread, 1));
+        let sized = load(&format!(
+            "{MINIMAL}\n[runtime]\nflavor = \"multi_thread\"\nworker_threads = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(sized.runtime.resolve(1), (RuntimeFlavor::MultiThread, 2));
+        assert!(sized.summary().contains("multi_thread, 2 workers"));
+
+        let zero = format!("{MINIMAL}\n[runtime]\nflavor = \"multi_thread\"\nworker_threads = 0\n");
+        assert!(error_of(&zero).starts_with("runtime.worker_threads: must be at least 1"));
+        let misplaced = format!("{MINIMAL}\n[runtime]\nworker_threads = 2\n");
+        assert!(error_of(&misplaced).starts_with("runtime.worker_threads: only applies"));
+        let unknown = format!("{MINIMAL}\n[runtime]\nflavor = \"green_threads\"\n");
+        assert!(
+            error_of(&unknown).contains("runtime.flavor"),
+            "{}",
+            error_of(&unknown)
+        );
     }
 
     #[test]

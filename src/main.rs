@@ -8,8 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use coupa_auth_proxy::app::{self, Listeners};
-use coupa_auth_proxy::config::Credential;
 use coupa_auth_proxy::config::{Config, CONFIG_ENV};
+use coupa_auth_proxy::config::{Credential, RuntimeFlavor};
 use coupa_auth_proxy::telemetry::{self, LogFormat};
 use coupa_auth_proxy::token::refresher::TokenSource;
 use coupa_auth_proxy::token::source::SourceError;
@@ -154,7 +154,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         } => token(&config, credential.as_deref(), json),
         Command::Run(args) => {
             let config = Config::load(&args.config).map_err(config_failure)?;
-            runtime()?.block_on(run(config, args.config))
+            proxy_runtime(&config.runtime)?.block_on(run(config, args.config))
         }
         Command::Demo { listen, admin } => runtime()?.block_on(async move {
             let shutdown = CancellationToken::new();
@@ -290,6 +290,30 @@ fn hash_key() -> Result<(), Failure> {
     }
     println!("{}", coupa_auth_proxy::proxy::auth::hash_key(key));
     Ok(())
+}
+
+/// The runtime `run` serves on, as `[runtime]` says.
+fn proxy_runtime(
+    settings: &coupa_auth_proxy::config::Runtime,
+) -> Result<tokio::runtime::Runtime, Failure> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (flavor, workers) = settings.resolve(cores);
+    let mut builder = match flavor {
+        RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tracing::debug!(?flavor, workers, cores, "async runtime");
+    Ok(runtime)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {

@@ -226,8 +226,12 @@ pin_project_lite::pin_project! {
     pub struct ResponseBody {
         #[pin]
         inner: Incoming,
+        // Armed only when the body has to wait: a response that is already
+        // buffered (most of them) never touches the timer wheel.
         #[pin]
-        stall: Sleep,
+        stall: Option<Sleep>,
+        // Data arrived since the timer was (re)armed.
+        progressed: bool,
         idle: Duration,
     }
 }
@@ -236,7 +240,8 @@ impl ResponseBody {
     pub fn new(inner: Incoming, idle: Duration) -> Self {
         Self {
             inner,
-            stall: tokio::time::sleep(idle),
+            stall: None,
+            progressed: false,
             idle,
         }
     }
@@ -258,11 +263,23 @@ impl Body for ResponseBody {
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.stall.as_mut().reset(Instant::now() + *this.idle);
+                *this.progressed = true;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                ready!(this.stall.poll(cx));
+                // The silence starts now: (re)arm the timer if data came
+                // since it was last armed.
+                if this.stall.is_none() || *this.progressed {
+                    let deadline = Instant::now() + *this.idle;
+                    match this.stall.as_mut().as_pin_mut() {
+                        Some(stall) => stall.reset(deadline),
+                        None => this.stall.set(Some(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                *this.progressed = false;
+                if let Some(stall) = this.stall.as_pin_mut() {
+                    ready!(stall.poll(cx));
+                }
                 tracing::warn!(idle = ?this.idle, "upstream response stalled; aborting it");
                 Poll::Ready(Some(Err(IdleTimeout(*this.idle).into())))
             }
