@@ -19,6 +19,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::upstream::Lease;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The copy of a streamed request body (fields private to this module).
@@ -233,16 +235,25 @@ pin_project_lite::pin_project! {
         // Data arrived since the timer was (re)armed.
         progressed: bool,
         idle: Duration,
+        // The HTTP/1.1 connection this came on, released to the pool once
+        // the body has been read to its end.
+        lease: Option<Lease>,
     }
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, idle: Duration) -> Self {
+    pub fn new(inner: Incoming, idle: Duration, mut lease: Option<Lease>) -> Self {
+        if inner.is_end_stream() {
+            if let Some(lease) = &mut lease {
+                lease.finish();
+            }
+        }
         Self {
             inner,
             stall: None,
             progressed: false,
             idle,
+            lease,
         }
     }
 }
@@ -261,9 +272,19 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.progressed = true;
+                let ended = match &frame {
+                    None => true,
+                    Some(Ok(_)) => this.inner.is_end_stream(),
+                    Some(Err(_)) => false,
+                };
+                if ended {
+                    if let Some(lease) = this.lease.as_mut() {
+                        lease.finish();
+                    }
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {

@@ -44,6 +44,7 @@ use body::{Replay, ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
 use ratelimit::RateLimiter;
+use upstream::Leased;
 pub use upstream::UpstreamClient;
 
 /// Response body: Coupa's streamed through, or one the proxy wrote itself.
@@ -97,7 +98,7 @@ struct Trace {
 enum SendFailure {
     RateLimited(ratelimit::QueueFull),
     Timeout(Duration),
-    Client(hyper_util::client::legacy::Error),
+    Client(upstream::UpstreamError),
 }
 
 impl SendFailure {
@@ -119,7 +120,7 @@ impl From<SendFailure> for ProxyError {
             }
             SendFailure::Client(error) => {
                 let message = error_chain(&error);
-                if message.contains("timed out") {
+                if timed_out(&error) {
                     ProxyError::Timeout(message)
                 } else if error.is_connect() {
                     ProxyError::Unreachable(message)
@@ -129,6 +130,23 @@ impl From<SendFailure> for ProxyError {
             }
         }
     }
+}
+
+/// A connect timeout, or any I/O timeout along the error's causes.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if error.to_string().contains("timed out") {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -300,7 +318,7 @@ impl Proxy {
                 trace,
             )
             .await;
-        let mut response = match first {
+        let mut leased = match first {
             Ok(response) => response,
             Err(failure) if failure.is_connection_failure() && is_idempotent(&method) => {
                 let Some(body) = replay.body() else {
@@ -317,7 +335,7 @@ impl Proxy {
         };
 
         // on_rejected_token
-        if response.status() == StatusCode::UNAUTHORIZED {
+        if leased.response.status() == StatusCode::UNAUTHORIZED {
             if let Some(replayed) = self
                 .on_rejected_token(
                     credential,
@@ -328,16 +346,16 @@ impl Proxy {
                 )
                 .await
             {
-                response = replayed?;
+                leased = replayed?;
             }
         }
 
         // response_filter
-        let (mut parts, body) = response.into_parts();
+        let (mut parts, body) = leased.response.into_parts();
         headers::rewrite_response(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
-            Either::Left(ResponseBody::new(body, inner.idle_timeout)),
+            Either::Left(ResponseBody::new(body, inner.idle_timeout, leased.lease)),
         ))
     }
 
@@ -351,7 +369,7 @@ impl Proxy {
         replay: &Replay,
         (method, uri, mut headers): (&Method, &Uri, HeaderMap),
         trace: &mut Trace,
-    ) -> Option<Result<Response<Incoming>, ProxyError>> {
+    ) -> Option<Result<Leased, ProxyError>> {
         let store = &credential.store;
         let outcome = store.report_rejected(bearer, credential.rejected_token_cooldown);
         let body = replay.body()?;
@@ -379,7 +397,7 @@ impl Proxy {
         &self,
         request: Request<UpstreamBody>,
         trace: &mut Trace,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    ) -> Result<Leased, SendFailure> {
         let inner = &*self.inner;
         if let Some(limiter) = &inner.rate_limiter {
             limiter.acquire().await.map_err(SendFailure::RateLimited)?;

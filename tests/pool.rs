@@ -1,0 +1,206 @@
+//! The upstream connection pool: connections are reused once a response
+//! has been read to its end, never while one is half-read, and closed after
+//! `coupa.pool_idle_timeout`. Checked against an upstream that counts the
+//! connections it accepts and the ones that have closed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use support::*;
+
+#[derive(Default)]
+struct Counts {
+    opened: AtomicU64,
+    closed: AtomicU64,
+}
+
+impl Counts {
+    fn opened(&self) -> u64 {
+        self.opened.load(Ordering::SeqCst)
+    }
+    fn closed(&self) -> u64 {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// A body that sends one chunk and then nothing, ever.
+struct Stalling {
+    sent: bool,
+}
+
+impl http_body::Body for Stalling {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.sent {
+            return Poll::Pending;
+        }
+        self.sent = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"first part")))))
+    }
+}
+
+type AnswerBody = Either<Full<Bytes>, Stalling>;
+
+/// `/stall` sends part of a body and stalls, `/empty` answers 204,
+/// anything else a small JSON body.
+async fn answer(request: Request<Incoming>) -> Result<Response<AnswerBody>, Infallible> {
+    let full = |bytes: Bytes| Either::Left(Full::new(bytes));
+    let mut response = match request.uri().path() {
+        "/stall" => Response::new(Either::Right(Stalling { sent: false })),
+        "/empty" => {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        _ => Response::new(full(Bytes::from_static(b"{\"ok\":true}"))),
+    };
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(response)
+}
+
+async fn counting_upstream() -> (std::net::SocketAddr, Arc<Counts>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let shared = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            shared.opened.fetch_add(1, Ordering::SeqCst);
+            let counts = shared.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(answer))
+                    .await;
+                counts.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
+
+async fn proxy_in_front_of(upstream: std::net::SocketAddr, coupa_extra: &str) -> TestProxy {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(
+        &format!("http://{upstream}"),
+        coupa_extra,
+        &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+    // The fake only serves tokens; it must outlive the test's requests.
+    std::mem::forget(fake);
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_responses_give_their_connection_back() {
+    let (upstream, counts) = counting_upstream().await;
+    let proxy = proxy_in_front_of(upstream, "").await;
+    let client = http_client();
+
+    for path in ["/api/invoices", "/empty", "/api/users", "/empty"]
+        .iter()
+        .cycle()
+        .take(20)
+    {
+        let response = client.get(proxy.url(path)).send().await.unwrap();
+        assert!(response.status().is_success(), "{path}");
+        response.bytes().await.unwrap();
+    }
+    assert_eq!(
+        counts.opened(),
+        1,
+        "twenty sequential requests share one upstream connection"
+    );
+
+    // Eight at a time, five times over: never more connections than
+    // requests in flight.
+    for _ in 0..5 {
+        let batch: Vec<_> = (0..8)
+            .map(|_| {
+                let request = client.get(proxy.url("/api/invoices")).send();
+                async move { request.await.unwrap().bytes().await.unwrap() }
+            })
+            .collect();
+        futures_util::future::join_all(batch).await;
+    }
+    assert!(
+        counts.opened() <= 8,
+        "{} connections for 8 concurrent requests",
+        counts.opened()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_read_response_does_not_return_its_connection() {
+    let (upstream, counts) = counting_upstream().await;
+    let proxy = proxy_in_front_of(upstream, "").await;
+    let client = http_client();
+
+    let mut stalled = client.get(proxy.url("/stall")).send().await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    let first = stalled.chunk().await.unwrap().expect("some of the body");
+    assert_eq!(&first[..], b"first part");
+    assert_eq!(counts.closed(), 0);
+    // The client gives up half-way; the proxy must not pool a connection
+    // that is still in the middle of a response.
+    drop(stalled);
+    drop(client);
+    eventually("the abandoned upstream connection closes", || async {
+        counts.closed() == 1
+    })
+    .await;
+
+    let response = get(proxy.url("/api/invoices")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "{\"ok\":true}");
+    assert_eq!(
+        counts.opened(),
+        2,
+        "the next request needs a new connection"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_after_the_pool_idle_timeout() {
+    let (upstream, counts) = counting_upstream().await;
+    let proxy = proxy_in_front_of(upstream, "pool_idle_timeout = \"300ms\"").await;
+
+    let response = get(proxy.url("/api/invoices")).await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    assert_eq!(counts.opened(), 1);
+    eventually("the idle connection is closed", || async {
+        counts.closed() == 1
+    })
+    .await;
+
+    let response = get(proxy.url("/api/invoices")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(counts.opened(), 2);
+    proxy.stop().await;
+}
