@@ -6,12 +6,18 @@
 //! Run: `bench/install-tools.sh` once, then `cargo bench --bench load`.
 //! Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4),
 //! BENCH_SCENARIOS (comma-separated names, default all), BENCH_TARGETS
-//! (default all), BENCH_SOAK_SECONDS (0: off; else a soak of the proxy at
-//! 50 connections sampling its RSS), BENCH_JSON (summary path), BENCH_PERF
+//! (default all), BENCH_SOAK_SECONDS (0: off; else a soak of a fresh proxy
+//! at 50 connections sampling its RSS every 10 s), BENCH_JSON (summary path), BENCH_PERF
 //! (a file: `perf record` the proxy during its h1-c50-1k runs),
 //! BENCH_CALLGRIND=1 (instead of the table: the proxy under valgrind's
 //! callgrind, user-space instructions per request at 16 connections; a
-//! stable figure on a noisy machine for comparing two builds).
+//! stable figure on a noisy machine for comparing two builds; the profile
+//! stays in target/load-bench/ for callgrind_annotate).
+//!
+//! Targets: `direct`, `proxy`, `nginx`, `haproxy`, and in the
+//! 50-connection scenario two variants of the proxy with one lever turned
+//! the other way: `proxy+log` (access log lines on) and `proxy+mt` (the
+//! multi-thread runtime, still pinned to one core).
 //!
 //! Layout on a 2-core machine: every proxy under test is pinned to core 0;
 //! the load generator and the upstream (the fake Coupa, in this process)
@@ -138,6 +144,14 @@ impl Target {
             .sum()
     }
 
+    /// Starts a new peak-RSS window, so each run reports its own peak
+    /// rather than the largest since start-up (`clear_refs` 5).
+    fn reset_peak_rss(&self) {
+        for pid in self.pids() {
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
+    }
+
     /// Sum of the peak resident sets of the target's processes (KiB).
     fn peak_rss_kib(&self) -> Option<u64> {
         let pids = self.pids();
@@ -241,18 +255,44 @@ fn pinned(core: &str, program: &str) -> Command {
     command
 }
 
-fn start_proxy(upstream: u16, work: &Path, name: &'static str, log: bool) -> Target {
-    start_proxy_with(upstream, work, name, log, &[])
+/// How a proxy under test runs: the default (`proxy`), or one lever
+/// turned the other way, to show what it is worth.
+#[derive(Clone, Copy)]
+struct Variant {
+    name: &'static str,
+    /// Per-request access log lines on (`info`) instead of `warn`.
+    log: bool,
+    /// `[runtime] flavor`.
+    flavor: &'static str,
+}
+
+const PROXY: Variant = Variant {
+    name: "proxy",
+    log: false,
+    flavor: "auto",
+};
+
+/// Compared in the 50-connection scenario only.
+const VARIANTS: [Variant; 2] = [
+    Variant {
+        name: "proxy+log",
+        log: true,
+        flavor: "auto",
+    },
+    Variant {
+        name: "proxy+mt",
+        log: false,
+        flavor: "multi_thread",
+    },
+];
+
+fn start_proxy(upstream: u16, work: &Path, variant: Variant) -> Target {
+    start_proxy_with(upstream, work, variant, &[])
 }
 
 /// The proxy, run through `wrapper` (e.g. valgrind) when one is given.
-fn start_proxy_with(
-    upstream: u16,
-    work: &Path,
-    name: &'static str,
-    log: bool,
-    wrapper: &[&str],
-) -> Target {
+fn start_proxy_with(upstream: u16, work: &Path, variant: Variant, wrapper: &[&str]) -> Target {
+    let Variant { name, log, flavor } = variant;
     let port = free_port();
     let admin = free_port();
     let dir = work.join(name);
@@ -276,6 +316,8 @@ activation_delay = "0s"
 address = "127.0.0.1:{admin}"
 [reload]
 watch_interval = "0s"
+[runtime]
+flavor = "{flavor}"
 "#
         ),
     )
@@ -686,7 +728,7 @@ fn main() {
         });
     }
     if wanted("BENCH_TARGETS", "proxy") {
-        targets.push(start_proxy(upstream, &work, "proxy", false));
+        targets.push(start_proxy(upstream, &work, PROXY));
     }
     if wanted("BENCH_TARGETS", "nginx") {
         targets.push(start_nginx(upstream, &token, &work));
@@ -694,15 +736,18 @@ fn main() {
     if wanted("BENCH_TARGETS", "haproxy") {
         targets.push(start_haproxy(upstream, &token, &work));
     }
-    let logged = wanted("BENCH_TARGETS", "proxy+log")
-        .then(|| start_proxy(upstream, &work, "proxy+log", true));
+    let variants: Vec<Target> = VARIANTS
+        .iter()
+        .filter(|v| wanted("BENCH_TARGETS", v.name))
+        .map(|v| start_proxy(upstream, &work, *v))
+        .collect();
 
     let tick = ticks_per_second();
     let mut results: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
     eprintln!(
         "load bench: {} scenarios x {} targets x {rounds} rounds x {seconds} s",
         scenarios.len(),
-        targets.len() + usize::from(logged.is_some())
+        targets.len() + variants.len()
     );
     for round in 0..rounds {
         for scenario in &scenarios {
@@ -711,9 +756,10 @@ fn main() {
             let shift = round % order.len().max(1);
             order.rotate_left(shift);
             if scenario.name == "h1-c50-1k" {
-                order.extend(logged.iter());
+                order.extend(variants.iter());
             }
             for target in order {
+                target.reset_peak_rss();
                 let before = target.cpu_ticks();
                 // BENCH_PERF=FILE: record a profile of the proxy's busiest run.
                 let profiler = match std::env::var("BENCH_PERF") {
@@ -762,16 +808,21 @@ fn main() {
         }
     }
 
-    let soak_rss = (soak > 0)
-        .then(|| {
-            targets
-                .iter()
-                .find(|t| t.name == "proxy")
-                .map(|proxy| soak_run(proxy, soak, &work))
-        })
-        .flatten();
+    // A fresh proxy, so the soak shows the 50-connection footprint alone,
+    // not what the 64 KiB and HTTP/2 scenarios left in the heap.
+    let soak_rss = (soak > 0).then(|| {
+        let fresh = start_proxy(
+            upstream,
+            &work,
+            Variant {
+                name: "proxy-soak",
+                ..PROXY
+            },
+        );
+        soak_run(&fresh, soak, &work)
+    });
 
-    let (table, summary) = report(&scenarios, &targets, logged.as_ref(), &results, soak_rss);
+    let (table, summary) = report(&scenarios, &targets, &variants, &results, soak_rss);
     println!("{table}");
     let json_path = std::env::var("BENCH_JSON")
         .map(PathBuf::from)
@@ -784,7 +835,7 @@ fn main() {
     std::fs::write(&json_path, serde_json::to_string_pretty(&summary).unwrap()).unwrap();
     println!("summary written to {}", json_path.display());
     drop(targets);
-    drop(logged);
+    drop(variants);
     let _ = std::fs::remove_dir_all(&work);
     std::process::exit(0);
 }
@@ -809,8 +860,10 @@ fn callgrind(upstream: u16, work: &Path) {
     let proxy = start_proxy_with(
         upstream,
         work,
-        "proxy-callgrind",
-        false,
+        Variant {
+            name: "proxy-callgrind",
+            ..PROXY
+        },
         &[
             "valgrind",
             "--tool=callgrind",
@@ -883,6 +936,8 @@ fn soak_run(proxy: &Target, seconds: u64, work: &Path) -> Vec<u64> {
             samples.push(status_kib(*pid, "VmRSS:").unwrap_or(0));
         }
     }
+    // Last: the peak over the whole soak.
+    samples.push(proxy.peak_rss_kib().unwrap_or(0));
     samples
 }
 
@@ -896,7 +951,7 @@ fn cores() -> usize {
 fn report(
     scenarios: &[Scenario],
     targets: &[Target],
-    logged: Option<&Target>,
+    variants: &[Target],
     results: &BTreeMap<(String, String), Vec<Sample>>,
     soak_rss: Option<Vec<u64>>,
 ) -> (String, serde_json::Value) {
@@ -927,7 +982,7 @@ fn report(
     let names: Vec<&str> = targets
         .iter()
         .map(|t| t.name)
-        .chain(logged.map(|t| t.name))
+        .chain(variants.iter().map(|t| t.name))
         .collect();
     for scenario in scenarios {
         let get = |target: &str| results.get(&(scenario.name.to_owned(), target.to_owned()));
@@ -995,10 +1050,12 @@ fn report(
         }
     }
     if let Some(samples) = &soak_rss {
+        let (peak, every_10s) = samples.split_last().unwrap_or((&0, &[]));
         let _ = writeln!(
             table,
-            "\nsoak at 50 connections, RSS every 10 s (MiB): {}",
-            samples
+            "\nsoak of a fresh proxy at 50 connections: peak RSS {:.1} MiB; RSS every 10 s (MiB): {}",
+            *peak as f64 / 1024.0,
+            every_10s
                 .iter()
                 .map(|k| format!("{:.1}", *k as f64 / 1024.0))
                 .collect::<Vec<_>>()
@@ -1011,7 +1068,8 @@ fn report(
         "proxy_core": PROXY_CORE,
         "load_core": LOAD_CORE,
         "rows": rows,
-        "soak_rss_kib": soak_rss,
+        "soak_peak_rss_kib": soak_rss.as_ref().and_then(|s| s.last()),
+        "soak_rss_kib_every_10s": soak_rss.as_ref().map(|s| &s[..s.len().saturating_sub(1)]),
     });
     (table, summary)
 }

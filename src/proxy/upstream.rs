@@ -296,11 +296,7 @@ impl Pool {
                 .handshake(io)
                 .await
                 .map_err(UpstreamError::Handshake)?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    debug!(%error, "upstream HTTP/2 connection ended");
-                }
-            });
+            drive(connection, "HTTP/2");
             if let Ok(mut shared) = self.shared.lock() {
                 *shared = Some(sender.clone());
             }
@@ -310,13 +306,21 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(UpstreamError::Handshake)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%error, "upstream connection ended");
-            }
-        });
+        drive(connection, "HTTP/1.1");
         Ok(Checkout::H1(sender))
     }
+}
+
+/// Runs a connection's I/O in its own task until it closes.
+fn drive<C>(connection: C, protocol: &'static str)
+where
+    C: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, protocol, "upstream connection ended");
+        }
+    });
 }
 
 /// Counts open upstream connections in a gauge: +1 when one is
