@@ -490,3 +490,25 @@ fn upstream_request(
     *request.headers_mut() = headers;
     request
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_failure(kind: std::io::ErrorKind, text: &str) -> ProxyError {
+        let io = std::io::Error::new(kind, text.to_owned());
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(io);
+        SendFailure::Client(upstream::UpstreamError::Connect(boxed)).into()
+    }
+
+    #[test]
+    fn connect_timeouts_are_504_and_refusals_502() {
+        let timeout = connect_failure(std::io::ErrorKind::TimedOut, "deadline has elapsed");
+        assert!(matches!(timeout, ProxyError::Timeout(_)), "{timeout:?}");
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+
+        let refused = connect_failure(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(refused, ProxyError::Unreachable(_)), "{refused:?}");
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+    }
+}

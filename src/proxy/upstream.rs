@@ -40,7 +40,7 @@ type Connector = Counting<HttpsConnector<HttpConnector>>;
 pub enum UpstreamError {
     /// No connection could be made (refused, DNS, TLS, connect timeout).
     #[error("{0}")]
-    Connect(BoxError),
+    Connect(#[source] BoxError),
     /// A connection was made but the HTTP handshake failed.
     #[error("HTTP handshake failed: {0}")]
     Handshake(hyper::Error),
