@@ -55,6 +55,27 @@ async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
     let token = echoed_token(&echo);
     assert!(token.len() > 20 * 1024);
     assert!(fake.state().token_is_live(&token));
+
+    // One HTTP/2 connection carries every later request, concurrent or not.
+    let client = http_client();
+    let batch: Vec<_> = (0..10)
+        .map(|_| {
+            let request = client
+                .get(proxy.url("/api/invoices"))
+                .header("x-coupa-api-key", LEGACY_KEY)
+                .send();
+            async move { request.await.unwrap().status() }
+        })
+        .collect();
+    for status in futures_util::future::join_all(batch).await {
+        assert_eq!(status, 200);
+    }
+    let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+    let open: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("coupa_proxy_upstream_connections "))
+        .collect();
+    assert_eq!(open, ["coupa_proxy_upstream_connections 1"], "{metrics}");
     proxy.stop().await;
 }
 
