@@ -1,7 +1,8 @@
-//! The upstream connection pool: connections are reused once a response
-//! has been read to its end, never while one is half-read, and closed after
-//! `coupa.pool_idle_timeout`. Checked against an upstream that counts the
-//! connections it accepts and the ones that have closed.
+//! The upstream hop: connections are reused once a response has been read
+//! to its end, never while one is half-read, and closed after
+//! `coupa.pool_idle_timeout`; the request line carries `base_url`'s path.
+//! Checked against an upstream that counts the connections it accepts and
+//! the ones that have closed, and answers with the target it got.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -15,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use coupa_auth_proxy::fake_coupa::FakeCoupa;
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{Either, Full};
@@ -62,7 +64,7 @@ impl http_body::Body for Stalling {
 type AnswerBody = Either<Full<Bytes>, Stalling>;
 
 /// `/stall` sends part of a body and stalls, `/empty` answers 204,
-/// anything else a small JSON body.
+/// anything else the request target it got.
 async fn answer(request: Request<Incoming>) -> Result<Response<AnswerBody>, Infallible> {
     let full = |bytes: Bytes| Either::Left(Full::new(bytes));
     let mut response = match request.uri().path() {
@@ -72,11 +74,11 @@ async fn answer(request: Request<Incoming>) -> Result<Response<AnswerBody>, Infa
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         }
-        _ => Response::new(full(Bytes::from_static(b"{\"ok\":true}"))),
+        _ => Response::new(full(Bytes::from(request.uri().to_string()))),
     };
     response
         .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+        .insert("content-type", "text/plain".parse().unwrap());
     Ok(response)
 }
 
@@ -100,7 +102,12 @@ async fn counting_upstream() -> (std::net::SocketAddr, Arc<Counts>) {
     (addr, counts)
 }
 
-async fn proxy_in_front_of(upstream: std::net::SocketAddr, coupa_extra: &str) -> TestProxy {
+/// The proxy in front of `upstream`, with the fake Coupa that issues its
+/// tokens (keep it alive for the test).
+async fn proxy_in_front_of(
+    upstream: std::net::SocketAddr,
+    coupa_extra: &str,
+) -> (FakeCoupa, TestProxy) {
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let text = config_text(
         &format!("http://{upstream}"),
@@ -109,15 +116,13 @@ async fn proxy_in_front_of(upstream: std::net::SocketAddr, coupa_extra: &str) ->
     );
     let proxy = TestProxy::start(parse_config(&text)).await;
     proxy.wait_ready().await;
-    // The fake only serves tokens; it must outlive the test's requests.
-    std::mem::forget(fake);
-    proxy
+    (fake, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_responses_give_their_connection_back() {
     let (upstream, counts) = counting_upstream().await;
-    let proxy = proxy_in_front_of(upstream, "").await;
+    let (_fake, proxy) = proxy_in_front_of(upstream, "").await;
     let client = http_client();
 
     for path in ["/api/invoices", "/empty", "/api/users", "/empty"]
@@ -157,7 +162,7 @@ async fn finished_responses_give_their_connection_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_read_response_does_not_return_its_connection() {
     let (upstream, counts) = counting_upstream().await;
-    let proxy = proxy_in_front_of(upstream, "").await;
+    let (_fake, proxy) = proxy_in_front_of(upstream, "").await;
     let client = http_client();
 
     let mut stalled = client.get(proxy.url("/stall")).send().await.unwrap();
@@ -176,7 +181,7 @@ async fn a_half_read_response_does_not_return_its_connection() {
 
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.unwrap(), "{\"ok\":true}");
+    assert_eq!(response.text().await.unwrap(), "/api/invoices");
     assert_eq!(
         counts.opened(),
         2,
@@ -188,7 +193,7 @@ async fn a_half_read_response_does_not_return_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_after_the_pool_idle_timeout() {
     let (upstream, counts) = counting_upstream().await;
-    let proxy = proxy_in_front_of(upstream, "pool_idle_timeout = \"300ms\"").await;
+    let (_fake, proxy) = proxy_in_front_of(upstream, "pool_idle_timeout = \"300ms\"").await;
 
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
@@ -202,5 +207,27 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(counts.opened(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_url_path_is_prepended_in_origin_form() {
+    let (upstream, _counts) = counting_upstream().await;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(
+        &format!("http://{upstream}/coupa"),
+        "",
+        &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+
+    let response = get(proxy.url("/api/invoices?filter=a%20b&x=1")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.text().await.unwrap(),
+        "/coupa/api/invoices?filter=a%20b&x=1",
+        "the request line holds the prefixed path and query, byte for byte"
+    );
     proxy.stop().await;
 }

@@ -457,7 +457,9 @@ impl Proxy {
         ProxyError::NoToken { cause, retry_after }
     }
 
-    /// `base_url` + the request's path and query, byte for byte.
+    /// `base_url`'s path + the request's path and query, byte for byte, in
+    /// origin form: the pool owns the scheme and authority and adds them
+    /// where HTTP/2 needs them.
     fn upstream_uri(&self, target: &PathAndQuery) -> Result<Uri, ProxyError> {
         let inner = &*self.inner;
         let path_and_query = if inner.path_prefix.is_empty() {
@@ -467,11 +469,7 @@ impl Proxy {
             PathAndQuery::from_maybe_shared(Bytes::from(joined))
                 .map_err(|_| ProxyError::BadTarget)?
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(inner.scheme.clone());
-        parts.authority = Some(inner.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).map_err(|_| ProxyError::BadTarget)
+        Ok(Uri::from(path_and_query))
     }
 }
 
@@ -484,9 +482,8 @@ fn upstream_request(
     let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = uri.clone();
-    // The pool picks HTTP/1.1 or HTTP/2 per connection; the client's
-    // version says nothing about the upstream hop.
-    *request.version_mut() = Version::HTTP_11;
+    // The version is the pool's to set, per connection: the client's says
+    // nothing about the upstream hop.
     *request.headers_mut() = headers;
     request
 }

@@ -154,8 +154,8 @@ enum Checkout {
 }
 
 impl UpstreamClient {
-    /// Sends `request` (its URI: scheme, authority, path and query of the
-    /// instance) on a pooled connection, or a new one. A request that a
+    /// Sends `request` (its URI in origin form: the instance's path and
+    /// query) on a pooled connection, or a new one. A request that a
     /// reused connection could not take (it closed meanwhile) moves on to
     /// another connection without being sent.
     pub async fn request(
@@ -163,11 +163,6 @@ impl UpstreamClient {
         mut request: Request<UpstreamBody>,
     ) -> Result<Leased, UpstreamError> {
         let pool = &self.pool;
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // Reused connections that could not take the request yet (their
         // previous response is still being wound up): back to the pool
         // afterwards, not retried in this loop.
@@ -182,6 +177,12 @@ impl UpstreamClient {
             };
             match checkout {
                 Checkout::H2(mut sender) => {
+                    // HTTP/2 carries the scheme and authority as pseudo-headers.
+                    let path = request
+                        .uri()
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/"));
                     *request.uri_mut() = pool.absolute(path);
                     *request.version_mut() = Version::HTTP_2;
                     break match sender.send_request(request).await {
@@ -193,8 +194,6 @@ impl UpstreamClient {
                     };
                 }
                 Checkout::H1(mut sender) => {
-                    // Origin form on the request line, as for any origin server.
-                    *request.uri_mut() = Uri::from(path.clone());
                     *request.version_mut() = Version::HTTP_11;
                     match sender.try_send_request(request).await {
                         Ok(response) => {
