@@ -102,15 +102,12 @@ async fn counting_upstream() -> (std::net::SocketAddr, Arc<Counts>) {
     (addr, counts)
 }
 
-/// The proxy in front of `upstream`, with the fake Coupa that issues its
+/// The proxy in front of `base_url`, with the fake Coupa that issues its
 /// tokens (keep it alive for the test).
-async fn proxy_in_front_of(
-    upstream: std::net::SocketAddr,
-    coupa_extra: &str,
-) -> (FakeCoupa, TestProxy) {
+async fn proxy_in_front_of(base_url: &str, coupa_extra: &str) -> (FakeCoupa, TestProxy) {
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let text = config_text(
-        &format!("http://{upstream}"),
+        base_url,
         coupa_extra,
         &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
     );
@@ -122,7 +119,7 @@ async fn proxy_in_front_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_responses_give_their_connection_back() {
     let (upstream, counts) = counting_upstream().await;
-    let (_fake, proxy) = proxy_in_front_of(upstream, "").await;
+    let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}"), "").await;
     let client = http_client();
 
     for path in ["/api/invoices", "/empty", "/api/users", "/empty"]
@@ -162,7 +159,7 @@ async fn finished_responses_give_their_connection_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_read_response_does_not_return_its_connection() {
     let (upstream, counts) = counting_upstream().await;
-    let (_fake, proxy) = proxy_in_front_of(upstream, "").await;
+    let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}"), "").await;
     let client = http_client();
 
     let mut stalled = client.get(proxy.url("/stall")).send().await.unwrap();
@@ -193,7 +190,11 @@ async fn a_half_read_response_does_not_return_its_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_after_the_pool_idle_timeout() {
     let (upstream, counts) = counting_upstream().await;
-    let (_fake, proxy) = proxy_in_front_of(upstream, "pool_idle_timeout = \"300ms\"").await;
+    let (_fake, proxy) = proxy_in_front_of(
+        &format!("http://{upstream}"),
+        "pool_idle_timeout = \"300ms\"",
+    )
+    .await;
 
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
@@ -213,14 +214,7 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_url_path_is_prepended_in_origin_form() {
     let (upstream, _counts) = counting_upstream().await;
-    let fake = start_fake(Duration::from_secs(86_399)).await;
-    let text = config_text(
-        &format!("http://{upstream}/coupa"),
-        "",
-        &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
-    );
-    let proxy = TestProxy::start(parse_config(&text)).await;
-    proxy.wait_ready().await;
+    let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}/coupa"), "").await;
 
     let response = get(proxy.url("/api/invoices?filter=a%20b&x=1")).await;
     assert_eq!(response.status(), 200);
