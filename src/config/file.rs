@@ -1,0 +1,400 @@
+//! The config file's shape: what users write, as serde structs with their
+//! defaults. Every table rejects keys it does not know; [`deserialize`]
+//! reports every unknown key of a table in one pass instead of only the first.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::{ClientAuth, ConfigError, GrantKind, RuntimeFlavor, DEFAULT_CREDENTIAL};
+
+/// The config file as written. Every table rejects keys it does not know.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    #[serde(default)]
+    pub(super) listen: ListenFile,
+    pub(super) coupa: CoupaFile,
+    /// One credential (`[oauth]` with `client_id`, named `default`) or
+    /// several (`[oauth.NAME]` tables); told apart in `validate`.
+    pub(super) oauth: toml::Table,
+    #[serde(default)]
+    pub(super) integration: Vec<IntegrationFile>,
+    #[serde(default)]
+    pub(super) admin: AdminFile,
+    #[serde(default)]
+    pub(super) reload: ReloadFile,
+    #[serde(default)]
+    pub(super) runtime: RuntimeFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuntimeFile {
+    #[serde(default)]
+    pub(super) flavor: RuntimeFlavor,
+    pub(super) worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReloadFile {
+    #[serde(default = "default_watch_interval", with = "humantime_serde")]
+    pub(super) watch_interval: Duration,
+}
+
+impl Default for ReloadFile {
+    fn default() -> Self {
+        Self {
+            watch_interval: default_watch_interval(),
+        }
+    }
+}
+
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IntegrationFile {
+    pub(super) name: String,
+    pub(super) api_key_sha256: String,
+    #[serde(default = "default_credential_name")]
+    pub(super) credential: String,
+}
+
+fn default_credential_name() -> String {
+    DEFAULT_CREDENTIAL.to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListenFile {
+    #[serde(default = "default_listen_address")]
+    pub(super) address: SocketAddr,
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub(super) shutdown_grace: Duration,
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub(super) header_read_timeout: Duration,
+    #[serde(default = "default_max_header_bytes")]
+    pub(super) max_header_bytes: usize,
+    #[serde(default = "default_max_connections")]
+    pub(super) max_connections: usize,
+    #[serde(default)]
+    pub(super) allow_unauthenticated: bool,
+    pub(super) tls: Option<ListenTlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListenTlsFile {
+    pub(super) cert_file: PathBuf,
+    pub(super) key_file: PathBuf,
+    pub(super) client_ca_file: Option<PathBuf>,
+}
+
+impl Default for ListenFile {
+    fn default() -> Self {
+        Self {
+            address: default_listen_address(),
+            shutdown_grace: default_shutdown_grace(),
+            header_read_timeout: default_header_read_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            max_connections: default_max_connections(),
+            allow_unauthenticated: false,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CoupaFile {
+    pub(super) base_url: String,
+    pub(super) ca_file: Option<PathBuf>,
+    #[serde(default = "default_accept")]
+    pub(super) accept: String,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub(super) connect_timeout: Duration,
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub(super) pool_idle_timeout: Duration,
+    #[serde(default = "default_response_header_timeout", with = "humantime_serde")]
+    pub(super) response_header_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub(super) idle_timeout: Duration,
+    #[serde(default = "default_replay_body_limit")]
+    pub(super) replay_body_limit: usize,
+    pub(super) rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RateLimitFile {
+    #[serde(default = "default_rate_per_second")]
+    pub(super) per_second: f64,
+    #[serde(default = "default_rate_burst")]
+    pub(super) burst: u32,
+    #[serde(default = "default_rate_max_queue")]
+    pub(super) max_queue: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OAuthFile {
+    pub(super) client_id: String,
+    pub(super) client_secret: Option<String>,
+    pub(super) client_secret_file: Option<PathBuf>,
+    pub(super) scopes: Vec<String>,
+    pub(super) token_url: Option<String>,
+    #[serde(default)]
+    pub(super) client_auth: ClientAuth,
+    #[serde(default = "default_refresh_fraction")]
+    pub(super) refresh_fraction: f64,
+    #[serde(default = "default_activation_delay", with = "humantime_serde")]
+    pub(super) activation_delay: Duration,
+    #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    pub(super) retry_initial: Duration,
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub(super) retry_max: Duration,
+    #[serde(default = "default_token_timeout", with = "humantime_serde")]
+    pub(super) request_timeout: Duration,
+    #[serde(default = "default_rejected_token_cooldown", with = "humantime_serde")]
+    pub(super) rejected_token_cooldown: Duration,
+    #[serde(default)]
+    pub(super) grant: GrantKind,
+    pub(super) state_file: Option<PathBuf>,
+    pub(super) redirect_uri: Option<String>,
+    pub(super) authorize_url: Option<String>,
+    pub(super) device_authorization_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) refresh_token_lifetime: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdminFile {
+    #[serde(default = "default_admin_address")]
+    pub(super) address: SocketAddr,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+        }
+    }
+}
+
+fn default_listen_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_response_header_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_replay_body_limit() -> usize {
+    1024 * 1024
+}
+fn default_rate_per_second() -> f64 {
+    // Coupa's documented limit per instance.
+    25.0
+}
+fn default_rate_burst() -> u32 {
+    20
+}
+fn default_rate_max_queue() -> usize {
+    100
+}
+fn default_rejected_token_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_accept() -> String {
+    "application/json".to_owned()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_refresh_fraction() -> f64 {
+    // 20 h of Coupa's 24 h token lifetime, as Coupa advises.
+    0.8333
+}
+fn default_activation_delay() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_token_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// More unknown keys than this in one table is not a typo but the wrong
+/// file; stop listing there.
+const MAX_REPORTED_PER_TABLE: usize = 32;
+
+/// Deserializes `value` as `T`, adding every problem to `problems` (`prefix`
+/// names where `value` sits in the file, "" for the whole file). An unknown
+/// key is reported, dropped and the parse tried again, so all of a file's
+/// typos show at once; any other shape error ends the attempt.
+pub(super) fn deserialize<T: DeserializeOwned>(
+    mut value: toml::Value,
+    prefix: &str,
+    problems: &mut Vec<ConfigError>,
+) -> Option<T> {
+    for _ in 0..MAX_REPORTED_PER_TABLE {
+        let error = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return Some(parsed),
+            Err(error) => error,
+        };
+        let path = error.path().clone();
+        let message = error.into_inner().message().to_owned();
+        let unknown = unknown_field(&message).map(str::to_owned);
+        problems.push(ConfigError::Shape {
+            key: shape_key(prefix, &path.to_string()),
+            message,
+        });
+        match unknown {
+            Some(field) if remove_key(&mut value, &path, &field) => continue,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The key an error at `path` below `prefix` is about.
+fn shape_key(prefix: &str, path: &str) -> String {
+    match (prefix, path) {
+        ("", ".") => "config".to_owned(),
+        ("", path) => path.to_owned(),
+        (prefix, ".") => prefix.to_owned(),
+        (prefix, path) => format!("{prefix}.{path}"),
+    }
+}
+
+/// The field serde's `deny_unknown_fields` complained about.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+/// Removes the unknown `field` that `path` ends at; false when it is not
+/// there to remove (and retrying would find the same error).
+fn remove_key(value: &mut toml::Value, path: &serde_path_to_error::Path, field: &str) -> bool {
+    use serde_path_to_error::Segment;
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((Segment::Map { key }, parents)) = segments.split_last() else {
+        return false;
+    };
+    if key != field {
+        return false;
+    }
+    let mut here = value;
+    for segment in parents {
+        let next = match (segment, here) {
+            (Segment::Map { key }, toml::Value::Table(table)) => table.get_mut(key),
+            (Segment::Seq { index }, toml::Value::Array(items)) => items.get_mut(*index),
+            _ => None,
+        };
+        match next {
+            Some(next) => here = next,
+            None => return false,
+        }
+    }
+    match here {
+        toml::Value::Table(table) => table.remove(field).is_some(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::uri::Scheme;
+
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(
+            config.credentials[0]
+                .oauth
+                .client_secret
+                .as_ref()
+                .unwrap()
+                .expose(),
+            "s3cr3t-value"
+        );
+        assert_eq!(
+            config.credentials[0].oauth.token_url,
+            "https://acme.coupahost.com/oauth2/token"
+        );
+        assert_eq!(config.credentials[0].oauth.refresh_fraction, 0.8333);
+        assert_eq!(
+            config.credentials[0].oauth.activation_delay,
+            Duration::from_secs(5)
+        );
+        assert_eq!(config.credentials[0].oauth.client_auth, ClientAuth::Body);
+        assert_eq!(config.listen.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.coupa.scheme, Scheme::HTTPS);
+        assert_eq!(config.coupa.authority.as_str(), "acme.coupahost.com");
+        assert_eq!(config.coupa.path_prefix, "");
+    }
+
+    #[test]
+    fn unknown_keys_in_arrays_of_tables_are_all_found() {
+        let value: toml::Value = toml::from_str(
+            "[[integration]]\nname = \"a\"\napi_key_sha256 = \"x\"\nkye = 1\n\
+             [[integration]]\nname = \"b\"\napi_key_sha256 = \"y\"\ncredentail = \"z\"\n",
+        )
+        .unwrap();
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Only {
+            #[allow(dead_code)]
+            integration: Vec<IntegrationFile>,
+        }
+        let mut problems = Vec::new();
+        let parsed: Option<Only> = deserialize(value, "", &mut problems);
+        assert!(parsed.is_some());
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(
+            shown[0].starts_with("integration[0].kye: unknown field `kye`"),
+            "{shown:?}"
+        );
+        assert!(
+            shown[1].starts_with("integration[1].credentail: unknown field `credentail`"),
+            "{shown:?}"
+        );
+    }
+}

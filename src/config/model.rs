@@ -1,0 +1,331 @@
+//! The validated runtime model: what the proxy runs on, every value known
+//! good. Built only by [`super::validate`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+use rustls::pki_types::CertificateDer;
+use serde::Deserialize;
+
+use super::DEFAULT_CREDENTIAL;
+use crate::secret::Secret;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub coupa: Coupa,
+    /// At least one; sorted by name.
+    pub credentials: Vec<Credential>,
+    /// Empty: every request uses the default credential, unauthenticated.
+    pub integrations: Vec<Integration>,
+    pub admin: Admin,
+    /// How often the config file and secret files are checked for changes;
+    /// `None`: only on SIGHUP.
+    pub watch_interval: Option<Duration>,
+    pub runtime: Runtime,
+}
+
+/// A named OAuth client with its own token and rotation.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub name: String,
+    pub oauth: OAuth,
+}
+
+/// A legacy integration, recognised by its old API key.
+#[derive(Clone)]
+pub struct Integration {
+    pub name: String,
+    /// SHA-256 of the integration's `X-COUPA-API-KEY`.
+    pub api_key_sha256: [u8; 32],
+    /// Index into [`Config::credentials`].
+    pub credential: usize,
+}
+
+impl fmt::Debug for Integration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The hash is not the key, but there is no reason to print it.
+        f.debug_struct("Integration")
+            .field("name", &self.name)
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub address: SocketAddr,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// A client must send a whole request head within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    /// Open client connections beyond this get a 503 and are closed.
+    pub max_connections: usize,
+    /// Serve a non-loopback address without integrations (explicit opt-in).
+    pub allow_unauthenticated: bool,
+    /// Inbound TLS; plain HTTP when absent.
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Client certificates must chain to these (mTLS) when set.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Coupa {
+    /// The instance URL as configured, for summaries and logs.
+    pub base_url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path the instance is mounted under, without a trailing slash; usually
+    /// empty. Prepended to every forwarded request's path.
+    pub path_prefix: String,
+    /// Extra trust roots for the upstream and the token endpoint.
+    pub ca_file: Option<PathBuf>,
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    /// `Accept` sent when the client gave none (or only `*/*`) and its
+    /// `Content-Type` does not say JSON or XML.
+    pub accept: HeaderValue,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    /// Coupa must start answering (status and headers) within this.
+    pub response_header_timeout: Duration,
+    /// A response body that stalls this long is aborted.
+    pub idle_timeout: Duration,
+    /// Request bodies up to this size are kept while they stream, so the
+    /// request can be replayed after a 401 or a stale connection.
+    pub replay_body_limit: usize,
+    /// Outbound shaping to Coupa's rate limit; off when absent.
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuth {
+    pub client_id: String,
+    /// `None` for a public client (PKCE alone; user grants only).
+    pub client_secret: Option<Secret>,
+    /// Where the secret came from, for the summary (never the value).
+    pub secret_source: SecretSource,
+    pub scopes: Vec<String>,
+    pub token_url: String,
+    pub client_auth: ClientAuth,
+    pub refresh_fraction: f64,
+    pub activation_delay: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub request_timeout: Duration,
+    /// After a 401-triggered token fetch, no other one starts within this.
+    pub rejected_token_cooldown: Duration,
+    pub grant: Grant,
+}
+
+/// The grant with what it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grant {
+    ClientCredentials,
+    AuthorizationCode {
+        authorize_url: String,
+        /// Loopback `http://` URI; port 0 means any free port.
+        redirect_uri: url::Url,
+        consent: Consent,
+    },
+    DeviceCode {
+        device_authorization_url: String,
+        consent: Consent,
+    },
+}
+
+impl Grant {
+    pub fn kind(&self) -> GrantKind {
+        match self {
+            Self::ClientCredentials => GrantKind::ClientCredentials,
+            Self::AuthorizationCode { .. } => GrantKind::AuthorizationCode,
+            Self::DeviceCode { .. } => GrantKind::DeviceCode,
+        }
+    }
+
+    /// Where a user-consented grant keeps its tokens; `None` for client
+    /// credentials.
+    pub fn consent(&self) -> Option<&Consent> {
+        match self {
+            Self::ClientCredentials => None,
+            Self::AuthorizationCode { consent, .. } | Self::DeviceCode { consent, .. } => {
+                Some(consent)
+            }
+        }
+    }
+}
+
+/// Settings shared by the user-consented grants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consent {
+    /// Refresh and access token, written by `authorize` and by every refresh.
+    pub state_file: PathBuf,
+    /// How long a refresh token lasts from its issue (Coupa: 90 days).
+    pub refresh_token_lifetime: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Inline,
+    File(PathBuf),
+    /// A public client: no secret at all.
+    None,
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inline => f.write_str("client_secret"),
+            Self::File(path) => write!(f, "client_secret_file {}", path.display()),
+            Self::None => f.write_str("none: public client"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+impl Config {
+    /// The credential used when no integrations are configured.
+    pub fn default_credential(&self) -> usize {
+        self.credentials
+            .iter()
+            .position(|c| c.name == DEFAULT_CREDENTIAL)
+            .unwrap_or(0)
+    }
+}
+
+/// How the async runtime runs the proxy (`[runtime] flavor`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeFlavor {
+    /// `current_thread` when the process may use one CPU (a pinned or
+    /// CPU-limited container), `multi_thread` otherwise.
+    #[default]
+    Auto,
+    /// One thread does everything: the least CPU per request.
+    CurrentThread,
+    /// A worker per core (or `worker_threads`): scales across cores.
+    MultiThread,
+}
+
+/// The async runtime the binary builds for `run`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runtime {
+    pub flavor: RuntimeFlavor,
+    pub worker_threads: Option<usize>,
+}
+
+impl Runtime {
+    /// The flavor after `auto` is decided for `cores` usable CPUs, and the
+    /// worker count for multi_thread.
+    pub fn resolve(&self, cores: usize) -> (RuntimeFlavor, usize) {
+        match self.flavor {
+            RuntimeFlavor::Auto if cores <= 1 => (RuntimeFlavor::CurrentThread, 1),
+            RuntimeFlavor::CurrentThread => (RuntimeFlavor::CurrentThread, 1),
+            _ => (
+                RuntimeFlavor::MultiThread,
+                self.worker_threads.unwrap_or(cores).max(1),
+            ),
+        }
+    }
+}
+
+/// How the client id and secret reach the token endpoint. Coupa rejects a
+/// request that carries them both ways ("provided multiple credentials").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` as form fields.
+    #[default]
+    Body,
+    /// HTTP Basic authentication.
+    Basic,
+}
+
+/// How a credential obtains its tokens (`grant` in an `[oauth]` table).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// System-to-system: the client's own id and secret, no user.
+    #[default]
+    ClientCredentials,
+    /// A user consents once in a browser (PKCE); refresh tokens after that.
+    AuthorizationCode,
+    /// A user consents once on another device with a short code.
+    DeviceCode,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::AuthorizationCode => "authorization_code",
+            Self::DeviceCode => "device_code",
+        }
+    }
+}
+
+/// Coupa's refresh tokens last 90 days.
+pub const DEFAULT_REFRESH_TOKEN_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+/// The authorization code grant's default redirect URI: a loopback
+/// listener `authorize` starts for the length of the consent.
+pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn runtime_flavor_follows_the_usable_cpus_unless_set() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.runtime.flavor, RuntimeFlavor::Auto);
+        assert_eq!(config.runtime.resolve(1), (RuntimeFlavor::CurrentThread, 1));
+        assert_eq!(config.runtime.resolve(4), (RuntimeFlavor::MultiThread, 4));
+
+        let pinned = load(&format!(
+            "{MINIMAL}\n[runtime]\nflavor = \"current_thread\"\n"
+        ))
+        .unwrap();
+        assert_eq!(pinned.runtime.resolve(8), (RuntimeFlavor::CurrentThread, 1));
+        let sized = load(&format!(
+            "{MINIMAL}\n[runtime]\nflavor = \"multi_thread\"\nworker_threads = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(sized.runtime.resolve(1), (RuntimeFlavor::MultiThread, 2));
+        assert!(sized.summary().contains("multi_thread, 2 workers"));
+
+        let zero = format!("{MINIMAL}\n[runtime]\nflavor = \"multi_thread\"\nworker_threads = 0\n");
+        assert!(error_of(&zero).starts_with("runtime.worker_threads: must be at least 1"));
+        let misplaced = format!("{MINIMAL}\n[runtime]\nworker_threads = 2\n");
+        assert!(error_of(&misplaced).starts_with("runtime.worker_threads: only applies"));
+        let unknown = format!("{MINIMAL}\n[runtime]\nflavor = \"green_threads\"\n");
+        assert!(
+            error_of(&unknown).contains("runtime.flavor"),
+            "{}",
+            error_of(&unknown)
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! The redacted summary `check` prints and reload compares: one row per
+//! key, secrets shown only as where they come from.
+
+use std::time::Duration;
+
+use super::{ClientAuth, Config, Grant, RuntimeFlavor, SecretSource, DEFAULT_CREDENTIAL};
+
+impl Config {
+    /// A human-readable summary with every secret redacted, for `check`.
+    pub fn summary(&self) -> String {
+        self.summary_rows()
+            .iter()
+            .map(|(key, value)| format!("{key:<31}{value}\n"))
+            .collect()
+    }
+
+    /// The summary as (key, value) rows; reload compares them to name what
+    /// changed.
+    pub fn summary_rows(&self) -> Vec<(String, String)> {
+        let (l, c) = (&self.listen, &self.coupa);
+        let d = |v: Duration| humantime::format_duration(v).to_string();
+        let ca = c
+            .ca_file
+            .as_ref()
+            .map(|p| format!("{} ({} certificates)", p.display(), c.extra_roots.len()))
+            .unwrap_or_else(|| "none (public roots only)".to_owned());
+        let rate = c
+            .rate_limit
+            .map(|r| {
+                format!(
+                    "{}/s, burst {}, queue {}",
+                    r.per_second, r.burst, r.max_queue
+                )
+            })
+            .unwrap_or_else(|| "off".to_owned());
+        let mut rows: Vec<(String, String)> = vec![
+            ("listen.address".into(), l.address.to_string()),
+            ("listen.shutdown_grace".into(), d(l.shutdown_grace)),
+            (
+                "listen.header_read_timeout".into(),
+                d(l.header_read_timeout),
+            ),
+            (
+                "listen.max_header_bytes".into(),
+                l.max_header_bytes.to_string(),
+            ),
+            (
+                "listen.max_connections".into(),
+                l.max_connections.to_string(),
+            ),
+            (
+                "listen.allow_unauthenticated".into(),
+                l.allow_unauthenticated.to_string(),
+            ),
+            (
+                "listen.tls".into(),
+                match &l.tls {
+                    None => "off (plain HTTP)".into(),
+                    Some(t) => format!(
+                        "cert {}, key {}, client certificates {}",
+                        t.cert_file.display(),
+                        t.key_file.display(),
+                        t.client_ca_file
+                            .as_ref()
+                            .map(|p| format!("required ({})", p.display()))
+                            .unwrap_or_else(|| "not required".into())
+                    ),
+                },
+            ),
+            ("coupa.base_url".into(), c.base_url.clone()),
+            ("coupa.ca_file".into(), ca),
+            (
+                "coupa.accept".into(),
+                c.accept.to_str().unwrap_or("?").to_owned(),
+            ),
+            ("coupa.connect_timeout".into(), d(c.connect_timeout)),
+            (
+                "coupa.response_header_timeout".into(),
+                d(c.response_header_timeout),
+            ),
+            ("coupa.idle_timeout".into(), d(c.idle_timeout)),
+            ("coupa.pool_idle_timeout".into(), d(c.pool_idle_timeout)),
+            (
+                "coupa.replay_body_limit".into(),
+                format!("{} bytes", c.replay_body_limit),
+            ),
+            ("coupa.rate_limit".into(), rate),
+        ];
+        let single = self.credentials.len() == 1 && self.credentials[0].name == DEFAULT_CREDENTIAL;
+        for credential in &self.credentials {
+            let o = &credential.oauth;
+            let prefix = if single {
+                "oauth".to_owned()
+            } else {
+                format!("oauth.{}", credential.name)
+            };
+            let renew_after =
+                Duration::from_secs((86_400.0_f64 * o.refresh_fraction).round() as u64);
+            rows.extend([
+                (format!("{prefix}.client_id"), o.client_id.clone()),
+                (
+                    format!("{prefix}.client_secret"),
+                    match o.secret_source {
+                        SecretSource::None => "(none: public client, PKCE only)".to_owned(),
+                        ref source => format!("<redacted> (from {source})"),
+                    },
+                ),
+                (
+                    format!("{prefix}.grant"),
+                    o.grant.kind().as_str().to_owned(),
+                ),
+                (format!("{prefix}.scopes"), o.scopes.join(" ")),
+                (format!("{prefix}.token_url"), o.token_url.clone()),
+                (
+                    format!("{prefix}.client_auth"),
+                    match o.client_auth {
+                        ClientAuth::Body => "body",
+                        ClientAuth::Basic => "basic",
+                    }
+                    .to_owned(),
+                ),
+                (
+                    format!("{prefix}.refresh_fraction"),
+                    format!(
+                        "{} (renew after {} of a 24 h token)",
+                        o.refresh_fraction,
+                        d(renew_after)
+                    ),
+                ),
+                (format!("{prefix}.activation_delay"), d(o.activation_delay)),
+                (
+                    format!("{prefix}.retry"),
+                    format!("{} .. {}", d(o.retry_initial), d(o.retry_max)),
+                ),
+                (
+                    format!("{prefix}.rejected_token_cooldown"),
+                    d(o.rejected_token_cooldown),
+                ),
+            ]);
+            match &o.grant {
+                Grant::ClientCredentials => {}
+                Grant::AuthorizationCode {
+                    authorize_url,
+                    redirect_uri,
+                    ..
+                } => rows.extend([
+                    (format!("{prefix}.authorize_url"), authorize_url.clone()),
+                    (format!("{prefix}.redirect_uri"), redirect_uri.to_string()),
+                ]),
+                Grant::DeviceCode {
+                    device_authorization_url,
+                    ..
+                } => rows.push((
+                    format!("{prefix}.device_authorization_url"),
+                    device_authorization_url.clone(),
+                )),
+            }
+            if let Some(consent) = o.grant.consent() {
+                rows.extend([
+                    (
+                        format!("{prefix}.state_file"),
+                        consent.state_file.display().to_string(),
+                    ),
+                    (
+                        format!("{prefix}.refresh_token_lifetime"),
+                        d(consent.refresh_token_lifetime),
+                    ),
+                ]);
+            }
+        }
+        if self.integrations.is_empty() {
+            rows.push((
+                "integration".into(),
+                "none: every client gets the default credential's token".into(),
+            ));
+        }
+        for integration in &self.integrations {
+            rows.push((
+                format!("integration {:?}", integration.name),
+                format!(
+                    "credential {} (key hash <redacted>)",
+                    self.credentials[integration.credential].name
+                ),
+            ));
+        }
+        rows.push(("admin.address".into(), self.admin.address.to_string()));
+        rows.push((
+            "reload.watch_interval".into(),
+            self.watch_interval
+                .map(d)
+                .unwrap_or_else(|| "off (SIGHUP only)".into()),
+        ));
+        let runtime = &self.runtime;
+        rows.push((
+            "runtime.flavor".into(),
+            match (runtime.flavor, runtime.worker_threads) {
+                (RuntimeFlavor::Auto, _) => {
+                    "auto (current_thread on one usable CPU, else multi_thread)".into()
+                }
+                (RuntimeFlavor::CurrentThread, _) => "current_thread".into(),
+                (RuntimeFlavor::MultiThread, Some(n)) => format!("multi_thread, {n} workers"),
+                (RuntimeFlavor::MultiThread, None) => "multi_thread, a worker per CPU".into(),
+            },
+        ));
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+
+    #[test]
+    fn summary_redacts_secret() {
+        let config = load(MINIMAL).unwrap();
+        let summary = config.summary();
+        assert!(!summary.contains("s3cr3t-value"));
+        assert!(summary.contains("redacted"));
+        assert!(!format!("{config:?}").contains("s3cr3t-value"));
+    }
+}

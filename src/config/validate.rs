@@ -1,0 +1,430 @@
+//! File shape → runtime model: every value checked, each table destructured
+//! exhaustively so that a new key cannot be silently ignored. The `[oauth]`
+//! tables have their own room, [`super::credentials`].
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+use rustls::pki_types::CertificateDer;
+
+use super::credentials::validate_credentials;
+use super::file::*;
+use super::*;
+
+impl FileConfig {
+    /// Checks every value and builds the runtime model. Destructures each
+    /// table completely so that a new key cannot be silently ignored.
+    pub fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
+        let FileConfig {
+            listen,
+            coupa,
+            oauth,
+            integration,
+            admin,
+            reload,
+            runtime,
+        } = self;
+        let ReloadFile { watch_interval } = reload;
+        let RuntimeFile {
+            flavor,
+            worker_threads,
+        } = runtime;
+        if worker_threads == Some(0) {
+            return Err(invalid("runtime.worker_threads", "must be at least 1"));
+        }
+        if worker_threads.is_some() && flavor != RuntimeFlavor::MultiThread {
+            return Err(invalid(
+                "runtime.worker_threads",
+                "only applies to flavor = \"multi_thread\"",
+            ));
+        }
+        let ListenFile {
+            address: listen_address,
+            shutdown_grace,
+            header_read_timeout,
+            max_header_bytes,
+            max_connections,
+            allow_unauthenticated,
+            tls,
+        } = listen;
+        let tls = tls.map(|t| {
+            let ListenTlsFile {
+                cert_file,
+                key_file,
+                client_ca_file,
+            } = t;
+            ListenTls {
+                cert_file: base_dir.join(cert_file),
+                key_file: base_dir.join(key_file),
+                client_ca_file: client_ca_file.map(|p| base_dir.join(p)),
+            }
+        });
+        if let Some(t) = &tls {
+            crate::tls::load_certified_key(&t.cert_file, &t.key_file)
+                .map_err(|e| invalid("listen.tls", e.to_string()))?;
+        }
+        // Client certificates authenticate clients as well as legacy keys do.
+        let mutual_tls = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        let CoupaFile {
+            base_url,
+            ca_file,
+            accept,
+            connect_timeout,
+            pool_idle_timeout,
+            response_header_timeout,
+            idle_timeout,
+            replay_body_limit,
+            rate_limit,
+        } = coupa;
+        let AdminFile {
+            address: admin_address,
+        } = admin;
+        let base = parse_endpoint("coupa.base_url", &base_url)?;
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(invalid(
+                "coupa.base_url",
+                "must not have a query or fragment; give the instance URL, e.g. https://acme.coupahost.com",
+            ));
+        }
+        let scheme = if base.scheme() == "https" {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let host = base.host_str().unwrap_or_default();
+        let authority_text = match base.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let authority: Authority = authority_text
+            .parse()
+            .map_err(|e| invalid("coupa.base_url", format!("bad host: {e}")))?;
+        let path_prefix = base.path().trim_end_matches('/').to_owned();
+        let base_url = base_url.trim_end_matches('/').to_owned();
+
+        let (ca_file, extra_roots) = match ca_file {
+            None => (None, Vec::new()),
+            Some(path) => {
+                let path = base_dir.join(path);
+                let roots = read_ca_file(&path)?;
+                (Some(path), roots)
+            }
+        };
+
+        let accept = HeaderValue::from_str(accept.trim())
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| invalid("coupa.accept", "must be a non-empty header value"))?;
+
+        let credentials = validate_credentials(&oauth, base_dir, &base_url)?;
+        let integrations = validate_integrations(integration, &credentials)?;
+        if integrations.is_empty() {
+            if !credentials.iter().any(|c| c.name == DEFAULT_CREDENTIAL) && credentials.len() > 1 {
+                return Err(invalid(
+                    "integration",
+                    "several credentials but no [[integration]] to choose between them: add integrations, or name one credential \"default\"",
+                ));
+            }
+            if !listen_address.ip().is_loopback() && !allow_unauthenticated && !mutual_tls {
+                return Err(invalid(
+                    "listen.address",
+                    format!(
+                        "{listen_address} is reachable from other machines, and with no [[integration]] anyone who can connect gets a Coupa token; \
+                         add [[integration]] tables (coupa-auth-proxy hash-key), bind 127.0.0.1, or set listen.allow_unauthenticated = true"
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("coupa.connect_timeout", connect_timeout),
+            ("coupa.response_header_timeout", response_header_timeout),
+            ("coupa.idle_timeout", idle_timeout),
+            ("listen.header_read_timeout", header_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        // hyper cannot read a request head into less than 8 KiB.
+        if max_header_bytes < 8192 {
+            return Err(invalid(
+                "listen.max_header_bytes",
+                format!("must be at least 8192, got {max_header_bytes}"),
+            ));
+        }
+        if max_connections == 0 {
+            return Err(invalid("listen.max_connections", "must be positive"));
+        }
+        let rate_limit = match rate_limit {
+            None => None,
+            Some(RateLimitFile {
+                per_second,
+                burst,
+                max_queue,
+            }) => {
+                if !(per_second.is_finite() && per_second > 0.0) {
+                    return Err(invalid(
+                        "coupa.rate_limit.per_second",
+                        format!("must be a positive number, got {per_second}"),
+                    ));
+                }
+                if burst == 0 {
+                    return Err(invalid("coupa.rate_limit.burst", "must be at least 1"));
+                }
+                Some(RateLimit {
+                    per_second,
+                    burst,
+                    max_queue,
+                })
+            }
+        };
+
+        Ok(Config {
+            listen: Listen {
+                address: listen_address,
+                shutdown_grace,
+                header_read_timeout,
+                max_header_bytes,
+                max_connections,
+                allow_unauthenticated,
+                tls,
+            },
+            coupa: Coupa {
+                base_url,
+                scheme,
+                authority,
+                path_prefix,
+                ca_file,
+                extra_roots,
+                accept,
+                connect_timeout,
+                pool_idle_timeout,
+                response_header_timeout,
+                idle_timeout,
+                replay_body_limit,
+                rate_limit,
+            },
+            credentials,
+            integrations,
+            admin: Admin {
+                address: admin_address,
+            },
+            watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+            runtime: Runtime {
+                flavor,
+                worker_threads,
+            },
+        })
+    }
+}
+
+fn validate_integrations(
+    files: Vec<IntegrationFile>,
+    credentials: &[Credential],
+) -> Result<Vec<Integration>, ConfigError> {
+    let mut integrations: Vec<Integration> = Vec::with_capacity(files.len());
+    for (i, file) in files.into_iter().enumerate() {
+        let IntegrationFile {
+            name,
+            api_key_sha256,
+            credential,
+        } = file;
+        let key = format!("integration[{i}]");
+        if name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        let hash = parse_sha256(&api_key_sha256).ok_or_else(|| {
+            invalid(
+                format!("{key}.api_key_sha256"),
+                "must be 64 hex digits: the SHA-256 of the legacy key (coupa-auth-proxy hash-key prints it)",
+            )
+        })?;
+        let credential_index = credentials
+            .iter()
+            .position(|c| c.name == credential)
+            .ok_or_else(|| {
+                let known: Vec<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
+                invalid(
+                    format!("{key}.credential"),
+                    format!(
+                        "no credential named {credential:?} (known: {})",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+        if let Some(other) = integrations.iter().find(|o| o.name == name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?} is used twice", other.name),
+            ));
+        }
+        if let Some(other) = integrations.iter().find(|o| o.api_key_sha256 == hash) {
+            return Err(invalid(
+                format!("{key}.api_key_sha256"),
+                format!(
+                    "same key as integration {:?}: each integration needs its own key",
+                    other.name
+                ),
+            ));
+        }
+        integrations.push(Integration {
+            name,
+            api_key_sha256: hash,
+            credential: credential_index,
+        });
+    }
+    Ok(integrations)
+}
+
+fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Parses an upstream URL and applies the transport policy: HTTPS always,
+/// plain HTTP only to this machine (tests, a local TLS-terminating sidecar).
+pub(super) fn parse_endpoint(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
+    let url = reqwest::Url::parse(text.trim())
+        .map_err(|e| invalid(key, format!("{text:?} is not a URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(key, "must not contain credentials"));
+    }
+    let host = url
+        .host()
+        .ok_or_else(|| invalid(key, format!("{text:?} has no host")))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&host) => Ok(url),
+        "http" => Err(invalid(
+            key,
+            format!("plain http:// is only allowed for loopback hosts; use https:// for {host}"),
+        )),
+        other => Err(invalid(
+            key,
+            format!("unsupported scheme {other:?}; use https://"),
+        )),
+    }
+}
+
+pub(super) fn is_loopback(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
+        url::Host::Ipv6(ip) => IpAddr::V6(*ip).is_loopback(),
+    }
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let data = std::fs::read(path).map_err(|e| {
+        invalid(
+            "coupa.ca_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let certs = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("coupa.ca_file", format!("{}: bad PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "coupa.ca_file",
+            format!("{} holds no PEM certificates", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use http::uri::Scheme;
+
+    use super::super::test_support::*;
+
+    /// Each (change to MINIMAL) gives an error naming all the fragments.
+    #[test]
+    fn errors_name_the_key_and_the_cause() {
+        let cases: [(&str, &str, &[&str]); 4] = [
+            ("[admin]", "[admin]\nadress = \"x\"", &["admin", "adress"]),
+            (
+                "COUPA_CLIENT_SECRET",
+                "NOPE_NOT_SET",
+                &["oauth.client_secret", "NOPE_NOT_SET"],
+            ),
+            (
+                "client_secret = \"${COUPA_CLIENT_SECRET}\"\n",
+                "",
+                &["oauth.client_secret", "missing"],
+            ),
+            (
+                "https://acme.coupahost.com",
+                "http://acme.coupahost.com",
+                &["coupa.base_url", "loopback"],
+            ),
+        ];
+        for (from, to, fragments) in cases {
+            let err = load(&MINIMAL.replace(from, to)).unwrap_err().to_string();
+            for fragment in fragments {
+                assert!(err.contains(fragment), "{from:?} -> {to:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback() {
+        for ok in [
+            "http://127.0.0.1:1234",
+            "http://localhost:9",
+            "http://[::1]:80",
+        ] {
+            let text = MINIMAL.replace("https://acme.coupahost.com", ok);
+            let config = load(&text).unwrap();
+            assert_eq!(config.coupa.scheme, Scheme::HTTP, "{ok}");
+        }
+        let text = MINIMAL.replace(
+            "scopes = [",
+            "token_url = \"http://10.0.0.1/oauth2/token\"\nscopes = [",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("oauth.token_url"), "{err}");
+    }
+
+    #[test]
+    fn named_credentials_and_integrations_are_checked() {
+        let named = MINIMAL.replace("[oauth]", "[oauth.main]");
+        let cases: [(String, &[&str]); 4] = [
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"abc\"\ncredential = \"main\"\n"),
+                &["integration[0].api_key_sha256", "64 hex"],
+            ),
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"{}\"\ncredential = \"other\"\n", "0".repeat(64)),
+                &["integration[0].credential", "main"],
+            ),
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"{h}\"\ncredential = \"main\"\n[[integration]]\nname = \"b\"\napi_key_sha256 = \"{h}\"\ncredential = \"main\"\n", h = "1".repeat(64)),
+                &["integration[1].api_key_sha256", "same key"],
+            ),
+            (
+                named.replace("client_id", "client_idd"),
+                &["oauth.main", "client_idd"],
+            ),
+        ];
+        for (text, fragments) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            for fragment in fragments {
+                assert!(err.contains(fragment), "{err}");
+            }
+        }
+        // A single named credential without integrations serves everyone.
+        let config = load(&named).unwrap();
+        assert_eq!(config.credentials[config.default_credential()].name, "main");
+    }
+}
