@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the load bench (benches/load.rs) drives, from Debian's
+# Installs what the load bench (benches/load/) drives, from Debian's
 # packages: wrk (HTTP/1.1 load), h2load (HTTP/2 load), and nginx 1.22 and
 # HAProxy 2.6 to compare against. Their system services are not started:
 # the bench runs them itself on loopback ports it picks.

@@ -7,6 +7,10 @@
 //!   (S256) binds the code to this run, `state` binds the redirect to it.
 //! - Device code: the verification URI and user code are printed, then the
 //!   token endpoint is polled as RFC 8628 says, with a countdown.
+//!
+//! Size: one file for both consent flows, since they share the terminal
+//! output, the state-file write and their error advice; split when a third
+//! flow arrives.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

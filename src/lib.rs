@@ -2,7 +2,8 @@
 //! `X-COUPA-API-KEY` talk to Coupa's OAuth2-protected API unchanged.
 //!
 //! # Layout
-//! - [`config`]: the TOML file, `${ENV}` expansion, validation into [`config::Config`].
+//! - [`config`]: the TOML file — its shape, `${ENV}` expansion, validation into
+//!   [`config::Config`], the redacted summary — one file per pass.
 //! - [`secret`]: the redacting wrapper for secret strings.
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
 //!   rotating ([`token::refresher`]) the access token — background work;

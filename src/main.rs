@@ -1,5 +1,8 @@
 //! The `coupa-auth-proxy` binary: CLI parsing, logging, exit codes. The work
 //! itself lives in the library.
+//!
+//! Size: one handler per subcommand, each a few dozen lines of argument
+//! and exit-code mapping; moving them apart would only scatter the CLI.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

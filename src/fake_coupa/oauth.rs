@@ -7,6 +7,10 @@
 //! PKCE S256 checked at the code exchange, codes single-use and bound to
 //! their redirect URI; refresh tokens only with `offline_access`, rotated
 //! on use (the old one dies); RFC 8628 polling answers.
+//!
+//! Size: over 400 lines because each grant's redemption sits beside the
+//! shared client authentication and scope rules it must agree with; the
+//! endpoints are short, the rules are the bulk.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

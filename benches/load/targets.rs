@@ -1,0 +1,421 @@
+//! The things under load: the upstream alone (`direct`), this proxy (and its
+//! variants with one lever turned), nginx and HAProxy doing the same job.
+//! Each proxy is a child process pinned to the proxy core, started on free
+//! loopback ports with its config in the run's work directory.
+//!
+//! Size: most of it is the three config templates (proxy, nginx, HAProxy),
+//! kept whole so the jobs they do can be compared side by side.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{CLIENT_ID, CLIENT_SECRET, LEGACY_KEY, PROXY_CORE};
+
+/// Something that answers on a port: the upstream itself, or a proxy in
+/// front of it (a child process pinned to the proxy core).
+pub struct Target {
+    pub name: &'static str,
+    pub port: u16,
+    pub h2_port: u16,
+    pub child: Option<Child>,
+    /// Extra headers the load sends (direct needs the bearer itself).
+    pub headers: Vec<(String, String)>,
+    /// Where this target's own logs and files live.
+    pub _dir: Option<PathBuf>,
+}
+
+impl Target {
+    /// The upstream itself; the load sends the bearer and Accept that a
+    /// proxy would add.
+    pub fn direct(upstream: u16, token: &str) -> Self {
+        Target {
+            name: "direct",
+            port: upstream,
+            h2_port: upstream,
+            child: None,
+            headers: vec![
+                ("Authorization".into(), format!("Bearer {token}")),
+                ("Accept".into(), "application/json".into()),
+            ],
+            _dir: None,
+        }
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(child) = &self.child else {
+            return Vec::new();
+        };
+        let root = child.id();
+        let mut pids = vec![root];
+        // nginx forks its worker; count master and children.
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    let after = stat.rsplit(')').next().unwrap_or("");
+                    let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+                    if ppid == Some(root) {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
+    /// User + system CPU of the target's processes, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        self.pids()
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+            .map(|stat| {
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .collect();
+                // Fields after the command: state is 0, utime 11, stime 12.
+                let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+                utime + stime
+            })
+            .sum()
+    }
+
+    /// Starts a new peak-RSS window, so each run reports its own peak
+    /// rather than the largest since start-up (`clear_refs` 5).
+    pub fn reset_peak_rss(&self) {
+        for pid in self.pids() {
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
+    }
+
+    /// Sum of the peak resident sets of the target's processes (KiB).
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pids = self.pids();
+        if pids.is_empty() {
+            return None;
+        }
+        Some(
+            pids.iter()
+                .filter_map(|pid| status_kib(*pid, "VmHWM:"))
+                .sum(),
+        )
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn require_tools() {
+    let missing: Vec<&str> = ["wrk", "h2load", "nginx", "haproxy", "taskset"]
+        .into_iter()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "load bench: missing {}; run bench/install-tools.sh first",
+            missing.join(", ")
+        );
+        std::process::exit(2);
+    }
+}
+
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn pinned(core: &str, program: &str) -> Command {
+    let mut command = Command::new("taskset");
+    command.args(["-c", core, program]);
+    command
+}
+
+/// How a proxy under test runs: the default (`proxy`), or one lever
+/// turned the other way, to show what it is worth.
+#[derive(Clone, Copy)]
+pub struct Variant {
+    pub name: &'static str,
+    /// Per-request access log lines on (`info`) instead of `warn`.
+    pub log: bool,
+    /// `[runtime] flavor`.
+    pub flavor: &'static str,
+}
+
+pub const PROXY: Variant = Variant {
+    name: "proxy",
+    log: false,
+    flavor: "auto",
+};
+
+/// Compared in the 50-connection scenario only.
+pub const VARIANTS: [Variant; 2] = [
+    Variant {
+        name: "proxy+log",
+        log: true,
+        flavor: "auto",
+    },
+    Variant {
+        name: "proxy+mt",
+        log: false,
+        flavor: "multi_thread",
+    },
+];
+
+pub fn start_proxy(upstream: u16, work: &Path, variant: Variant) -> Target {
+    start_proxy_with(upstream, work, variant, &[])
+}
+
+/// The proxy, run through `wrapper` (e.g. valgrind) when one is given.
+pub fn start_proxy_with(upstream: u16, work: &Path, variant: Variant, wrapper: &[&str]) -> Target {
+    let Variant { name, log, flavor } = variant;
+    let port = free_port();
+    let admin = free_port();
+    let dir = work.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[listen]
+address = "127.0.0.1:{port}"
+[coupa]
+base_url = "http://127.0.0.1:{upstream}"
+accept = "application/json"
+[oauth]
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+scopes = ["core.common.read"]
+activation_delay = "0s"
+[admin]
+address = "127.0.0.1:{admin}"
+[reload]
+watch_interval = "0s"
+[runtime]
+flavor = "{flavor}"
+"#
+        ),
+    )
+    .unwrap();
+    let binary = env!("CARGO_BIN_EXE_coupa-auth-proxy");
+    let log_file = std::fs::File::create(dir.join("proxy.log")).unwrap();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = pinned(PROXY_CORE, program);
+            command.args(args).arg(binary);
+            command
+        }
+        None => pinned(PROXY_CORE, binary),
+    };
+    let child = command
+        .args([
+            "--log-level",
+            if log { "info" } else { "warn" },
+            "run",
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("proxy starts");
+    wait_for_port(port, "proxy");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !answers_200(admin, "/readyz") {
+        assert!(Instant::now() < deadline, "proxy not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Target {
+        name,
+        port,
+        // The proxy serves HTTP/1.1 and h2c on one port.
+        h2_port: port,
+        child: Some(child),
+        headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
+        _dir: Some(dir),
+    }
+}
+
+pub fn answers_200(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
+
+pub fn start_nginx(upstream: u16, token: &str, work: &Path) -> Target {
+    let port = free_port();
+    let h2_port = free_port();
+    let dir = work.join("nginx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("nginx.conf");
+    let d = dir.display();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream coupa {{
+        server 127.0.0.1:{upstream};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{h2_port} http2;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://coupa;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host 127.0.0.1:{upstream};
+            proxy_set_header Authorization "Bearer {token}";
+            proxy_set_header Accept "application/json";
+            proxy_set_header X-COUPA-API-KEY "";
+        }}
+    }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let child = pinned(PROXY_CORE, "nginx")
+        .args(["-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts");
+    wait_for_port(port, "nginx");
+    Target {
+        name: "nginx",
+        port,
+        h2_port,
+        child: Some(child),
+        headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
+        _dir: Some(dir),
+    }
+}
+
+pub fn start_haproxy(upstream: u16, token: &str, work: &Path) -> Target {
+    let port = free_port();
+    let h2_port = free_port();
+    let dir = work.join("haproxy");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{h2_port} proto h2
+    http-request del-header X-COUPA-API-KEY
+    http-request set-header Authorization "Bearer {token}"
+    http-request set-header Accept application/json
+    default_backend coupa
+backend coupa
+    server up 127.0.0.1:{upstream}
+"#
+        ),
+    )
+    .unwrap();
+    let child = pinned(PROXY_CORE, "haproxy")
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy starts");
+    wait_for_port(port, "haproxy");
+    Target {
+        name: "haproxy",
+        port,
+        h2_port,
+        child: Some(child),
+        headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
+        _dir: Some(dir),
+    }
+}

@@ -1,0 +1,321 @@
+//! The fake's API side: `/api/*` needs a live bearer token, then echoes
+//! what it received, or streams a known pattern (`_download`), answers late
+//! (`_slow`), or ends a body badly (faults for the proxy's error paths).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Response<FakeBody> {
+    let token = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_owned());
+    let verdict = token
+        .as_deref()
+        .map(|t| state.check_token(t))
+        .unwrap_or(TokenCheck::Unknown);
+    let reason = match verdict {
+        TokenCheck::Live => None,
+        TokenCheck::Expired => {
+            state.expired_token_uses.fetch_add(1, Ordering::SeqCst);
+            Some("token expired")
+        }
+        TokenCheck::Revoked => Some("token revoked"),
+        TokenCheck::Unknown => Some("missing or unknown token"),
+    };
+    if let Some(reason) = reason {
+        // Like a real server, read the request before answering it.
+        let _ = http_body_util::Limited::new(request.into_body(), 4 * 1024 * 1024)
+            .collect()
+            .await;
+        state.rejected_api_requests.fetch_add(1, Ordering::SeqCst);
+        return json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"errors": {"authorization": [reason]}}),
+        );
+    }
+    state.api_requests.fetch_add(1, Ordering::SeqCst);
+    if state.fast_api.load(Ordering::Relaxed) {
+        let body = match request.uri().query() {
+            Some(q) if q.contains("kib=64") => FAST_64K.clone(),
+            _ => FAST_1K.clone(),
+        };
+        let mut response = Response::new(Either::Left(Full::new(body)));
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return response;
+    }
+
+    let query = request.uri().query().unwrap_or("");
+    let param = |name: &str| -> Option<u64> {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse().ok())
+    };
+    match request.uri().path() {
+        "/api/_download" => {
+            let size = param("bytes").unwrap_or(0);
+            let mut response = Response::new(Either::Right(Either::Left(PatternBody::new(size))));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        "/api/_stall" => {
+            // Sends `bytes` of a body that claims more, then goes silent.
+            let size = param("bytes").unwrap_or(0);
+            stream_then(size, size + 1, Ending::Stall)
+        }
+        "/api/_broken" => {
+            // Sends `bytes` of a body that claims more, then breaks the
+            // connection.
+            let size = param("bytes").unwrap_or(0);
+            stream_then(size, size + 1, Ending::Break)
+        }
+        "/api/_status" => {
+            // Answers with the given status, like Coupa's own 429s.
+            let code = param("code")
+                .and_then(|c| u16::try_from(c).ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::OK);
+            let mut response = json(
+                code,
+                serde_json::json!({"errors": {"fake": [format!("status {code}")]}}),
+            );
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("7"));
+            response
+        }
+        "/api/_slow" => {
+            let ms = param("ms").unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            echo(request).await
+        }
+        _ => echo(request).await,
+    }
+}
+
+enum Ending {
+    Stall,
+    Break,
+}
+
+pin_project_lite::pin_project! {
+    /// Pattern bytes, then a stall or an error: an upstream failing mid-body.
+    pub struct FaultyBody {
+        pattern: PatternBody,
+        claimed: u64,
+        ending: Option<Ending>,
+        #[pin]
+        stall: tokio::time::Sleep,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("fake Coupa broke the response on purpose")]
+struct Broken;
+
+fn stream_then(size: u64, claimed: u64, ending: Ending) -> Response<FakeBody> {
+    let body = FaultyBody {
+        pattern: PatternBody::new(size),
+        claimed,
+        ending: Some(ending),
+        stall: tokio::time::sleep(Duration::from_secs(3600)),
+    };
+    let mut response = Response::new(Either::Right(Either::Right(body)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
+
+impl Body for FaultyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let Some(chunk) = this.pattern.next_chunk() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match this.ending {
+            Some(Ending::Break) => {
+                *this.ending = None;
+                Poll::Ready(Some(Err(Box::new(Broken))))
+            }
+            Some(Ending::Stall) => this.stall.poll(cx).map(|_| None),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.claimed)
+    }
+}
+
+/// Answers with what was received; the body is hashed as it streams in, so
+/// uploads of any size use constant memory.
+async fn echo(request: Request<Incoming>) -> Response<FakeBody> {
+    let (parts, mut body) = request.into_parts();
+    let mut hasher = Sha256::new();
+    let mut length: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    hasher.update(data);
+                    length += data.len() as u64;
+                }
+            }
+            Err(err) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"errors": {"body": [err.to_string()]}}),
+                )
+            }
+        }
+    }
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "method": parts.method.as_str(),
+            "target": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "body_bytes": length,
+            "body_sha256": hex(&hasher.finalize()),
+        }),
+    )
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Byte `i` of every download is `i % 251`: cheap to produce, easy to check,
+/// and not a multiple of any buffer size.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// SHA-256 (hex) of the first `size` pattern bytes, for checking downloads.
+pub fn pattern_sha256(size: u64) -> String {
+    let mut hasher = Sha256::new();
+    let mut body = PatternBody::new(size);
+    while let Some(chunk) = body.next_chunk() {
+        hasher.update(&chunk);
+    }
+    hex(&hasher.finalize())
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// A streamed body of the download pattern, produced chunk by chunk.
+pub struct PatternBody {
+    /// One chunk plus a period, so any chunk is a zero-copy slice.
+    source: Bytes,
+    offset: u64,
+    remaining: u64,
+}
+
+impl PatternBody {
+    pub fn new(size: u64) -> Self {
+        let source: Vec<u8> = (0..(CHUNK + 251) as u64).map(pattern_byte).collect();
+        Self {
+            source: Bytes::from(source),
+            offset: 0,
+            remaining: size,
+        }
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let len = (CHUNK as u64).min(self.remaining) as usize;
+        let start = (self.offset % 251) as usize;
+        let chunk = self.source.slice(start..start + len);
+        self.offset += len as u64;
+        self.remaining -= len as u64;
+        Some(chunk)
+    }
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.get_mut().next_chunk().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_bodies_are_json_of_the_stated_size() {
+        for kib in [1, 64] {
+            let body = fast_body(kib);
+            assert_eq!(body.len(), kib * 1024);
+            let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert!(parsed.as_array().is_some_and(|a| !a.is_empty()));
+        }
+    }
+
+    #[test]
+    fn pattern_body_is_continuous_across_chunks() {
+        let mut body = PatternBody::new(CHUNK as u64 * 2 + 7);
+        let mut all = Vec::new();
+        while let Some(chunk) = body.next_chunk() {
+            all.extend_from_slice(&chunk);
+        }
+        assert_eq!(all.len(), CHUNK * 2 + 7);
+        for (i, b) in all.iter().enumerate() {
+            assert_eq!(*b, pattern_byte(i as u64));
+        }
+    }
+}
