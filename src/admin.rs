@@ -38,6 +38,8 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     credentials: Vec<CredentialInfo>,
     upstream: String,
+    /// [`Config::warnings`] of the running configuration.
+    config_warnings: Vec<String>,
 }
 
 impl AdminState {
@@ -61,6 +63,7 @@ impl AdminState {
                 })
                 .collect(),
             upstream: config.coupa.base_url.clone(),
+            config_warnings: config.warnings(),
         }
     }
 }
@@ -149,16 +152,18 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
         .cloned()
         .unwrap_or_default();
     // Not a reason to refuse traffic today, but someone must act soon.
-    let warnings: Vec<String> = credentials
+    let warnings: Vec<String> = state
+        .config_warnings
         .iter()
-        .filter_map(|c| {
+        .cloned()
+        .chain(credentials.iter().filter_map(|c| {
             c["warning"].as_str().map(|w| {
                 format!(
                     "credential {}: {w}",
                     c["credential"].as_str().unwrap_or("?")
                 )
             })
-        })
+        }))
         .collect();
     let body = serde_json::json!({
         "ready": ready,

@@ -101,11 +101,8 @@ pub async fn run_with_reload(
         background_tasks.push(tokio::spawn(refresher.run(background.clone())));
         stores.push((credential.name.clone(), store));
     }
-    if config.integrations.is_empty() && !config.listen.address.ip().is_loopback() {
-        warn!(
-            listen = %config.listen.address,
-            "listen.allow_unauthenticated is set: anyone who can reach this address gets requests sent with a Coupa token"
-        );
+    for warning in config.warnings() {
+        warn!("{warning}");
     }
 
     let local = |l: &TcpListener| {
@@ -135,11 +132,7 @@ pub async fn run_with_reload(
         std::time::Duration::from_secs(1),
     ));
 
-    let upstream = proxy::upstream::build(
-        &config.coupa,
-        tls_config,
-        metrics.upstream_connections.clone(),
-    );
+    let upstream = proxy::upstream::build(&config.coupa, tls_config, metrics.upstream.clone());
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
     let proxy = Proxy::new(&config, &token_stores, upstream, metrics);
     if let Some(path) = config_path {

@@ -331,6 +331,9 @@ fn check(path: &std::path::Path, live_path: Option<&str>) -> Result<(), Failure>
     let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
     println!("{}: configuration is valid\n", path.display());
     print!("{}", config.summary());
+    for warning in config.warnings() {
+        println!("warning: {warning}");
+    }
     // `run` refuses to start without a consent on file; so does `check`.
     for credential in &config.credentials {
         if credential.oauth.grant.consent().is_none() {

@@ -75,7 +75,15 @@ pub struct Metrics {
     upstream_seconds: Histogram,
     overhead_seconds: Histogram,
     in_flight: Gauge,
-    pub upstream_connections: Gauge,
+    /// Handed to the upstream pool, which updates them.
+    pub upstream: crate::proxy::upstream::UpstreamMetrics,
+    /// Requests sent again after the server provably did not process them
+    /// (GOAWAY, REFUSED_STREAM, a recycled keep-alive connection).
+    pub retried_never_processed: Counter,
+    /// Idempotent requests sent again after a connection failure.
+    pub retried_connection_failure: Counter,
+    /// Request header fields with `_` in their name, dropped.
+    pub dropped_underscore_fields: Counter,
     by_integration: RwLock<Vec<(Arc<str>, Arc<IntegrationCounts>)>>,
     /// The label of traffic without integrations, made once rather than
     /// allocated per request.
@@ -121,11 +129,52 @@ impl Metrics {
             "Requests being handled",
             in_flight.clone(),
         );
-        let upstream_connections = Gauge::default();
+        let open = Gauge::default();
         registry.register(
             "upstream_connections",
             "Open connections to Coupa (pooled and in use)",
-            upstream_connections.clone(),
+            open.clone(),
+        );
+        let opened = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "upstream_connections_opened",
+            "Connections opened to Coupa, by protocol (http1, http2)",
+            opened.clone(),
+        );
+        // Handles resolved once: the pool counts without a label lookup.
+        // One statement each: a family's read guard must be gone before
+        // the next label is created.
+        let opened_http1 = opened.get_or_create(&[("protocol", "http1")]).clone();
+        let opened_http2 = opened.get_or_create(&[("protocol", "http2")]).clone();
+        let upstream = crate::proxy::upstream::UpstreamMetrics {
+            open,
+            opened_http1,
+            opened_http2,
+            queued: Counter::default(),
+        };
+        let retries = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent to Coupa again on another connection: never_processed (GOAWAY, REFUSED_STREAM, a keep-alive connection closed before any response byte; any method) or connection_failure (idempotent methods only)",
+            retries.clone(),
+        );
+        let dropped = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "request_fields_dropped",
+            "Request header fields not forwarded, by reason (underscore: a name with '_', which a next hop may read as '-')",
+            dropped.clone(),
+        );
+        let retried_never_processed = retries
+            .get_or_create(&[("reason", "never_processed")])
+            .clone();
+        let retried_connection_failure = retries
+            .get_or_create(&[("reason", "connection_failure")])
+            .clone();
+        let dropped_underscore_fields = dropped.get_or_create(&[("reason", "underscore")]).clone();
+        registry.register(
+            "upstream_connection_waits",
+            "Requests that waited for an HTTP/1.1 connection because coupa.max_connections were open",
+            upstream.queued.clone(),
         );
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
@@ -134,7 +183,10 @@ impl Metrics {
             upstream_seconds,
             overhead_seconds,
             in_flight,
-            upstream_connections,
+            upstream,
+            retried_never_processed,
+            retried_connection_failure,
+            dropped_underscore_fields,
             by_integration: RwLock::new(Vec::new()),
             unnamed: Arc::from(""),
             started: SystemTime::now(),

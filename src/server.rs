@@ -1,8 +1,10 @@
 //! Accept loop and graceful drain, shared by the proxy listener, the admin
 //! listener and the fake Coupa.
 //!
-//! Each connection is served by hyper's auto builder (HTTP/1.1, and HTTP/2
-//! by prior knowledge or ALPN). On shutdown the listener is dropped at once,
+//! A plain connection is served by hyper's auto builder (HTTP/1.1, or HTTP/2
+//! by prior knowledge). A TLS connection speaks exactly what ALPN agreed:
+//! `h2` is HTTP/2 only (a bad preface gets a GOAWAY, as RFC 9113 §3.4 asks,
+//! not an HTTP/1.1 400), anything else HTTP/1.1 only. On shutdown the listener is dropped at once,
 //! so new connections are refused, and in-flight requests get up to the
 //! grace period to finish.
 
@@ -91,7 +93,11 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let builders = Arc::new(Builders {
+        h1_only: builder.clone().http1_only(),
+        h2_only: builder.clone().http2_only(),
+        sniffing: builder,
+    });
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
 
@@ -117,7 +123,7 @@ where
         let verdicts = Arc::new(ConnectionGuard::default());
         let service = make_service(peer, verdicts.clone());
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let tls = tls.clone();
         let max_head = limits.max_header_bytes;
         tokio::spawn(async move {
@@ -127,7 +133,7 @@ where
                 first_byte_timeout: limits.header_read_timeout,
             };
             if let Err(err) =
-                serve_connection(stream, tls, guarded, &builder, service, watcher).await
+                serve_connection(stream, tls, guarded, &builders, service, watcher).await
             {
                 debug!(%peer, error = %err, "connection ended with an error");
             }
@@ -162,6 +168,16 @@ async fn refuse(mut stream: TcpStream) {
     .await;
 }
 
+/// One connection builder per way a connection can start.
+struct Builders {
+    /// Plain connections: HTTP/1.1, or HTTP/2 by prior knowledge.
+    sniffing: auto::Builder<TokioExecutor>,
+    /// TLS without ALPN `h2`.
+    h1_only: auto::Builder<TokioExecutor>,
+    /// TLS with ALPN `h2`.
+    h2_only: auto::Builder<TokioExecutor>,
+}
+
 /// What the framing guard of one connection needs.
 struct Guarded {
     verdicts: Arc<ConnectionGuard>,
@@ -173,7 +189,7 @@ async fn serve_connection<S, B>(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     guarded: Guarded,
-    builder: &auto::Builder<TokioExecutor>,
+    builders: &Builders,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
 ) -> Result<(), BoxError>
@@ -195,13 +211,19 @@ where
         None => {
             let io = FramingGuard::new(stream, max_head, verdicts)
                 .with_first_byte_timeout(first_byte_timeout);
-            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let conn = builders
+                .sniffing
+                .serve_connection(TokioIo::new(io), service);
             watcher.watch(conn.into_owned()).await
         }
         Some(acceptor) => {
             let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
                 .await
                 .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
+            let builder = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => &builders.h2_only,
+                _ => &builders.h1_only,
+            };
             let io = FramingGuard::new(stream, max_head, verdicts)
                 .with_first_byte_timeout(first_byte_timeout);
             let conn = builder.serve_connection(TokioIo::new(io), service);

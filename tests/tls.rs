@@ -24,7 +24,7 @@ async fn tls_fake() -> (FakeCoupa, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
+async fn upstream_over_tls_with_ca_file_and_auto_uses_http2_by_alpn() {
     let (fake, ca_pem) = tls_fake().await;
     // Coupa's JWTs grow with their scopes: the HTTP/2 hop must carry them.
     fake.state().set_token_padding(20 * 1024);
@@ -33,7 +33,10 @@ async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
     std::fs::write(&ca_path, ca_pem).unwrap();
     let text = config_text(
         &fake.base_url(),
-        &format!("ca_file = \"{}\"", ca_path.display()),
+        &format!(
+            "ca_file = \"{}\"\nhttp_version = \"auto\"",
+            ca_path.display()
+        ),
         "",
     );
     let proxy = TestProxy::start(parse_config(&text)).await;
@@ -76,6 +79,33 @@ async fn upstream_over_tls_with_ca_file_uses_http2_by_alpn() {
         .filter(|l| l.starts_with("coupa_proxy_upstream_connections "))
         .collect();
     assert_eq!(open, ["coupa_proxy_upstream_connections 1"], "{metrics}");
+    proxy.stop().await;
+}
+
+/// `coupa.http_version` defaults to HTTP/1.1 even when the instance offers
+/// h2 (ALPN offers only `http/1.1`), as nginx, HAProxy and Envoy do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_defaults_to_http1_over_tls_even_when_h2_is_offered() {
+    let (fake, ca_pem) = tls_fake().await;
+    let dir = tempdir::Dir::new("tls-h1");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let text = config_text(
+        &fake.base_url(),
+        &format!("ca_file = \"{}\"", ca_path.display()),
+        "",
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+    let response = http_client()
+        .get(proxy.url("/api/invoices"))
+        .header("x-coupa-api-key", LEGACY_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(echo["version"], "HTTP/1.1");
     proxy.stop().await;
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::{ClientAuth, ConfigError, GrantKind, RuntimeFlavor, DEFAULT_CREDENTIAL};
+use super::{ClientAuth, ConfigError, GrantKind, HttpVersion, RuntimeFlavor, DEFAULT_CREDENTIAL};
 
 /// The config file as written. Every table rejects keys it does not know.
 #[derive(Debug, Deserialize)]
@@ -84,6 +84,8 @@ pub(super) struct ListenFile {
     pub(super) max_header_bytes: usize,
     #[serde(default = "default_max_connections")]
     pub(super) max_connections: usize,
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub(super) body_read_timeout: Duration,
     #[serde(default)]
     pub(super) allow_unauthenticated: bool,
     pub(super) tls: Option<ListenTlsFile>,
@@ -105,6 +107,7 @@ impl Default for ListenFile {
             header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
+            body_read_timeout: default_body_read_timeout(),
             allow_unauthenticated: false,
             tls: None,
         }
@@ -128,6 +131,10 @@ pub(super) struct CoupaFile {
     pub(super) idle_timeout: Duration,
     #[serde(default = "default_replay_body_limit")]
     pub(super) replay_body_limit: usize,
+    #[serde(default)]
+    pub(super) http_version: HttpVersion,
+    #[serde(default = "default_upstream_max_connections")]
+    pub(super) max_connections: usize,
     pub(super) rate_limit: Option<RateLimitFile>,
 }
 
@@ -206,6 +213,14 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_upstream_max_connections() -> usize {
+    // Coupa takes 25 requests/s per instance: more connections than this
+    // would only carry requests it answers 429.
+    32
 }
 fn default_response_header_timeout() -> Duration {
     Duration::from_secs(120)

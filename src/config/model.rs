@@ -68,6 +68,9 @@ pub struct Listen {
     pub max_header_bytes: usize,
     /// Open client connections beyond this get a 503 and are closed.
     pub max_connections: usize,
+    /// A request body that sends no bytes for this long is abandoned: the
+    /// client gets 408 and the upstream request is aborted.
+    pub body_read_timeout: Duration,
     /// Serve a non-loopback address without integrations (explicit opt-in).
     pub allow_unauthenticated: bool,
     /// Inbound TLS; plain HTTP when absent.
@@ -106,8 +109,40 @@ pub struct Coupa {
     /// Request bodies up to this size are kept while they stream, so the
     /// request can be replayed after a 401 or a stale connection.
     pub replay_body_limit: usize,
+    /// Which HTTP version requests to Coupa use.
+    pub http_version: HttpVersion,
+    /// HTTP/1.1 connections to the instance at most (idle and busy); past
+    /// it requests wait for a free one, bounded by the response-header
+    /// timeout.
+    pub max_connections: usize,
     /// Outbound shaping to Coupa's rate limit; off when absent.
     pub rate_limit: Option<RateLimit>,
+}
+
+/// The HTTP version of the hop to Coupa (`coupa.http_version`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    /// HTTP/1.1 only (ALPN offers only `http/1.1`): what nginx, HAProxy and
+    /// Envoy default to, and what Coupa's own clients use.
+    #[default]
+    Http1,
+    /// HTTP/2 only: ALPN `h2` over TLS, prior knowledge (h2c) over plain
+    /// loopback HTTP. Every request shares one connection while the server's
+    /// stream limit allows.
+    Http2,
+    /// Whatever ALPN picks (HTTP/1.1 over plain HTTP).
+    Auto,
+}
+
+impl HttpVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::Auto => "auto",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -207,6 +242,36 @@ pub struct Admin {
 }
 
 impl Config {
+    /// What is allowed but risky in this configuration, one sentence each
+    /// naming the fix: logged at start, printed by `check`, listed in
+    /// `/readyz`.
+    pub fn warnings(&self) -> Vec<String> {
+        let listen = &self.listen;
+        let mut warnings = Vec::new();
+        if listen.address.ip().is_loopback() {
+            return warnings;
+        }
+        if self.integrations.is_empty() {
+            warnings.push(format!(
+                "listen.allow_unauthenticated is set: anyone who can reach {} gets requests sent with a Coupa token",
+                listen.address
+            ));
+        }
+        if listen.tls.is_none() {
+            let carried = if self.integrations.is_empty() {
+                "Coupa's answers cross"
+            } else {
+                "legacy API keys and Coupa's answers cross"
+            };
+            warnings.push(format!(
+                "listen.address {} is reachable from other machines over plain HTTP: {carried} the network unencrypted; \
+                 add [listen.tls] (cert_file, key_file), or keep the proxy behind a mesh that encrypts with mTLS",
+                listen.address
+            ));
+        }
+        warnings
+    }
+
     /// The credential used when no integrations are configured.
     pub fn default_credential(&self) -> usize {
         self.credentials
@@ -327,5 +392,23 @@ mod tests {
             "{}",
             error_of(&unknown)
         );
+    }
+}
+
+#[cfg(test)]
+mod warning_tests {
+    use super::super::test_support::*;
+
+    #[test]
+    fn cleartext_on_the_network_is_warned_about_and_names_the_fix() {
+        assert!(load(MINIMAL).unwrap().warnings().is_empty());
+        let key = "1".repeat(64);
+        let shared = MINIMAL.replace("127.0.0.1:8080", "0.0.0.0:8080")
+            + &format!("\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{key}\"\n");
+        let warnings = load(&shared).unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("legacy API keys"), "{warnings:?}");
+        assert!(warnings[0].contains("[listen.tls]"), "{warnings:?}");
+        assert!(warnings[0].contains("mTLS"), "{warnings:?}");
     }
 }

@@ -48,6 +48,7 @@ impl Config {
                 "listen.max_connections".into(),
                 l.max_connections.to_string(),
             ),
+            ("listen.body_read_timeout".into(), d(l.body_read_timeout)),
             (
                 "listen.allow_unauthenticated".into(),
                 l.allow_unauthenticated.to_string(),
@@ -83,6 +84,11 @@ impl Config {
             (
                 "coupa.replay_body_limit".into(),
                 format!("{} bytes", c.replay_body_limit),
+            ),
+            ("coupa.http_version".into(), c.http_version.as_str().into()),
+            (
+                "coupa.max_connections".into(),
+                format!("{} (HTTP/1.1)", c.max_connections),
             ),
             ("coupa.rate_limit".into(), rate),
         ];

@@ -46,6 +46,7 @@ impl FileConfig {
             header_read_timeout,
             max_header_bytes,
             max_connections,
+            body_read_timeout,
             allow_unauthenticated,
             tls,
         } = listen;
@@ -76,6 +77,8 @@ impl FileConfig {
             response_header_timeout,
             idle_timeout,
             replay_body_limit,
+            http_version,
+            max_connections: upstream_max_connections,
             rate_limit,
         } = coupa;
         let AdminFile {
@@ -142,6 +145,7 @@ impl FileConfig {
             ("coupa.response_header_timeout", response_header_timeout),
             ("coupa.idle_timeout", idle_timeout),
             ("listen.header_read_timeout", header_read_timeout),
+            ("listen.body_read_timeout", body_read_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be positive"));
@@ -156,6 +160,9 @@ impl FileConfig {
         }
         if max_connections == 0 {
             return Err(invalid("listen.max_connections", "must be positive"));
+        }
+        if upstream_max_connections == 0 {
+            return Err(invalid("coupa.max_connections", "must be positive"));
         }
         let rate_limit = match rate_limit {
             None => None,
@@ -188,6 +195,7 @@ impl FileConfig {
                 header_read_timeout,
                 max_header_bytes,
                 max_connections,
+                body_read_timeout,
                 allow_unauthenticated,
                 tls,
             },
@@ -204,6 +212,8 @@ impl FileConfig {
                 response_header_timeout,
                 idle_timeout,
                 replay_body_limit,
+                http_version,
+                max_connections: upstream_max_connections,
                 rate_limit,
             },
             credentials,

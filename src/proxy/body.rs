@@ -3,7 +3,10 @@
 //! - [`UpstreamBody`]: what is sent to Coupa. A streamed client body is
 //!   copied aside while it streams (up to `replay_body_limit`), so the
 //!   request can be sent again after a 401 or a dropped connection; a
-//!   replay sends the copy.
+//!   replay sends the copy. A client that stops sending its body for
+//!   `listen.body_read_timeout` is given up on: the body ends in an error,
+//!   which aborts the upstream request, and the client gets 408 — a slow
+//!   client must not hold an upstream connection indefinitely.
 //! - [`ResponseBody`]: Coupa's answer on its way to the client, aborted if
 //!   it stalls for longer than `idle_timeout`, so a hung upstream can never
 //!   hang the client.
@@ -30,6 +33,8 @@ pub struct Capture {
     size: usize,
     complete: bool,
     overflowed: bool,
+    /// The client went silent for longer than the body read timeout.
+    stalled: bool,
 }
 
 /// Handle to a request body's copy, kept by the request path.
@@ -44,6 +49,15 @@ pub enum Replay {
 }
 
 impl Replay {
+    /// The client stopped sending the body (the upstream request was
+    /// aborted because of it).
+    pub fn client_stalled(&self) -> bool {
+        match self {
+            Replay::Captured(capture) => capture.lock().map(|c| c.stalled).unwrap_or(false),
+            _ => false,
+        }
+    }
+
     /// A body to send the request again with, if the whole original body
     /// is known.
     pub fn body(&self) -> Option<UpstreamBody> {
@@ -81,6 +95,15 @@ pub enum UpstreamBody {
     Buffered(Option<Bytes>),
 }
 
+/// Why the client's body could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("{0}")]
+    Malformed(hyper::Error),
+    #[error("the client sent no request body data for {0:?}")]
+    Stalled(Duration),
+}
+
 impl UpstreamBody {
     /// Wraps the client's body. Reads the first frame before anything is
     /// sent upstream, so a body that is broken from the start (e.g. a bad
@@ -88,14 +111,16 @@ impl UpstreamBody {
     pub async fn from_client(
         mut body: Incoming,
         replay_limit: usize,
-    ) -> Result<(Self, Replay), hyper::Error> {
+        read_timeout: Duration,
+    ) -> Result<(Self, Replay), ClientBodyError> {
         use http_body_util::BodyExt;
         if body.is_end_stream() {
             return Ok((UpstreamBody::Empty, Replay::Empty));
         }
-        let first = match body.frame().await {
-            None => return Ok((UpstreamBody::Empty, Replay::Empty)),
-            Some(frame) => frame?,
+        let first = match tokio::time::timeout(read_timeout, body.frame()).await {
+            Err(_) => return Err(ClientBodyError::Stalled(read_timeout)),
+            Ok(None) => return Ok((UpstreamBody::Empty, Replay::Empty)),
+            Ok(Some(frame)) => frame.map_err(ClientBodyError::Malformed)?,
         };
         let capture = Arc::new(Mutex::new(Capture::default()));
         let mut tee = TeeBody {
@@ -103,6 +128,9 @@ impl UpstreamBody {
             inner: body,
             capture: capture.clone(),
             limit: replay_limit,
+            read_timeout,
+            stall: None,
+            progressed: false,
         };
         tee.record(&first);
         tee.first = Some(first);
@@ -163,6 +191,11 @@ pub struct TeeBody {
     inner: Incoming,
     capture: Arc<Mutex<Capture>>,
     limit: usize,
+    read_timeout: Duration,
+    /// Armed the first time the client keeps the body waiting, then reset.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// Data arrived since the timer was (re)armed.
+    progressed: bool,
 }
 
 impl TeeBody {
@@ -191,6 +224,12 @@ impl TeeBody {
             capture.complete = true;
         }
     }
+
+    fn mark_stalled(&self) {
+        if let Ok(mut capture) = self.capture.lock() {
+            capture.stalled = true;
+        }
+    }
 }
 
 impl Body for TeeBody {
@@ -205,7 +244,33 @@ impl Body for TeeBody {
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                this.progressed = true;
+                polled
+            }
+            Poll::Pending => {
+                let timeout = this.read_timeout;
+                let deadline = Instant::now() + timeout;
+                let stall = match &mut this.stall {
+                    Some(stall) => {
+                        if this.progressed {
+                            stall.as_mut().reset(deadline);
+                        }
+                        stall
+                    }
+                    None => this
+                        .stall
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.progressed = false;
+                ready!(stall.as_mut().poll(cx));
+                this.mark_stalled();
+                tracing::warn!(timeout = ?timeout, "client stopped sending the request body; aborting the request");
+                return Poll::Ready(Some(Err(ClientBodyError::Stalled(timeout).into())));
+            }
+        };
+        match polled {
             Some(Ok(frame)) => {
                 this.record(&frame);
                 Poll::Ready(Some(Ok(frame)))

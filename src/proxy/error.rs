@@ -33,6 +33,8 @@ pub enum ProxyError {
     AmbiguousFraming,
     #[error("the request body is malformed: {0}")]
     BadBody(String),
+    #[error("the client sent no request body data for {0:?}; the request to Coupa was abandoned (listen.body_read_timeout)")]
+    ClientBodyTimeout(Duration),
     #[error("too many requests queued for Coupa's rate limit")]
     RateLimited { retry_after: Duration },
     #[error("could not connect to Coupa: {0}")]
@@ -52,6 +54,7 @@ impl ProxyError {
             | ProxyError::BadBody(_)
             | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownApiKey => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -68,6 +71,7 @@ impl ProxyError {
             ProxyError::UnknownApiKey => "unknown_api_key",
             ProxyError::ForeignTarget(_) => "foreign_target",
             ProxyError::BadBody(_) => "bad_request_body",
+            ProxyError::ClientBodyTimeout(_) => "request_body_timeout",
             ProxyError::AmbiguousFraming => "ambiguous_framing",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Unreachable(_) => "upstream_unreachable",

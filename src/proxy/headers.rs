@@ -76,14 +76,16 @@ impl ClientInfo {
 
 /// Rewrites a client request's headers for Coupa. `authority` is the
 /// request target's authority (HTTP/2 `:authority`), used for
-/// `X-Forwarded-Host` when there is no `Host` header.
+/// `X-Forwarded-Host` when there is no `Host` header. Returns how many
+/// fields were dropped for a `_` in their name.
 pub fn rewrite_request(
     headers: &mut HeaderMap,
     authority: Option<&http::uri::Authority>,
     rules: &RewriteRules,
     bearer: HeaderValue,
     client: &ClientInfo,
-) {
+) -> usize {
+    let dropped = drop_underscored(headers);
     strip_hop_by_hop(headers);
     remove_present(headers, &CLIENT_CREDENTIALS);
 
@@ -111,6 +113,30 @@ pub fn rewrite_request(
     headers.insert(X_FORWARDED_PROTO, rules.forwarded_proto.clone());
 
     headers.insert(AUTHORIZATION, bearer);
+    dropped
+}
+
+/// Drops fields whose name contains `_` and returns how many. A next hop
+/// that maps `_` to `-` (CGI, some WSGI and Rack servers) would read
+/// `Transfer_Encoding` as a second framing header or `X_Coupa_Api_Key` as
+/// a credential; nginx drops them by default (`underscores_in_headers off`).
+fn drop_underscored(headers: &mut HeaderMap) -> usize {
+    let has_underscore = |name: &HeaderName| name.as_str().as_bytes().contains(&b'_');
+    if !headers.keys().any(has_underscore) {
+        return 0;
+    }
+    let named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| has_underscore(n))
+        .cloned()
+        .collect();
+    named
+        .iter()
+        .map(|name| match headers.remove(name) {
+            Some(_) => 1,
+            None => 0,
+        })
+        .sum()
 }
 
 /// The request's id: the client's `X-Request-Id` when it is a sane token,
@@ -424,6 +450,26 @@ mod tests {
     }
 
     #[test]
+    fn underscored_fields_are_dropped_and_counted() {
+        let mut map = headers(&[
+            ("Transfer_Encoding", "chunked"),
+            ("X_Coupa_Api_Key", "legacy"),
+            ("X-Custom", "kept"),
+        ]);
+        let client = ClientInfo::new("192.0.2.1".parse().unwrap(), Default::default());
+        let dropped = rewrite_request(
+            &mut map,
+            None,
+            &rules(),
+            HeaderValue::from_static("Bearer t"),
+            &client,
+        );
+        assert_eq!(dropped, 2);
+        assert!(!map.keys().any(|n| n.as_str().contains('_')), "{map:?}");
+        assert_eq!(map["x-custom"], "kept");
+    }
+
+    #[test]
     fn response_hop_by_hop_is_removed() {
         let mut map = headers(&[
             ("Connection", "close, X-Upstream-Hop"),
@@ -453,8 +499,10 @@ mod properties {
                 "transfer-encoding", "upgrade", "x-coupa-api-key", "authorization",
                 "proxy-authorization", "host", "accept", "content-type",
                 "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-custom",
+                "transfer_encoding", "x_coupa_api_key",
             ]).prop_map(str::to_owned),
             1 => "x-[a-z]{1,8}",
+            1 => "x_[a-z]{1,8}",
         ]
     }
 
@@ -517,6 +565,7 @@ mod properties {
             } else {
                 prop_assert_eq!(accepts, 1);
             }
+            prop_assert!(!headers.keys().any(|n| n.as_str().contains('_')), "a name with '_' survived");
             for gone in HOP_BY_HOP.iter().chain(&[X_COUPA_API_KEY, PROXY_AUTHORIZATION]) {
                 prop_assert!(!headers.contains_key(gone), "{} survived", gone);
             }
@@ -527,7 +576,8 @@ mod properties {
             }
             // Everything else is passed on untouched.
             for (name, value) in &original {
-                let special = HOP_BY_HOP.contains(name)
+                let special = name.as_str().contains('_')
+                    || HOP_BY_HOP.contains(name)
                     || CLIENT_CREDENTIALS.contains(name)
                     || SET_BY_PROXY.contains(&name.as_str())
                     || named.iter().any(|n| n == name.as_str());

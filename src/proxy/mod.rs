@@ -7,8 +7,9 @@
 //! 2. `upstream_request`: target URI and header rewrite ([`headers`]); the
 //!    body is wrapped so it can be replayed ([`body`]).
 //! 3. `send`: rate limit ([`ratelimit`]), pooled client ([`upstream`]),
-//!    response-header timeout; one retry on a fresh connection for
-//!    idempotent requests.
+//!    response-header timeout. Sent again on another connection when the
+//!    server provably did not process it (any method, a few times), or
+//!    once after a connection failure (idempotent methods only).
 //! 4. `on_rejected_token`: Coupa answered 401, so fetch a new token (once
 //!    for a whole burst) and replay the request once.
 //! 5. `response_filter`: hop-by-hop removal, stall guard on the body.
@@ -80,6 +81,7 @@ struct Inner {
     path_prefix: String,
     response_header_timeout: Duration,
     idle_timeout: Duration,
+    body_read_timeout: Duration,
     replay_body_limit: usize,
     rate_limiter: Option<RateLimiter>,
     metrics: Arc<Metrics>,
@@ -101,11 +103,20 @@ enum SendFailure {
     Client(upstream::UpstreamError),
 }
 
+/// How often a request the server provably did not process is sent again.
+/// More than one: under load a retry can meet the next recycled connection.
+const MAX_UNPROCESSED_RETRIES: u32 = 3;
+
 impl SendFailure {
     /// A dropped or refused connection: safe to try once more for an
     /// idempotent request. A timeout is not: Coupa may still be working.
     fn is_connection_failure(&self) -> bool {
         matches!(self, SendFailure::Client(_))
+    }
+
+    /// The server did not act on the request: safe for every method.
+    fn never_processed(&self) -> bool {
+        matches!(self, SendFailure::Client(error) if error.never_processed())
     }
 }
 
@@ -200,6 +211,7 @@ impl Proxy {
                 path_prefix: coupa.path_prefix.clone(),
                 response_header_timeout: coupa.response_header_timeout,
                 idle_timeout: coupa.idle_timeout,
+                body_read_timeout: config.listen.body_read_timeout,
                 replay_body_limit: coupa.replay_body_limit,
                 rate_limiter: coupa.rate_limit.map(RateLimiter::new),
                 metrics,
@@ -298,45 +310,45 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         let target = target.ok_or(ProxyError::BadTarget)?;
         let uri = self.upstream_uri(target)?;
-        headers::rewrite_request(
+        let dropped = headers::rewrite_request(
             &mut parts.headers,
             parts.uri.authority(),
             &inner.rules,
             bearer.clone(),
             client,
         );
-        let (body, replay) = UpstreamBody::from_client(body, inner.replay_body_limit)
-            .await
-            .map_err(|e| ProxyError::BadBody(e.to_string()))?;
+        if dropped > 0 {
+            inner
+                .metrics
+                .dropped_underscore_fields
+                .inc_by(dropped as u64);
+            debug!(
+                dropped,
+                "dropped request header fields with '_' in their name"
+            );
+        }
+        let (body, replay) =
+            UpstreamBody::from_client(body, inner.replay_body_limit, inner.body_read_timeout)
+                .await
+                .map_err(|e| match e {
+                    body::ClientBodyError::Stalled(after) => ProxyError::ClientBodyTimeout(after),
+                    body::ClientBodyError::Malformed(e) => ProxyError::BadBody(e.to_string()),
+                })?;
         let method = parts.method;
         let headers = parts.headers;
 
         // send
-        let first = self
-            .send(
-                upstream_request(&method, &uri, headers.clone(), body),
-                trace,
-            )
-            .await;
-        let mut leased = match first {
-            Ok(response) => response,
-            Err(failure) if failure.is_connection_failure() && is_idempotent(&method) => {
-                let Some(body) = replay.body() else {
-                    return Err(failure.into());
-                };
-                debug!(error = %ProxyError::from(failure), "retrying once on a fresh connection");
-                self.send(
-                    upstream_request(&method, &uri, headers.clone(), body),
-                    trace,
-                )
-                .await?
-            }
-            Err(failure) => return Err(failure.into()),
-        };
+        let mut leased = self
+            .send_with_retries(&method, &uri, &headers, body, &replay, trace)
+            .await?;
 
         // on_rejected_token
         if leased.response.status() == StatusCode::UNAUTHORIZED {
-            if let Some(replayed) = self
+            // Read the (small) 401 first: its connection goes back to the
+            // pool instead of being held while a new token is fetched,
+            // which under the connection cap would starve the replays.
+            let rejected = self.buffer_rejection(leased).await?;
+            match self
                 .on_rejected_token(
                     credential,
                     &bearer,
@@ -346,7 +358,8 @@ impl Proxy {
                 )
                 .await
             {
-                leased = replayed?;
+                Some(replayed) => leased = replayed?,
+                None => return Ok(rejected),
             }
         }
 
@@ -357,6 +370,23 @@ impl Proxy {
             parts,
             Either::Left(ResponseBody::new(body, inner.idle_timeout, leased.lease)),
         ))
+    }
+
+    /// Coupa's 401, read whole (bounded in size and time) and rewritten for
+    /// the client, so its connection is free before anything waits.
+    async fn buffer_rejection(&self, leased: Leased) -> Result<Response<ProxyBody>, ProxyError> {
+        use http_body_util::BodyExt;
+        const LIMIT: usize = 64 * 1024;
+        let inner = &*self.inner;
+        let (mut parts, body) = leased.response.into_parts();
+        let body = ResponseBody::new(body, inner.idle_timeout, leased.lease);
+        let bytes = http_body_util::Limited::new(body, LIMIT)
+            .collect()
+            .await
+            .map_err(|e| ProxyError::Upstream(format!("reading Coupa's 401 answer: {e}")))?
+            .to_bytes();
+        headers::rewrite_response(&mut parts.headers);
+        Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
     }
 
     /// Coupa rejected `bearer`. Gets a fresh token (one fetch for a burst)
@@ -389,6 +419,64 @@ impl Proxy {
                 .await
                 .map_err(ProxyError::from),
         )
+    }
+
+    /// Sends the request, again on another connection when that is safe:
+    /// any method when the server provably did not process it, idempotent
+    /// ones once after a connection failure. Each retry needs the body
+    /// again, so only a body kept whole for replay is retried.
+    async fn send_with_retries(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: UpstreamBody,
+        replay: &Replay,
+        trace: &mut Trace,
+    ) -> Result<Leased, ProxyError> {
+        let metrics = &self.inner.metrics;
+        let mut unprocessed_retries = 0;
+        let mut retried_failure = false;
+        let mut body = Some(body);
+        loop {
+            let attempt = body.take().or_else(|| replay.body());
+            let Some(attempt) = attempt else {
+                return Err(ProxyError::Upstream(
+                    "the request could not be sent again: its body was not kept for replay".into(),
+                ));
+            };
+            let failure = match self
+                .send(
+                    upstream_request(method, uri, headers.clone(), attempt),
+                    trace,
+                )
+                .await
+            {
+                Ok(leased) => return Ok(leased),
+                Err(failure) => failure,
+            };
+            if replay.client_stalled() {
+                return Err(ProxyError::ClientBodyTimeout(self.inner.body_read_timeout));
+            }
+            let retry = if failure.never_processed() {
+                unprocessed_retries += 1;
+                unprocessed_retries <= MAX_UNPROCESSED_RETRIES
+            } else if failure.is_connection_failure() && is_idempotent(method) && !retried_failure {
+                retried_failure = true;
+                true
+            } else {
+                false
+            };
+            if !retry || replay.body().is_none() {
+                return Err(failure.into());
+            }
+            if failure.never_processed() {
+                metrics.retried_never_processed.inc();
+            } else {
+                metrics.retried_connection_failure.inc();
+            }
+            debug!(error = %ProxyError::from(failure), "sending the request again on another connection");
+        }
     }
 
     /// One attempt: rate limit, then the pooled client, bounded by the

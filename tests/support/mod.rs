@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod real;
+
 use bytes::Bytes;
 use coupa_auth_proxy::app::{self, Listeners};
 use coupa_auth_proxy::config::Config;
@@ -570,4 +572,22 @@ pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .send()
         .await
         .expect("request completes")
+}
+
+/// The sum of the samples of `name` with `labels` in a `/metrics` text.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("metrics parse");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }

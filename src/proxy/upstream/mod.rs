@@ -1,0 +1,523 @@
+//! The connections that carry requests to Coupa: keep-alive, the HTTP
+//! version `coupa.http_version` asks for, certificate verification always on.
+//!
+//! The proxy talks to exactly one origin, so its pool is two small parts
+//! over hyper's connection-level API instead of a general client (which
+//! keys a hash map by origin, races a checkout against a new connect and
+//! spawns a task per request to return the connection; profiling put that
+//! bookkeeping at a fifth of the proxy's instructions per request):
+//! - [`h1`]: a stack of idle HTTP/1.1 connections under a cap; a connection
+//!   goes back when its response body ends ([`Lease`]), with no task and no
+//!   lookup;
+//! - [`h2`]: shared HTTP/2 connections, a new one only when the open ones
+//!   are at the server's stream limit, and one connect for a cold burst.
+//!
+//! A request the server provably never processed is reported as such
+//! ([`UpstreamError::never_processed`]) so the caller may send it again on
+//! another connection, whatever its method: an HTTP/2 stream refused
+//! (`REFUSED_STREAM`) or above a GOAWAY's last stream id, or a reused
+//! HTTP/1.1 connection that closed before any byte of the response (the
+//! server's keep-alive ended as the request left). Servers recycle
+//! connections all the time (nginx after `keepalive_requests`), so these
+//! must never reach the client.
+
+mod counting;
+pub mod h1;
+pub mod h2;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::debug;
+
+use super::body::UpstreamBody;
+use crate::config::{Coupa, HttpVersion};
+pub use counting::{Counted, Counting};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Connector = Counting<HttpsConnector<HttpConnector>>;
+type Io = Counted<hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>;
+
+/// Why a request could not be carried to Coupa.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, DNS, TLS, connect timeout).
+    #[error("{0}")]
+    Connect(#[source] BoxError),
+    /// Another request's connect, which this one waited for, failed.
+    #[error("{0}")]
+    SharedConnect(Arc<str>),
+    /// A connection was made but the HTTP handshake failed.
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(hyper::Error),
+    /// `coupa.http_version = "http2"` but the server did not pick h2.
+    #[error(
+        "Coupa did not negotiate HTTP/2 (ALPN); set coupa.http_version = \"auto\" or \"http1\""
+    )]
+    NoHttp2,
+    /// The connection failed while the request was on it.
+    #[error("{error}")]
+    Send {
+        #[source]
+        error: hyper::Error,
+        /// The server provably did not process the request.
+        never_processed: bool,
+    },
+}
+
+impl UpstreamError {
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Connect(_) | UpstreamError::SharedConnect(_)
+        )
+    }
+
+    /// Safe to send again on another connection, whatever the method.
+    pub fn never_processed(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Send {
+                never_processed: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Open, opened and waiting, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    pub opened_http1: Counter,
+    pub opened_http2: Counter,
+    /// Requests that waited for an HTTP/1.1 connection (the cap was reached).
+    pub queued: Counter,
+}
+
+/// The pooled client. Cheap to clone; clones share the pool.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pool: Arc<Pool>,
+}
+
+/// What the pool has learned the server speaks (`auto` decides on the
+/// first connection).
+const UNKNOWN: u8 = 0;
+const SPEAKS_H1: u8 = 1;
+const SPEAKS_H2: u8 = 2;
+
+struct Pool {
+    connector: Connector,
+    scheme: Scheme,
+    authority: Authority,
+    version: HttpVersion,
+    /// For `auto`: what ALPN chose last.
+    learned: AtomicU8,
+    h1: Arc<h1::Stack>,
+    h2: Arc<h2::Shared>,
+    metrics: UpstreamMetrics,
+}
+
+/// Builds the client. Must be called inside the runtime: it starts the
+/// task that closes idle connections after `coupa.pool_idle_timeout`.
+pub fn build(coupa: &Coupa, tls: rustls::ClientConfig, metrics: UpstreamMetrics) -> UpstreamClient {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(coupa.connect_timeout));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    // ALPN offers exactly what the configuration allows.
+    let connector = match coupa.http_version {
+        HttpVersion::Http1 => builder.enable_http1().wrap_connector(tcp),
+        HttpVersion::Http2 => builder.enable_http2().wrap_connector(tcp),
+        HttpVersion::Auto => builder.enable_http1().enable_http2().wrap_connector(tcp),
+    };
+    let pool = Arc::new(Pool {
+        connector: Counting::new(connector, metrics.open.clone()),
+        scheme: coupa.scheme.clone(),
+        authority: coupa.authority.clone(),
+        version: coupa.http_version,
+        learned: AtomicU8::new(UNKNOWN),
+        h1: h1::Stack::new(coupa.max_connections, coupa.pool_idle_timeout),
+        h2: h2::Shared::new(coupa.pool_idle_timeout),
+        metrics,
+    });
+    tokio::spawn(reap_idle(Arc::downgrade(&pool), coupa.pool_idle_timeout));
+    UpstreamClient { pool }
+}
+
+/// Closes connections idle for longer than the idle timeout; ends when the
+/// pool is dropped.
+async fn reap_idle(pool: Weak<Pool>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        pool.h1.prune(now);
+        pool.h2.prune(now);
+    }
+}
+
+/// The response, and what must be released when its body ends.
+pub struct Leased {
+    pub response: Response<Incoming>,
+    pub lease: Option<Lease>,
+}
+
+/// The connection a response came on, lent to it. [`Lease::finish`] (the
+/// body was read to its end) puts an HTTP/1.1 connection back in the pool;
+/// dropped unfinished, the connection closes (a half-read response leaves
+/// it unusable). For HTTP/2 it frees the stream's place.
+pub struct Lease(Leg);
+
+enum Leg {
+    H1 {
+        conn: Option<h1::H1Conn>,
+        stack: Weak<h1::Stack>,
+    },
+    H2(Option<h2::Stream>),
+}
+
+impl Lease {
+    /// The response body was read to its end.
+    pub fn finish(&mut self) {
+        match &mut self.0 {
+            Leg::H1 { conn, stack } => {
+                if let (Some(conn), Some(stack)) = (conn.take(), stack.upgrade()) {
+                    stack.put(conn);
+                }
+            }
+            Leg::H2(stream) => drop(stream.take()),
+        }
+    }
+}
+
+/// Where one attempt goes.
+enum Route {
+    H1 { conn: h1::H1Conn, reused: bool },
+    H2(h2::Stream),
+}
+
+impl UpstreamClient {
+    /// Sends `request` (its URI in origin form: the instance's path and
+    /// query) on a pooled connection, or a new one. A request a connection
+    /// could not take before sending anything moves on to another.
+    pub async fn request(
+        &self,
+        mut request: Request<UpstreamBody>,
+    ) -> Result<Leased, UpstreamError> {
+        let pool = &self.pool;
+        // Reused connections that could not take the request yet (their
+        // previous response is still being wound up): back to the pool
+        // afterwards, not retried in this loop.
+        let mut parked = Vec::new();
+        let outcome = loop {
+            let route = match pool.route().await {
+                Ok(route) => route,
+                Err(error) => break Err(error),
+            };
+            match route {
+                Route::H2(stream) => {
+                    let mut sender = stream.conn.sender.clone();
+                    match sender.try_send_request(pool.for_h2(request)).await {
+                        Ok(response) => {
+                            break Ok(Leased {
+                                response,
+                                lease: Some(Lease(Leg::H2(Some(stream)))),
+                            })
+                        }
+                        Err(mut failed) => {
+                            let never_processed = h2_never_processed(failed.error());
+                            if never_processed {
+                                pool.h2.retire(&stream.conn);
+                            }
+                            match failed.take_message() {
+                                Some(unsent) => {
+                                    debug!(error = %failed.error(), "HTTP/2 connection could not take the request; trying another");
+                                    pool.h2.retire(&stream.conn);
+                                    request = unsent;
+                                }
+                                None => {
+                                    break Err(UpstreamError::Send {
+                                        error: failed.into_error(),
+                                        never_processed,
+                                    })
+                                }
+                            }
+                        }
+                    }
+                }
+                Route::H1 { mut conn, reused } => {
+                    match conn.sender.try_send_request(pool.for_h1(request)).await {
+                        Ok(response) => {
+                            break Ok(Leased {
+                                response,
+                                lease: Some(Lease(Leg::H1 {
+                                    conn: Some(conn),
+                                    stack: Arc::downgrade(&pool.h1),
+                                })),
+                            })
+                        }
+                        Err(mut failed) => match failed.take_message() {
+                            // Never sent: a reused connection that closed,
+                            // or one not yet ready. Try the next one.
+                            Some(unsent) if reused => {
+                                debug!(error = %failed.error(), "pooled connection unusable; trying another");
+                                if !conn.sender.is_closed() {
+                                    parked.push(conn);
+                                }
+                                request = unsent;
+                            }
+                            unsent => {
+                                let error = failed.into_error();
+                                let never_processed = unsent.is_some()
+                                    || (reused
+                                        && (error.is_incomplete_message() || error.is_canceled()));
+                                break Err(UpstreamError::Send {
+                                    error,
+                                    never_processed,
+                                });
+                            }
+                        },
+                    }
+                }
+            }
+        };
+        for conn in parked {
+            pool.h1.put(conn);
+        }
+        outcome
+    }
+}
+
+/// HTTP/2 failures that RFC 9113 says the server did not act on: a stream
+/// refused (§8.7), one above the last stream id of a GOAWAY (§6.8), and a
+/// request hyper never handed to the connection: still in its queue
+/// (canceled) or waiting to open under the stream limit when the
+/// connection ended ("dispatch task is gone"; hyper has no accessor for
+/// that kind, so its fixed text is matched).
+fn h2_never_processed(error: &hyper::Error) -> bool {
+    if error.is_canceled() {
+        return true;
+    }
+    if error.is_user() && error.to_string().starts_with("dispatch task is gone") {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<::h2::Error>() {
+            let refused = h2.is_reset() && h2.reason() == Some(::h2::Reason::REFUSED_STREAM);
+            return h2.is_remote() && (refused || h2.is_go_away());
+        }
+        cause = e.source();
+    }
+    false
+}
+
+impl Pool {
+    /// A connection for one attempt, by the configured version.
+    async fn route(&self) -> Result<Route, UpstreamError> {
+        let use_h2 = match self.version {
+            HttpVersion::Http1 => false,
+            HttpVersion::Http2 => true,
+            HttpVersion::Auto => self.learned.load(Ordering::Acquire) != SPEAKS_H1,
+        };
+        if !use_h2 {
+            return self.route_h1().await;
+        }
+        let connecting = match self.h2.checkout().await {
+            Ok(h2::Checkout::Stream(stream)) => return Ok(Route::H2(stream)),
+            Ok(h2::Checkout::Connect(connecting)) => connecting,
+            Err(why) => return Err(UpstreamError::SharedConnect(why)),
+        };
+        // `auto` on a cold pool: this connect tells what the server speaks;
+        // it takes an HTTP/1.1 slot in case the answer is HTTP/1.1.
+        let slot = match self.version {
+            HttpVersion::Auto => self.h1.try_reserve(),
+            _ => None,
+        };
+        match self.connect().await {
+            Ok((io, negotiated_h2)) => {
+                if negotiated_h2 || self.version == HttpVersion::Http2 {
+                    if self.scheme == Scheme::HTTPS && !negotiated_h2 {
+                        connecting.failed(&UpstreamError::NoHttp2.to_string());
+                        return Err(UpstreamError::NoHttp2);
+                    }
+                    self.learned.store(SPEAKS_H2, Ordering::Release);
+                    match self.handshake_h2(io).await {
+                        Ok((sender, max_streams)) => {
+                            Ok(Route::H2(connecting.succeeded(sender, max_streams)))
+                        }
+                        Err(error) => {
+                            connecting.failed(&error.to_string());
+                            Err(error)
+                        }
+                    }
+                } else {
+                    self.learned.store(SPEAKS_H1, Ordering::Release);
+                    drop(connecting);
+                    let slot = match slot {
+                        Some(slot) => slot,
+                        None => match self
+                            .h1
+                            .checkout(|| {
+                                self.metrics.queued.inc();
+                            })
+                            .await
+                        {
+                            h1::Checkout::Connect(slot) => slot,
+                            h1::Checkout::Reused(conn) => {
+                                return Ok(Route::H1 { conn, reused: true })
+                            }
+                        },
+                    };
+                    let sender = self.handshake_h1(io).await?;
+                    Ok(Route::H1 {
+                        conn: slot.with(sender),
+                        reused: false,
+                    })
+                }
+            }
+            Err(error) => {
+                connecting.failed(&error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    async fn route_h1(&self) -> Result<Route, UpstreamError> {
+        match self
+            .h1
+            .checkout(|| {
+                self.metrics.queued.inc();
+            })
+            .await
+        {
+            h1::Checkout::Reused(conn) => Ok(Route::H1 { conn, reused: true }),
+            h1::Checkout::Connect(slot) => {
+                let (io, _) = self.connect().await?;
+                let sender = self.handshake_h1(io).await?;
+                Ok(Route::H1 {
+                    conn: slot.with(sender),
+                    reused: false,
+                })
+            }
+        }
+    }
+
+    /// HTTP/1.1 carries the authority in `Host` (the rewrite set it).
+    fn for_h1(&self, mut request: Request<UpstreamBody>) -> Request<UpstreamBody> {
+        if request.uri().scheme().is_some() {
+            let origin = request.uri().path_and_query().cloned();
+            *request.uri_mut() =
+                Uri::from(origin.unwrap_or_else(|| PathAndQuery::from_static("/")));
+        }
+        *request.version_mut() = Version::HTTP_11;
+        request
+    }
+
+    /// HTTP/2 carries scheme and authority as pseudo-headers, and a `Host`
+    /// beside `:authority` is refused by strict servers (nginx: "duplicate
+    /// host header"; RFC 9113 §8.3.1).
+    fn for_h2(&self, mut request: Request<UpstreamBody>) -> Request<UpstreamBody> {
+        if request.uri().scheme().is_none() {
+            let path = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *request.uri_mut() = self.absolute(path);
+        }
+        request.headers_mut().remove(HOST);
+        *request.version_mut() = Version::HTTP_2;
+        request
+    }
+
+    fn absolute(&self, path: PathAndQuery) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path);
+        Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// A new transport connection, and whether ALPN chose h2.
+    async fn connect(&self) -> Result<(Io, bool), UpstreamError> {
+        let origin = self.absolute(PathAndQuery::from_static("/"));
+        let io = self
+            .connector
+            .clone()
+            .call(origin)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let negotiated_h2 = io.connected().is_negotiated_h2();
+        Ok((io, negotiated_h2))
+    }
+
+    async fn handshake_h1(
+        &self,
+        io: Io,
+    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        self.metrics.opened_http1.inc();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The sender, and the server's stream limit as the connection's task
+    /// keeps learning it (SETTINGS may change it at any time).
+    async fn handshake_h2(
+        &self,
+        io: Io,
+    ) -> Result<(http2::SendRequest<UpstreamBody>, Arc<AtomicUsize>), UpstreamError> {
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        self.metrics.opened_http2.inc();
+        let max_streams = Arc::new(AtomicUsize::new(connection.current_max_send_streams()));
+        let learned = max_streams.clone();
+        tokio::spawn(async move {
+            let mut connection = Box::pin(connection);
+            let ended = std::future::poll_fn(|cx| {
+                let polled = connection.as_mut().poll(cx);
+                learned.store(connection.current_max_send_streams(), Ordering::Release);
+                polled
+            })
+            .await;
+            if let Err(error) = ended {
+                debug!(%error, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok((sender, max_streams))
+    }
+}

@@ -1,0 +1,222 @@
+//! Software nobody here wrote, started by the tests: a real nginx as the
+//! Coupa instance, and helpers to find the real clients (curl, h2load).
+//!
+//! Each server gets a free loopback port and a config in a temp dir, is
+//! waited for until it answers, and is stopped by PID. A missing tool
+//! skips its test with a loud message on a developer's machine; under CI
+//! (`CI` set) it fails instead, since `.ci/run` installs every one.
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::pki::Ca;
+use super::tempdir::Dir;
+
+/// The path of `tool` if it is installed; `None` (after saying so loudly)
+/// when it is not and this is not CI.
+pub fn tool(tool: &str) -> Option<PathBuf> {
+    let found = ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|dir| PathBuf::from(dir).join(tool))
+        .find(|path| path.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is not installed, and CI must not skip: .ci/run installs it"
+        );
+        eprintln!(
+            "\n*** SKIPPED: {tool} is not installed (apt-get install nginx-light nghttp2-client curl); \
+             .ci/run installs it, so CI runs this test ***\n"
+        );
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// How the nginx instance behaves.
+pub struct NginxOptions {
+    /// Requests one client connection may carry before nginx closes it
+    /// (HTTP/1.1 and HTTP/2 alike since nginx 1.19.7).
+    pub keepalive_requests: u32,
+    /// `http2_max_concurrent_streams`.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for NginxOptions {
+    fn default() -> Self {
+        Self {
+            keepalive_requests: 1000,
+            max_concurrent_streams: 128,
+        }
+    }
+}
+
+/// nginx serving TLS (HTTP/1.1 and h2 by ALPN) with a test CA's
+/// certificate for 127.0.0.1. It answers `/api/*` with JSON naming what it
+/// saw, and refuses a request that still carries `X-COUPA-API-KEY` (400) or
+/// lacks a bearer (401), as an instance behind a strict front would.
+pub struct Nginx {
+    child: Child,
+    binary: PathBuf,
+    pub port: u16,
+    pub dir: Dir,
+    /// The CA that signed nginx's certificate, for `coupa.ca_file`.
+    pub ca_file: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(options: NginxOptions) -> Option<Self> {
+        let nginx = tool("nginx")?;
+        let dir = Dir::new("nginx");
+        let ca = Ca::new("coupa-auth-proxy nginx test CA");
+        let leaf = ca.issue(&["127.0.0.1", "localhost"]);
+        let d = dir.path().display().to_string();
+        std::fs::write(dir.path().join("cert.pem"), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &leaf.key_pem).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let port = free_port();
+        let NginxOptions {
+            keepalive_requests,
+            max_concurrent_streams,
+        } = options;
+        let config = format!(
+            r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    log_format conns '$connection $connection_requests $server_protocol $status $request_method';
+    access_log {d}/access.log conns;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        keepalive_requests {keepalive_requests};
+        http2_max_concurrent_streams {max_concurrent_streams};
+        default_type application/json;
+        location / {{
+            if ($http_x_coupa_api_key) {{
+                return 400 '{{"error":"the legacy key reached the instance"}}';
+            }}
+            if ($http_authorization !~ "^Bearer .") {{
+                return 401 '{{"error":"no bearer token"}}';
+            }}
+            return 200 '{{"ok":true,"uri":"$request_uri","method":"$request_method","protocol":"$server_protocol","accept":"$http_accept"}}';
+        }}
+    }}
+}}
+"#
+        );
+        std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
+        let child = spawn(&nginx, &dir);
+        let nginx = Self {
+            child,
+            binary: nginx,
+            port,
+            dir,
+            ca_file,
+        };
+        nginx.wait_listening();
+        Some(nginx)
+    }
+
+    /// Starts nginx again (after [`Nginx::kill`]) on the same port.
+    pub fn restart(&mut self) {
+        self.child = spawn(&self.binary, &self.dir);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + super::DEADLINE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen on {}: {}",
+                self.port,
+                self.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// Lines of nginx's error log that say a request was malformed.
+    pub fn malformed_request_lines(&self) -> Vec<String> {
+        self.error_log()
+            .lines()
+            .filter(|l| {
+                l.contains("client sent") || l.contains("invalid") || l.contains("duplicate")
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// (connection serial, protocol, status) of every request logged.
+    pub fn access_log(&self) -> Vec<(String, String, u16)> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                Some((
+                    fields.first()?.to_string(),
+                    fields.get(2)?.to_string(),
+                    fields.get(3)?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Stops nginx at once (SIGTERM: fast shutdown, connections dropped).
+    pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+fn spawn(nginx: &PathBuf, dir: &Dir) -> Child {
+    Command::new(nginx)
+        .arg("-p")
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts")
+}
