@@ -10,8 +10,13 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use http::{Request, Response};
 use http_body::Body;
@@ -220,14 +225,116 @@ where
             let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
                 .await
                 .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
-            let builder = match stream.get_ref().1.alpn_protocol() {
-                Some(b"h2") => &builders.h2_only,
-                _ => &builders.h1_only,
-            };
-            let io = FramingGuard::new(stream, max_head, verdicts)
-                .with_first_byte_timeout(first_byte_timeout);
-            let conn = builder.serve_connection(TokioIo::new(io), service);
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                let io = FramingGuard::new(stream, max_head, verdicts)
+                    .with_first_byte_timeout(first_byte_timeout);
+                let conn = builders.h1_only.serve_connection(TokioIo::new(io), service);
+                return watcher.watch(conn.into_owned()).await;
+            }
+            let stream = tokio::time::timeout(first_byte_timeout, check_h2_preface(stream))
+                .await
+                .map_err(|_| "no HTTP/2 connection preface within the header-read timeout")??;
+            let io = FramingGuard::new(stream, max_head, verdicts);
+            let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
             watcher.watch(conn.into_owned()).await
         }
+    }
+}
+
+/// What every HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the connection preface of a client that agreed on `h2`. A wrong
+/// one is a connection error: the client gets SETTINGS and a GOAWAY with
+/// PROTOCOL_ERROR (RFC 9113 §3.4, §5.4.1) and the connection closes;
+/// hyper's HTTP/2 server would close it without a word.
+async fn check_h2_preface<S>(mut stream: S) -> Result<Rewind<S>, BoxError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut preface = [0u8; 24];
+    let mut read = 0;
+    while read < preface.len() {
+        let n = stream.read(&mut preface[read..]).await?;
+        if n == 0 {
+            return Err("connection closed before the HTTP/2 preface".into());
+        }
+        if preface[read..read + n] != H2_PREFACE[read..read + n] {
+            let mut reply = Vec::with_capacity(9 + 9 + 8 + 27);
+            // An empty SETTINGS frame: the server's own preface.
+            reply.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+            let debug = b"invalid connection preface";
+            let length = (8 + debug.len()) as u8;
+            reply.extend_from_slice(&[0, 0, length, 0x7, 0, 0, 0, 0, 0]);
+            reply.extend_from_slice(&[0, 0, 0, 0]); // last stream id
+            reply.extend_from_slice(&[0, 0, 0, 0x1]); // PROTOCOL_ERROR
+            reply.extend_from_slice(debug);
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+            return Err("invalid HTTP/2 connection preface; sent GOAWAY PROTOCOL_ERROR".into());
+        }
+        read += n;
+    }
+    Ok(Rewind {
+        prefix: Some(Bytes::from_static(H2_PREFACE)),
+        inner: stream,
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A stream whose first bytes, already read, are served again.
+    struct Rewind<S> {
+        prefix: Option<Bytes>,
+        #[pin]
+        inner: S,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix {
+            let n = prefix.len().min(buf.remaining());
+            buf.put_slice(&prefix.split_to(n));
+            if prefix.is_empty() {
+                *this.prefix = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }

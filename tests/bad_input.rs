@@ -196,3 +196,79 @@ async fn connections_past_the_cap_get_a_clear_503() {
     .await;
     proxy.stop().await;
 }
+
+/// Reads a response head (tolerating the reset a server may send after
+/// answering a request whose body it did not read).
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let _ = tokio::time::timeout(DEADLINE, async {
+        while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// A client that stops sending its body is answered 408 after
+/// `listen.body_read_timeout`, and the upstream request it started is
+/// aborted (its connection closed) rather than held open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_its_body_gets_408_and_the_upstream_request_is_aborted() {
+    let (fake, proxy) = start("body_read_timeout = \"300ms\"").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"partial\":",
+        )
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    // The upstream request had started (the first bytes went on) and was
+    // aborted: its connection is closed, none is left busy.
+    eventually("upstream connection closed", || async {
+        let text = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+        metric(&text, "coupa_proxy_upstream_connections", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(
+        fake.state().api_requests(),
+        1,
+        "the upstream request had started"
+    );
+    proxy.stop().await;
+}
+
+/// A header name with `_` is dropped (nginx's default), so a next hop that
+/// maps `_` to `-` cannot read `Transfer_Encoding` as a second framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_with_underscores_are_dropped_and_counted() {
+    let (_fake, proxy) = start("").await;
+    let (status, _, body) = raw_request(
+        proxy.addr,
+        "GET /api/invoices HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\n\
+         X_Coupa_Api_Key: k\r\nX-Kept: 1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let headers = echoed_headers(&echo);
+    assert!(headers.iter().all(|(n, _)| !n.contains('_')), "{headers:?}");
+    assert_eq!(header(&headers, "x-kept"), ["1"]);
+    let text = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "coupa_proxy_request_fields_dropped_total",
+            &[("reason", "underscore")]
+        ),
+        2.0
+    );
+    proxy.stop().await;
+}

@@ -164,3 +164,79 @@ async fn rotated_certificate_is_served_without_dropping_connections() {
     // and keeps working.
     assert_eq!(get(&old_client).await.unwrap().status(), 200);
 }
+
+/// Sends `bytes` over TLS offering only `alpn`, returns all that comes
+/// back until the proxy closes the connection.
+async fn tls_exchange(proxy: &ProxyProcess, ca: &Ca, alpn: &[u8], bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = rustls::ClientConfig::builder_with_provider(pki::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(ca.roots())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+    tls.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut answer)).await;
+    answer
+}
+
+/// HTTP/2 frames as (type, payload).
+fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        if bytes.len() < 9 + len {
+            break;
+        }
+        out.push((bytes[3], bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    out
+}
+
+/// On TLS the protocol is the one ALPN agreed: after `h2` a bad preface
+/// gets a GOAWAY with PROTOCOL_ERROR (RFC 9113 §3.4), not an HTTP/1.1 400;
+/// after `http/1.1` an HTTP/2 preface is not taken as HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_protocol_follows_alpn() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let dir = tempdir::Dir::new("inbound-alpn");
+    let ca = Ca::new("listener CA");
+    let proxy = ProxyProcess::start(
+        &tls_config(&fake.base_url(), &tls_table(dir.path(), &ca, None)),
+        &[],
+        &[],
+    );
+    proxy.wait_ready().await;
+
+    let answer = tls_exchange(&proxy, &ca, b"h2", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let goaway = frames(&answer)
+        .into_iter()
+        .find(|(kind, _)| *kind == 0x7)
+        .unwrap_or_else(|| panic!("no GOAWAY in {answer:?}"));
+    let code = u32::from_be_bytes(goaway.1[4..8].try_into().unwrap());
+    assert_eq!(code, 0x1, "PROTOCOL_ERROR");
+
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let answer = tls_exchange(&proxy, &ca, b"http/1.1", preface).await;
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 4"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        frames(&answer).iter().all(|(kind, _)| *kind != 0x4),
+        "no SETTINGS frame"
+    );
+}

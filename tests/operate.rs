@@ -138,3 +138,46 @@ async fn status_page_and_json_show_credentials_and_integrations_without_secrets(
     }
     proxy.stop().await;
 }
+
+/// A plain-HTTP listener reachable from other machines carries legacy keys
+/// and Coupa's answers in cleartext: said at start, by `check`, and in
+/// `/readyz`'s warnings, naming `[listen.tls]` as the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_listener_on_the_network_is_warned_about_everywhere() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(&fake.base_url(), "", "").replace(
+        "address = \"127.0.0.1:0\"\nshutdown_grace",
+        "address = \"0.0.0.0:0\"\nshutdown_grace",
+    ) + &format!(
+        "\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n",
+        "1".repeat(64)
+    );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    assert!(
+        proxy.logs().contains("over plain HTTP") && proxy.logs().contains("[listen.tls]"),
+        "{}",
+        proxy.logs()
+    );
+    let ready: serde_json::Value = get(format!("http://{}/readyz", proxy.admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let warnings = ready["warnings"].as_array().unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("legacy API keys")),
+        "{ready}"
+    );
+    let (code, stdout, stderr) = run_binary(
+        &["check", "--config", proxy.config_path().to_str().unwrap()],
+        &[("TEST_CLIENT_SECRET", CLIENT_SECRET)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("warning: listen.address 0.0.0.0:0"),
+        "{stdout}"
+    );
+}

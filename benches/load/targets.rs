@@ -234,6 +234,10 @@ address = "127.0.0.1:{port}"
 [coupa]
 base_url = "http://127.0.0.1:{upstream}"
 accept = "application/json"
+# As many upstream connections as the load needs, like the nginx and
+# HAProxy targets (the default cap of 32 would queue the 50- and
+# 64-connection rows).
+max_connections = 128
 [oauth]
 client_id = "{CLIENT_ID}"
 client_secret = "{CLIENT_SECRET}"
