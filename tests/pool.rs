@@ -225,3 +225,79 @@ async fn base_url_path_is_prepended_in_origin_form() {
     );
     proxy.stop().await;
 }
+
+/// An HTTP/2 (h2c) upstream allowing `max_streams` streams per connection,
+/// answering after 200 ms; counts connections and the most streams any one
+/// of them had open at once.
+async fn h2_upstream(max_streams: u32) -> (std::net::SocketAddr, Arc<Counts>, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let peak = Arc::new(AtomicU64::new(0));
+    let (shared, peak_seen) = (counts.clone(), peak.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            shared.opened.fetch_add(1, Ordering::SeqCst);
+            let open = Arc::new(AtomicU64::new(0));
+            let peak = peak_seen.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let (open, peak) = (open.clone(), peak.clone());
+                    async move {
+                        let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        open.fetch_sub(1, Ordering::SeqCst);
+                        let body =
+                            Bytes::from(format!("{:?} {}", request.version(), request.uri()));
+                        Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    (addr, counts, peak)
+}
+
+/// `http_version = "http2"` over plain loopback HTTP speaks h2c by prior
+/// knowledge; a connection carries requests up to the server's stream
+/// limit, and another opens only when that is used up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_opens_another_connection_only_at_the_stream_limit() {
+    let (upstream, counts, peak) = h2_upstream(4).await;
+    let (_fake, proxy) =
+        proxy_in_front_of(&format!("http://{upstream}"), "http_version = \"http2\"").await;
+    let client = http_client();
+    // One request first: the connection learns the server's limit.
+    let first = client.get(proxy.url("/api/first")).send().await.unwrap();
+    assert_eq!(
+        first.text().await.unwrap(),
+        "HTTP/2.0 http://".to_owned() + &upstream.to_string() + "/api/first"
+    );
+    assert_eq!(counts.opened(), 1);
+
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let request = client.get(proxy.url(&format!("/api/{i}"))).send();
+            async move { request.await.unwrap().status() }
+        })
+        .collect();
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status, 200);
+    }
+    let opened = counts.opened();
+    assert!(
+        (2..=5).contains(&opened),
+        "20 concurrent requests at 4 streams per connection opened {opened}"
+    );
+    assert!(
+        peak.load(Ordering::SeqCst) <= 4,
+        "the server's limit was exceeded"
+    );
+    proxy.stop().await;
+}

@@ -15,6 +15,7 @@
 //! 5. `response_filter`: hop-by-hop removal, stall guard on the body.
 //! 6. `log`: one access line.
 //!
+//! Phases 3 and 4 have files of their own ([`send`], [`rejected`]).
 //! Failures become answers in one place ([`error`]).
 
 pub mod auth;
@@ -22,30 +23,29 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod ratelimit;
+mod rejected;
+mod send;
 pub mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant, SystemTime};
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::token::client::error_chain;
-use crate::token::{AfterRejection, TokenStore};
+use crate::token::TokenStore;
 use arc_swap::ArcSwap;
 use auth::Integrations;
-use body::{Replay, ResponseBody, UpstreamBody};
+use body::{ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
 use ratelimit::RateLimiter;
-use upstream::Leased;
 pub use upstream::UpstreamClient;
 
 /// Response body: Coupa's streamed through, or one the proxy wrote itself.
@@ -94,77 +94,6 @@ struct Trace {
     integration: Option<Arc<str>>,
     /// Time spent waiting for Coupa's response headers (all attempts).
     upstream: Option<Duration>,
-}
-
-/// Why one attempt to reach Coupa failed.
-enum SendFailure {
-    RateLimited(ratelimit::QueueFull),
-    Timeout(Duration),
-    Client(upstream::UpstreamError),
-}
-
-/// How often a request the server provably did not process is sent again.
-/// More than one: under load a retry can meet the next recycled connection.
-const MAX_UNPROCESSED_RETRIES: u32 = 3;
-
-impl SendFailure {
-    /// A dropped or refused connection: safe to try once more for an
-    /// idempotent request. A timeout is not: Coupa may still be working.
-    fn is_connection_failure(&self) -> bool {
-        matches!(self, SendFailure::Client(_))
-    }
-
-    /// The server did not act on the request: safe for every method.
-    fn never_processed(&self) -> bool {
-        matches!(self, SendFailure::Client(error) if error.never_processed())
-    }
-}
-
-impl From<SendFailure> for ProxyError {
-    fn from(failure: SendFailure) -> Self {
-        match failure {
-            SendFailure::RateLimited(full) => ProxyError::RateLimited {
-                retry_after: full.retry_after,
-            },
-            SendFailure::Timeout(after) => {
-                ProxyError::Timeout(format!("no response headers within {after:?}"))
-            }
-            SendFailure::Client(error) => {
-                let message = error_chain(&error);
-                if timed_out(&error) {
-                    ProxyError::Timeout(message)
-                } else if error.is_connect() {
-                    ProxyError::Unreachable(message)
-                } else {
-                    ProxyError::Upstream(message)
-                }
-            }
-        }
-    }
-}
-
-/// A connect timeout, or any I/O timeout along the error's causes.
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(error);
-    while let Some(error) = cause {
-        if let Some(io) = error.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        if error.to_string().contains("timed out") {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    )
 }
 
 impl Proxy {
@@ -372,135 +301,6 @@ impl Proxy {
         ))
     }
 
-    /// Coupa's 401, read whole (bounded in size and time) and rewritten for
-    /// the client, so its connection is free before anything waits.
-    async fn buffer_rejection(&self, leased: Leased) -> Result<Response<ProxyBody>, ProxyError> {
-        use http_body_util::BodyExt;
-        const LIMIT: usize = 64 * 1024;
-        let inner = &*self.inner;
-        let (mut parts, body) = leased.response.into_parts();
-        let body = ResponseBody::new(body, inner.idle_timeout, leased.lease);
-        let bytes = http_body_util::Limited::new(body, LIMIT)
-            .collect()
-            .await
-            .map_err(|e| ProxyError::Upstream(format!("reading Coupa's 401 answer: {e}")))?
-            .to_bytes();
-        headers::rewrite_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
-    }
-
-    /// Coupa rejected `bearer`. Gets a fresh token (one fetch for a burst)
-    /// and replays the request once; `None` passes the 401 on (body not
-    /// replayable, no new token in time, or a fresh token rejected too).
-    async fn on_rejected_token(
-        &self,
-        credential: &CredentialSlot,
-        bearer: &HeaderValue,
-        replay: &Replay,
-        (method, uri, mut headers): (&Method, &Uri, HeaderMap),
-        trace: &mut Trace,
-    ) -> Option<Result<Leased, ProxyError>> {
-        let store = &credential.store;
-        let outcome = store.report_rejected(bearer, credential.rejected_token_cooldown);
-        let body = replay.body()?;
-        let fresh = match outcome {
-            AfterRejection::Replay(fresh) => fresh,
-            AfterRejection::Wait => {
-                store
-                    .wait_for_replacement(bearer, credential.token_wait)
-                    .await?
-            }
-            AfterRejection::GiveUp => return None,
-        };
-        debug!("replaying a request Coupa answered 401 with a fresh token");
-        headers.insert(AUTHORIZATION, fresh);
-        Some(
-            self.send(upstream_request(method, uri, headers, body), trace)
-                .await
-                .map_err(ProxyError::from),
-        )
-    }
-
-    /// Sends the request, again on another connection when that is safe:
-    /// any method when the server provably did not process it, idempotent
-    /// ones once after a connection failure. Each retry needs the body
-    /// again, so only a body kept whole for replay is retried.
-    async fn send_with_retries(
-        &self,
-        method: &Method,
-        uri: &Uri,
-        headers: &HeaderMap,
-        body: UpstreamBody,
-        replay: &Replay,
-        trace: &mut Trace,
-    ) -> Result<Leased, ProxyError> {
-        let metrics = &self.inner.metrics;
-        let mut unprocessed_retries = 0;
-        let mut retried_failure = false;
-        let mut body = Some(body);
-        loop {
-            let attempt = body.take().or_else(|| replay.body());
-            let Some(attempt) = attempt else {
-                return Err(ProxyError::Upstream(
-                    "the request could not be sent again: its body was not kept for replay".into(),
-                ));
-            };
-            let failure = match self
-                .send(
-                    upstream_request(method, uri, headers.clone(), attempt),
-                    trace,
-                )
-                .await
-            {
-                Ok(leased) => return Ok(leased),
-                Err(failure) => failure,
-            };
-            if replay.client_stalled() {
-                return Err(ProxyError::ClientBodyTimeout(self.inner.body_read_timeout));
-            }
-            let retry = if failure.never_processed() {
-                unprocessed_retries += 1;
-                unprocessed_retries <= MAX_UNPROCESSED_RETRIES
-            } else if failure.is_connection_failure() && is_idempotent(method) && !retried_failure {
-                retried_failure = true;
-                true
-            } else {
-                false
-            };
-            if !retry || replay.body().is_none() {
-                return Err(failure.into());
-            }
-            if failure.never_processed() {
-                metrics.retried_never_processed.inc();
-            } else {
-                metrics.retried_connection_failure.inc();
-            }
-            debug!(error = %ProxyError::from(failure), "sending the request again on another connection");
-        }
-    }
-
-    /// One attempt: rate limit, then the pooled client, bounded by the
-    /// response-header timeout.
-    async fn send(
-        &self,
-        request: Request<UpstreamBody>,
-        trace: &mut Trace,
-    ) -> Result<Leased, SendFailure> {
-        let inner = &*self.inner;
-        if let Some(limiter) = &inner.rate_limiter {
-            limiter.acquire().await.map_err(SendFailure::RateLimited)?;
-        }
-        let sent = StdInstant::now();
-        let result =
-            tokio::time::timeout(inner.response_header_timeout, inner.client.request(request))
-                .await;
-        *trace.upstream.get_or_insert(Duration::ZERO) += sent.elapsed();
-        match result {
-            Ok(result) => result.map_err(SendFailure::Client),
-            Err(_) => Err(SendFailure::Timeout(inner.response_header_timeout)),
-        }
-    }
-
     /// The proxy is never an open proxy: no CONNECT tunnels, and an
     /// HTTP/1 absolute-form target must name the instance itself. (HTTP/2
     /// always carries an authority: the proxy's own address, like `Host`.)
@@ -558,42 +358,5 @@ impl Proxy {
                 .map_err(|_| ProxyError::BadTarget)?
         };
         Ok(Uri::from(path_and_query))
-    }
-}
-
-fn upstream_request(
-    method: &Method,
-    uri: &Uri,
-    headers: HeaderMap,
-    body: UpstreamBody,
-) -> Request<UpstreamBody> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri.clone();
-    // The version is the pool's to set, per connection: the client's says
-    // nothing about the upstream hop.
-    *request.headers_mut() = headers;
-    request
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn connect_failure(kind: std::io::ErrorKind, text: &str) -> ProxyError {
-        let io = std::io::Error::new(kind, text.to_owned());
-        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(io);
-        SendFailure::Client(upstream::UpstreamError::Connect(boxed)).into()
-    }
-
-    #[test]
-    fn connect_timeouts_are_504_and_refusals_502() {
-        let timeout = connect_failure(std::io::ErrorKind::TimedOut, "deadline has elapsed");
-        assert!(matches!(timeout, ProxyError::Timeout(_)), "{timeout:?}");
-        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
-
-        let refused = connect_failure(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert!(matches!(refused, ProxyError::Unreachable(_)), "{refused:?}");
-        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
     }
 }

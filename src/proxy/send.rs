@@ -1,0 +1,205 @@
+//! Phase 3, `send`: one attempt is the rate limit, then the pooled client,
+//! bounded by the response-header timeout; a failed attempt is sent again
+//! on another connection only when that is safe.
+
+use std::time::{Duration, Instant as StdInstant};
+
+use http::{HeaderMap, Method, Request, Uri};
+use tracing::debug;
+
+use super::body::{Replay, UpstreamBody};
+use super::upstream::{self, Leased};
+use super::{ratelimit, Proxy, ProxyError, Trace};
+use crate::token::client::error_chain;
+
+/// Why one attempt to reach Coupa failed.
+pub(super) enum SendFailure {
+    RateLimited(ratelimit::QueueFull),
+    Timeout(Duration),
+    Client(upstream::UpstreamError),
+}
+
+/// How often a request the server provably did not process is sent again.
+/// More than one: under load a retry can meet the next recycled connection.
+const MAX_UNPROCESSED_RETRIES: u32 = 3;
+
+impl SendFailure {
+    /// A dropped or refused connection: safe to try once more for an
+    /// idempotent request. A timeout is not: Coupa may still be working.
+    fn is_connection_failure(&self) -> bool {
+        matches!(self, SendFailure::Client(_))
+    }
+
+    /// The server did not act on the request: safe for every method.
+    fn never_processed(&self) -> bool {
+        matches!(self, SendFailure::Client(error) if error.never_processed())
+    }
+}
+
+impl From<SendFailure> for ProxyError {
+    fn from(failure: SendFailure) -> Self {
+        match failure {
+            SendFailure::RateLimited(full) => ProxyError::RateLimited {
+                retry_after: full.retry_after,
+            },
+            SendFailure::Timeout(after) => {
+                ProxyError::Timeout(format!("no response headers within {after:?}"))
+            }
+            SendFailure::Client(error) => {
+                let message = error_chain(&error);
+                if timed_out(&error) {
+                    ProxyError::Timeout(message)
+                } else if error.is_connect() {
+                    ProxyError::Unreachable(message)
+                } else {
+                    ProxyError::Upstream(message)
+                }
+            }
+        }
+    }
+}
+
+/// A connect timeout, or any I/O timeout along the error's causes.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if error.to_string().contains("timed out") {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+impl Proxy {
+    /// Sends the request, again on another connection when that is safe:
+    /// any method when the server provably did not process it, idempotent
+    /// ones once after a connection failure. Each retry needs the body
+    /// again, so only a body kept whole for replay is retried.
+    pub(super) async fn send_with_retries(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: UpstreamBody,
+        replay: &Replay,
+        trace: &mut Trace,
+    ) -> Result<Leased, ProxyError> {
+        let metrics = &self.inner.metrics;
+        let mut unprocessed_retries = 0;
+        let mut retried_failure = false;
+        let mut body = Some(body);
+        loop {
+            let attempt = body.take().or_else(|| replay.body());
+            let Some(attempt) = attempt else {
+                return Err(ProxyError::Upstream(
+                    "the request could not be sent again: its body was not kept for replay".into(),
+                ));
+            };
+            let failure = match self
+                .send(
+                    upstream_request(method, uri, headers.clone(), attempt),
+                    trace,
+                )
+                .await
+            {
+                Ok(leased) => return Ok(leased),
+                Err(failure) => failure,
+            };
+            if replay.client_stalled() {
+                return Err(ProxyError::ClientBodyTimeout(self.inner.body_read_timeout));
+            }
+            let retry = if failure.never_processed() {
+                unprocessed_retries += 1;
+                unprocessed_retries <= MAX_UNPROCESSED_RETRIES
+            } else if failure.is_connection_failure() && is_idempotent(method) && !retried_failure {
+                retried_failure = true;
+                true
+            } else {
+                false
+            };
+            if !retry || replay.body().is_none() {
+                return Err(failure.into());
+            }
+            if failure.never_processed() {
+                metrics.retried_never_processed.inc();
+            } else {
+                metrics.retried_connection_failure.inc();
+            }
+            debug!(error = %ProxyError::from(failure), "sending the request again on another connection");
+        }
+    }
+
+    /// One attempt: rate limit, then the pooled client, bounded by the
+    /// response-header timeout.
+    pub(super) async fn send(
+        &self,
+        request: Request<UpstreamBody>,
+        trace: &mut Trace,
+    ) -> Result<Leased, SendFailure> {
+        let inner = &*self.inner;
+        if let Some(limiter) = &inner.rate_limiter {
+            limiter.acquire().await.map_err(SendFailure::RateLimited)?;
+        }
+        let sent = StdInstant::now();
+        let result =
+            tokio::time::timeout(inner.response_header_timeout, inner.client.request(request))
+                .await;
+        *trace.upstream.get_or_insert(Duration::ZERO) += sent.elapsed();
+        match result {
+            Ok(result) => result.map_err(SendFailure::Client),
+            Err(_) => Err(SendFailure::Timeout(inner.response_header_timeout)),
+        }
+    }
+}
+
+pub(super) fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    // The version is the pool's to set, per connection: the client's says
+    // nothing about the upstream hop.
+    *request.headers_mut() = headers;
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+
+    use super::*;
+
+    fn connect_failure(kind: std::io::ErrorKind, text: &str) -> ProxyError {
+        let io = std::io::Error::new(kind, text.to_owned());
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(io);
+        SendFailure::Client(upstream::UpstreamError::Connect(boxed)).into()
+    }
+
+    #[test]
+    fn connect_timeouts_are_504_and_refusals_502() {
+        let timeout = connect_failure(std::io::ErrorKind::TimedOut, "deadline has elapsed");
+        assert!(matches!(timeout, ProxyError::Timeout(_)), "{timeout:?}");
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+
+        let refused = connect_failure(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(refused, ProxyError::Unreachable(_)), "{refused:?}");
+        assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
+    }
+}
