@@ -20,6 +20,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::cluster::tokens::credential_digest;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::{Metrics, Stores};
 
@@ -40,6 +42,16 @@ pub struct AdminState {
     upstream: String,
     /// [`Config::warnings`] of the running configuration.
     config_warnings: Vec<String>,
+    /// With `[cluster]`: the shared state, and each shared credential's
+    /// (name, key digest), for the cluster view.
+    cluster: Option<SharedView>,
+}
+
+/// What the status page shows of the cluster: its state, and the
+/// credentials fetched once for all processes, as (name, key digest).
+struct SharedView {
+    cluster: Arc<Cluster>,
+    credentials: Vec<(String, String)>,
 }
 
 impl AdminState {
@@ -48,7 +60,20 @@ impl AdminState {
         stores: Stores,
         metrics: Arc<Metrics>,
         draining: tokio_util::sync::CancellationToken,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
+        let cluster = cluster.map(|cluster| {
+            let shared = config
+                .credentials
+                .iter()
+                .filter(|c| c.oauth.grant.consent().is_none())
+                .map(|c| (c.name.clone(), credential_digest(&c.oauth)))
+                .collect();
+            SharedView {
+                cluster,
+                credentials: shared,
+            }
+        });
         Self {
             draining,
             stores,
@@ -64,6 +89,7 @@ impl AdminState {
                 .collect(),
             upstream: config.coupa.base_url.clone(),
             config_warnings: config.warnings(),
+            cluster,
         }
     }
 }
@@ -85,8 +111,11 @@ pub async fn handle(
             "text/plain; version=0.0.4; charset=utf-8",
             state.metrics.render(),
         ),
-        "/status.json" => json(StatusCode::OK, status(&state)),
-        "/" => text("text/html; charset=utf-8", status_page(&status(&state))),
+        "/status.json" => json(StatusCode::OK, status(&state).await),
+        "/" => text(
+            "text/html; charset=utf-8",
+            status_page(&status(&state).await),
+        ),
         _ => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({
@@ -181,7 +210,11 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
     json(code, body)
 }
 
-fn status(state: &AdminState) -> serde_json::Value {
+async fn status(state: &AdminState) -> serde_json::Value {
+    let cluster = match &state.cluster {
+        Some(shared) => shared.cluster.view(&shared.credentials).await,
+        None => serde_json::Value::Null,
+    };
     let integrations: Vec<serde_json::Value> = state
         .metrics
         .integration_counts()
@@ -201,6 +234,7 @@ fn status(state: &AdminState) -> serde_json::Value {
         "upstream": state.upstream,
         "credentials": credentials(state),
         "integrations": integrations,
+        "cluster": cluster,
     })
 }
 
@@ -278,6 +312,26 @@ fn status_page(status: &serde_json::Value) -> String {
             cell(&i["requests"]),
             cell(&i["errors"]),
         );
+    }
+    if let Some(cluster) = status["cluster"].as_object() {
+        let _ = write!(
+            html,
+            "</table><h2>Cluster</h2><p>{} · this process {}</p><table><tr><th>processes seen \
+             in the last 30 s</th></tr>",
+            cell(&cluster["redis"]),
+            cell(&cluster["this_process"]),
+        );
+        for process in cluster["processes_seen"].as_array().into_iter().flatten() {
+            let _ = write!(html, "<tr><td>{}</td></tr>", cell(process));
+        }
+        html.push_str("</table><table><tr><th>credential</th><th>fetching a token now</th></tr>");
+        for (name, holder) in cluster["fetching_now"].as_object().into_iter().flatten() {
+            let holder = holder
+                .as_str()
+                .map(escape)
+                .unwrap_or_else(|| "nobody".into());
+            let _ = write!(html, "<tr><td>{}</td><td>{holder}</td></tr>", escape(name));
+        }
     }
     html.push_str(
         "</table><p><a href=\"/status.json\">status.json</a> · <a href=\"/metrics\">metrics</a></p>\

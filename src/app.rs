@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::AdminState;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ClientInfo, Proxy};
@@ -29,6 +30,8 @@ pub enum AppError {
     TokenSource(#[from] SourceError),
     #[error("listen.tls: {0}")]
     ServerTls(#[from] tls::ServerTlsError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// The two sockets the proxy serves, bound by the caller (port 0 in tests).
@@ -87,10 +90,28 @@ pub async fn run_with_reload(
         )?;
         sources.push((credential, source, store));
     }
-    let mut stores = Vec::with_capacity(sources.len());
+    let stores: Vec<_> = sources
+        .iter()
+        .map(|(credential, _, store)| (credential.name.clone(), store.clone()))
+        .collect();
+    let stores = Arc::new(stores);
+    let metrics = Metrics::new(stores.clone(), config.cluster.is_some());
+    let cluster = match &config.cluster {
+        Some(settings) => Some(Cluster::start(
+            settings,
+            &config.coupa.base_url,
+            metrics.cluster.clone(),
+            background.clone(),
+        )?),
+        None => None,
+    };
     let mut background_tasks = Vec::with_capacity(sources.len());
     let mut handles = Vec::with_capacity(sources.len());
     for (credential, source, store) in sources {
+        let source = match &cluster {
+            Some(cluster) => source.share(cluster, store.clone(), credential),
+            None => source,
+        };
         handles.push((source.params_handle(), store.clone()));
         let refresher = Refresher {
             client: source,
@@ -99,7 +120,6 @@ pub async fn run_with_reload(
             credential: credential.name.clone(),
         };
         background_tasks.push(tokio::spawn(refresher.run(background.clone())));
-        stores.push((credential.name.clone(), store));
     }
     for warning in config.warnings() {
         warn!("{warning}");
@@ -112,13 +132,12 @@ pub async fn run_with_reload(
     };
     let proxy_addr = local(&listeners.proxy);
     let admin_addr = local(&listeners.admin);
-    let stores = Arc::new(stores);
-    let metrics = Metrics::new(stores.clone());
     let admin_state = Arc::new(AdminState::new(
         &config,
         stores.clone(),
         metrics.clone(),
         shutdown.clone(),
+        cluster.clone(),
     ));
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
@@ -134,7 +153,7 @@ pub async fn run_with_reload(
 
     let upstream = proxy::upstream::build(&config.coupa, tls_config, metrics.upstream.clone());
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
-    let proxy = Proxy::new(&config, &token_stores, upstream, metrics);
+    let proxy = Proxy::new(&config, &token_stores, upstream, metrics, cluster.clone());
     if let Some(path) = config_path {
         let reloader = Reloader {
             path,

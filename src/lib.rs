@@ -8,6 +8,9 @@
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
 //!   rotating ([`token::refresher`]) the access token — background work;
 //!   user-consented grants renew from a state file ([`token::user_grant`]).
+//! - [`cluster`]: state shared with the other proxies of one instance in
+//!   Redis/Valkey (rate budget, one token fetcher) — background work with a
+//!   narrow interface; untouched without `[cluster]`.
 //! - [`authorize`]: the `authorize` subcommand, a user's one-time consent
 //!   (authorization code with PKCE, or device code).
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
@@ -28,6 +31,7 @@
 pub mod admin;
 pub mod app;
 pub mod authorize;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod fake_coupa;

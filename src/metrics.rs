@@ -84,6 +84,8 @@ pub struct Metrics {
     pub retried_connection_failure: Counter,
     /// Request header fields with `_` in their name, dropped.
     pub dropped_underscore_fields: Counter,
+    /// Handed to the cluster state, when `[cluster]` is set.
+    pub cluster: crate::cluster::ClusterMetrics,
     by_integration: RwLock<Vec<(Arc<str>, Arc<IntegrationCounts>)>>,
     /// The label of traffic without integrations, made once rather than
     /// allocated per request.
@@ -102,7 +104,8 @@ fn status_class(status: StatusCode) -> &'static str {
 }
 
 impl Metrics {
-    pub fn new(stores: Stores) -> Arc<Self> {
+    /// `clustered`: `[cluster]` is set (its metrics are registered).
+    pub fn new(stores: Stores, clustered: bool) -> Arc<Self> {
         let mut registry = Registry::with_prefix("coupa_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -164,6 +167,46 @@ impl Metrics {
             "Request header fields not forwarded, by reason (underscore: a name with '_', which a next hop may read as '-')",
             dropped.clone(),
         );
+        let cluster = crate::cluster::ClusterMetrics {
+            round_trip: Some(Histogram::new(exponential_buckets(0.0001, 2.0, 14))),
+            ..Default::default()
+        };
+        // Only a process with `[cluster]` shows cluster metrics: a 0 in
+        // `cluster_up` must mean "Redis is away", never "not configured".
+        if clustered {
+            registry.register(
+                "cluster_up",
+                "1 while the cluster state (Redis) answers, 0 while this process works alone (only with [cluster])",
+                cluster.up.clone(),
+            );
+            if let Some(round_trip) = &cluster.round_trip {
+                registry.register(
+                    "cluster_redis_duration_seconds",
+                    "Round-trip time of calls to Redis",
+                    round_trip.clone(),
+                );
+            }
+            registry.register(
+                "cluster_redis_errors",
+                "Calls to Redis that failed or timed out",
+                cluster.errors.clone(),
+            );
+            registry.register(
+                "cluster_budget_waits",
+                "Requests that waited for their slot in the instance-wide rate budget",
+                cluster.budget_waits.clone(),
+            );
+            registry.register(
+                "cluster_budget_pauses",
+                "Coupa answered 429 and every process was told to hold off",
+                cluster.pauses.clone(),
+            );
+            registry.register(
+                "cluster_fetching",
+                "1 while this process holds the credential's token fetch lock",
+                cluster.fetching.clone(),
+            );
+        }
         let retried_never_processed = retries
             .get_or_create(&[("reason", "never_processed")])
             .clone();
@@ -187,6 +230,7 @@ impl Metrics {
             retried_never_processed,
             retried_connection_failure,
             dropped_underscore_fields,
+            cluster,
             by_integration: RwLock::new(Vec::new()),
             unnamed: Arc::from(""),
             started: SystemTime::now(),

@@ -29,6 +29,27 @@ pub(super) struct FileConfig {
     pub(super) reload: ReloadFile,
     #[serde(default)]
     pub(super) runtime: RuntimeFile,
+    pub(super) cluster: Option<ClusterFile>,
+}
+
+/// `[cluster]`: state shared with other processes in Redis/Valkey.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ClusterFile {
+    pub(super) redis_url: String,
+    #[serde(default = "default_key_prefix")]
+    pub(super) key_prefix: String,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) encryption_key_file: Option<PathBuf>,
+    #[serde(default = "default_fallback_share")]
+    pub(super) fallback_share: f64,
+}
+
+fn default_key_prefix() -> String {
+    "coupa-auth-proxy".to_owned()
+}
+fn default_fallback_share() -> f64 {
+    0.5
 }
 
 #[derive(Debug, Default, Deserialize)]

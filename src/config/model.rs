@@ -28,6 +28,34 @@ pub struct Config {
     /// `None`: only on SIGHUP.
     pub watch_interval: Option<Duration>,
     pub runtime: Runtime,
+    /// Shared state in Redis; `None`: every process on its own.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`, validated.
+#[derive(Clone)]
+pub struct Cluster {
+    /// `redis://` or `rediss://`, with any password taken out (it is in
+    /// `password`).
+    pub redis_url: String,
+    pub password: Option<Secret>,
+    pub key_prefix: String,
+    /// The 32-byte key that seals tokens stored in Redis.
+    pub encryption_key: Secret,
+    pub encryption_key_file: PathBuf,
+    /// Share of the rate budget used alone while Redis is unreachable.
+    pub fallback_share: f64,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("redis_url", &self.redis_url)
+            .field("key_prefix", &self.key_prefix)
+            .field("encryption_key_file", &self.encryption_key_file)
+            .field("fallback_share", &self.fallback_share)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A named OAuth client with its own token and rotation.
@@ -248,6 +276,27 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let listen = &self.listen;
         let mut warnings = Vec::new();
+        if let Some(cluster) = &self.cluster {
+            // redis:// is not a special scheme to `url`: its host comes back
+            // as an opaque name, so an IP address is parsed here.
+            let to_loopback = url::Url::parse(&cluster.redis_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .is_some_and(|host| {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    host.eq_ignore_ascii_case("localhost")
+                        || host
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                });
+            if cluster.redis_url.starts_with("redis://") && !to_loopback {
+                warnings.push(
+                    "cluster.redis_url uses redis:// to another machine: its password and the sealed \
+                     tokens cross the network unencrypted; use rediss:// (TLS)"
+                        .to_owned(),
+                );
+            }
+        }
         if listen.address.ip().is_loopback() {
             return warnings;
         }

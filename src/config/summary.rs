@@ -196,6 +196,38 @@ impl Config {
                 .map(d)
                 .unwrap_or_else(|| "off (SIGHUP only)".into()),
         ));
+        match &self.cluster {
+            None => rows.push((
+                "cluster".into(),
+                "off: this process keeps its own token and rate budget".into(),
+            )),
+            Some(cluster) => rows.extend([
+                (
+                    "cluster.redis_url".into(),
+                    format!(
+                        "{}{}",
+                        cluster.redis_url,
+                        if cluster.password.is_some() {
+                            " (password <redacted>)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ),
+                ("cluster.key_prefix".into(), cluster.key_prefix.clone()),
+                (
+                    "cluster.encryption_key_file".into(),
+                    format!(
+                        "<redacted> (from {})",
+                        cluster.encryption_key_file.display()
+                    ),
+                ),
+                (
+                    "cluster.fallback_share".into(),
+                    cluster.fallback_share.to_string(),
+                ),
+            ]),
+        }
         let runtime = &self.runtime;
         rows.push((
             "runtime.flavor".into(),

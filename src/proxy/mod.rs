@@ -37,6 +37,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
+use crate::cluster::budget::SharedBudget;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::token::TokenStore;
@@ -45,7 +47,7 @@ use auth::Integrations;
 use body::{ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
-use ratelimit::RateLimiter;
+use ratelimit::{Limiter, RateLimiter};
 pub use upstream::UpstreamClient;
 
 /// Response body: Coupa's streamed through, or one the proxy wrote itself.
@@ -83,7 +85,7 @@ struct Inner {
     idle_timeout: Duration,
     body_read_timeout: Duration,
     replay_body_limit: usize,
-    rate_limiter: Option<RateLimiter>,
+    rate_limiter: Option<Limiter>,
     metrics: Arc<Metrics>,
 }
 
@@ -97,12 +99,14 @@ struct Trace {
 }
 
 impl Proxy {
-    /// `stores` holds one token store per entry of `config.credentials`.
+    /// `stores` holds one token store per entry of `config.credentials`;
+    /// with `cluster`, `[coupa.rate_limit]` is the instance-wide budget.
     pub fn new(
         config: &Config,
         stores: &[Arc<TokenStore>],
         client: UpstreamClient,
         metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         let coupa = &config.coupa;
         let rules = RewriteRules {
@@ -142,7 +146,10 @@ impl Proxy {
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
                 replay_body_limit: coupa.replay_body_limit,
-                rate_limiter: coupa.rate_limit.map(RateLimiter::new),
+                rate_limiter: coupa.rate_limit.map(|limit| match &cluster {
+                    Some(cluster) => Limiter::Shared(SharedBudget::new(cluster.clone(), limit)),
+                    None => Limiter::Local(RateLimiter::new(limit)),
+                }),
                 metrics,
             }),
         }
@@ -293,6 +300,12 @@ impl Proxy {
         }
 
         // response_filter
+        if leased.response.status() == StatusCode::TOO_MANY_REQUESTS {
+            if let Some(limiter) = &inner.rate_limiter {
+                limiter
+                    .coupa_rate_limited(leased.response.headers().get(http::header::RETRY_AFTER));
+            }
+        }
         let (mut parts, body) = leased.response.into_parts();
         headers::rewrite_response(&mut parts.headers);
         Ok(Response::from_parts(

@@ -92,6 +92,42 @@ impl RateLimiter {
     }
 }
 
+/// The limiter a proxy uses: its own, or the instance-wide one shared
+/// through the cluster state.
+#[derive(Debug)]
+pub enum Limiter {
+    Local(RateLimiter),
+    Shared(crate::cluster::budget::SharedBudget),
+}
+
+impl Limiter {
+    pub async fn acquire(&self) -> Result<(), QueueFull> {
+        match self {
+            Limiter::Local(local) => local.acquire().await,
+            Limiter::Shared(shared) => shared.acquire().await,
+        }
+    }
+
+    /// Coupa answered 429: with a shared budget, every process holds off.
+    pub fn coupa_rate_limited(&self, retry_after: Option<&http::HeaderValue>) {
+        if let Limiter::Shared(shared) = self {
+            let hold_off = retry_after
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_HOLD_OFF)
+                .min(MAX_HOLD_OFF);
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.pause(hold_off).await });
+        }
+    }
+}
+
+/// Coupa does not always send `Retry-After` with its 429.
+const DEFAULT_HOLD_OFF: Duration = Duration::from_secs(1);
+/// A hold-off longer than this is more likely a mistake than advice.
+const MAX_HOLD_OFF: Duration = Duration::from_secs(60);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,8 @@ use super::client::{ClientParams, FetchError, FetchedToken, TokenClient};
 use super::refresher::TokenSource;
 use super::store::TokenStore;
 use super::user_grant::{ConsentError, UserGrantSource};
+use crate::cluster::tokens::SharedTokens;
+use crate::cluster::Cluster;
 use crate::config::Credential;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +25,8 @@ pub enum SourceError {
 
 pub enum CredentialSource {
     ClientCredentials(TokenClient),
+    /// Client credentials fetched once for every process of the cluster.
+    Shared(Box<SharedTokens>),
     /// Boxed: it holds the consent state, and the enum is built once.
     UserGrant(Box<UserGrantSource>),
 }
@@ -49,9 +53,30 @@ impl CredentialSource {
         })
     }
 
+    /// With `[cluster]`: client credentials are fetched by one process for
+    /// all (user grants keep their own state; see the README).
+    pub fn share(
+        self,
+        cluster: &Arc<Cluster>,
+        store: Arc<TokenStore>,
+        credential: &Credential,
+    ) -> Self {
+        match self {
+            Self::ClientCredentials(client) => Self::Shared(Box::new(SharedTokens::new(
+                client,
+                cluster.clone(),
+                store,
+                &credential.name,
+                &credential.oauth,
+            ))),
+            other => other,
+        }
+    }
+
     pub fn client(&self) -> &TokenClient {
         match self {
             Self::ClientCredentials(client) => client,
+            Self::Shared(shared) => shared.client(),
             Self::UserGrant(source) => source.client(),
         }
     }
@@ -66,6 +91,7 @@ impl TokenSource for CredentialSource {
     async fn fetch(&self) -> Result<FetchedToken, FetchError> {
         match self {
             Self::ClientCredentials(client) => client.fetch().await,
+            Self::Shared(shared) => shared.fetch().await,
             Self::UserGrant(source) => source.fetch_token().await,
         }
     }

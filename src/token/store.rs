@@ -30,6 +30,14 @@ pub struct ActiveToken {
 }
 
 impl ActiveToken {
+    /// Whether this is `access_token` (the header is `Bearer <token>`).
+    pub fn is(&self, access_token: &str) -> bool {
+        self.header
+            .as_bytes()
+            .strip_prefix(b"Bearer ")
+            .is_some_and(|t| t == access_token.as_bytes())
+    }
+
     pub fn new(
         access_token: &Secret,
         issued_at: Instant,

@@ -1,5 +1,6 @@
 //! Software nobody here wrote, started by the tests: a real nginx as the
-//! Coupa instance, and helpers to find the real clients (curl, h2load).
+//! Coupa instance, a real redis-server for shared state, and helpers to
+//! find the real clients (curl, h2load).
 //!
 //! Each server gets a free loopback port and a config in a temp dir, is
 //! waited for until it answers, and is stopped by PID. A missing tool
@@ -27,7 +28,7 @@ pub fn tool(tool: &str) -> Option<PathBuf> {
             "{tool} is not installed, and CI must not skip: .ci/run installs it"
         );
         eprintln!(
-            "\n*** SKIPPED: {tool} is not installed (apt-get install nginx-light nghttp2-client curl); \
+            "\n*** SKIPPED: {tool} is not installed (apt-get install nginx-light redis-server nghttp2-client curl); \
              .ci/run installs it, so CI runs this test ***\n"
         );
     }
@@ -219,4 +220,109 @@ fn spawn(nginx: &PathBuf, dir: &Dir) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx starts")
+}
+
+/// A real `redis-server` on a free loopback port, no persistence.
+pub struct Redis {
+    child: Child,
+    binary: PathBuf,
+    pub port: u16,
+    dir: Dir,
+}
+
+impl Redis {
+    pub fn start() -> Option<Self> {
+        let binary = tool("redis-server")?;
+        let dir = Dir::new("redis");
+        let port = free_port();
+        let redis = Self {
+            child: spawn_redis(&binary, port, &dir),
+            binary,
+            port,
+            dir,
+        };
+        redis.wait_answering();
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn wait_answering(&self) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + super::DEADLINE;
+        loop {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                let mut pong = [0u8; 7];
+                if stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read_exact(&mut pong).is_ok()
+                    && &pong == b"+PONG\r\n"
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server at once (SIGKILL: no goodbye to clients).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.child = spawn_redis(&self.binary, self.port, &self.dir);
+        self.wait_answering();
+    }
+
+    /// Runs one command with `redis-cli`-free raw RESP and returns the reply.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream.write_all(request.as_bytes()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_redis(binary: &PathBuf, port: u16, dir: &Dir) -> Child {
+    Command::new(binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts")
 }

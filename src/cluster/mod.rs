@@ -1,0 +1,424 @@
+//! State shared by every proxy in front of one Coupa instance, kept in a
+//! Redis-protocol server (Redis 7, Valkey): the instance's rate budget
+//! ([`budget`]) and one token fetcher per credential ([`tokens`]), sealed
+//! at rest ([`seal`]).
+//!
+//! A narrow interface: the rate limiter and the token source call
+//! [`Cluster`]; a process without `[cluster]` never builds one. Redis being
+//! down is not an outage: every call is bounded by [`CALL_TIMEOUT`], fails
+//! fast while the server is away, and the callers fall back to working
+//! alone (their own token fetch, a share of the budget). The health is
+//! logged once per change, counted in metrics and shown in `/status.json`;
+//! the connection comes back by itself.
+//!
+//! Keys, all under `{key_prefix}:{instance}` where `instance` is a digest
+//! of `coupa.base_url` (so deployments and instances never mix, and no key
+//! name carries a secret):
+//! - `:budget`, `:pause`: the GCRA timestamp and a shared hold-off after
+//!   Coupa's own 429;
+//! - `:token:{credential}`, `:lock:{credential}`: the sealed token and the
+//!   fetch lock, `credential` a digest of client id, token URL and scopes;
+//! - `:procs`: processes seen recently (a sorted set by last heartbeat);
+//! - `:events`: pub/sub channel announcing new tokens.
+
+pub mod budget;
+pub mod seal;
+pub mod tokens;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, IntoConnectionInfo};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config;
+use seal::Sealer;
+
+/// Longest any one Redis call may take before the caller works alone.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often a process says it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Processes not heard from for this long are no longer listed.
+const SEEN_WITHIN: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster.redis_url: {0}")]
+    Url(String),
+    #[error("cluster.encryption_key_file: {0}")]
+    Key(#[from] seal::SealError),
+    #[error("Redis: {0}")]
+    Redis(String),
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What `/metrics` shows of the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterMetrics {
+    /// 1 while Redis answers, 0 while this process works alone.
+    pub up: Gauge,
+    pub round_trip: Option<Histogram>,
+    pub errors: Counter,
+    /// Requests that waited for their slot in the shared budget.
+    pub budget_waits: Counter,
+    /// Coupa answered 429 and every process was told to hold off.
+    pub pauses: Counter,
+    /// 1 while this process holds a credential's fetch lock.
+    pub fetching: prometheus_client::metrics::family::Family<[(&'static str, String); 1], Gauge>,
+}
+
+/// The keys of one deployment in front of one instance.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    base: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, base_url: &str) -> Self {
+        Self {
+            base: format!("{prefix}:{}", short_digest(&[base_url])),
+        }
+    }
+    pub fn budget(&self) -> String {
+        format!("{}:budget", self.base)
+    }
+    pub fn pause(&self) -> String {
+        format!("{}:pause", self.base)
+    }
+    pub fn token(&self, credential: &str) -> String {
+        format!("{}:token:{credential}", self.base)
+    }
+    pub fn lock(&self, credential: &str) -> String {
+        format!("{}:lock:{credential}", self.base)
+    }
+    pub fn procs(&self) -> String {
+        format!("{}:procs", self.base)
+    }
+    pub fn events(&self) -> String {
+        format!("{}:events", self.base)
+    }
+}
+
+/// 16 hex digits of SHA-256 over `parts`: a stable, opaque key segment.
+pub fn short_digest(parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub struct Cluster {
+    connection: ConnectionManager,
+    client: redis::Client,
+    pub keys: Keys,
+    pub sealer: Sealer,
+    /// This process in the cluster view: host, pid and a random suffix.
+    pub process: String,
+    /// Share of the budget used alone while Redis is away.
+    pub fallback_share: f64,
+    unavailable_since: Mutex<Option<SystemTime>>,
+    /// Woken when a new token is announced, by credential digest.
+    announced: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Credential digests whose fetch lock this process holds now.
+    pub holding: Mutex<HashMap<String, String>>,
+    pub metrics: ClusterMetrics,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("keys", &self.keys)
+            .field("process", &self.process)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Builds the handle and starts its background tasks (heartbeat, token
+    /// announcements). Never waits for Redis: it may come later.
+    pub fn start(
+        config: &config::Cluster,
+        base_url: &str,
+        metrics: ClusterMetrics,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, ClusterError> {
+        // redis' TLS set-up uses the process-wide rustls provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut info = config
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| ClusterError::Url(e.to_string()))?;
+        if let Some(password) = &config.password {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|e| ClusterError::Url(e.to_string()))?;
+        let connection = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CALL_TIMEOUT))
+                .set_response_timeout(Some(CALL_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(1)),
+        )
+        .map_err(|e| ClusterError::Redis(e.to_string()))?;
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
+        let process = format!(
+            "{host}-{}-{:04x}",
+            std::process::id(),
+            rand::random::<u16>()
+        );
+        let cluster = Arc::new(Self {
+            connection,
+            client,
+            keys: Keys::new(&config.key_prefix, base_url),
+            sealer: Sealer::new(&config.encryption_key)?,
+            process,
+            fallback_share: config.fallback_share,
+            unavailable_since: Mutex::new(None),
+            announced: Mutex::new(HashMap::new()),
+            holding: Mutex::new(HashMap::new()),
+            metrics,
+        });
+        cluster.metrics.up.set(1);
+        tokio::spawn(heartbeat(Arc::downgrade(&cluster), shutdown.clone()));
+        tokio::spawn(listen_for_tokens(Arc::downgrade(&cluster), shutdown));
+        Ok(cluster)
+    }
+
+    /// Runs one Redis command, bounded in time, keeping the health current.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ClusterError> {
+        let mut connection = self.connection.clone();
+        self.observe(async move { cmd.query_async(&mut connection).await })
+            .await
+    }
+
+    /// Runs a Lua script (EVALSHA, loading it on first use).
+    pub async fn script<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        let mut connection = self.connection.clone();
+        self.observe(async move { invocation.invoke_async(&mut connection).await })
+            .await
+    }
+
+    async fn observe<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, ClusterError> {
+        let started = StdInstant::now();
+        let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(ClusterError::Redis(error.to_string())),
+            Err(_) => Err(ClusterError::Timeout(CALL_TIMEOUT)),
+        };
+        if let Some(histogram) = &self.metrics.round_trip {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+        match &result {
+            Ok(_) => self.mark_available(),
+            Err(error) => self.mark_unavailable(error),
+        }
+        result
+    }
+
+    fn mark_available(&self) {
+        let Ok(mut since) = self.unavailable_since.lock() else {
+            return;
+        };
+        if let Some(was) = since.take() {
+            self.metrics.up.set(1);
+            info!(
+                down_for = ?was.elapsed().unwrap_or_default(),
+                "cluster state available again; sharing the rate budget and tokens with the other processes"
+            );
+        }
+    }
+
+    fn mark_unavailable(&self, error: &ClusterError) {
+        self.metrics.errors.inc();
+        let Ok(mut since) = self.unavailable_since.lock() else {
+            return;
+        };
+        if since.is_none() {
+            let now = SystemTime::now();
+            *since = Some(now);
+            self.metrics.up.set(0);
+            warn!(
+                %error,
+                since = %humantime::format_rfc3339_seconds(now),
+                "cluster state unavailable; this process fetches its own tokens and uses its fallback share of the rate budget until Redis is back"
+            );
+        }
+    }
+
+    /// `None` while Redis answers; else since when it has not.
+    pub fn unavailable_since(&self) -> Option<SystemTime> {
+        self.unavailable_since.lock().ok().and_then(|s| *s)
+    }
+
+    /// Woken when another process announces a new token for `credential`.
+    pub fn announcements(&self, credential: &str) -> Arc<Notify> {
+        let Ok(mut all) = self.announced.lock() else {
+            return Arc::new(Notify::new());
+        };
+        all.entry(credential.to_owned()).or_default().clone()
+    }
+
+    fn announce_locally(&self, credential: &str) {
+        if let Ok(all) = self.announced.lock() {
+            if let Some(notify) = all.get(credential) {
+                notify.notify_waiters();
+            }
+        }
+    }
+
+    /// The processes heard from recently, and who holds each fetch lock,
+    /// for the status page.
+    pub async fn view(&self, credentials: &[(String, String)]) -> serde_json::Value {
+        let now = unix_ms(SystemTime::now());
+        let since = now.saturating_sub(SEEN_WITHIN.as_millis() as u64);
+        let processes: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(self.keys.procs())
+                    .arg(since)
+                    .arg("+inf"),
+            )
+            .await
+            .unwrap_or_default();
+        let mut fetchers = serde_json::Map::new();
+        for (name, digest) in credentials {
+            let holder: Option<String> = self
+                .query(redis::cmd("GET").arg(self.keys.lock(digest)))
+                .await
+                .unwrap_or_default();
+            fetchers.insert(name.clone(), holder.into());
+        }
+        serde_json::json!({
+            "redis": match self.unavailable_since() {
+                None => "available".to_owned(),
+                Some(since) => format!(
+                    "cluster state unavailable since {}",
+                    humantime::format_rfc3339_seconds(since)
+                ),
+            },
+            "this_process": self.process,
+            "processes_seen": processes,
+            "fetching_now": fetchers,
+        })
+    }
+}
+
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Says this process is alive every few seconds, and forgets processes
+/// long gone.
+async fn heartbeat(cluster: std::sync::Weak<Cluster>, shutdown: CancellationToken) {
+    loop {
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let now = unix_ms(SystemTime::now());
+        let procs = cluster.keys.procs();
+        let _: Result<(), _> = cluster
+            .query(
+                redis::cmd("ZADD")
+                    .arg(&procs)
+                    .arg(now)
+                    .arg(&cluster.process),
+            )
+            .await;
+        let _: Result<(), _> = cluster
+            .query(
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(&procs)
+                    .arg(0)
+                    .arg(now.saturating_sub(10 * SEEN_WITHIN.as_millis() as u64)),
+            )
+            .await;
+        drop(cluster);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+}
+
+/// Subscribes to token announcements and wakes the local waiters;
+/// resubscribes after Redis comes back (waking everyone, in case an
+/// announcement was missed meanwhile).
+async fn listen_for_tokens(cluster: std::sync::Weak<Cluster>, shutdown: CancellationToken) {
+    loop {
+        let Some(strong) = cluster.upgrade() else {
+            return;
+        };
+        let client = strong.client.clone();
+        let channel = strong.keys.events();
+        drop(strong);
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            redis::RedisResult::Ok(pubsub)
+        };
+        let pubsub = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            result = tokio::time::timeout(CALL_TIMEOUT * 4, subscribed) => result,
+        };
+        if let Ok(Ok(mut pubsub)) = pubsub {
+            if let Some(cluster) = cluster.upgrade() {
+                let all: Vec<Arc<Notify>> = cluster
+                    .announced
+                    .lock()
+                    .map(|a| a.values().cloned().collect())
+                    .unwrap_or_default();
+                for notify in all {
+                    notify.notify_waiters();
+                }
+            }
+            let mut messages = pubsub.on_message();
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    message = messages.next() => message,
+                };
+                let Some(message) = message else { break };
+                let Ok(credential) = message.get_payload::<String>() else {
+                    continue;
+                };
+                match cluster.upgrade() {
+                    Some(cluster) => cluster.announce_locally(&credential),
+                    None => return,
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Several proxies in front of one instance sharing state in a real
+//! `redis-server`: one rate budget, one token request per rotation and per
+//! 401 burst, Redis killed and restarted under load, and sealed entries
+//! that do not open.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use coupa_auth_proxy::fake_coupa::FakeCoupa;
+use support::real::Redis;
+use support::*;
+
+/// 32 bytes, base64: a test key.
+const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const OTHER_KEY: &str = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+
+/// The test config plus a `[cluster]` table on `redis`, sealing with `key`.
+fn clustered(
+    fake: &FakeCoupa,
+    redis: &Redis,
+    dir: &tempdir::Dir,
+    key: &str,
+    coupa_extra: &str,
+) -> String {
+    let key_file = dir.path().join(format!("key-{}", &key[..4]));
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    config_text(&fake.base_url(), coupa_extra, "")
+        + &format!(
+            "\n[cluster]\nredis_url = \"{}\"\nkey_prefix = \"test\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            key_file.display()
+        )
+}
+
+async fn start_proxies(text: &str, n: usize) -> Vec<TestProxy> {
+    let mut proxies = Vec::new();
+    for _ in 0..n {
+        proxies.push(TestProxy::start(parse_config(text)).await);
+    }
+    for proxy in &proxies {
+        proxy.wait_ready().await;
+    }
+    proxies
+}
+
+/// A proxy in this process or as the real binary.
+trait Served {
+    fn url(&self, target: &str) -> String;
+}
+
+impl Served for TestProxy {
+    fn url(&self, target: &str) -> String {
+        TestProxy::url(self, target)
+    }
+}
+
+impl Served for ProxyProcess {
+    fn url(&self, target: &str) -> String {
+        ProxyProcess::url(self, target)
+    }
+}
+
+/// The bearer each proxy sends now.
+async fn tokens_served(proxies: &[impl Served]) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for proxy in proxies {
+        let echo: serde_json::Value = get(proxy.url("/api/invoices")).await.json().await.unwrap();
+        tokens.push(echoed_token(&echo));
+    }
+    tokens
+}
+
+async fn all_serve_one_token(proxies: &[impl Served]) -> bool {
+    let tokens = tokens_served(proxies).await;
+    tokens.iter().all(|t| *t == tokens[0])
+}
+
+/// Coupa's limit is per instance: three proxies under concurrent load send
+/// no more than burst + rate × time between them, and every request is
+/// answered 200 or 429 with `Retry-After` (nothing lost, no 5xx).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_share_one_rate_budget() {
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_fake(Duration::from_secs(86_400)).await;
+    let dir = tempdir::Dir::new("cluster-budget");
+    let text = clustered(
+        &fake,
+        &redis,
+        &dir,
+        KEY,
+        "[coupa.rate_limit]\nper_second = 10\nburst = 5\nmax_queue = 5",
+    );
+    let proxies = start_proxies(&text, 3).await;
+    let before = fake.state().api_requests();
+    let started = Instant::now();
+    let run_for = Duration::from_millis(2500);
+    let client = http_client();
+    let mut tasks = Vec::new();
+    for proxy in &proxies {
+        for _ in 0..6 {
+            let client = client.clone();
+            let url = proxy.url("/api/invoices");
+            tasks.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while started.elapsed() < run_for {
+                    let response = client.get(&url).send().await.unwrap();
+                    let retry_after = response.headers().contains_key("retry-after");
+                    seen.push((response.status().as_u16(), retry_after));
+                    if response.status() == 429 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                seen
+            }));
+        }
+    }
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let forwarded = fake.state().api_requests() - before;
+    for (status, retry_after) in &seen {
+        assert!(
+            *status == 200 || (*status == 429 && *retry_after),
+            "{status} (retry-after: {retry_after})"
+        );
+    }
+    let ok = seen.iter().filter(|(s, _)| *s == 200).count() as u64;
+    assert_eq!(ok, forwarded, "every 200 came from Coupa");
+    let bound = 5.0 + 10.0 * elapsed + 2.0;
+    assert!(
+        (forwarded as f64) <= bound,
+        "{forwarded} requests reached Coupa in {elapsed:.2} s; the shared budget allows {bound:.0}"
+    );
+    assert!(
+        seen.iter().any(|(s, _)| *s == 429),
+        "the load exceeded the budget"
+    );
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+}
+
+/// One token request per rotation and per burst of 401s across three
+/// processes, all serving the same token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_fetch_one_token_per_rotation_and_per_401_burst() {
+    let Some(redis) = Redis::start() else { return };
+    // Renewed at 5/6 of 6 s: a rotation every 5 s.
+    let fake = start_fake(Duration::from_secs(6)).await;
+    let dir = tempdir::Dir::new("cluster-tokens");
+    let text = clustered(&fake, &redis, &dir, KEY, "");
+    let proxies: Vec<ProxyProcess> = (0..3)
+        .map(|_| ProxyProcess::start(&text, &["--log-level", "info,coupa_auth_proxy=debug"], &[]))
+        .collect();
+    for proxy in &proxies {
+        proxy.wait_ready().await;
+    }
+    assert_eq!(
+        fake.state().token_requests(),
+        1,
+        "one fetch for a cold start"
+    );
+    assert!(all_serve_one_token(&proxies).await);
+    let first = tokens_served(&proxies).await.remove(0);
+
+    // A rotation: one more request, adopted by the other two.
+    eventually("a rotation", || async {
+        fake.state().token_requests() >= 2
+    })
+    .await;
+    eventually("every proxy serves the new token", || async {
+        let tokens = tokens_served(&proxies).await;
+        tokens.iter().all(|t| *t == tokens[0] && *t != first)
+    })
+    .await;
+    assert_eq!(fake.state().token_requests(), 2, "one fetch per rotation");
+
+    // Coupa revokes the token: a burst of 401s on every proxy costs one
+    // token request, and every request gets the replay's answer.
+    fake.state().revoke_all_tokens();
+    let before = fake.state().token_requests();
+    let client = http_client();
+    let mut burst = Vec::new();
+    for (i, proxy) in proxies.iter().enumerate() {
+        for _ in 0..8 {
+            let request = client.get(proxy.url("/api/invoices")).send();
+            burst.push(async move {
+                let response = request.await.unwrap();
+                (i, response.status(), response.text().await.unwrap())
+            });
+        }
+    }
+    for (i, status, body) in futures_util::future::join_all(burst).await {
+        assert_eq!(status, 200, "proxy {i}: {body}\n{}", proxies[i].logs());
+    }
+    assert_eq!(
+        fake.state().token_requests(),
+        before + 1,
+        "one fetch per 401 burst"
+    );
+    assert!(all_serve_one_token(&proxies).await);
+    assert_eq!(fake.state().expired_token_uses(), 0);
+}
+
+/// Redis killed under load: no request fails (each process falls back to
+/// its own token and a share of the budget) and the status says since when
+/// the state is unavailable; restarted, the processes share again without
+/// a restart of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_no_request_and_sharing_resumes_after() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let fake = start_fake(Duration::from_secs(86_400)).await;
+    let dir = tempdir::Dir::new("cluster-outage");
+    let text = clustered(
+        &fake,
+        &redis,
+        &dir,
+        KEY,
+        "[coupa.rate_limit]\nper_second = 500\nburst = 100\nmax_queue = 100",
+    );
+    let proxies = start_proxies(&text, 2).await;
+    let client = http_client();
+    let urls: Vec<String> = proxies.iter().map(|p| p.url("/api/invoices")).collect();
+    let load = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..300 {
+                let response = client.get(&urls[i % urls.len()]).send().await.unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        })
+    };
+    eventually("load under way", || async {
+        fake.state().api_requests() >= 30
+    })
+    .await;
+    redis.kill();
+    let statuses = load.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let status: serde_json::Value = get(proxies[0].admin_url("/status.json"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        status["cluster"]["redis"]
+            .as_str()
+            .unwrap()
+            .starts_with("cluster state unavailable since"),
+        "{status}"
+    );
+    let metrics = get(proxies[0].admin_url("/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&metrics, "coupa_proxy_cluster_up", &[]), 0.0);
+
+    redis.restart();
+    for proxy in &proxies {
+        eventually("the process rejoins", || async {
+            let text = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+            metric(&text, "coupa_proxy_cluster_up", &[]) == 1.0
+        })
+        .await;
+    }
+    // Sharing again: a 401 burst across both costs one token request.
+    fake.state().revoke_all_tokens();
+    let before = fake.state().token_requests();
+    let mut burst = Vec::new();
+    for proxy in &proxies {
+        for _ in 0..4 {
+            let request = client.get(proxy.url("/api/invoices")).send();
+            burst.push(async move { request.await.unwrap().status() });
+        }
+    }
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(fake.state().token_requests(), before + 1);
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+}
+
+/// A token sealed with another deployment's key, or a corrupted entry, is
+/// an error that names the cause and never the token; the process fetches
+/// its own and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_that_do_not_open_are_refused_clearly() {
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_fake(Duration::from_secs(86_400)).await;
+    let dir = tempdir::Dir::new("cluster-keys");
+    let first = start_proxies(&clustered(&fake, &redis, &dir, KEY, ""), 1).await;
+    assert_eq!(fake.state().token_requests(), 1);
+    let shared = tokens_served(&first).await.remove(0);
+
+    let other = ProxyProcess::start(&clustered(&fake, &redis, &dir, OTHER_KEY, ""), &[], &[]);
+    other.wait_ready().await;
+    let logs = other.logs();
+    assert!(logs.contains("cannot be opened"), "{logs}");
+    assert!(logs.contains("encryption_key_file"), "{logs}");
+    assert!(!logs.contains(&shared), "the token is never logged");
+    assert_eq!(fake.state().token_requests(), 2, "it fetched its own");
+    assert_eq!(get(other.url("/api/invoices")).await.status(), 200);
+
+    // A corrupted entry: the same clear refusal, no crash.
+    let keys = redis.command(&["KEYS", "test:*:token:*"]);
+    let key = keys
+        .lines()
+        .find(|l| l.starts_with("test:"))
+        .expect("the token entry exists")
+        .to_owned();
+    redis.command(&["SET", &key, "not-a-sealed-entry"]);
+    fake.state().revoke_all_tokens();
+    assert_eq!(get(first[0].url("/api/invoices")).await.status(), 200);
+    for proxy in first {
+        proxy.stop().await;
+    }
+}
