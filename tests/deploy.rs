@@ -39,11 +39,15 @@ fn configs_in_the_kubernetes_manifests_are_valid() {
         let configs = embedded_configs(&manifest);
         assert_eq!(configs.len(), 1, "{name}");
         // The secret files only exist in the cluster.
+        let key = std::env::temp_dir().join(format!("deploy-test-key-{}", std::process::id()));
+        std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
         let text: String = configs[0]
             .lines()
             .map(|l| {
                 if l.starts_with("client_secret_file") {
                     "client_secret = \"x\"".to_owned()
+                } else if l.starts_with("encryption_key_file") {
+                    format!("encryption_key_file = \"{}\"", key.display())
                 } else {
                     l.to_owned()
                 }
