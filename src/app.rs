@@ -79,20 +79,10 @@ pub async fn run_with_reload(
     // One store and one refresher per credential. Every source is built
     // before any refresher starts, so a missing consent stops start-up
     // with nothing left running.
-    let mut sources = Vec::with_capacity(config.credentials.len());
-    for credential in &config.credentials {
-        let store = Arc::new(TokenStore::new());
-        let source = CredentialSource::new(
-            credential,
-            tls_config.clone(),
-            config_path.as_deref(),
-            store.clone(),
-        )?;
-        sources.push((credential, source, store));
-    }
-    let stores: Vec<_> = sources
+    let stores: Vec<_> = config
+        .credentials
         .iter()
-        .map(|(credential, _, store)| (credential.name.clone(), store.clone()))
+        .map(|credential| (credential.name.clone(), Arc::new(TokenStore::new())))
         .collect();
     let stores = Arc::new(stores);
     let metrics = Metrics::new(stores.clone(), config.cluster.is_some());
@@ -105,6 +95,17 @@ pub async fn run_with_reload(
         )?),
         None => None,
     };
+    let mut sources = Vec::with_capacity(config.credentials.len());
+    for (credential, (_, store)) in config.credentials.iter().zip(stores.iter()) {
+        let source = CredentialSource::new(
+            credential,
+            tls_config.clone(),
+            config_path.as_deref(),
+            store.clone(),
+            cluster.as_ref(),
+        )?;
+        sources.push((credential, source, store.clone()));
+    }
     let mut background_tasks = Vec::with_capacity(sources.len());
     let mut handles = Vec::with_capacity(sources.len());
     for (credential, source, store) in sources {

@@ -71,14 +71,19 @@ pub enum AuthorizeError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     State(#[from] StateFileError),
+    #[error("the consent could not be stored in the cluster state: {0}")]
+    Shared(#[from] crate::cluster::consent::ConsentStateError),
 }
 
 /// Runs the consent for `credential` and stores the result in its state
-/// file. Instructions and progress go to stderr.
+/// file, or with `[cluster]` in the cluster state (`shared`), where every
+/// proxy picks it up at its next renewal. Instructions and progress go to
+/// stderr.
 pub async fn authorize(
     credential: &Credential,
     tls: rustls::ClientConfig,
     timeout: Duration,
+    shared: Option<crate::cluster::consent::SharedConsent>,
 ) -> Result<GrantState, AuthorizeError> {
     let client = TokenClient::new(&credential.oauth, tls)?;
     let scope = credential.oauth.scopes.join(" ");
@@ -118,9 +123,13 @@ pub async fn authorize(
         access_token: Some(token.access_token.clone()),
         access_token_expires_at: Some(token.requested_at_wall + token.expires_in),
     };
-    if let Some(consent) = credential.oauth.grant.consent() {
-        create_parent(&consent.state_file)?;
-        state_file::save(&consent.state_file, &state)?;
+    match (shared, credential.oauth.grant.consent()) {
+        (Some(shared), _) => shared.write(&state).await?,
+        (None, Some(consent)) => {
+            create_parent(&consent.state_file)?;
+            state_file::save(&consent.state_file, &state)?;
+        }
+        (None, None) => {}
     }
     Ok(state)
 }

@@ -48,7 +48,7 @@ async fn check_credential(
     };
     // A user-consented credential renews from its state file, as `run` would.
     let store = std::sync::Arc::new(TokenStore::new());
-    let client = match CredentialSource::new(credential, tls.clone(), config_path, store) {
+    let client = match CredentialSource::new(credential, tls.clone(), config_path, store, None) {
         Ok(client) => client,
         Err(err) => return failed(text, format!("  token       FAILED: {err}\n")),
     };

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use coupa_auth_proxy::app::{self, Listeners};
+use coupa_auth_proxy::cluster::consent::SharedConsent;
+use coupa_auth_proxy::cluster::{Cluster, ClusterMetrics};
 use coupa_auth_proxy::config::{Config, CONFIG_ENV};
 use coupa_auth_proxy::config::{Credential, RuntimeFlavor};
 use coupa_auth_proxy::telemetry::{self, LogFormat};
@@ -205,21 +207,31 @@ fn authorize(
     let config = Config::load(path).map_err(config_failure)?;
     let chosen = choose_credential(&config, credential)?;
     let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
-    let state = current_thread_runtime()?
-        .block_on(coupa_auth_proxy::authorize::authorize(chosen, tls, timeout))
-        .map_err(|e| match e {
-            coupa_auth_proxy::authorize::AuthorizeError::NotAUserGrant(_) => config_failure(e),
-            other => other.into(),
-        })?;
+    let state = current_thread_runtime()?.block_on(async {
+        let shared = match &config.cluster {
+            Some(settings) => Some(SharedConsent::new(
+                cli_cluster(settings, &config)?,
+                &chosen.oauth,
+            )),
+            None => None,
+        };
+        coupa_auth_proxy::authorize::authorize(chosen, tls, timeout, shared)
+            .await
+            .map_err(|e| match e {
+                coupa_auth_proxy::authorize::AuthorizeError::NotAUserGrant(_) => config_failure(e),
+                other => other.into(),
+            })
+    })?;
     let consent = chosen.oauth.grant.consent();
     let refresh_until = consent.map(|c| state.refresh_token_issued_at + c.refresh_token_lifetime);
+    let stored_in = match (&config.cluster, consent) {
+        (Some(cluster), _) => format!("the cluster state ({}, sealed)", cluster.redis_url),
+        (None, Some(c)) => format!("{} (mode 0600)", c.state_file.display()),
+        (None, None) => String::new(),
+    };
     eprintln!(
-        "credential {}: consent stored in {} (mode 0600); granted scopes: {}",
-        chosen.name,
-        consent
-            .map(|c| c.state_file.display().to_string())
-            .unwrap_or_default(),
-        state.scope
+        "credential {}: consent stored in {stored_in}; granted scopes: {}",
+        chosen.name, state.scope
     );
     if let Some(until) = refresh_until {
         eprintln!(
@@ -229,6 +241,21 @@ fn authorize(
         );
     }
     Ok(())
+}
+
+/// The cluster state for a one-shot subcommand (`authorize`, `token`).
+/// Must be called inside the runtime.
+fn cli_cluster(
+    settings: &coupa_auth_proxy::config::Cluster,
+    config: &Config,
+) -> Result<std::sync::Arc<Cluster>, Failure> {
+    Cluster::start(
+        settings,
+        &config.coupa.base_url,
+        ClusterMetrics::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .map_err(config_failure)
 }
 
 fn token(path: &std::path::Path, credential: Option<&str>, json: bool) -> Result<(), Failure> {
@@ -242,16 +269,23 @@ fn token(path: &std::path::Path, credential: Option<&str>, json: bool) -> Result
             .block_on(client.request(TokenRequest::ClientCredentials))
             .map(|(token, response)| (token, Some(response)))
     } else {
-        // Renews from the state file like `run`, persisting a rotated
-        // refresh token, so a proxy sharing the file keeps working.
-        let source = CredentialSource::new(
-            chosen,
-            tls,
-            Some(path),
-            std::sync::Arc::new(TokenStore::new()),
-        )
-        .map_err(config_failure)?;
-        runtime.block_on(source.fetch()).map(|token| (token, None))
+        // Renews from the state file (or the cluster state) like `run`,
+        // persisting a rotated refresh token, so the proxies keep working.
+        runtime.block_on(async {
+            let cluster = match &config.cluster {
+                Some(settings) => Some(cli_cluster(settings, &config)?),
+                None => None,
+            };
+            let source = CredentialSource::new(
+                chosen,
+                tls,
+                Some(path),
+                std::sync::Arc::new(TokenStore::new()),
+                cluster.as_ref(),
+            )
+            .map_err(config_failure)?;
+            Ok::<_, Failure>(source.fetch().await.map(|token| (token, None)))
+        })?
     }
     .map_err(|e| anyhow::anyhow!("{}", e.explain()))?;
     // stdout carries the credential alone, so `$(coupa-auth-proxy token …)` works.
@@ -339,8 +373,15 @@ fn check(path: &std::path::Path, live_path: Option<&str>) -> Result<(), Failure>
         if credential.oauth.grant.consent().is_none() {
             continue;
         }
+        if config.cluster.is_some() {
+            println!(
+                "credential {}: consent kept in the cluster state (Redis); not checked offline",
+                credential.name
+            );
+            continue;
+        }
         let store = std::sync::Arc::new(TokenStore::new());
-        CredentialSource::new(credential, tls.clone(), Some(path), store.clone())
+        CredentialSource::new(credential, tls.clone(), Some(path), store.clone(), None)
             .map_err(config_failure)?;
         if let Some(info) = store.status().refresh_token {
             let now = std::time::SystemTime::now();

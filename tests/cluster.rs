@@ -327,3 +327,78 @@ async fn entries_that_do_not_open_are_refused_clearly() {
         proxy.stop().await;
     }
 }
+
+/// A user-consented credential shared by two processes: the state file is
+/// imported once, then every refresh happens under the lock with the
+/// rotated refresh token written to Redis first. Across several rotations
+/// of short-lived tokens neither process meets `invalid_grant` and both
+/// keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_one_consent_across_rotations() {
+    use coupa_auth_proxy::token::state_file::{self, GrantState};
+    use support::consent::{code_for, exchange, start_user_fake, user_config};
+
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_user_fake().await;
+    // 3 s tokens: renewed about every 2.5 s by whichever process is due.
+    fake.state().set_token_lifetime(Duration::from_secs(3));
+    let dir = tempdir::Dir::new("cluster-consent");
+    let redirect = "http://127.0.0.1:9/callback";
+    let verifier = "v".repeat(64);
+    let code = code_for(&fake, &verifier, redirect).await;
+    let (status, answer) = exchange(&fake, &code, &verifier, redirect).await;
+    assert_eq!(status, 200, "{answer}");
+    let state_path = dir.path().join("grant.json");
+    let consented = GrantState {
+        client_id: support::consent::USER_CLIENT.to_owned(),
+        scope: answer["scope"].as_str().unwrap().to_owned(),
+        refresh_token: coupa_auth_proxy::secret::Secret::new(
+            answer["refresh_token"].as_str().unwrap(),
+        ),
+        refresh_token_issued_at: std::time::SystemTime::now(),
+        access_token: None,
+        access_token_expires_at: None,
+    };
+    state_file::save(&state_path, &consented).unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let text = user_config(&fake.base_url(), "device_code", &state_path)
+        + &format!(
+            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            key_file.display()
+        );
+    let proxies: Vec<ProxyProcess> = (0..2)
+        .map(|_| ProxyProcess::start(&text, &[], &[]))
+        .collect();
+    for proxy in &proxies {
+        proxy.wait_ready().await;
+    }
+    let grants_before = fake.state().refresh_grants();
+    eventually("four rotations", || async {
+        fake.state().refresh_grants() >= grants_before + 4
+    })
+    .await;
+    for proxy in &proxies {
+        for _ in 0..3 {
+            assert_eq!(get(proxy.url("/api/invoices")).await.status(), 200);
+        }
+        let logs = proxy.logs();
+        assert!(!logs.contains("invalid_grant"), "{logs}");
+        assert!(
+            !logs.contains(consented.refresh_token.expose()),
+            "no refresh token in logs"
+        );
+    }
+    assert!(
+        !fake
+            .state()
+            .refresh_token_is_live(consented.refresh_token.expose()),
+        "the imported refresh token was rotated away"
+    );
+    assert_eq!(
+        state_file::load(&state_path).unwrap().refresh_token,
+        consented.refresh_token,
+        "with [cluster] the state file is only the import source"
+    );
+}

@@ -12,59 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
+use coupa_auth_proxy::fake_coupa::FakeCoupa;
 use coupa_auth_proxy::token::state_file;
+use support::consent::*;
 use support::*;
-
-const USER_CLIENT: &str = "user-client";
-
-async fn start_user_fake() -> FakeCoupa {
-    FakeCoupa::start(FakeCoupaOptions {
-        clients: vec![FakeClient {
-            id: USER_CLIENT.to_owned(),
-            // Public: PKCE alone, no secret.
-            secret: String::new(),
-            scopes: vec!["core.invoice.read".into(), "offline_access".into()],
-        }],
-        token_lifetime: Duration::from_secs(86_399),
-        tls: None,
-    })
-    .await
-    .expect("fake Coupa starts")
-}
-
-/// A config for a user-consented credential whose state file is `state`.
-fn user_config(base_url: &str, grant: &str, state: &Path) -> String {
-    let redirect = if grant == "authorization_code" {
-        "redirect_uri = \"http://127.0.0.1:0/callback\""
-    } else {
-        ""
-    };
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1:0"
-
-[coupa]
-base_url = "{base_url}"
-accept = "application/json"
-
-[oauth]
-client_id = "{USER_CLIENT}"
-grant = "{grant}"
-{redirect}
-state_file = "{}"
-scopes = ["core.invoice.read", "offline_access"]
-activation_delay = "100ms"
-retry_initial = "100ms"
-retry_max = "500ms"
-
-[admin]
-address = "127.0.0.1:0"
-"#,
-        state.display()
-    )
-}
 
 /// A running `authorize` whose stderr is collected line by line.
 struct Authorize {
@@ -296,57 +247,6 @@ async fn a_redirect_with_a_foreign_state_is_refused_and_nothing_is_stored() {
     assert!(!state_path.exists());
 }
 
-/// Asks the fake's authorize endpoint for a code bound to `verifier`.
-async fn code_for(fake: &FakeCoupa, verifier: &str, redirect: &str) -> String {
-    let no_redirects = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let challenge = coupa_auth_proxy::token::pkce::challenge(verifier);
-    let response = no_redirects
-        .get(format!("{}/oauth2/authorizations/new", fake.base_url()))
-        .query(&[
-            ("client_id", USER_CLIENT),
-            ("response_type", "code"),
-            ("scope", "core.invoice.read offline_access"),
-            ("redirect_uri", redirect),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-            ("state", "s1"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 302);
-    let location = url::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location.query_pairs().find(|(k, _)| k == "code").unwrap().1;
-    code.into_owned()
-}
-
-/// Exchanges `code` with `verifier`; returns (status, JSON answer).
-async fn exchange(
-    fake: &FakeCoupa,
-    code: &str,
-    verifier: &str,
-    redirect: &str,
-) -> (u16, serde_json::Value) {
-    let response = http_client()
-        .post(format!("{}/oauth2/token", fake.base_url()))
-        .form(&[
-            ("grant_type", "authorization_code"),
-            ("client_id", USER_CLIENT),
-            ("code", code),
-            ("redirect_uri", redirect),
-            ("code_verifier", verifier),
-        ])
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fake_checks_the_pkce_verifier_and_codes_are_single_use() {
     let fake = start_user_fake().await;
@@ -557,6 +457,7 @@ async fn a_rotated_refresh_token_is_on_disk_before_its_access_token_is_used() {
         tls,
         Some(&config_path),
         Arc::new(TokenStore::new()),
+        None,
     )
     .unwrap();
 

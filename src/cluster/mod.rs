@@ -18,10 +18,13 @@
 //!   Coupa's own 429;
 //! - `:token:{credential}`, `:lock:{credential}`: the sealed token and the
 //!   fetch lock, `credential` a digest of client id, token URL and scopes;
+//! - `:consent:{credential}`: a user-consented grant's sealed state (its
+//!   refresh token), renewed under the same lock ([`consent`]);
 //! - `:procs`: processes seen recently (a sorted set by last heartbeat);
 //! - `:events`: pub/sub channel announcing new tokens.
 
 pub mod budget;
+pub mod consent;
 pub mod seal;
 pub mod tokens;
 
@@ -97,6 +100,9 @@ impl Keys {
     }
     pub fn token(&self, credential: &str) -> String {
         format!("{}:token:{credential}", self.base)
+    }
+    pub fn consent(&self, credential: &str) -> String {
+        format!("{}:consent:{credential}", self.base)
     }
     pub fn lock(&self, credential: &str) -> String {
         format!("{}:lock:{credential}", self.base)
@@ -328,6 +334,125 @@ impl Cluster {
             "fetching_now": fetchers,
         })
     }
+}
+
+/// Deletes or extends a lock only while this process holds it.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+const EXTEND: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
+impl Cluster {
+    /// Takes the lock at `key` for `ttl` (`SET NX PX`, holding the process
+    /// name); false when another process holds it.
+    pub async fn try_lock(&self, key: &str, ttl: Duration) -> Result<bool, ClusterError> {
+        let taken: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(&self.process)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64),
+            )
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Extends the lock at `key` while this process holds it.
+    pub async fn extend_lock(&self, key: &str, ttl: Duration) {
+        let script = redis::Script::new(EXTEND);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(key)
+            .arg(&self.process)
+            .arg(ttl.as_millis() as u64);
+        let _: Result<i64, _> = self.script(&invocation).await;
+    }
+
+    /// Lets go of the lock at `key` if this process holds it.
+    pub async fn unlock(&self, key: &str) {
+        let script = redis::Script::new(RELEASE);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(key).arg(&self.process);
+        let _: Result<i64, _> = self.script(&invocation).await;
+    }
+
+    /// Runs `work` while holding the lock at `key`, extending it every
+    /// third of `ttl` so a slow token endpoint does not lose it.
+    pub async fn while_locked<T>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        let mut extend = tokio::time::interval(ttl / 3);
+        extend.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = extend.tick() => self.extend_lock(key, ttl).await,
+            }
+        }
+    }
+
+    /// Announces that the entry of `credential` changed.
+    pub async fn announce(&self, credential: &str) -> Result<(), ClusterError> {
+        self.query::<i64>(
+            redis::cmd("PUBLISH")
+                .arg(self.keys.events())
+                .arg(credential),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Reads and opens the sealed entry at `key`. `Ok(None)`: no entry;
+    /// an entry that does not open is an error (never its content).
+    pub async fn read_sealed(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
+        let sealed: Option<String> = self.query(redis::cmd("GET").arg(key)).await?;
+        match sealed {
+            None => Ok(None),
+            Some(sealed) => self
+                .sealer
+                .open(key, &sealed)
+                .map(Some)
+                .map_err(ReadError::Sealed),
+        }
+    }
+
+    /// Seals `plain` and stores it at `key` (expiring after `ttl` if given).
+    pub async fn write_sealed(
+        &self,
+        key: &str,
+        plain: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), ClusterError> {
+        let sealed = self
+            .sealer
+            .seal(key, plain)
+            .map_err(|e| ClusterError::Redis(e.to_string()))?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(sealed);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        self.query::<()>(&cmd).await
+    }
+}
+
+/// Why a sealed entry could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Sealed(seal::SealError),
 }
 
 pub fn unix_ms(at: SystemTime) -> u64 {

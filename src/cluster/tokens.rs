@@ -18,7 +18,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::Script;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -28,16 +27,6 @@ use crate::config::OAuth;
 use crate::secret::Secret;
 use crate::token::client::{FetchError, FetchedToken, TokenClient};
 use crate::token::TokenStore;
-
-/// Deletes or extends the lock only while this process holds it.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-const EXTEND: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
 
 /// How often a waiting process reads the token again, in case an
 /// announcement was lost.
@@ -85,8 +74,6 @@ pub struct SharedTokens {
     name: String,
     refresh_fraction: f64,
     lock_ttl: Duration,
-    release: Script,
-    extend: Script,
 }
 
 impl SharedTokens {
@@ -104,9 +91,7 @@ impl SharedTokens {
             digest: credential_digest(oauth),
             name: name.to_owned(),
             refresh_fraction: oauth.refresh_fraction,
-            lock_ttl: oauth.request_timeout + Duration::from_secs(5),
-            release: Script::new(RELEASE),
-            extend: Script::new(EXTEND),
+            lock_ttl: lock_ttl(oauth),
         }
     }
 
@@ -147,7 +132,8 @@ impl SharedTokens {
                     return Ok(into_fetched(record));
                 }
             }
-            if self.try_lock().await? {
+            let lock = self.cluster.keys.lock(&self.digest);
+            if self.cluster.try_lock(&lock, self.lock_ttl).await? {
                 return self.fetch_under_lock().await;
             }
             if Instant::now() >= give_up {
@@ -175,43 +161,21 @@ impl SharedTokens {
 
     async fn read(&self) -> Result<Option<Record>, Miss> {
         let key = self.cluster.keys.token(&self.digest);
-        let sealed: Option<String> = self.cluster.query(redis::cmd("GET").arg(&key)).await?;
-        let Some(sealed) = sealed else {
-            return Ok(None);
-        };
-        match self
-            .cluster
-            .sealer
-            .open(&key, &sealed)
-            .ok()
-            .and_then(|plain| serde_json::from_slice::<Record>(&plain).ok())
-        {
-            Some(record) => Ok(Some(record)),
-            None => {
-                // Overwritten by the next fetch; until then, fetch alone.
-                tracing::error!(
-                    credential = %self.name,
-                    error = %super::seal::SealError::CannotOpen,
-                    "ignoring the shared token"
-                );
-                Err(Miss::Unavailable)
-            }
+        match self.cluster.read_sealed(&key).await {
+            Ok(None) => Ok(None),
+            Ok(Some(plain)) => match serde_json::from_slice::<Record>(&plain) {
+                Ok(record) => Ok(Some(record)),
+                Err(_) => self.unreadable(&super::seal::SealError::CannotOpen),
+            },
+            Err(super::ReadError::Sealed(error)) => self.unreadable(&error),
+            Err(super::ReadError::Cluster(_)) => Err(Miss::Unavailable),
         }
     }
 
-    async fn try_lock(&self) -> Result<bool, Miss> {
-        let taken: Option<String> = self
-            .cluster
-            .query(
-                redis::cmd("SET")
-                    .arg(self.cluster.keys.lock(&self.digest))
-                    .arg(&self.cluster.process)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(self.lock_ttl.as_millis() as u64),
-            )
-            .await?;
-        Ok(taken.is_some())
+    /// Overwritten by the next fetch; until then, fetch alone.
+    fn unreadable<T>(&self, error: &super::seal::SealError) -> Result<T, Miss> {
+        tracing::error!(credential = %self.name, %error, "ignoring the shared token");
+        Err(Miss::Unavailable)
     }
 
     /// Holds the lock (extending it) while Coupa is asked, stores and
@@ -219,22 +183,15 @@ impl SharedTokens {
     async fn fetch_under_lock(&self) -> Result<FetchedToken, Miss> {
         self.holding(true);
         info!(credential = %self.name, process = %self.cluster.process, "fetching the token for the cluster");
-        let fetched = {
-            let fetch = self.client.fetch();
-            tokio::pin!(fetch);
-            let mut extend = tokio::time::interval(self.lock_ttl / 3);
-            extend.tick().await;
-            loop {
-                tokio::select! {
-                    result = &mut fetch => break result,
-                    _ = extend.tick() => self.extend_lock().await,
-                }
-            }
-        };
+        let lock = self.cluster.keys.lock(&self.digest);
+        let fetched = self
+            .cluster
+            .while_locked(&lock, self.lock_ttl, self.client.fetch())
+            .await;
         if let Ok(token) = &fetched {
             let _ = self.write(token).await;
         }
-        self.unlock().await;
+        self.cluster.unlock(&lock).await;
         self.holding(false);
         fetched.map_err(Miss::Fetch)
     }
@@ -248,40 +205,10 @@ impl SharedTokens {
             lifetime_ms: token.expires_in.as_millis() as u64,
         };
         let plain = serde_json::to_vec(&record).map_err(|e| ClusterError::Redis(e.to_string()))?;
-        let sealed = self
-            .cluster
-            .sealer
-            .seal(&key, &plain)
-            .map_err(|e| ClusterError::Redis(e.to_string()))?;
-        let ttl = token.expires_in.as_millis().max(1) as u64;
         self.cluster
-            .query::<()>(redis::cmd("SET").arg(&key).arg(sealed).arg("PX").arg(ttl))
+            .write_sealed(&key, &plain, Some(token.expires_in))
             .await?;
-        self.cluster
-            .query::<i64>(
-                redis::cmd("PUBLISH")
-                    .arg(self.cluster.keys.events())
-                    .arg(&self.digest),
-            )
-            .await?;
-        Ok(())
-    }
-
-    async fn extend_lock(&self) {
-        let mut invocation = self.extend.prepare_invoke();
-        invocation
-            .key(self.cluster.keys.lock(&self.digest))
-            .arg(&self.cluster.process)
-            .arg(self.lock_ttl.as_millis() as u64);
-        let _: Result<i64, _> = self.cluster.script(&invocation).await;
-    }
-
-    async fn unlock(&self) {
-        let mut invocation = self.release.prepare_invoke();
-        invocation
-            .key(self.cluster.keys.lock(&self.digest))
-            .arg(&self.cluster.process);
-        let _: Result<i64, _> = self.cluster.script(&invocation).await;
+        self.cluster.announce(&self.digest).await
     }
 
     fn holding(&self, held: bool) {
@@ -306,6 +233,12 @@ pub fn credential_digest(oauth: &OAuth) -> String {
     let mut scopes = oauth.scopes.clone();
     scopes.sort();
     short_digest(&[&oauth.client_id, &oauth.token_url, &scopes.join(" ")])
+}
+
+/// How long a fetch lock lasts without renewal: a token request's timeout
+/// and some.
+pub fn lock_ttl(oauth: &OAuth) -> Duration {
+    oauth.request_timeout + Duration::from_secs(5)
 }
 
 /// A stored token as if this process had fetched it: the lifetime counts

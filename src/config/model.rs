@@ -296,16 +296,6 @@ impl Config {
                         .to_owned(),
                 );
             }
-            for credential in &self.credentials {
-                if credential.oauth.grant.consent().is_some() {
-                    warnings.push(format!(
-                        "credential {} ({}) keeps its consent in its state_file, not in the cluster state: \
-                         only one process may renew it, so give it to one replica",
-                        credential.name,
-                        credential.oauth.grant.kind().as_str()
-                    ));
-                }
-            }
         }
         if listen.address.ip().is_loopback() {
             return warnings;

@@ -54,6 +54,10 @@ pub enum FetchError {
     /// new token is held back until it is, or a restart would lose it.
     #[error("{0}")]
     StateFile(String),
+    /// A user-consented grant shared through `[cluster]` cannot renew now
+    /// (Redis away, or another process renewing for too long).
+    #[error("{0}; the current access token keeps serving")]
+    SharedState(String),
 }
 
 /// One token request, by grant.
@@ -162,6 +166,7 @@ impl FetchError {
             FetchError::BadResponse(_) => "bad_response",
             FetchError::ConsentNeeded { .. } => "consent_needed",
             FetchError::StateFile(_) => "state_file",
+            FetchError::SharedState(_) => "cluster_state",
         }
     }
 

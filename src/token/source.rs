@@ -11,6 +11,7 @@ use super::client::{ClientParams, FetchError, FetchedToken, TokenClient};
 use super::refresher::TokenSource;
 use super::store::TokenStore;
 use super::user_grant::{ConsentError, UserGrantSource};
+use crate::cluster::consent::SharedConsent;
 use crate::cluster::tokens::SharedTokens;
 use crate::cluster::Cluster;
 use crate::config::Credential;
@@ -33,12 +34,14 @@ pub enum CredentialSource {
 
 impl CredentialSource {
     /// The source for `credential`; a user-consented one reads its state
-    /// file now, so a missing consent stops start-up with advice.
+    /// file now, so a missing consent stops start-up with advice (with
+    /// `cluster`, its state is in Redis and the file is only imported).
     pub fn new(
         credential: &Credential,
         tls: rustls::ClientConfig,
         config_path: Option<&Path>,
         store: Arc<TokenStore>,
+        cluster: Option<&Arc<Cluster>>,
     ) -> Result<Self, SourceError> {
         let client = TokenClient::new(&credential.oauth, tls)?;
         Ok(match credential.oauth.grant.consent() {
@@ -49,6 +52,7 @@ impl CredentialSource {
                 consent,
                 config_path,
                 store,
+                cluster.map(|c| SharedConsent::new(c.clone(), &credential.oauth)),
             )?)),
         })
     }

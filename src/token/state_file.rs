@@ -81,20 +81,25 @@ pub fn load(path: &Path) -> Result<GrantState, StateFileError> {
             source,
         },
     })?;
-    let corrupt = |reason: String| StateFileError::Corrupt {
+    decode(&bytes).map_err(|reason| StateFileError::Corrupt {
         path: path.to_owned(),
         reason,
-    };
+    })
+}
+
+/// A state as the file (and the cluster state) holds it; the error says
+/// what is wrong, never a value.
+pub fn decode(bytes: &[u8]) -> Result<GrantState, String> {
     // serde_json names the line and column, never the value.
-    let file: StateFileV1 = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let file: StateFileV1 = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if file.version != FORMAT_VERSION {
-        return Err(corrupt(format!(
+        return Err(format!(
             "format version {} is not {FORMAT_VERSION}",
             file.version
-        )));
+        ));
     }
     if file.refresh_token.is_empty() {
-        return Err(corrupt("refresh_token is empty".to_owned()));
+        return Err("refresh_token is empty".to_owned());
     }
     Ok(GrantState {
         client_id: file.client_id,
@@ -106,8 +111,8 @@ pub fn load(path: &Path) -> Result<GrantState, StateFileError> {
     })
 }
 
-/// Replaces the state file atomically, creating it with mode 0600.
-pub fn save(path: &Path, state: &GrantState) -> Result<(), StateFileError> {
+/// The state in the file's format.
+pub fn encode(state: &GrantState) -> Vec<u8> {
     let file = StateFileV1 {
         version: FORMAT_VERSION,
         client_id: state.client_id.clone(),
@@ -117,14 +122,18 @@ pub fn save(path: &Path, state: &GrantState) -> Result<(), StateFileError> {
         access_token: state.access_token.as_ref().map(|t| t.expose().to_owned()),
         access_token_expires_at: state.access_token_expires_at.map(unix),
     };
+    let mut bytes = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Replaces the state file atomically, creating it with mode 0600.
+pub fn save(path: &Path, state: &GrantState) -> Result<(), StateFileError> {
     let write_error = |source| StateFileError::Write {
         path: path.to_owned(),
         source,
     };
-    let mut bytes = serde_json::to_vec_pretty(&file)
-        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
-    bytes.push(b'\n');
-    let staged = stage(path, &bytes).map_err(write_error)?;
+    let staged = stage(path, &encode(state)).map_err(write_error)?;
     commit(&staged, path).map_err(write_error)
 }
 

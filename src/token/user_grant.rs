@@ -3,6 +3,10 @@
 //! renews with the refresh token, persisting every rotated refresh token
 //! before the access token that came with it is used.
 //!
+//! With `[cluster]` the state lives in Redis instead ([`SharedConsent`]):
+//! the state file is only imported once, on the first start, and every
+//! refresh happens under the cluster's lock.
+//!
 //! The consent itself is given once, interactively, by [`crate::authorize`].
 
 use std::path::Path;
@@ -16,7 +20,12 @@ use super::client::{FetchError, FetchedToken, TokenClient, TokenRequest};
 use super::refresher::TokenSource;
 use super::state_file::{self, GrantState, StateFileError};
 use super::store::{RefreshTokenInfo, TokenStore};
+use crate::cluster::consent::{ConsentStateError, SharedConsent};
 use crate::config::{Consent, Credential};
+
+fn shared_error(error: ConsentStateError) -> FetchError {
+    FetchError::SharedState(error.to_string())
+}
 
 /// A stored access token with less left than this is not worth installing.
 const MIN_STORED_LIFETIME: Duration = Duration::from_secs(120);
@@ -42,7 +51,8 @@ pub fn authorize_command(config_path: Option<&Path>, credential: &Credential) ->
 }
 
 struct Held {
-    state: GrantState,
+    /// `None` only with `[cluster]` before the shared state was read.
+    state: Option<GrantState>,
     /// The in-memory state is newer than the file (a write failed).
     unsaved: bool,
     /// The stored access token was handed out already; the next fetch must
@@ -58,6 +68,10 @@ pub struct UserGrantSource {
     reauthorize: String,
     store: Arc<TokenStore>,
     held: tokio::sync::Mutex<Held>,
+    /// With `[cluster]`: the state in Redis is the one that counts.
+    shared: Option<SharedConsent>,
+    /// The OAuth client this consent must belong to.
+    client_id: String,
 }
 
 impl UserGrantSource {
@@ -68,6 +82,7 @@ impl UserGrantSource {
         consent: &Consent,
         config_path: Option<&Path>,
         store: Arc<TokenStore>,
+        shared: Option<SharedConsent>,
     ) -> Result<Self, ConsentError> {
         let reauthorize = authorize_command(config_path, credential);
         let consent_error = |source| ConsentError {
@@ -75,9 +90,17 @@ impl UserGrantSource {
             source,
             command: reauthorize.clone(),
         };
-        let state = state_file::load(&consent.state_file).map_err(consent_error)?;
+        let state = match state_file::load(&consent.state_file) {
+            Ok(state) => Some(state),
+            // With [cluster] the consent may be in Redis only.
+            Err(StateFileError::Missing(_)) if shared.is_some() => None,
+            Err(error) => return Err(consent_error(error)),
+        };
         let snapshot = state.clone();
-        if state.client_id != credential.oauth.client_id {
+        if let Some(state) = state
+            .as_ref()
+            .filter(|s| s.client_id != credential.oauth.client_id)
+        {
             return Err(consent_error(StateFileError::Corrupt {
                 path: consent.state_file.clone(),
                 reason: format!(
@@ -97,8 +120,12 @@ impl UserGrantSource {
                 unsaved: false,
                 access_token_served: false,
             }),
+            shared,
+            client_id: credential.oauth.client_id.clone(),
         };
-        source.publish_refresh_token(&snapshot);
+        if let Some(snapshot) = &snapshot {
+            source.publish_refresh_token(snapshot);
+        }
         Ok(source)
     }
 
@@ -123,7 +150,10 @@ impl UserGrantSource {
     }
 
     fn save(&self, held: &mut Held) -> Result<(), FetchError> {
-        state_file::save(&self.consent.state_file, &held.state).map_err(|e| {
+        let Some(state) = &held.state else {
+            return Ok(());
+        };
+        state_file::save(&self.consent.state_file, state).map_err(|e| {
             FetchError::StateFile(format!(
                 "{e}; the renewed token is held back until it is saved, so a restart cannot lose \
                  the rotated refresh token"
@@ -136,6 +166,9 @@ impl UserGrantSource {
     /// The next access token: the stored one if still good and not yet
     /// served, else a refresh.
     pub async fn fetch_token(&self) -> Result<FetchedToken, FetchError> {
+        if let Some(shared) = &self.shared {
+            return self.fetch_shared(shared).await;
+        }
         let mut held = self.held.lock().await;
         if held.unsaved {
             self.save(&mut held)?;
@@ -145,9 +178,24 @@ impl UserGrantSource {
         if let Some(token) = take_stored_access_token(&mut held) {
             return Ok(token);
         }
+        let token = self.refresh(&mut held).await?;
+        self.save(&mut held)?;
+        Ok(self.served(held, token, "state file updated"))
+    }
+
+    /// Asks Coupa for a new access token with the held refresh token and
+    /// puts the rotated state in `held` (not saved yet: the caller saves
+    /// before serving).
+    async fn refresh(&self, held: &mut Held) -> Result<FetchedToken, FetchError> {
+        let Some(state) = &held.state else {
+            return Err(FetchError::ConsentNeeded {
+                reason: "no consent is stored".to_owned(),
+                command: self.reauthorize.clone(),
+            });
+        };
         let (token, _) = self
             .client
-            .request(TokenRequest::RefreshToken(&held.state.refresh_token))
+            .request(TokenRequest::RefreshToken(&state.refresh_token))
             .await
             .map_err(|e| match e {
                 FetchError::OAuth { code, .. } if code == "invalid_grant" => {
@@ -162,7 +210,9 @@ impl UserGrantSource {
                 other => other,
             })?;
         let now = SystemTime::now();
-        let state = &mut held.state;
+        let Some(state) = held.state.as_mut() else {
+            return Err(FetchError::BadResponse("consent state vanished".to_owned()));
+        };
         if let Some(rotated) = token.refresh_token.clone() {
             state.refresh_token = rotated;
             state.refresh_token_issued_at = now;
@@ -174,37 +224,176 @@ impl UserGrantSource {
         state.access_token_expires_at = Some(token.requested_at_wall + token.expires_in);
         held.unsaved = true;
         held.access_token_served = false;
-        let rotated = token.refresh_token.is_some();
-        self.save(&mut held)?;
+        Ok(token)
+    }
+
+    /// A refreshed token, saved: marked served, logged, handed out.
+    fn served(
+        &self,
+        mut held: tokio::sync::MutexGuard<'_, Held>,
+        token: FetchedToken,
+        saved_to: &str,
+    ) -> FetchedToken {
         held.access_token_served = true;
         info!(
             credential = %self.credential,
-            rotated_refresh_token = rotated,
-            state_file = %self.consent.state_file.display(),
-            "refreshed the access token; state file updated"
+            rotated_refresh_token = token.refresh_token.is_some(),
+            "refreshed the access token; {saved_to}"
         );
         let snapshot = held.state.clone();
         drop(held);
-        self.publish_refresh_token(&snapshot);
-        Ok(FetchedToken {
+        if let Some(snapshot) = &snapshot {
+            self.publish_refresh_token(snapshot);
+        }
+        FetchedToken {
             refresh_token: None,
             ..token
-        })
+        }
+    }
+
+    /// [`Self::fetch_token`] with the state in Redis: adopt what another
+    /// process stored; refresh only under the lock, after reading again;
+    /// write the rotated state before its token is used.
+    async fn fetch_shared(&self, shared: &SharedConsent) -> Result<FetchedToken, FetchError> {
+        let announcements = shared.cluster.announcements(&shared.digest);
+        let give_up = Instant::now() + shared.lock_ttl * 2;
+        let mut held = self.held.lock().await;
+        loop {
+            let announced = announcements.notified();
+            tokio::pin!(announced);
+            announced.as_mut().enable();
+            if held.unsaved {
+                // A refresh whose state could not be written: ours is the
+                // live refresh token, so it goes to Redis first.
+                if let Some(state) = &held.state {
+                    shared.write(state).await.map_err(shared_error)?;
+                }
+                held.unsaved = false;
+            }
+            self.adopt_shared(shared, &mut held).await?;
+            if let Some(token) = take_stored_access_token(&mut held) {
+                return Ok(token);
+            }
+            let lock = shared.lock_key();
+            if shared
+                .cluster
+                .try_lock(&lock, shared.lock_ttl)
+                .await
+                .map_err(|e| shared_error(e.into()))?
+            {
+                let refreshed = shared
+                    .cluster
+                    .while_locked(
+                        &lock,
+                        shared.lock_ttl,
+                        self.refresh_locked(shared, &mut held),
+                    )
+                    .await;
+                shared.cluster.unlock(&lock).await;
+                let token = refreshed?;
+                return Ok(match token {
+                    Some(token) => self.served(held, token, "cluster state updated"),
+                    None => take_stored_access_token(&mut held).ok_or_else(|| {
+                        FetchError::SharedState(
+                            "the consent stored in Redis has no usable access token".into(),
+                        )
+                    })?,
+                });
+            }
+            if Instant::now() >= give_up {
+                return Err(FetchError::SharedState(
+                    "another process holds the refresh lock and stored no new token".into(),
+                ));
+            }
+            tokio::select! {
+                _ = &mut announced => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    /// Under the lock: read again (another process may just have
+    /// refreshed: then `None`, serve what it stored); else refresh and
+    /// write before the new token is used.
+    async fn refresh_locked(
+        &self,
+        shared: &SharedConsent,
+        held: &mut Held,
+    ) -> Result<Option<FetchedToken>, FetchError> {
+        if self.adopt_shared(shared, held).await? {
+            return Ok(None);
+        }
+        let token = self.refresh(held).await?;
+        if let Some(state) = &held.state {
+            shared.write(state).await.map_err(|e| {
+                FetchError::SharedState(format!(
+                    "{e}; the renewed token is held back until Redis has the rotated refresh token"
+                ))
+            })?;
+        }
+        held.unsaved = false;
+        Ok(Some(token))
+    }
+
+    /// Takes the stored state when it differs from the held one (imports
+    /// the held one when Redis has none); true if it adopted a newer one.
+    async fn adopt_shared(
+        &self,
+        shared: &SharedConsent,
+        held: &mut Held,
+    ) -> Result<bool, FetchError> {
+        match shared.read().await.map_err(shared_error)? {
+            Some(stored) if held.state.as_ref() != Some(&stored) => {
+                if stored.client_id != self.client_id {
+                    return Err(FetchError::SharedState(format!(
+                        "the consent in Redis is for client {}, not this credential's",
+                        stored.client_id
+                    )));
+                }
+                held.state = Some(stored);
+                held.access_token_served = false;
+                if let Some(state) = &held.state {
+                    self.publish_refresh_token(state);
+                }
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+            None => match &held.state {
+                Some(local) => {
+                    if shared.import(local).await.map_err(shared_error)? {
+                        info!(
+                            credential = %self.credential,
+                            state_file = %self.consent.state_file.display(),
+                            "imported the state file's consent into the cluster state"
+                        );
+                    }
+                    Ok(false)
+                }
+                None => Err(FetchError::ConsentNeeded {
+                    reason: "no consent is stored in the cluster state or the state file"
+                        .to_owned(),
+                    command: self.reauthorize.clone(),
+                }),
+            },
+        }
     }
 
     /// Another process (a new `authorize`, or `token`) may have replaced
     /// the file; its refresh token is then the live one.
     fn adopt_newer_file(&self, held: &mut Held) {
+        let Some(current) = held.state.as_ref() else {
+            return;
+        };
         match state_file::load(&self.consent.state_file) {
-            Ok(on_disk) if on_disk != held.state && on_disk.client_id == held.state.client_id => {
+            Ok(on_disk) if on_disk != *current && on_disk.client_id == current.client_id => {
                 info!(
                     credential = %self.credential,
                     state_file = %self.consent.state_file.display(),
                     "the state file changed on disk (a new consent?); using it"
                 );
-                held.state = on_disk;
+                self.publish_refresh_token(&on_disk);
+                held.state = Some(on_disk);
                 held.access_token_served = false;
-                self.publish_refresh_token(&held.state);
             }
             Ok(_) => {}
             Err(e) => warn!(
@@ -221,13 +410,10 @@ fn take_stored_access_token(held: &mut Held) -> Option<FetchedToken> {
     if held.access_token_served {
         return None;
     }
-    let access_token = held.state.access_token.clone()?;
+    let state = held.state.as_ref()?;
+    let access_token = state.access_token.clone()?;
     let now = SystemTime::now();
-    let left = held
-        .state
-        .access_token_expires_at?
-        .duration_since(now)
-        .ok()?;
+    let left = state.access_token_expires_at?.duration_since(now).ok()?;
     if left < MIN_STORED_LIFETIME {
         return None;
     }
@@ -235,7 +421,7 @@ fn take_stored_access_token(held: &mut Held) -> Option<FetchedToken> {
     Some(FetchedToken {
         access_token,
         expires_in: left,
-        scope: Some(held.state.scope.clone()),
+        scope: Some(state.scope.clone()),
         refresh_token: None,
         requested_at: Instant::now(),
         requested_at_wall: now,

@@ -1,0 +1,110 @@
+//! The user-consented side of the fake: its public client, a config for a
+//! consented credential, and the authorization code steps by hand.
+
+use std::path::Path;
+use std::time::Duration;
+
+use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
+
+use super::http_client;
+
+pub const USER_CLIENT: &str = "user-client";
+
+pub async fn start_user_fake() -> FakeCoupa {
+    FakeCoupa::start(FakeCoupaOptions {
+        clients: vec![FakeClient {
+            id: USER_CLIENT.to_owned(),
+            // Public: PKCE alone, no secret.
+            secret: String::new(),
+            scopes: vec!["core.invoice.read".into(), "offline_access".into()],
+        }],
+        token_lifetime: Duration::from_secs(86_399),
+        tls: None,
+    })
+    .await
+    .expect("fake Coupa starts")
+}
+
+/// A config for a user-consented credential whose state file is `state`.
+pub fn user_config(base_url: &str, grant: &str, state: &Path) -> String {
+    let redirect = if grant == "authorization_code" {
+        "redirect_uri = \"http://127.0.0.1:0/callback\""
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[listen]
+address = "127.0.0.1:0"
+
+[coupa]
+base_url = "{base_url}"
+accept = "application/json"
+
+[oauth]
+client_id = "{USER_CLIENT}"
+grant = "{grant}"
+{redirect}
+state_file = "{}"
+scopes = ["core.invoice.read", "offline_access"]
+activation_delay = "100ms"
+retry_initial = "100ms"
+retry_max = "500ms"
+
+[admin]
+address = "127.0.0.1:0"
+"#,
+        state.display()
+    )
+}
+
+/// Asks the fake's authorize endpoint for a code bound to `verifier`.
+pub async fn code_for(fake: &FakeCoupa, verifier: &str, redirect: &str) -> String {
+    let no_redirects = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let challenge = coupa_auth_proxy::token::pkce::challenge(verifier);
+    let response = no_redirects
+        .get(format!("{}/oauth2/authorizations/new", fake.base_url()))
+        .query(&[
+            ("client_id", USER_CLIENT),
+            ("response_type", "code"),
+            ("scope", "core.invoice.read offline_access"),
+            ("redirect_uri", redirect),
+            ("code_challenge", &challenge),
+            ("code_challenge_method", "S256"),
+            ("state", "s1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302);
+    let location = url::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap();
+    let code = location.query_pairs().find(|(k, _)| k == "code").unwrap().1;
+    code.into_owned()
+}
+
+/// Exchanges `code` with `verifier`; returns (status, JSON answer).
+pub async fn exchange(
+    fake: &FakeCoupa,
+    code: &str,
+    verifier: &str,
+    redirect: &str,
+) -> (u16, serde_json::Value) {
+    let response = http_client()
+        .post(format!("{}/oauth2/token", fake.base_url()))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("client_id", USER_CLIENT),
+            ("code", code),
+            ("redirect_uri", redirect),
+            ("code_verifier", verifier),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
