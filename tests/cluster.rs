@@ -402,3 +402,45 @@ async fn two_proxies_share_one_consent_across_rotations() {
         "with [cluster] the state file is only the import source"
     );
 }
+
+/// Coupa's own 429 (with `Retry-After: 7`) seen by one proxy makes every
+/// proxy hold off: the other one answers 429 itself, with `Retry-After`,
+/// and sends nothing to Coupa meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coupas_429_makes_every_proxy_hold_off() {
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_fake(Duration::from_secs(86_400)).await;
+    let dir = tempdir::Dir::new("cluster-pause");
+    let text = clustered(
+        &fake,
+        &redis,
+        &dir,
+        KEY,
+        "[coupa.rate_limit]\nper_second = 100\nburst = 10\nmax_queue = 100",
+    );
+    let proxies = start_proxies(&text, 2).await;
+    let response = get(proxies[0].url("/api/_status?code=429")).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+
+    let reached_coupa = fake.state().api_requests();
+    eventually("the other proxy holds off", || async {
+        let response = get(proxies[1].url("/api/invoices")).await;
+        let ours = response.status() == 429
+            && response.headers().contains_key("retry-after")
+            && response.text().await.unwrap().contains("coupa-auth-proxy");
+        ours
+    })
+    .await;
+    let metrics = get(proxies[0].admin_url("/metrics")).await.text().await.unwrap();
+    assert_eq!(metric(&metrics, "coupa_proxy_cluster_budget_pauses_total", &[]), 1.0);
+    let held_off = get(proxies[1].url("/api/invoices")).await;
+    assert_eq!(held_off.status(), 429);
+    assert!(
+        fake.state().api_requests() <= reached_coupa + 1,
+        "requests held off did not reach Coupa"
+    );
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+}
