@@ -432,8 +432,15 @@ async fn coupas_429_makes_every_proxy_hold_off() {
         ours
     })
     .await;
-    let metrics = get(proxies[0].admin_url("/metrics")).await.text().await.unwrap();
-    assert_eq!(metric(&metrics, "coupa_proxy_cluster_budget_pauses_total", &[]), 1.0);
+    let metrics = get(proxies[0].admin_url("/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&metrics, "coupa_proxy_cluster_budget_pauses_total", &[]),
+        1.0
+    );
     let held_off = get(proxies[1].url("/api/invoices")).await;
     assert_eq!(held_off.status(), 429);
     assert!(

@@ -9,6 +9,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use coupa_auth_proxy::fake_coupa::FakeCoupa;
 use support::pki::{client, Ca};
 use support::*;
 
@@ -39,14 +40,11 @@ fn tls_config(base_url: &str, table: &str) -> String {
         + "\n[reload]\nwatch_interval = \"100ms\"\n"
 }
 
-fn https(proxy: &ProxyProcess, target: &str) -> String {
-    format!("https://localhost:{}{}", proxy.addr.port(), target)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_listener_is_served_to_clients_trusting_its_ca() {
+/// The binary with a TLS listener whose certificate `ca` signed, in front
+/// of a fresh fake (kept alive with its directory by the caller).
+async fn tls_proxy(tag: &str) -> (FakeCoupa, tempdir::Dir, Ca, ProxyProcess) {
     let fake = start_fake(Duration::from_secs(86_399)).await;
-    let dir = tempdir::Dir::new("inbound-tls");
+    let dir = tempdir::Dir::new(tag);
     let ca = Ca::new("listener CA");
     let proxy = ProxyProcess::start(
         &tls_config(&fake.base_url(), &tls_table(dir.path(), &ca, None)),
@@ -54,6 +52,16 @@ async fn tls_listener_is_served_to_clients_trusting_its_ca() {
         &[],
     );
     proxy.wait_ready().await;
+    (fake, dir, ca, proxy)
+}
+
+fn https(proxy: &ProxyProcess, target: &str) -> String {
+    format!("https://localhost:{}{}", proxy.addr.port(), target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_is_served_to_clients_trusting_its_ca() {
+    let (_fake, _dir, ca, proxy) = tls_proxy("inbound-tls").await;
 
     let response = client(&ca, None)
         .get(https(&proxy, "/api/invoices?x=1"))
@@ -205,15 +213,7 @@ fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
 /// after `http/1.1` an HTTP/2 preface is not taken as HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_protocol_follows_alpn() {
-    let fake = start_fake(Duration::from_secs(86_399)).await;
-    let dir = tempdir::Dir::new("inbound-alpn");
-    let ca = Ca::new("listener CA");
-    let proxy = ProxyProcess::start(
-        &tls_config(&fake.base_url(), &tls_table(dir.path(), &ca, None)),
-        &[],
-        &[],
-    );
-    proxy.wait_ready().await;
+    let (_fake, _dir, ca, proxy) = tls_proxy("inbound-alpn").await;
 
     let answer = tls_exchange(&proxy, &ca, b"h2", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(

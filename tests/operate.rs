@@ -17,21 +17,7 @@ async fn scrape(proxy: &TestProxy) -> prometheus_parse::Scrape {
 }
 
 fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            prometheus_parse::Value::Histogram(ref buckets) => {
-                buckets.iter().map(|b| b.count).fold(0.0, f64::max)
-            }
-            _ => 0.0,
-        })
-        .sum()
+    metric_in(scrape, name, labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

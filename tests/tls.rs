@@ -23,24 +23,32 @@ async fn tls_fake() -> (FakeCoupa, String) {
     (fake, ca_pem)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_over_tls_with_ca_file_and_auto_uses_http2_by_alpn() {
-    let (fake, ca_pem) = tls_fake().await;
-    // Coupa's JWTs grow with their scopes: the HTTP/2 hop must carry them.
-    fake.state().set_token_padding(20 * 1024);
+/// A ready proxy in front of `fake` trusting `ca_pem` through
+/// `coupa.ca_file`, with `coupa_extra` in `[coupa]`.
+async fn proxy_trusting(
+    fake: &FakeCoupa,
+    ca_pem: &str,
+    coupa_extra: &str,
+) -> (tempdir::Dir, TestProxy) {
     let dir = tempdir::Dir::new("tls");
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca_pem).unwrap();
     let text = config_text(
         &fake.base_url(),
-        &format!(
-            "ca_file = \"{}\"\nhttp_version = \"auto\"",
-            ca_path.display()
-        ),
+        &format!("ca_file = \"{}\"\n{coupa_extra}", ca_path.display()),
         "",
     );
     let proxy = TestProxy::start(parse_config(&text)).await;
     proxy.wait_ready().await;
+    (dir, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_over_tls_with_ca_file_and_auto_uses_http2_by_alpn() {
+    let (fake, ca_pem) = tls_fake().await;
+    // Coupa's JWTs grow with their scopes: the HTTP/2 hop must carry them.
+    fake.state().set_token_padding(20 * 1024);
+    let (_dir, proxy) = proxy_trusting(&fake, &ca_pem, "http_version = \"auto\"").await;
 
     let response = http_client()
         .post(proxy.url("/api/invoices?x=%20y"))
@@ -87,16 +95,7 @@ async fn upstream_over_tls_with_ca_file_and_auto_uses_http2_by_alpn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_defaults_to_http1_over_tls_even_when_h2_is_offered() {
     let (fake, ca_pem) = tls_fake().await;
-    let dir = tempdir::Dir::new("tls-h1");
-    let ca_path = dir.path().join("ca.pem");
-    std::fs::write(&ca_path, ca_pem).unwrap();
-    let text = config_text(
-        &fake.base_url(),
-        &format!("ca_file = \"{}\"", ca_path.display()),
-        "",
-    );
-    let proxy = TestProxy::start(parse_config(&text)).await;
-    proxy.wait_ready().await;
+    let (_dir, proxy) = proxy_trusting(&fake, &ca_pem, "").await;
     let response = http_client()
         .get(proxy.url("/api/invoices"))
         .header("x-coupa-api-key", LEGACY_KEY)

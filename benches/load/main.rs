@@ -15,9 +15,12 @@
 //! stays in target/load-bench/ for callgrind_annotate).
 //!
 //! Targets: `direct`, `proxy`, `nginx`, `haproxy`, and in the
-//! 50-connection scenario two variants of the proxy with one lever turned
-//! the other way: `proxy+log` (access log lines on) and `proxy+mt` (the
-//! multi-thread runtime, still pinned to one core).
+//! 50-connection scenario variants of the proxy with one lever turned:
+//! `proxy+log` (access log lines on), `proxy+mt` (the multi-thread
+//! runtime, still pinned to one core), `proxy+limit` (`[coupa.rate_limit]`
+//! far above the load: the local limiter's cost) and `proxy+cluster` (the
+//! same budget shared through a redis-server: one Redis round trip per
+//! request).
 //!
 //! Layout on a 2-core machine: every proxy under test is pinned to core 0;
 //! the load generator and the upstream (the fake Coupa, in this process)
@@ -126,6 +129,10 @@ fn main() {
     if wanted("BENCH_TARGETS", "haproxy") {
         targets.push(start_haproxy(upstream, &token, &work));
     }
+    let redis = VARIANTS
+        .iter()
+        .any(|v| v.budget == targets::Budget::Shared && wanted("BENCH_TARGETS", v.name))
+        .then(|| targets::start_redis(&work));
     let variants: Vec<Target> = VARIANTS
         .iter()
         .filter(|v| wanted("BENCH_TARGETS", v.name))
@@ -198,6 +205,10 @@ fn main() {
     println!("summary written to {}", json_path.display());
     drop(targets);
     drop(variants);
+    if let Some(mut redis) = redis {
+        let _ = redis.kill();
+        let _ = redis.wait();
+    }
     let _ = std::fs::remove_dir_all(&work);
     std::process::exit(0);
 }

@@ -148,17 +148,24 @@ pub fn free_port() -> u16 {
 }
 
 pub fn require_tools() {
-    let missing: Vec<&str> = ["wrk", "h2load", "nginx", "haproxy", "taskset"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
-        })
-        .collect();
+    let missing: Vec<&str> = [
+        "wrk",
+        "h2load",
+        "nginx",
+        "haproxy",
+        "redis-server",
+        "taskset",
+    ]
+    .into_iter()
+    .filter(|tool| {
+        !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    })
+    .collect();
     if !missing.is_empty() {
         eprintln!(
             "load bench: missing {}; run bench/install-tools.sh first",
@@ -191,27 +198,89 @@ pub struct Variant {
     pub log: bool,
     /// `[runtime] flavor`.
     pub flavor: &'static str,
+    /// `[coupa.rate_limit]` (set far above the load, so only its cost
+    /// shows), local or shared through a redis-server.
+    pub budget: Budget,
 }
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Budget {
+    Off,
+    Local,
+    /// Shared through the bench's redis-server (`REDIS_PORT`).
+    Shared,
+}
+
+/// The bench's redis-server, when a shared-budget variant runs.
+pub static REDIS_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 pub const PROXY: Variant = Variant {
     name: "proxy",
     log: false,
     flavor: "auto",
+    budget: Budget::Off,
 };
 
 /// Compared in the 50-connection scenario only.
-pub const VARIANTS: [Variant; 2] = [
+pub const VARIANTS: [Variant; 4] = [
     Variant {
         name: "proxy+log",
         log: true,
-        flavor: "auto",
+        ..PROXY
     },
     Variant {
         name: "proxy+mt",
-        log: false,
         flavor: "multi_thread",
+        ..PROXY
+    },
+    Variant {
+        name: "proxy+limit",
+        budget: Budget::Local,
+        ..PROXY
+    },
+    Variant {
+        name: "proxy+cluster",
+        budget: Budget::Shared,
+        ..PROXY
     },
 ];
+
+/// Starts the redis-server the shared-budget variant uses (on the load
+/// core, like the upstream). The child is left to the caller.
+pub fn start_redis(work: &Path) -> Child {
+    let port = free_port();
+    let child = pinned(LOAD_CORE_FOR_REDIS, "redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(work)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    wait_for_port(port, "redis-server");
+    let _ = REDIS_PORT.set(port);
+    child
+}
+
+const LOAD_CORE_FOR_REDIS: &str = crate::LOAD_CORE;
+
+/// The `[coupa.rate_limit]` and `[cluster]` text of a variant.
+fn budget_config(budget: Budget, dir: &Path) -> String {
+    let limit = "[coupa.rate_limit]\nper_second = 1000000\nburst = 100000\nmax_queue = 1000\n";
+    match budget {
+        Budget::Off => String::new(),
+        Budget::Local => limit.to_owned(),
+        Budget::Shared => {
+            let key = dir.join("cluster.key");
+            std::fs::write(&key, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+            let port = REDIS_PORT.get().copied().expect("redis-server started");
+            format!(
+                "{limit}[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\nencryption_key_file = \"{}\"\n",
+                key.display()
+            )
+        }
+    }
+}
 
 pub fn start_proxy(upstream: u16, work: &Path, variant: Variant) -> Target {
     start_proxy_with(upstream, work, variant, &[])
@@ -219,7 +288,12 @@ pub fn start_proxy(upstream: u16, work: &Path, variant: Variant) -> Target {
 
 /// The proxy, run through `wrapper` (e.g. valgrind) when one is given.
 pub fn start_proxy_with(upstream: u16, work: &Path, variant: Variant, wrapper: &[&str]) -> Target {
-    let Variant { name, log, flavor } = variant;
+    let Variant {
+        name,
+        log,
+        flavor,
+        budget,
+    } = variant;
     let port = free_port();
     let admin = free_port();
     let dir = work.join(name);
@@ -249,7 +323,8 @@ address = "127.0.0.1:{admin}"
 watch_interval = "0s"
 [runtime]
 flavor = "{flavor}"
-"#
+{budget}"#,
+            budget = budget_config(budget, &dir),
         ),
     )
     .unwrap();

@@ -579,6 +579,11 @@ pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Response {
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
         .expect("metrics parse");
+    metric_in(&scrape, name, labels)
+}
+
+/// [`metric`] over a parsed scrape; a histogram counts its observations.
+pub fn metric_in(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     scrape
         .samples
         .iter()
@@ -588,6 +593,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
             | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref buckets) => {
+                buckets.iter().map(|b| b.count).fold(0.0, f64::max)
+            }
             _ => 0.0,
         })
         .sum()
