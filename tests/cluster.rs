@@ -243,6 +243,17 @@ async fn redis_down_fails_no_request_and_sharing_resumes_after() {
         fake.state().api_requests() >= 30
     })
     .await;
+    let view: serde_json::Value = get(proxies[0].admin_url("/status.json"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["cluster"]["redis"], "available", "{view}");
+    assert_eq!(
+        view["cluster"]["processes_seen"].as_array().map(Vec::len),
+        Some(2),
+        "both processes are in the cluster view: {view}"
+    );
     redis.kill();
     let statuses = load.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
@@ -264,6 +275,11 @@ async fn redis_down_fails_no_request_and_sharing_resumes_after() {
         .await
         .unwrap();
     assert_eq!(metric(&metrics, "coupa_proxy_cluster_up", &[]), 0.0);
+    assert_eq!(
+        get(proxies[0].admin_url("/readyz")).await.status(),
+        200,
+        "ready while a valid token is held"
+    );
 
     redis.restart();
     for proxy in &proxies {

@@ -52,6 +52,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Processes not heard from for this long are no longer listed.
 const SEEN_WITHIN: Duration = Duration::from_secs(30);
+/// While Redis is away, one call in this long goes to it (the probe); the
+/// others fail at once, so requests do not each wait for a reconnect.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -63,6 +66,9 @@ pub enum ClusterError {
     Redis(String),
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// Not tried: Redis was away at the last probe.
+    #[error("Redis is unavailable (next probe within a second)")]
+    Away,
 }
 
 /// What `/metrics` shows of the cluster.
@@ -138,6 +144,10 @@ pub struct Cluster {
     /// Share of the budget used alone while Redis is away.
     pub fallback_share: f64,
     unavailable_since: Mutex<Option<SystemTime>>,
+    /// While unavailable: when the next call may try Redis again.
+    next_probe: Mutex<Option<StdInstant>>,
+    /// Redis just went away: the heartbeat starts probing.
+    went_away: Arc<Notify>,
     /// Woken when a new token is announced, by credential digest.
     announced: Mutex<HashMap<String, Arc<Notify>>>,
     /// Credential digests whose fetch lock this process holds now.
@@ -201,6 +211,8 @@ impl Cluster {
             process,
             fallback_share: config.fallback_share,
             unavailable_since: Mutex::new(None),
+            next_probe: Mutex::new(None),
+            went_away: Arc::new(Notify::new()),
             announced: Mutex::new(HashMap::new()),
             holding: Mutex::new(HashMap::new()),
             metrics,
@@ -233,6 +245,13 @@ impl Cluster {
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, ClusterError> {
         let started = StdInstant::now();
+        if let Ok(mut next_probe) = self.next_probe.lock() {
+            match *next_probe {
+                Some(at) if started < at => return Err(ClusterError::Away),
+                Some(_) => *next_probe = Some(started + PROBE_EVERY),
+                None => {}
+            }
+        }
         let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(ClusterError::Redis(error.to_string())),
@@ -253,6 +272,9 @@ impl Cluster {
             return;
         };
         if let Some(was) = since.take() {
+            if let Ok(mut next_probe) = self.next_probe.lock() {
+                *next_probe = None;
+            }
             self.metrics.up.set(1);
             info!(
                 down_for = ?was.elapsed().unwrap_or_default(),
@@ -269,6 +291,10 @@ impl Cluster {
         if since.is_none() {
             let now = SystemTime::now();
             *since = Some(now);
+            if let Ok(mut next_probe) = self.next_probe.lock() {
+                *next_probe = Some(StdInstant::now() + PROBE_EVERY);
+            }
+            self.went_away.notify_one();
             self.metrics.up.set(0);
             warn!(
                 %error,
@@ -462,7 +488,9 @@ pub fn unix_ms(at: SystemTime) -> u64 {
 }
 
 /// Says this process is alive every few seconds, and forgets processes
-/// long gone.
+/// long gone. While Redis is away it is also the probe that notices its
+/// return (every [`PROBE_EVERY`]), so the processes rejoin within seconds
+/// even with no traffic.
 async fn heartbeat(cluster: std::sync::Weak<Cluster>, shutdown: CancellationToken) {
     loop {
         let Some(cluster) = cluster.upgrade() else {
@@ -486,10 +514,17 @@ async fn heartbeat(cluster: std::sync::Weak<Cluster>, shutdown: CancellationToke
                     .arg(now.saturating_sub(10 * SEEN_WITHIN.as_millis() as u64)),
             )
             .await;
+        let every = if cluster.unavailable_since().is_some() {
+            PROBE_EVERY
+        } else {
+            HEARTBEAT
+        };
+        let went_away = cluster.went_away.clone();
         drop(cluster);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = tokio::time::sleep(every) => {}
+            _ = went_away.notified() => tokio::time::sleep(PROBE_EVERY).await,
         }
     }
 }
