@@ -301,3 +301,88 @@ async fn http2_opens_another_connection_only_at_the_stream_limit() {
     );
     proxy.stop().await;
 }
+
+/// An upstream that answers the first request of each connection, then
+/// reads the next one and closes without answering (no `Connection: close`
+/// before): a server whose keep-alive ended as the request arrived, which
+/// provably did not process it. Counts the requests it answered.
+async fn closing_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Reads one request (head and a body of the stated length).
+    async fn read_request(stream: &mut tokio::net::TcpStream) -> bool {
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Ok(n) = stream.read(&mut chunk).await else {
+                return false;
+            };
+            if n == 0 {
+                return false;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+            let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if seen.len() >= end + 4 + length {
+                return true;
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicU64::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                if !read_request(&mut stream).await {
+                    return;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // The next request arrives; the connection ends unanswered.
+                let _ = read_request(&mut stream).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+/// A reused connection found closed before any byte of the answer means
+/// the server never processed the request: it is sent again on a new
+/// connection for every method, POST included, and the server sees each
+/// request once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_on_keep_alive_connections_the_server_closed_are_sent_again() {
+    let (upstream, served) = closing_upstream().await;
+    let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}"), "").await;
+    let client = http_client();
+    for i in 0..30 {
+        let response = client
+            .post(proxy.url("/api/invoices"))
+            .body(format!("{{\"n\":{i}}}"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        30,
+        "each request processed once"
+    );
+    proxy.stop().await;
+}
