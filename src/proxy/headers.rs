@@ -89,13 +89,13 @@ pub fn rewrite_request(
     strip_hop_by_hop(headers);
     remove_present(headers, &CLIENT_CREDENTIALS);
 
+    // One hashed lookup per field: `insert` hands back what it replaced.
     let original_host = headers
-        .remove(HOST)
+        .insert(HOST, rules.upstream_host.clone())
         .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     if let Some(host) = original_host {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    headers.insert(HOST, rules.upstream_host.clone());
 
     if let Some(accept) = choose_accept(
         headers.get_all(ACCEPT),
@@ -105,11 +105,15 @@ pub fn rewrite_request(
         headers.insert(ACCEPT, accept);
     }
 
-    let forwarded_for = match headers.get(X_FORWARDED_FOR) {
-        Some(prior) => append_forwarded_for(prior, &client.ip_header),
-        None => client.ip_header.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    match headers.entry(X_FORWARDED_FOR) {
+        http::header::Entry::Occupied(mut prior) => {
+            let joined = append_forwarded_for(prior.get(), &client.ip_header);
+            prior.insert(joined);
+        }
+        http::header::Entry::Vacant(slot) => {
+            slot.insert(client.ip_header.clone());
+        }
+    }
     headers.insert(X_FORWARDED_PROTO, rules.forwarded_proto.clone());
 
     headers.insert(AUTHORIZATION, bearer);
