@@ -20,6 +20,9 @@ pub struct Sample {
     pub requests: u64,
     /// CPU time of the target's processes per request, µs (not for direct).
     pub cpu_us_per_request: Option<f64>,
+    /// The user-space part of it: what is the proxy's own to cut; the rest
+    /// is the kernel's (system calls on loopback, the floor for any proxy).
+    pub user_us_per_request: Option<f64>,
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -197,10 +200,13 @@ pub fn measure(target: &Target, scenario: &Scenario, seconds: u64, work: &Path) 
             .status();
         let _ = perf.wait();
     }
-    let cpu = target.cpu_ticks() - before;
+    let after = target.cpu_ticks();
+    let (user, system) = (after.0 - before.0, after.1 - before.1);
     if target.child.is_some() && sample.requests > 0 {
-        sample.cpu_us_per_request =
-            Some(cpu as f64 / ticks_per_second() * 1e6 / sample.requests as f64);
+        let per_request =
+            |ticks: u64| ticks as f64 / ticks_per_second() * 1e6 / sample.requests as f64;
+        sample.cpu_us_per_request = Some(per_request(user + system));
+        sample.user_us_per_request = Some(per_request(user));
         sample.peak_rss_kib = target.peak_rss_kib();
     }
     sample

@@ -43,9 +43,12 @@ pub fn report(
     );
     let _ = writeln!(
         table,
-        "| scenario | target | req/s | p50 µs | p99 µs | p99.9 µs | errors | CPU µs/req | peak RSS MiB | req/s ÷ direct | p99 ÷ direct | CPU ÷ nginx |"
+        "| scenario | target | req/s | p50 µs | p99 µs | p99.9 µs | errors | CPU µs/req | user µs | kernel µs | peak RSS MiB | req/s ÷ direct | p99 ÷ direct | CPU ÷ nginx |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        table,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     let mut rows = Vec::new();
     let names: Vec<&str> = targets
         .iter()
@@ -65,6 +68,10 @@ pub fn report(
             let p999 = stat(samples, |x| Some(x.p999_us)).unwrap();
             let errors: u64 = samples.iter().map(|s| s.errors).sum();
             let cpu = stat(samples, |x| x.cpu_us_per_request);
+            let user = stat(samples, |x| x.user_us_per_request);
+            let kernel = stat(samples, |x| {
+                Some(x.cpu_us_per_request? - x.user_us_per_request?)
+            });
             let rss = samples.iter().filter_map(|s| s.peak_rss_kib).max();
             let ratio = |a: Option<Stat>, b: Option<Stat>| match (a, b) {
                 (Some(a), Some(b)) if b.median > 0.0 => Some(a.median / b.median),
@@ -85,7 +92,7 @@ pub fn report(
             };
             let _ = writeln!(
                 table,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 scenario.name,
                 name,
                 range(rps, 0),
@@ -94,6 +101,8 @@ pub fn report(
                 p999.median,
                 errors,
                 cpu.map(|c| range(c, 1)).unwrap_or_else(|| "—".into()),
+                opt(user.map(|u| u.median), 1),
+                opt(kernel.map(|k| k.median), 1),
                 rss.map(|r| format!("{:.1}", r as f64 / 1024.0))
                     .unwrap_or_else(|| "—".into()),
                 opt(rps_ratio, 2),
@@ -109,6 +118,8 @@ pub fn report(
                 "p999_us": p999.median,
                 "errors": errors,
                 "cpu_us_per_request": cpu.map(|c| serde_json::json!({"median": c.median, "min": c.min, "max": c.max})),
+                "user_us_per_request": user.map(|u| u.median),
+                "kernel_us_per_request": kernel.map(|k| k.median),
                 "peak_rss_kib": rss,
                 "rps_ratio_to_direct": rps_ratio,
                 "p99_ratio_to_direct": p99_ratio,

@@ -67,8 +67,8 @@ impl Target {
         pids
     }
 
-    /// User + system CPU of the target's processes, in clock ticks.
-    pub fn cpu_ticks(&self) -> u64 {
+    /// (user, system) CPU of the target's processes, in clock ticks.
+    pub fn cpu_ticks(&self) -> (u64, u64) {
         self.pids()
             .iter()
             .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
@@ -82,9 +82,9 @@ impl Target {
                 // Fields after the command: state is 0, utime 11, stime 12.
                 let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
                 let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-                utime + stime
+                (utime, stime)
             })
-            .sum()
+            .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps))
     }
 
     /// Starts a new peak-RSS window, so each run reports its own peak
