@@ -150,8 +150,6 @@ pub struct Cluster {
     went_away: Arc<Notify>,
     /// Woken when a new token is announced, by credential digest.
     announced: Mutex<HashMap<String, Arc<Notify>>>,
-    /// Credential digests whose fetch lock this process holds now.
-    pub holding: Mutex<HashMap<String, String>>,
     pub metrics: ClusterMetrics,
 }
 
@@ -214,7 +212,6 @@ impl Cluster {
             next_probe: Mutex::new(None),
             went_away: Arc::new(Notify::new()),
             announced: Mutex::new(HashMap::new()),
-            holding: Mutex::new(HashMap::new()),
             metrics,
         });
         cluster.metrics.up.set(1);

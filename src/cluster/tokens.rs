@@ -217,13 +217,6 @@ impl SharedTokens {
             .fetching
             .get_or_create(&[("credential", self.name.clone())])
             .set(i64::from(held));
-        if let Ok(mut holding) = self.cluster.holding.lock() {
-            if held {
-                holding.insert(self.digest.clone(), self.name.clone());
-            } else {
-                holding.remove(&self.digest);
-            }
-        }
     }
 }
 
