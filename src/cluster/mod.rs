@@ -47,7 +47,9 @@ use crate::config;
 use seal::Sealer;
 
 /// Longest any one Redis call may take before the caller works alone.
-pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Opening a connection may take longer than one call (TLS, a loaded host).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a process says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Processes not heard from for this long are no longer listed.
@@ -189,7 +191,7 @@ impl Cluster {
         let connection = ConnectionManager::new_lazy_with_config(
             client.clone(),
             ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CALL_TIMEOUT))
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(CALL_TIMEOUT))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_secs(1)),

@@ -134,7 +134,19 @@ impl SharedTokens {
             }
             let lock = self.cluster.keys.lock(&self.digest);
             if self.cluster.try_lock(&lock, self.lock_ttl).await? {
-                return self.fetch_under_lock().await;
+                // Another process may have stored a token and let go of the
+                // lock between the read above and taking it: read again.
+                match self.read().await {
+                    Ok(Some(record)) if self.adoptable(&record) => {
+                        self.cluster.unlock(&lock).await;
+                        return Ok(into_fetched(record));
+                    }
+                    Err(miss) => {
+                        self.cluster.unlock(&lock).await;
+                        return Err(miss);
+                    }
+                    Ok(_) => return self.fetch_under_lock().await,
+                }
             }
             if Instant::now() >= give_up {
                 return Err(Miss::Unavailable);
