@@ -83,24 +83,33 @@ impl Stack {
     /// An idle connection, else room for a new one, else waits for either.
     /// `on_wait` runs once if the request has to queue.
     pub async fn checkout(self: &Arc<Self>, on_wait: impl FnOnce()) -> Checkout {
+        // The common case first, without registering as a waiter.
+        if let Some(found) = self.take() {
+            return found;
+        }
         let mut on_wait = Some(on_wait);
         loop {
-            // Registered before looking, so a connection returned between
-            // the look and the wait still wakes this request.
+            // Registered before looking again, so a connection returned
+            // between the look and the wait still wakes this request.
             let notified = self.available.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(conn) = self.pop_idle() {
-                return Checkout::Reused(conn);
-            }
-            if let Some(slot) = self.try_reserve() {
-                return Checkout::Connect(slot);
+            if let Some(found) = self.take() {
+                return found;
             }
             if let Some(on_wait) = on_wait.take() {
                 on_wait();
             }
             notified.await;
         }
+    }
+
+    /// An idle connection, else room for a new one.
+    fn take(self: &Arc<Self>) -> Option<Checkout> {
+        if let Some(conn) = self.pop_idle() {
+            return Some(Checkout::Reused(conn));
+        }
+        self.try_reserve().map(Checkout::Connect)
     }
 
     /// Room for one more connection, if the cap allows.

@@ -109,6 +109,10 @@ impl Shared {
     /// connect failed.
     pub async fn checkout(self: &Arc<Self>) -> Result<Checkout, Arc<str>> {
         let mut waiting_since: Option<u64> = None;
+        // The common case first, without registering as a waiter.
+        if let Some(stream) = self.stream_with_room() {
+            return Ok(Checkout::Stream(stream));
+        }
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -140,6 +144,17 @@ impl Shared {
             }
             notified.await;
         }
+    }
+
+    /// A stream on an open connection with room, if there is one.
+    fn stream_with_room(&self) -> Option<Stream> {
+        let state = self.state.lock().ok()?;
+        let now = Instant::now();
+        state
+            .conns
+            .iter()
+            .find(|conn| conn.usable(now, self.idle_timeout) && conn.has_room())
+            .map(|conn| Stream::open(conn.clone()))
     }
 
     /// Takes `conn` out of rotation: requests already on it finish there.
