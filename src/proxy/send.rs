@@ -100,14 +100,8 @@ impl Proxy {
         let metrics = &self.inner.metrics;
         let mut unprocessed_retries = 0;
         let mut retried_failure = false;
-        let mut body = Some(body);
+        let mut attempt = body;
         loop {
-            let attempt = body.take().or_else(|| replay.body());
-            let Some(attempt) = attempt else {
-                return Err(ProxyError::Upstream(
-                    "the request could not be sent again: its body was not kept for replay".into(),
-                ));
-            };
             let failure = match self
                 .send(
                     upstream_request(method, uri, headers.clone(), attempt),
@@ -130,9 +124,14 @@ impl Proxy {
             } else {
                 false
             };
-            if !retry || replay.body().is_none() {
+            if !retry {
                 return Err(failure.into());
             }
+            // The body again, if it was kept whole.
+            let Some(again) = replay.body() else {
+                return Err(failure.into());
+            };
+            attempt = again;
             if failure.never_processed() {
                 metrics.retried_never_processed.inc();
             } else {
