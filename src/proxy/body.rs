@@ -300,18 +300,17 @@ pin_project_lite::pin_project! {
         // Data arrived since the timer was (re)armed.
         progressed: bool,
         idle: Duration,
-        // The HTTP/1.1 connection this came on, released to the pool once
-        // the body has been read to its end.
-        lease: Option<Lease>,
+        // The connection this came on: an HTTP/1.1 one goes back to the
+        // pool, an HTTP/2 stream frees its place, once the body has been
+        // read to its end.
+        lease: Lease,
     }
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, idle: Duration, mut lease: Option<Lease>) -> Self {
+    pub fn new(inner: Incoming, idle: Duration, mut lease: Lease) -> Self {
         if inner.is_end_stream() {
-            if let Some(lease) = &mut lease {
-                lease.finish();
-            }
+            lease.finish();
         }
         Self {
             inner,
@@ -346,9 +345,7 @@ impl Body for ResponseBody {
                     Some(Err(_)) => false,
                 };
                 if ended {
-                    if let Some(lease) = this.lease.as_mut() {
-                        lease.finish();
-                    }
+                    this.lease.finish();
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }

@@ -114,6 +114,10 @@ pub struct UpstreamClient {
     pool: Arc<Pool>,
 }
 
+/// HTTP/2 connections one request tries when each turns out unable to take
+/// it before it is sent.
+const MAX_UNSENT_TRIES: u32 = 3;
+
 /// What the pool has learned the server speaks (`auto` decides on the
 /// first connection).
 const UNKNOWN: u8 = 0;
@@ -183,7 +187,7 @@ async fn reap_idle(pool: Weak<Pool>, idle_timeout: Duration) {
 /// The response, and what must be released when its body ends.
 pub struct Leased {
     pub response: Response<Incoming>,
-    pub lease: Option<Lease>,
+    pub lease: Lease,
 }
 
 /// The connection a response came on, lent to it. [`Lease::finish`] (the
@@ -233,6 +237,10 @@ impl UpstreamClient {
         // previous response is still being wound up): back to the pool
         // afterwards, not retried in this loop.
         let mut parked = Vec::new();
+        // HTTP/2 connections that could not take the request before it was
+        // sent; a few, then the error stands (a server that keeps refusing
+        // new connections must not make this loop until the timeout).
+        let mut h2_unsent = 0;
         let outcome = loop {
             let route = match pool.route().await {
                 Ok(route) => route,
@@ -245,21 +253,23 @@ impl UpstreamClient {
                         Ok(response) => {
                             break Ok(Leased {
                                 response,
-                                lease: Some(Lease(Leg::H2(Some(stream)))),
+                                lease: Lease(Leg::H2(Some(stream))),
                             })
                         }
                         Err(mut failed) => {
-                            let never_processed = h2_never_processed(failed.error());
+                            let unsent = failed.take_message();
+                            let never_processed =
+                                unsent.is_some() || h2_never_processed(failed.error());
                             if never_processed {
                                 pool.h2.retire(&stream.conn);
                             }
-                            match failed.take_message() {
-                                Some(unsent) => {
+                            match unsent {
+                                Some(unsent) if h2_unsent < MAX_UNSENT_TRIES => {
                                     debug!(error = %failed.error(), "HTTP/2 connection could not take the request; trying another");
-                                    pool.h2.retire(&stream.conn);
+                                    h2_unsent += 1;
                                     request = unsent;
                                 }
-                                None => {
+                                _ => {
                                     break Err(UpstreamError::Send {
                                         error: failed.into_error(),
                                         never_processed,
@@ -274,10 +284,10 @@ impl UpstreamClient {
                         Ok(response) => {
                             break Ok(Leased {
                                 response,
-                                lease: Some(Lease(Leg::H1 {
+                                lease: Lease(Leg::H1 {
                                     conn: Some(conn),
                                     stack: Arc::downgrade(&pool.h1),
-                                })),
+                                }),
                             })
                         }
                         Err(mut failed) => match failed.take_message() {
