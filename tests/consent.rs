@@ -488,3 +488,39 @@ async fn a_rotated_refresh_token_is_on_disk_before_its_access_token_is_used() {
         .state()
         .refresh_token_is_live(state.refresh_token.expose()));
 }
+
+/// With `[cluster]`, `authorize` stores the consent in the cluster state
+/// (sealed in Redis) instead of a file, and `run` serves from it with no
+/// state file anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_authorize_stores_the_consent_in_redis_and_run_uses_it() {
+    let Some(redis) = support::real::Redis::start() else {
+        return;
+    };
+    let fake = start_user_fake().await;
+    let dir = tempdir::Dir::new("consent-cluster");
+    let state_path = dir.path().join("state").join("grant.json");
+    let key_file = dir.path().join("cluster.key");
+    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+    let text = user_config(&fake.base_url(), "device_code", &state_path)
+        + &format!(
+            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            key_file.display()
+        );
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, &text).unwrap();
+
+    let (code, output) = Authorize::start(&config).finish().await;
+    assert_eq!(code, Some(0), "{output}");
+    assert!(
+        output.contains("consent stored in the cluster state"),
+        "{output}"
+    );
+    assert!(!state_path.exists(), "no state file with [cluster]");
+
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    assert_eq!(get(proxy.url("/api/invoices")).await.status(), 200);
+    assert!(!state_path.exists());
+}
