@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use crate::cluster::tokens::credential_digest;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::insight::{chart, Insight};
 use crate::metrics::{Metrics, Stores};
 
 /// What a credential is, for the status page (no secret).
@@ -38,6 +39,7 @@ pub struct AdminState {
     draining: tokio_util::sync::CancellationToken,
     stores: Stores,
     metrics: Arc<Metrics>,
+    insight: Arc<Insight>,
     credentials: Vec<CredentialInfo>,
     upstream: String,
     /// [`Config::warnings`] of the running configuration.
@@ -59,6 +61,7 @@ impl AdminState {
         config: &Config,
         stores: Stores,
         metrics: Arc<Metrics>,
+        insight: Arc<Insight>,
         draining: tokio_util::sync::CancellationToken,
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
@@ -78,6 +81,7 @@ impl AdminState {
             draining,
             stores,
             metrics,
+            insight,
             credentials: config
                 .credentials
                 .iter()
@@ -215,19 +219,7 @@ async fn status(state: &AdminState) -> serde_json::Value {
         Some(shared) => shared.cluster.view(&shared.credentials).await,
         None => serde_json::Value::Null,
     };
-    let integrations: Vec<serde_json::Value> = state
-        .metrics
-        .integration_counts()
-        .into_iter()
-        .map(|(name, requests, errors)| {
-            serde_json::json!({
-                "integration": if name.is_empty() { "(none)".to_owned() } else { name },
-                "requests": requests,
-                "errors": errors,
-                "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
-            })
-        })
-        .collect();
+    let integrations = state.insight.snapshot();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": state.metrics.uptime().as_secs(),
@@ -267,7 +259,7 @@ fn status_page(status: &serde_json::Value) -> String {
          <meta http-equiv=\"refresh\" content=\"10\"><title>coupa-auth-proxy</title>\
          <style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}\
          table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}\
-         .ok{color:#060}.bad{color:#a00}</style></head><body>",
+         .ok{color:#060}.bad{color:#a00}h3{margin:1.5em 0 .3em}.chart{display:block}</style></head><body>",
     );
     let _ = write!(
         html,
@@ -299,20 +291,18 @@ fn status_page(status: &serde_json::Value) -> String {
             },
         );
     }
-    html.push_str(
-        "</table><h2>Integrations</h2><table><tr><th>integration</th><th>requests</th>\
-         <th>errors</th><th>error rate</th></tr>",
-    );
-    for i in status["integrations"].as_array().into_iter().flatten() {
-        let rate = i["error_rate"].as_f64().unwrap_or(0.0) * 100.0;
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{rate:.1} %</td></tr>",
-            cell(&i["integration"]),
-            cell(&i["requests"]),
-            cell(&i["errors"]),
-        );
+    html.push_str("</table><h2>Integrations</h2>");
+    let integrations = status["integrations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if integrations.is_empty() {
+        html.push_str("<p>No traffic yet.</p>");
     }
+    for i in &integrations {
+        integration_section(&mut html, i);
+    }
+    html.push_str("<table>");
     if let Some(cluster) = status["cluster"].as_object() {
         let _ = write!(
             html,
@@ -338,6 +328,74 @@ fn status_page(status: &serde_json::Value) -> String {
          </body></html>",
     );
     html
+}
+
+/// One integration of the migration view: what identifies it, when it was
+/// seen, its flags, the last hour, and its resources.
+fn integration_section(html: &mut String, i: &serde_json::Value) {
+    let rate = i["error_rate"].as_f64().unwrap_or(0.0) * 100.0;
+    let identified = &i["identified_by"];
+    let mut by = Vec::new();
+    if identified["legacy_key"] == true {
+        by.push("legacy key".to_owned());
+    }
+    if let Some(id) = identified["oauth_client_id"].as_str() {
+        by.push(format!("local OAuth client {}", escape(id)));
+    }
+    let _ =
+        write!(
+        html,
+        "<h3>{}</h3><p>credential {} · identified by {} · {} requests, {} errors ({rate:.1} %) · \
+         first seen {} · last seen {}</p>",
+        cell(&i["integration"]),
+        cell(&i["credential"]),
+        if by.is_empty() { "—".to_owned() } else { by.join(", ") },
+        cell(&i["requests"]),
+        cell(&i["errors"]),
+        cell(&i["first_seen"]),
+        cell(&i["last_seen"]),
+    );
+    for flag in i["flags"].as_array().into_iter().flatten() {
+        let _ = write!(
+            html,
+            "<p class=\"flag bad\">⚑ {}: {}</p>",
+            cell(&flag["flag"]),
+            cell(&flag["message"])
+        );
+    }
+    let series: Vec<u64> = i["requests_per_minute"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    html.push_str(&chart::requests_per_minute(&series));
+    html.push_str(
+        "<table><tr><th>resource</th><th>requests</th><th>methods</th><th>answers</th>\
+         <th>403</th></tr>",
+    );
+    let pairs = |value: &serde_json::Value| -> String {
+        value
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{} {}", escape(k), cell(v)))
+            .collect::<Vec<_>>()
+            .join(" · ")
+    };
+    for r in i["resources"].as_array().into_iter().flatten() {
+        let forbidden = r["forbidden"].as_u64().unwrap_or(0);
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td{}>{forbidden}</td></tr>",
+            cell(&r["resource"]),
+            cell(&r["requests"]),
+            pairs(&r["methods"]),
+            pairs(&r["answers"]),
+            if forbidden > 0 { " class=\"bad\"" } else { "" },
+        );
+    }
+    html.push_str("</table>");
 }
 
 fn text(content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::admin::AdminState;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::insight::Insight;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ClientInfo, Proxy};
 use crate::reload::Reloader;
@@ -85,7 +86,8 @@ pub async fn run_with_reload(
         .map(|credential| (credential.name.clone(), Arc::new(TokenStore::new())))
         .collect();
     let stores = Arc::new(stores);
-    let metrics = Metrics::new(stores.clone(), config.cluster.is_some());
+    let insight = Insight::new(&config);
+    let metrics = Metrics::new(stores.clone(), config.cluster.is_some(), &insight);
     let cluster = match &config.cluster {
         Some(settings) => Some(Cluster::start(
             settings,
@@ -137,6 +139,7 @@ pub async fn run_with_reload(
         &config,
         stores.clone(),
         metrics.clone(),
+        insight.clone(),
         shutdown.clone(),
         cluster.clone(),
     ));
@@ -154,7 +157,14 @@ pub async fn run_with_reload(
 
     let upstream = proxy::upstream::build(&config.coupa, tls_config, metrics.upstream.clone());
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
-    let proxy = Proxy::new(&config, &token_stores, upstream, metrics, cluster.clone());
+    let proxy = Proxy::new(
+        &config,
+        &token_stores,
+        upstream,
+        metrics,
+        insight,
+        cluster.clone(),
+    );
     if let Some(path) = config_path {
         let reloader = Reloader {
             path,

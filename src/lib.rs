@@ -18,6 +18,9 @@
 //! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`insight`]: the migration view — what each integration calls.
+//! - [`local_oauth`]: the proxy's own `/oauth2/token` for tools that fetch
+//!   their own token, and the local tokens it issues.
 //! - [`reload`]: SIGHUP and file-change reload of secrets and integrations.
 //! - [`app`]: wires the above together for `run`.
 //! - [`tls`]: the outbound rustls configuration.
@@ -36,7 +39,9 @@ pub mod config;
 pub mod demo;
 pub mod fake_coupa;
 pub mod framing;
+pub mod insight;
 pub mod live;
+pub mod local_oauth;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -1,77 +1,31 @@
 //! Prometheus metrics (`/metrics` on the admin address), via
 //! `prometheus-client`.
 //!
-//! Request counters and latency histograms are updated on the request path
-//! (atomics, one label-set lookup); token metrics are read from the token
-//! stores at scrape time, so the background path needs no wiring.
+//! Latency histograms are updated on the request path (atomics, no label
+//! lookup); request counts are the migration view's ([`crate::insight`])
+//! and token metrics the token stores', both read at scrape time, so
+//! neither the request path nor the background path needs wiring.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{Method, StatusCode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
-};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::insight::Insight;
 use crate::token::TokenStore;
 
 /// Token stores by credential name.
 pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
 
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum MethodClass {
-    Read,
-    Write,
-    Other,
-}
-
-impl MethodClass {
-    pub fn of(method: &Method) -> Self {
-        match *method {
-            Method::GET | Method::HEAD | Method::OPTIONS => MethodClass::Read,
-            Method::POST | Method::PUT | Method::PATCH | Method::DELETE => MethodClass::Write,
-            _ => MethodClass::Other,
-        }
-    }
-}
-
-/// An integration name as a label value without copying it per request.
-#[derive(Debug, Clone, Hash, PartialEq, Eq)]
-pub struct Name(pub Arc<str>);
-
-impl EncodeLabelValue for Name {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        use std::fmt::Write;
-        encoder.write_str(&self.0)
-    }
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    method: MethodClass,
-    status: &'static str,
-    integration: Name,
-}
-
-/// Per-integration totals for the status page.
-#[derive(Debug, Default)]
-pub struct IntegrationCounts {
-    pub requests: AtomicU64,
-    /// Answers with status 5xx, or refused by the proxy (4xx of its own).
-    pub errors: AtomicU64,
-}
-
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
     upstream_seconds: Histogram,
     overhead_seconds: Histogram,
     in_flight: Gauge,
@@ -86,33 +40,17 @@ pub struct Metrics {
     pub dropped_underscore_fields: Counter,
     /// Handed to the cluster state, when `[cluster]` is set.
     pub cluster: crate::cluster::ClusterMetrics,
-    by_integration: RwLock<Vec<(Arc<str>, Arc<IntegrationCounts>)>>,
-    /// The label of traffic without integrations, made once rather than
-    /// allocated per request.
-    unnamed: Arc<str>,
+    /// Answers of the proxy's own `/oauth2/token`, by outcome.
+    local_token_requests: Vec<(&'static str, Counter)>,
     started: SystemTime,
 }
 
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
-}
-
 impl Metrics {
-    /// `clustered`: `[cluster]` is set (its metrics are registered).
-    pub fn new(stores: Stores, clustered: bool) -> Arc<Self> {
+    /// `clustered`: `[cluster]` is set (its metrics are registered). The
+    /// request counters are the migration view's, read at scrape time.
+    pub fn new(stores: Stores, clustered: bool, insight: &Arc<Insight>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("coupa_proxy");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "Requests answered, by method class (read, write, other), status class and integration",
-            requests.clone(),
-        );
+        registry.register_collector(insight.collector());
         let buckets = || exponential_buckets(0.0005, 2.0, 16);
         let upstream_seconds = Histogram::new(buckets());
         registry.register(
@@ -219,10 +157,28 @@ impl Metrics {
             "Requests that waited for an HTTP/1.1 connection because coupa.max_connections were open",
             upstream.queued.clone(),
         );
+        let local_tokens = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "local_token_requests",
+            "Requests to the proxy's own /oauth2/token, by outcome (issued, or the RFC 6749 error code)",
+            local_tokens.clone(),
+        );
+        let local_token_requests = [
+            "issued",
+            "invalid_request",
+            "invalid_client",
+            "unsupported_grant_type",
+            "invalid_scope",
+        ]
+        .into_iter()
+        .map(|outcome| {
+            let counter = local_tokens.get_or_create(&[("outcome", outcome)]).clone();
+            (outcome, counter)
+        })
+        .collect();
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
             registry,
-            requests,
             upstream_seconds,
             overhead_seconds,
             in_flight,
@@ -231,8 +187,7 @@ impl Metrics {
             retried_connection_failure,
             dropped_underscore_fields,
             cluster,
-            by_integration: RwLock::new(Vec::new()),
-            unnamed: Arc::from(""),
+            local_token_requests,
             started: SystemTime::now(),
         })
     }
@@ -243,67 +198,25 @@ impl Metrics {
         InFlight(self.clone())
     }
 
-    pub fn record(
-        &self,
-        method: &Method,
-        status: StatusCode,
-        integration: Option<&Arc<str>>,
-        total: Duration,
-        upstream: Option<Duration>,
-    ) {
-        let name = integration.unwrap_or(&self.unnamed).clone();
-        self.requests
-            .get_or_create(&RequestLabels {
-                method: MethodClass::of(method),
-                status: status_class(status),
-                integration: Name(name.clone()),
-            })
-            .inc();
+    /// Times of one answered request (the counts are the migration
+    /// view's, [`crate::insight`]).
+    pub fn record(&self, total: Duration, upstream: Option<Duration>) {
         if let Some(upstream) = upstream {
             self.upstream_seconds.observe(upstream.as_secs_f64());
             self.overhead_seconds
                 .observe(total.saturating_sub(upstream).as_secs_f64());
         }
-        let counts = self.counts_for(&name);
-        counts.requests.fetch_add(1, Ordering::Relaxed);
-        if status.is_server_error() || (status.is_client_error() && upstream.is_none()) {
-            counts.errors.fetch_add(1, Ordering::Relaxed);
-        }
     }
 
-    fn counts_for(&self, name: &Arc<str>) -> Arc<IntegrationCounts> {
-        if let Ok(all) = self.by_integration.read() {
-            if let Some((_, counts)) = all.iter().find(|(n, _)| n == name) {
-                return counts.clone();
-            }
+    /// Counts one answer of the proxy's `/oauth2/token`.
+    pub fn local_token_outcome(&self, outcome: &str) {
+        if let Some((_, counter)) = self
+            .local_token_requests
+            .iter()
+            .find(|(o, _)| *o == outcome)
+        {
+            counter.inc();
         }
-        let Ok(mut all) = self.by_integration.write() else {
-            return Arc::default();
-        };
-        if let Some((_, counts)) = all.iter().find(|(n, _)| n == name) {
-            return counts.clone();
-        }
-        let counts = Arc::new(IntegrationCounts::default());
-        all.push((name.clone(), counts.clone()));
-        counts
-    }
-
-    /// (integration, requests, errors); "" is traffic without integrations.
-    pub fn integration_counts(&self) -> Vec<(String, u64, u64)> {
-        self.by_integration
-            .read()
-            .map(|all| {
-                all.iter()
-                    .map(|(name, c)| {
-                        (
-                            name.to_string(),
-                            c.requests.load(Ordering::Relaxed),
-                            c.errors.load(Ordering::Relaxed),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 
     pub fn uptime(&self) -> Duration {

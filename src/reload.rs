@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, SecretSource};
-use crate::proxy::auth::Integrations;
 use crate::proxy::Proxy;
 use crate::tls::ReloadingCert;
 use crate::token::client::ClientParams;
@@ -192,8 +191,7 @@ impl Reloader {
                 info!(credential = %credential.name, "client secret changed; the next token fetch uses it");
             }
         }
-        self.proxy
-            .set_integrations(Integrations::from_config(&new.integrations));
+        self.proxy.reconfigure(&new);
         info!(
             integrations = new.integrations.len(),
             "configuration reloaded"

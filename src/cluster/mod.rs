@@ -115,6 +115,10 @@ impl Keys {
     pub fn lock(&self, credential: &str) -> String {
         format!("{}:lock:{credential}", self.base)
     }
+    /// A local token, by the hex SHA-256 of the token.
+    pub fn local_token(&self, digest: &str) -> String {
+        format!("{}:local_token:{digest}", self.base)
+    }
     pub fn procs(&self) -> String {
         format!("{}:procs", self.base)
     }

@@ -30,6 +30,8 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) runtime: RuntimeFile,
     pub(super) cluster: Option<ClusterFile>,
+    #[serde(default)]
+    pub(super) insight: InsightFile,
 }
 
 /// `[cluster]`: state shared with other processes in Redis/Valkey.
@@ -83,9 +85,34 @@ fn default_watch_interval() -> Duration {
 #[serde(deny_unknown_fields)]
 pub(super) struct IntegrationFile {
     pub(super) name: String,
-    pub(super) api_key_sha256: String,
+    /// How a tool that sends a legacy key is recognised.
+    pub(super) api_key_sha256: Option<String>,
+    /// How a tool that fetches its own token is recognised: a client of
+    /// the proxy's own `/oauth2/token`, not of Coupa's.
+    pub(super) oauth_client_id: Option<String>,
+    pub(super) oauth_client_secret_sha256: Option<String>,
     #[serde(default = "default_credential_name")]
     pub(super) credential: String,
+}
+
+/// `[insight]`: what the migration view flags.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InsightFile {
+    #[serde(default = "default_idle_warning", with = "humantime_serde")]
+    pub(super) idle_warning: Duration,
+}
+
+impl Default for InsightFile {
+    fn default() -> Self {
+        Self {
+            idle_warning: default_idle_warning(),
+        }
+    }
+}
+
+fn default_idle_warning() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
 }
 
 fn default_credential_name() -> String {

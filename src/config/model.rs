@@ -30,6 +30,7 @@ pub struct Config {
     pub runtime: Runtime,
     /// Shared state in Redis; `None`: every process on its own.
     pub cluster: Option<Cluster>,
+    pub insight: Insight,
 }
 
 /// `[cluster]`, validated.
@@ -65,14 +66,33 @@ pub struct Credential {
     pub oauth: OAuth,
 }
 
-/// A legacy integration, recognised by its old API key.
+/// An integration: a legacy tool recognised by its old API key, or a tool
+/// that fetches its own token from the proxy as a local OAuth client (or
+/// both, during a migration). At least one of the two is set.
 #[derive(Clone)]
 pub struct Integration {
     pub name: String,
     /// SHA-256 of the integration's `X-COUPA-API-KEY`.
-    pub api_key_sha256: [u8; 32],
+    pub api_key_sha256: Option<[u8; 32]>,
+    /// The tool's client of the proxy's own `/oauth2/token`.
+    pub local_client: Option<LocalClient>,
     /// Index into [`Config::credentials`].
     pub credential: usize,
+}
+
+/// A local OAuth client: known to the proxy only, never to Coupa.
+#[derive(Clone)]
+pub struct LocalClient {
+    pub client_id: String,
+    /// SHA-256 of the secret shared between the tool and the proxy.
+    pub secret_sha256: [u8; 32],
+}
+
+/// `[insight]`, validated.
+#[derive(Debug, Clone)]
+pub struct Insight {
+    /// An integration not seen for this long is a candidate to retire.
+    pub idle_warning: Duration,
 }
 
 impl fmt::Debug for Integration {
@@ -80,6 +100,10 @@ impl fmt::Debug for Integration {
         // The hash is not the key, but there is no reason to print it.
         f.debug_struct("Integration")
             .field("name", &self.name)
+            .field(
+                "oauth_client_id",
+                &self.local_client.as_ref().map(|c| &c.client_id),
+            )
             .field("credential", &self.credential)
             .finish_non_exhaustive()
     }

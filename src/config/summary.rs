@@ -184,11 +184,24 @@ impl Config {
             rows.push((
                 format!("integration {:?}", integration.name),
                 format!(
-                    "credential {} (key hash <redacted>)",
-                    self.credentials[integration.credential].name
+                    "credential {}{}{}",
+                    self.credentials[integration.credential].name,
+                    if integration.api_key_sha256.is_some() {
+                        ", legacy key (hash <redacted>)"
+                    } else {
+                        ""
+                    },
+                    match &integration.local_client {
+                        Some(client) => format!(
+                            ", local OAuth client {:?} (secret hash <redacted>)",
+                            client.client_id
+                        ),
+                        None => String::new(),
+                    },
                 ),
             ));
         }
+        rows.push(("insight.idle_warning".into(), d(self.insight.idle_warning)));
         rows.push(("admin.address".into(), self.admin.address.to_string()));
         rows.push((
             "reload.watch_interval".into(),

@@ -27,7 +27,12 @@ impl FileConfig {
             reload,
             runtime,
             cluster,
+            insight,
         } = self;
+        let InsightFile { idle_warning } = insight;
+        if idle_warning.is_zero() {
+            return Err(invalid("insight.idle_warning", "must be more than 0"));
+        }
         let ReloadFile { watch_interval } = reload;
         let RuntimeFile {
             flavor,
@@ -229,6 +234,7 @@ impl FileConfig {
                 worker_threads,
             },
             cluster: cluster.map(|c| validate_cluster(c, base_dir)).transpose()?,
+            insight: Insight { idle_warning },
         })
     }
 }
@@ -242,18 +248,65 @@ fn validate_integrations(
         let IntegrationFile {
             name,
             api_key_sha256,
+            oauth_client_id,
+            oauth_client_secret_sha256,
             credential,
         } = file;
         let key = format!("integration[{i}]");
         if name.trim().is_empty() {
             return Err(invalid(format!("{key}.name"), "must not be empty"));
         }
-        let hash = parse_sha256(&api_key_sha256).ok_or_else(|| {
-            invalid(
-                format!("{key}.api_key_sha256"),
-                "must be 64 hex digits: the SHA-256 of the legacy key (coupa-auth-proxy hash-key prints it)",
-            )
-        })?;
+        let hash = api_key_sha256
+            .map(|hex| {
+                parse_sha256(&hex).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.api_key_sha256"),
+                        "must be 64 hex digits: the SHA-256 of the legacy key (coupa-auth-proxy hash-key prints it)",
+                    )
+                })
+            })
+            .transpose()?;
+        let local_client = match (oauth_client_id, oauth_client_secret_sha256) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    format!("{key}.oauth_client_secret_sha256"),
+                    "is needed with oauth_client_id: the SHA-256 of the secret the tool sends (coupa-auth-proxy hash-key prints it)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.oauth_client_id"),
+                    "is needed with oauth_client_secret_sha256",
+                ))
+            }
+            (Some(client_id), Some(secret)) => {
+                if client_id.is_empty()
+                    || client_id.chars().any(|c| c.is_control() || c == ' ')
+                {
+                    return Err(invalid(
+                        format!("{key}.oauth_client_id"),
+                        "must be non-empty, without spaces or control characters",
+                    ));
+                }
+                let secret_sha256 = parse_sha256(&secret).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.oauth_client_secret_sha256"),
+                        "must be 64 hex digits: the SHA-256 of the local client secret (coupa-auth-proxy hash-key prints it)",
+                    )
+                })?;
+                Some(LocalClient {
+                    client_id,
+                    secret_sha256,
+                })
+            }
+        };
+        if hash.is_none() && local_client.is_none() {
+            return Err(invalid(
+                key,
+                "needs api_key_sha256 (a tool sending X-COUPA-API-KEY) or oauth_client_id with oauth_client_secret_sha256 (a tool fetching its own token), or both",
+            ));
+        }
         let credential_index = credentials
             .iter()
             .position(|c| c.name == credential)
@@ -273,7 +326,10 @@ fn validate_integrations(
                 format!("{:?} is used twice", other.name),
             ));
         }
-        if let Some(other) = integrations.iter().find(|o| o.api_key_sha256 == hash) {
+        if let Some(other) = integrations
+            .iter()
+            .find(|o| hash.is_some() && o.api_key_sha256 == hash)
+        {
             return Err(invalid(
                 format!("{key}.api_key_sha256"),
                 format!(
@@ -282,9 +338,25 @@ fn validate_integrations(
                 ),
             ));
         }
+        if let Some(client) = &local_client {
+            if let Some(other) = integrations.iter().find(|o| {
+                o.local_client
+                    .as_ref()
+                    .is_some_and(|c| c.client_id == client.client_id)
+            }) {
+                return Err(invalid(
+                    format!("{key}.oauth_client_id"),
+                    format!(
+                        "{:?} is already integration {:?}'s",
+                        client.client_id, other.name
+                    ),
+                ));
+            }
+        }
         integrations.push(Integration {
             name,
             api_key_sha256: hash,
+            local_client,
             credential: credential_index,
         });
     }

@@ -12,34 +12,55 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Integration;
+use crate::insight::{Insight, Usage};
 
 /// One integration as the request path needs it.
-#[derive(Clone)]
 pub struct IntegrationKey {
     /// For log lines; shared, so identifying a request copies nothing.
     pub name: Arc<str>,
-    api_key_sha256: [u8; 32],
+    api_key_sha256: Option<[u8; 32]>,
+    /// The local OAuth client: (client id, secret digest).
+    local_client: Option<(String, [u8; 32])>,
     /// Index of the credential whose token the integration gets.
     pub credential: usize,
+    /// Where the migration view counts its requests, resolved once.
+    pub usage: Arc<Usage>,
+}
+
+impl IntegrationKey {
+    /// The local client secret's digest, if it has a local client.
+    pub fn local_secret(&self) -> Option<&[u8; 32]> {
+        self.local_client.as_ref().map(|(_, digest)| digest)
+    }
 }
 
 /// The configured integrations; empty means no authentication.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Integrations {
-    keys: Vec<IntegrationKey>,
+    keys: Vec<Arc<IntegrationKey>>,
+    has_local_clients: bool,
 }
 
 impl Integrations {
-    pub fn from_config(integrations: &[Integration]) -> Self {
-        Self {
-            keys: integrations
-                .iter()
-                .map(|i| IntegrationKey {
+    pub fn from_config(integrations: &[Integration], insight: &Insight) -> Self {
+        let keys: Vec<_> = integrations
+            .iter()
+            .map(|i| {
+                Arc::new(IntegrationKey {
                     name: Arc::from(i.name.as_str()),
                     api_key_sha256: i.api_key_sha256,
+                    local_client: i
+                        .local_client
+                        .as_ref()
+                        .map(|c| (c.client_id.clone(), c.secret_sha256)),
                     credential: i.credential,
+                    usage: insight.usage(&i.name),
                 })
-                .collect(),
+            })
+            .collect();
+        Self {
+            has_local_clients: keys.iter().any(|k| k.local_client.is_some()),
+            keys,
         }
     }
 
@@ -47,17 +68,47 @@ impl Integrations {
         self.keys.is_empty()
     }
 
+    /// Whether any integration can fetch local tokens.
+    pub fn has_local_clients(&self) -> bool {
+        self.has_local_clients
+    }
+
     /// The integration whose key this is, if any.
-    pub fn identify(&self, legacy_key: Option<&HeaderValue>) -> Option<&IntegrationKey> {
-        let digest: [u8; 32] = Sha256::digest(legacy_key?.as_bytes()).into();
+    pub fn identify(&self, legacy_key: &HeaderValue) -> Option<&Arc<IntegrationKey>> {
+        let digest: [u8; 32] = Sha256::digest(legacy_key.as_bytes()).into();
         let mut found = None;
         // No early exit: every configured digest is compared.
         for key in &self.keys {
-            if bool::from(key.api_key_sha256.ct_eq(&digest)) {
-                found = Some(key);
+            if let Some(expected) = &key.api_key_sha256 {
+                if bool::from(expected.ct_eq(&digest)) {
+                    found = Some(key);
+                }
             }
         }
         found
+    }
+
+    /// The integration whose local client this is, if the secret matches.
+    /// The secret is hashed and compared with every local client's digest
+    /// whatever the id, so a refusal takes the same time for an unknown
+    /// id and a wrong secret.
+    pub fn local_client(&self, client_id: &str, secret: &str) -> Option<&Arc<IntegrationKey>> {
+        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let mut found = None;
+        for key in &self.keys {
+            if let Some((id, expected)) = &key.local_client {
+                let secret_matches = bool::from(expected.ct_eq(&digest));
+                if secret_matches && id == client_id {
+                    found = Some(key);
+                }
+            }
+        }
+        found
+    }
+
+    /// The integration `name`, if it is still configured.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<IntegrationKey>> {
+        self.keys.iter().find(|k| &*k.name == name)
     }
 }
 
@@ -75,38 +126,70 @@ mod tests {
 
     fn integrations() -> Integrations {
         let hash = |k: &str| -> [u8; 32] { Sha256::digest(k.as_bytes()).into() };
-        Integrations::from_config(&[
-            Integration {
-                name: "erp".into(),
-                api_key_sha256: hash("erp-key"),
-                credential: 0,
-            },
-            Integration {
-                name: "suppliers".into(),
-                api_key_sha256: hash("supplier-key"),
-                credential: 1,
-            },
-        ])
+        use crate::config::test_support::{load, MINIMAL};
+        let config = load(MINIMAL).unwrap();
+        let insight = Insight::new(&config);
+        Integrations::from_config(
+            &[
+                Integration {
+                    name: "erp".into(),
+                    api_key_sha256: Some(hash("erp-key")),
+                    local_client: None,
+                    credential: 0,
+                },
+                Integration {
+                    name: "suppliers".into(),
+                    api_key_sha256: Some(hash("supplier-key")),
+                    local_client: None,
+                    credential: 1,
+                },
+                Integration {
+                    name: "snaplogic".into(),
+                    api_key_sha256: None,
+                    local_client: Some(crate::config::LocalClient {
+                        client_id: "snap".into(),
+                        secret_sha256: hash("local-secret"),
+                    }),
+                    credential: 0,
+                },
+            ],
+            &insight,
+        )
     }
 
     #[test]
     fn a_known_key_selects_its_integration_and_credential() {
         let all = integrations();
         let found = all
-            .identify(Some(&HeaderValue::from_static("supplier-key")))
+            .identify(&HeaderValue::from_static("supplier-key"))
             .unwrap();
         assert_eq!(&*found.name, "suppliers");
         assert_eq!(found.credential, 1);
+        assert!(all.has_local_clients());
     }
 
     #[test]
-    fn unknown_or_missing_keys_select_nothing() {
+    fn unknown_keys_select_nothing() {
         let all = integrations();
-        assert!(all.identify(None).is_none());
         assert!(all
-            .identify(Some(&HeaderValue::from_static("erp-key ")))
+            .identify(&HeaderValue::from_static("erp-key "))
             .is_none());
-        assert!(all.identify(Some(&HeaderValue::from_static(""))).is_none());
+        assert!(all.identify(&HeaderValue::from_static("")).is_none());
+    }
+
+    #[test]
+    fn a_local_client_needs_its_id_and_its_secret() {
+        let all = integrations();
+        assert_eq!(
+            &*all.local_client("snap", "local-secret").unwrap().name,
+            "snaplogic"
+        );
+        assert!(all.local_client("snap", "wrong").is_none());
+        assert!(all.local_client("other", "local-secret").is_none());
+        assert!(
+            all.local_client("erp", "erp-key").is_none(),
+            "a legacy key is not a client"
+        );
     }
 
     #[test]

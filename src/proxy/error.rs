@@ -20,9 +20,13 @@ pub enum ProxyError {
     #[error("the request target has no path")]
     BadTarget,
     #[error(
-        "missing or unknown X-COUPA-API-KEY: this proxy only serves its configured integrations"
+        "missing or unknown X-COUPA-API-KEY (or local OAuth token): this proxy only serves its configured integrations"
     )]
     UnknownApiKey,
+    #[error("unknown or expired token: fetch a new one from this proxy's /oauth2/token")]
+    InvalidLocalToken,
+    #[error("{0} is an OAuth endpoint: this proxy answers POST /oauth2/token itself and forwards no other OAuth path to Coupa")]
+    OAuthPathNotForwarded(String),
     #[error("CONNECT is not supported: this proxy only forwards to its Coupa instance")]
     ConnectMethod,
     #[error("absolute-form target for {0:?}: this proxy only forwards to its Coupa instance")]
@@ -55,7 +59,8 @@ impl ProxyError {
             | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::UnknownApiKey => StatusCode::UNAUTHORIZED,
+            ProxyError::UnknownApiKey | ProxyError::InvalidLocalToken => StatusCode::UNAUTHORIZED,
+            ProxyError::OAuthPathNotForwarded(_) => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -69,6 +74,8 @@ impl ProxyError {
             ProxyError::BadTarget => "bad_request",
             ProxyError::ConnectMethod => "method_not_allowed",
             ProxyError::UnknownApiKey => "unknown_api_key",
+            ProxyError::InvalidLocalToken => "invalid_token",
+            ProxyError::OAuthPathNotForwarded(_) => "not_forwarded",
             ProxyError::ForeignTarget(_) => "foreign_target",
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::ClientBodyTimeout(_) => "request_body_timeout",
@@ -103,6 +110,13 @@ impl ProxyError {
             // Whole seconds, rounded up, at least one.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if matches!(self, ProxyError::InvalidLocalToken) {
+            // RFC 6750 §3: tells an OAuth client library to fetch anew.
+            headers.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
         }
         if matches!(self, ProxyError::ConnectMethod) {
             headers.insert(

@@ -2,8 +2,10 @@
 //!
 //! A request goes through named phases, so a reader knows where a change
 //! belongs:
-//! 1. `request_filter`: a target this proxy serves, and a valid token; if
-//!    not, an error answer and nothing is forwarded.
+//! 1. `request_filter`: a target this proxy serves, an integration known
+//!    by its legacy key or local token ([`auth`]), and a valid token; if
+//!    not, an error answer and nothing is forwarded. `POST /oauth2/token`
+//!    is answered here by the proxy itself ([`local_token`]).
 //! 2. `upstream_request`: target URI and header rewrite ([`headers`]); the
 //!    body is wrapped so it can be replayed ([`body`]).
 //! 3. `send`: rate limit ([`ratelimit`]), pooled client ([`upstream`]),
@@ -13,7 +15,8 @@
 //! 4. `on_rejected_token`: Coupa answered 401, so fetch a new token (once
 //!    for a whole burst) and replay the request once.
 //! 5. `response_filter`: hop-by-hop removal, stall guard on the body.
-//! 6. `log`: one access line.
+//! 6. `log`: one access line, and the request counted in the migration
+//!    view ([`crate::insight`]).
 //!
 //! Phases 3 and 4 have files of their own ([`send`], [`rejected`]).
 //! Failures become answers in one place ([`error`]).
@@ -22,6 +25,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod headers;
+mod local_token;
 pub mod ratelimit;
 mod rejected;
 mod send;
@@ -40,10 +44,12 @@ use tracing::{debug, info, warn};
 use crate::cluster::budget::SharedBudget;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::insight::{Insight, Via};
+use crate::local_oauth::{self, LocalTokens};
 use crate::metrics::Metrics;
 use crate::token::TokenStore;
 use arc_swap::ArcSwap;
-use auth::Integrations;
+use auth::{IntegrationKey, Integrations};
 use body::{ResponseBody, UpstreamBody};
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
@@ -62,6 +68,8 @@ pub struct Proxy {
 /// One OAuth credential as the request path sees it.
 pub struct CredentialSlot {
     pub name: String,
+    /// The scopes configured (asked for); the token says which were granted.
+    pub scopes: Vec<String>,
     pub store: Arc<TokenStore>,
     /// After a 401-triggered token fetch, no other one within this.
     pub rejected_token_cooldown: Duration,
@@ -87,13 +95,19 @@ struct Inner {
     replay_body_limit: usize,
     rate_limiter: Option<Limiter>,
     metrics: Arc<Metrics>,
+    insight: Arc<Insight>,
+    local_tokens: LocalTokens,
+    /// The instance URL, for hints in log lines.
+    base_url: String,
 }
 
 /// What the request path learns about a request, for its log line and
 /// metrics.
 #[derive(Default)]
 struct Trace {
-    integration: Option<Arc<str>>,
+    integration: Option<Arc<IntegrationKey>>,
+    /// How the integration was identified.
+    via: Via,
     /// Time spent waiting for Coupa's response headers (all attempts).
     upstream: Option<Duration>,
 }
@@ -106,6 +120,7 @@ impl Proxy {
         stores: &[Arc<TokenStore>],
         client: UpstreamClient,
         metrics: Arc<Metrics>,
+        insight: Arc<Insight>,
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
         let coupa = &config.coupa;
@@ -125,6 +140,7 @@ impl Proxy {
             .zip(stores)
             .map(|(credential, store)| CredentialSlot {
                 name: credential.name.clone(),
+                scopes: credential.oauth.scopes.clone(),
                 store: store.clone(),
                 rejected_token_cooldown: credential.oauth.rejected_token_cooldown,
                 token_wait: credential.oauth.request_timeout,
@@ -136,6 +152,7 @@ impl Proxy {
                 default_credential: config.default_credential(),
                 integrations: ArcSwap::from_pointee(Integrations::from_config(
                     &config.integrations,
+                    &insight,
                 )),
                 client,
                 rules,
@@ -151,14 +168,23 @@ impl Proxy {
                     None => Limiter::Local(RateLimiter::new(limit)),
                 }),
                 metrics,
+                insight,
+                local_tokens: LocalTokens::new(cluster),
+                base_url: coupa.base_url.clone(),
             }),
         }
     }
 
-    /// Replaces the integrations (on reload); requests already past
-    /// identification keep the answer they got.
-    pub fn set_integrations(&self, integrations: Integrations) {
-        self.inner.integrations.store(Arc::new(integrations));
+    /// Takes the integrations of a reloaded config; requests already past
+    /// identification keep the answer they got, and the migration view
+    /// keeps the counts of integrations that stay.
+    pub fn reconfigure(&self, config: &Config) {
+        let inner = &*self.inner;
+        inner.insight.configure(config);
+        inner.integrations.store(Arc::new(Integrations::from_config(
+            &config.integrations,
+            &inner.insight,
+        )));
     }
 
     /// Handles one client request; never fails (failures are responses).
@@ -191,24 +217,60 @@ impl Proxy {
             .headers_mut()
             .insert(headers::X_REQUEST_ID, request_id.clone());
         // The query string can carry business data; only the path is logged.
+        let path = target.as_ref().map(|t| t.path()).unwrap_or("");
+        let status = response.status();
         info!(
             target: "coupa_auth_proxy::access",
             method = %method,
-            path = target.as_ref().map(|t| t.path()).unwrap_or(""),
-            integration = trace.integration.as_deref().unwrap_or(""),
+            path,
+            integration = trace.integration.as_ref().map(|i| &*i.name).unwrap_or(""),
             request_id = request_id.to_str().unwrap_or(""),
-            status = response.status().as_u16(),
+            status = status.as_u16(),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             "request"
         );
-        self.inner.metrics.record(
-            &method,
-            response.status(),
-            trace.integration.as_ref(),
-            started.elapsed(),
-            trace.upstream,
-        );
+        let inner = &*self.inner;
+        inner.metrics.record(started.elapsed(), trace.upstream);
+        let usage = match &trace.integration {
+            Some(integration) => &integration.usage,
+            None => inner.insight.unnamed(),
+        };
+        let refused =
+            trace.upstream.is_none() && (status.is_client_error() || status.is_server_error());
+        if inner
+            .insight
+            .record(usage, trace.via, &method, path, status, refused)
+        {
+            self.log_forbidden(&trace, &method, path);
+        }
         response
+    }
+
+    /// Coupa's 403, once per (integration, method, resource) an hour: the
+    /// credential most likely lacks a scope for the resource.
+    fn log_forbidden(&self, trace: &Trace, method: &Method, path: &str) {
+        let inner = &*self.inner;
+        let credential = &inner.credentials[trace
+            .integration
+            .as_ref()
+            .map(|i| i.credential)
+            .unwrap_or(inner.default_credential)];
+        let granted = credential
+            .store
+            .current(tokio::time::Instant::now())
+            .and_then(|t| t.scope.clone())
+            .unwrap_or_else(|| credential.scopes.join(" "));
+        warn!(
+            integration = trace.integration.as_ref().map(|i| &*i.name).unwrap_or("(none)"),
+            credential = credential.name,
+            granted_scopes = granted,
+            method = %method,
+            resource = crate::insight::resource_of(path).label(),
+            "Coupa answered 403: the credential probably lacks a scope for this resource; \
+             {}/oauth2/scopes on the instance lists each scope's API permissions \
+             (logged once an hour per integration, method and resource)",
+            inner.base_url.trim_end_matches('/'),
+        );
     }
 
     async fn forward(
@@ -225,17 +287,17 @@ impl Proxy {
             return Err(ProxyError::AmbiguousFraming);
         }
         self.check_target(&request)?;
-        let credential = {
-            let integrations = inner.integrations.load();
-            if integrations.is_empty() {
-                &inner.credentials[inner.default_credential]
-            } else {
-                let found = integrations
-                    .identify(request.headers().get(headers::X_COUPA_API_KEY))
-                    .ok_or(ProxyError::UnknownApiKey)?;
-                trace.integration = Some(found.name.clone());
-                &inner.credentials[found.credential]
+        if local_oauth::is_oauth_path(request.uri().path()) {
+            if request.uri().path() == local_oauth::TOKEN_PATH {
+                return self.answer_token_request(request, trace).await;
             }
+            return Err(ProxyError::OAuthPathNotForwarded(
+                request.uri().path().to_owned(),
+            ));
+        }
+        let credential = match self.identify(request.headers(), trace).await? {
+            Some(credential) => &inner.credentials[credential],
+            None => &inner.credentials[inner.default_credential],
         };
         let bearer = credential
             .store
@@ -312,6 +374,53 @@ impl Proxy {
             parts,
             Either::Left(ResponseBody::new(body, inner.idle_timeout, leased.lease)),
         ))
+    }
+
+    /// Which integration sent the request, by its legacy key or its local
+    /// token, and so which credential's token it gets; `None`: no
+    /// integrations are configured, everyone gets the default credential.
+    async fn identify(
+        &self,
+        headers: &http::HeaderMap,
+        trace: &mut Trace,
+    ) -> Result<Option<usize>, ProxyError> {
+        let inner = &*self.inner;
+        let integrations = inner.integrations.load();
+        if integrations.is_empty() {
+            if headers.contains_key(headers::X_COUPA_API_KEY) {
+                trace.via = Via::LegacyKey;
+            }
+            return Ok(None);
+        }
+        if let Some(key) = headers.get(headers::X_COUPA_API_KEY) {
+            let found = integrations
+                .identify(key)
+                .ok_or(ProxyError::UnknownApiKey)?;
+            trace.via = Via::LegacyKey;
+            trace.integration = Some(found.clone());
+            return Ok(Some(found.credential));
+        }
+        let token = match headers.get(http::header::AUTHORIZATION) {
+            Some(value) if integrations.has_local_clients() => {
+                local_oauth::bearer_of(value.as_bytes()).ok_or(ProxyError::UnknownApiKey)?
+            }
+            _ => return Err(ProxyError::UnknownApiKey),
+        };
+        drop(integrations);
+        let grant = inner
+            .local_tokens
+            .lookup(token)
+            .await
+            .ok_or(ProxyError::InvalidLocalToken)?;
+        // The integration may have gone, or changed its secret, on reload.
+        let integrations = inner.integrations.load();
+        let found = integrations
+            .by_name(&grant.integration)
+            .filter(|key| key.local_secret() == Some(&grant.secret_sha256))
+            .ok_or(ProxyError::InvalidLocalToken)?;
+        trace.via = Via::LocalToken;
+        trace.integration = Some(found.clone());
+        Ok(Some(found.credential))
     }
 
     /// The proxy is never an open proxy: no CONNECT tunnels, and an

@@ -1,0 +1,466 @@
+//! The migration view: what each integration actually calls. Per
+//! integration (and the unauthenticated default): first and last seen,
+//! requests by resource ([`resource`]), method and answer, the last hour
+//! minute by minute ([`usage`]), and flags — a candidate to retire, still
+//! on a legacy key. Shown on the status page ([`chart`] draws the hour) and
+//! exported to Prometheus with bounded labels.
+//!
+//! Only the resource name is kept of a request: never its query string,
+//! ids, body or key. The view lives in this process's memory from its
+//! start; each replica shows its own traffic.
+//!
+//! Hot path: [`Insight::record`] is atomics plus one lock-free table read;
+//! each integration's [`Usage`] is resolved when the config is loaded, not
+//! looked up per request.
+
+pub mod chart;
+pub mod resource;
+pub mod usage;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::{Method, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::MetricType;
+
+use crate::config::Config;
+pub use resource::{resource_of, Resource};
+pub use usage::{Usage, Via};
+use usage::{ANSWERS, METHODS};
+
+/// What the view knows of a configured integration.
+struct Configured {
+    usage: Arc<Usage>,
+    credential: String,
+    legacy_key: bool,
+    oauth_client_id: Option<String>,
+}
+
+/// Every integration's usage, and the clock they are kept on.
+pub struct Insight {
+    /// The view's clock starts here (tokio's, so tests can pause it).
+    epoch: tokio::time::Instant,
+    epoch_wall: SystemTime,
+    idle_warning: RwLock<Duration>,
+    /// Every usage ever made, by name, so a reload keeps the counts.
+    usages: RwLock<Vec<Arc<Usage>>>,
+    configured: ArcSwap<Vec<Configured>>,
+    unnamed: Arc<Usage>,
+}
+
+impl Insight {
+    pub fn new(config: &Config) -> Arc<Self> {
+        let unnamed = Arc::new(Usage::new(Arc::from("")));
+        let insight = Arc::new(Self {
+            epoch: tokio::time::Instant::now(),
+            epoch_wall: SystemTime::now(),
+            idle_warning: RwLock::new(config.insight.idle_warning),
+            usages: RwLock::new(vec![unnamed.clone()]),
+            configured: ArcSwap::from_pointee(Vec::new()),
+            unnamed,
+        });
+        insight.configure(config);
+        insight
+    }
+
+    /// Takes the integrations and settings of a (re)loaded config; the
+    /// counts of integrations that stay are kept.
+    pub fn configure(&self, config: &Config) {
+        if let Ok(mut idle) = self.idle_warning.write() {
+            *idle = config.insight.idle_warning;
+        }
+        let configured = config
+            .integrations
+            .iter()
+            .map(|i| Configured {
+                usage: self.usage(&i.name),
+                credential: config.credentials[i.credential].name.clone(),
+                legacy_key: i.api_key_sha256.is_some(),
+                oauth_client_id: i.local_client.as_ref().map(|c| c.client_id.clone()),
+            })
+            .collect();
+        self.configured.store(Arc::new(configured));
+    }
+
+    /// The usage of the integration `name`, made on first use.
+    pub fn usage(&self, name: &str) -> Arc<Usage> {
+        if let Ok(all) = self.usages.read() {
+            if let Some(found) = all.iter().find(|u| &*u.name == name) {
+                return found.clone();
+            }
+        }
+        let Ok(mut all) = self.usages.write() else {
+            return Arc::new(Usage::new(Arc::from(name)));
+        };
+        if let Some(found) = all.iter().find(|u| &*u.name == name) {
+            return found.clone();
+        }
+        let made = Arc::new(Usage::new(Arc::from(name)));
+        all.push(made.clone());
+        made
+    }
+
+    /// The usage of requests that name no integration.
+    pub fn unnamed(&self) -> &Arc<Usage> {
+        &self.unnamed
+    }
+
+    /// Now on the view's clock.
+    pub fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Counts one answered request (see [`Usage::record`]): true when it
+    /// is a 403 the caller should log.
+    pub fn record(
+        &self,
+        usage: &Usage,
+        via: Via,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        refused: bool,
+    ) -> bool {
+        usage.record(self.now(), via, method, resource_of(path), status, refused)
+    }
+
+    fn wall(&self, at: Duration) -> SystemTime {
+        self.epoch_wall + at
+    }
+
+    fn idle_warning(&self) -> Duration {
+        self.idle_warning
+            .read()
+            .map(|d| *d)
+            .unwrap_or(Duration::from_secs(7 * 86_400))
+    }
+
+    /// The view for `/status.json`: configured integrations in config
+    /// order, then any other usage with traffic (the unauthenticated
+    /// default, integrations removed by a reload).
+    pub fn snapshot(&self) -> Vec<serde_json::Value> {
+        let now = self.now();
+        let idle_warning = self.idle_warning();
+        let configured = self.configured.load();
+        let mut out: Vec<serde_json::Value> = configured
+            .iter()
+            .map(|c| {
+                let mut view = self.view(&c.usage, now, idle_warning, true);
+                view["credential"] = c.credential.clone().into();
+                view["identified_by"] = serde_json::json!({
+                    "legacy_key": c.legacy_key,
+                    "oauth_client_id": c.oauth_client_id,
+                });
+                view
+            })
+            .collect();
+        let others: Vec<Arc<Usage>> = self
+            .usages
+            .read()
+            .map(|all| {
+                all.iter()
+                    .filter(|u| u.last_seen().is_some())
+                    .filter(|u| !configured.iter().any(|c| Arc::ptr_eq(&c.usage, u)))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.extend(
+            others
+                .iter()
+                .map(|usage| self.view(usage, now, idle_warning, false)),
+        );
+        out
+    }
+
+    fn view(
+        &self,
+        usage: &Usage,
+        now: Duration,
+        idle_warning: Duration,
+        configured: bool,
+    ) -> serde_json::Value {
+        let time = |at: Option<Duration>| {
+            at.map(|at| humantime::format_rfc3339_seconds(self.wall(at)).to_string())
+        };
+        let mut flags = Vec::new();
+        let last_seen = usage.last_seen();
+        let silent_for = now.saturating_sub(last_seen.unwrap_or(Duration::ZERO));
+        if configured && silent_for >= idle_warning {
+            flags.push(serde_json::json!({
+                "flag": "idle",
+                "message": format!(
+                    "{} for {}: a candidate to retire",
+                    if last_seen.is_some() { "not seen" } else { "never seen since start" },
+                    humantime::format_duration(Duration::from_secs(silent_for.as_secs())),
+                ),
+            }));
+        }
+        if usage
+            .last_legacy_key()
+            .is_some_and(|at| now.saturating_sub(at) < idle_warning)
+        {
+            flags.push(serde_json::json!({
+                "flag": "legacy_key",
+                "message": "still sends X-COUPA-API-KEY: still on a legacy key",
+            }));
+        }
+        let mut requests = 0;
+        let mut resources = Vec::new();
+        usage.for_each_resource(|r| {
+            let mut methods = serde_json::Map::new();
+            let mut answers = [0u64; ANSWERS.len()];
+            let mut total = 0;
+            for (m, method) in METHODS.iter().enumerate() {
+                let by_method: u64 = (0..ANSWERS.len()).map(|a| r.count(m, a)).sum();
+                for (a, answer) in answers.iter_mut().enumerate() {
+                    *answer += r.count(m, a);
+                }
+                if by_method > 0 {
+                    methods.insert((*method).to_owned(), by_method.into());
+                }
+                total += by_method;
+            }
+            if total == 0 {
+                return;
+            }
+            requests += total;
+            let answers: serde_json::Map<String, serde_json::Value> = ANSWERS
+                .iter()
+                .zip(answers)
+                .filter(|(_, n)| *n > 0)
+                .map(|(name, n)| ((*name).to_owned(), n.into()))
+                .collect();
+            resources.push(serde_json::json!({
+                "resource": &*r.name,
+                "requests": total,
+                "forbidden": answers.get("403").cloned().unwrap_or(0.into()),
+                "methods": methods,
+                "answers": answers,
+            }));
+        });
+        let errors = usage.errors();
+        serde_json::json!({
+            "integration": if usage.name.is_empty() { "(none)" } else { &usage.name },
+            "requests": requests,
+            "errors": errors,
+            "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
+            "first_seen": time(usage.first_seen()),
+            "last_seen": time(last_seen),
+            "last_seen_seconds_ago": last_seen.map(|at| now.saturating_sub(at).as_secs()),
+            "last_legacy_key": time(usage.last_legacy_key()),
+            "last_local_token": time(usage.last_local_token()),
+            "flags": flags,
+            "resources": resources,
+            "requests_per_minute": usage.per_minute(now).to_vec(),
+        })
+    }
+
+    /// Exports the view's counters to Prometheus, read at scrape time.
+    pub fn collector(self: &Arc<Self>) -> Box<dyn Collector> {
+        Box::new(InsightCollector(self.clone()))
+    }
+}
+
+/// Method class (index into [`CLASSES`]) of each entry of [`METHODS`].
+const CLASS_OF_METHOD: [usize; METHODS.len()] = [0, 0, 1, 1, 1, 1, 2];
+const CLASSES: [&str; 3] = ["Read", "Write", "Other"];
+/// Status class (index into [`STATUSES`]) of each entry of [`ANSWERS`].
+const STATUS_OF_ANSWER: [usize; ANSWERS.len()] = [0, 1, 2, 2, 2, 2, 2, 3];
+const STATUSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// A resource's counts by method class and answer.
+fn by_class(resource: &usage::ResourceUsage) -> [[u64; ANSWERS.len()]; CLASSES.len()] {
+    let mut counts = [[0; ANSWERS.len()]; CLASSES.len()];
+    for (m, class) in CLASS_OF_METHOD.iter().enumerate() {
+        for (a, count) in counts[*class].iter_mut().enumerate() {
+            *count += resource.count(m, a);
+        }
+    }
+    counts
+}
+
+impl std::fmt::Debug for Insight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Insight").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct InsightCollector(Arc<Insight>);
+
+impl Collector for InsightCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let usages: Vec<Arc<Usage>> = self.0.usages.read().map(|u| u.clone()).unwrap_or_default();
+        // (integration, resource, counts by class and answer), read once so
+        // both families agree.
+        let mut rows = Vec::new();
+        for usage in &usages {
+            usage.for_each_resource(|r| {
+                let counts = by_class(r);
+                if counts.iter().flatten().any(|c| *c > 0) {
+                    rows.push((usage.name.clone(), r.name.clone(), counts));
+                }
+            });
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "integration_requests",
+                "Requests by integration, resource (the path segment after /api/; `other` past 64 per integration), method class and answer (2xx, 3xx, 401, 403, 404, 429, 4xx, 5xx)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (integration, resource, counts) in &rows {
+                for (class, by_answer) in counts.iter().enumerate() {
+                    for (answer, count) in by_answer.iter().enumerate() {
+                        if *count == 0 {
+                            continue;
+                        }
+                        ConstCounter::new(*count).encode(family.encode_family(&[
+                            ("integration", &**integration),
+                            ("resource", &**resource),
+                            ("method", CLASSES[class]),
+                            ("answer", ANSWERS[answer]),
+                        ])?)?;
+                    }
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "requests",
+            "Requests answered, by method class (Read, Write, Other), status class and integration",
+            None,
+            MetricType::Counter,
+        )?;
+        for usage in &usages {
+            let mut totals = [[0u64; STATUSES.len()]; CLASSES.len()];
+            for (_, _, counts) in rows.iter().filter(|(name, _, _)| *name == usage.name) {
+                for (class, by_answer) in counts.iter().enumerate() {
+                    for (answer, count) in by_answer.iter().enumerate() {
+                        totals[class][STATUS_OF_ANSWER[answer]] += count;
+                    }
+                }
+            }
+            for (class, by_status) in totals.iter().enumerate() {
+                for (status, count) in by_status.iter().enumerate() {
+                    if *count == 0 {
+                        continue;
+                    }
+                    ConstCounter::new(*count).encode(family.encode_family(&[
+                        ("method", CLASSES[class]),
+                        ("status", STATUSES[status]),
+                        ("integration", &*usage.name),
+                    ])?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{load, MINIMAL};
+
+    fn flags(view: &serde_json::Value) -> Vec<String> {
+        view["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["flag"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_integrations_become_candidates_to_retire_and_key_users_are_flagged() {
+        let config = load(&format!(
+            "{MINIMAL}\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n\
+             [[integration]]\nname = \"snap\"\noauth_client_id = \"snap\"\noauth_client_secret_sha256 = \"{}\"\n\
+             [insight]\nidle_warning = \"7d\"\n",
+            "1".repeat(64),
+            "2".repeat(64)
+        ))
+        .unwrap();
+        let insight = Insight::new(&config);
+        let erp = insight.usage("erp");
+        let get = |usage: &Usage, via, path| {
+            insight.record(usage, via, &Method::GET, path, StatusCode::OK, false)
+        };
+        get(&erp, Via::LegacyKey, "/api/invoices/12");
+        let view = insight.snapshot();
+        assert_eq!(view.len(), 2, "both configured integrations, in order");
+        assert_eq!(view[0]["integration"], "erp");
+        assert_eq!(view[0]["identified_by"]["legacy_key"], true);
+        assert_eq!(view[1]["identified_by"]["oauth_client_id"], "snap");
+        assert_eq!(flags(&view[0]), ["legacy_key"]);
+        assert!(
+            flags(&view[1]).is_empty(),
+            "a fresh process flags nobody idle"
+        );
+
+        tokio::time::advance(Duration::from_secs(7 * 86_400)).await;
+        let view = insight.snapshot();
+        assert_eq!(
+            flags(&view[0]),
+            ["idle"],
+            "a week silent; no longer calling with a key"
+        );
+        assert!(view[0]["flags"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not seen for 7days"));
+        assert_eq!(flags(&view[1]), ["idle"]);
+        assert!(view[1]["flags"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never seen since start"));
+
+        get(&insight.usage("snap"), Via::LocalToken, "/api/suppliers");
+        let view = insight.snapshot();
+        assert!(
+            flags(&view[1]).is_empty(),
+            "a local token is not a legacy key"
+        );
+        assert!(view[1]["last_local_token"].is_string());
+        assert_eq!(view[1]["resources"][0]["resource"], "suppliers");
+        assert_eq!(view[1]["requests_per_minute"][59], 1);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counts_of_integrations_that_stay() {
+        let one = format!(
+            "{MINIMAL}\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n",
+            "1".repeat(64)
+        );
+        let insight = Insight::new(&load(&one).unwrap());
+        let erp = insight.usage("erp");
+        insight.record(
+            &erp,
+            Via::LegacyKey,
+            &Method::GET,
+            "/api/x",
+            StatusCode::OK,
+            false,
+        );
+        let two = format!(
+            "{one}[[integration]]\nname = \"new\"\napi_key_sha256 = \"{}\"\n",
+            "3".repeat(64)
+        );
+        insight.configure(&load(&two).unwrap());
+        assert!(Arc::ptr_eq(&insight.usage("erp"), &erp));
+        let view = insight.snapshot();
+        assert_eq!(view[0]["requests"], 1);
+        assert_eq!(view[1]["integration"], "new");
+        // Traffic of an integration removed by a reload stays visible.
+        insight.configure(&load(MINIMAL).unwrap());
+        let view = insight.snapshot();
+        assert_eq!(view.len(), 1);
+        assert_eq!(view[0]["integration"], "erp");
+        assert!(view[0]["credential"].is_null());
+    }
+}
