@@ -24,6 +24,11 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim().to_owned());
+    if let (Some(token), Ok(mut seen)) = (&token, state.seen_bearers.lock()) {
+        if seen.len() < 10_000 {
+            seen.push(token.clone());
+        }
+    }
     let verdict = token
         .as_deref()
         .map(|t| state.check_token(t))
@@ -61,12 +66,27 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
         return response;
     }
 
-    let query = request.uri().query().unwrap_or("");
+    let query = request.uri().query().unwrap_or("").to_owned();
     let param = |name: &str| -> Option<u64> {
         form_urlencoded::parse(query.as_bytes())
             .find(|(k, _)| k == name)
             .and_then(|(_, v)| v.parse().ok())
     };
+    if state.scoped_api.load(Ordering::Relaxed) {
+        let scope = token
+            .as_deref()
+            .and_then(|t| state.token_scope(t))
+            .unwrap_or_default();
+        if let Some(missing) = missing_scope(request.method(), request.uri().path(), &scope) {
+            return json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({"errors": {"authorization": [format!("needs scope {missing}")]}}),
+            );
+        }
+        if request.method() == http::Method::GET && request.uri().path() == "/api/suppliers" {
+            return suppliers_page(param("offset").unwrap_or(0), param("limit").unwrap_or(50));
+        }
+    }
     match request.uri().path() {
         "/api/_download" => {
             let size = param("bytes").unwrap_or(0);
@@ -110,6 +130,33 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
         }
         _ => echo(request).await,
     }
+}
+
+/// Suppliers the scoped API lists.
+const SUPPLIERS: u64 = 120;
+
+/// The scope `path` needs for `method` that `granted` lacks, if any.
+fn missing_scope(method: &http::Method, path: &str, granted: &str) -> Option<String> {
+    let resource = path.strip_prefix("/api/")?.split('/').next()?;
+    if !resource.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return None;
+    }
+    let stem = format!("core.{}", resource.strip_suffix('s').unwrap_or(resource));
+    let read = matches!(*method, http::Method::GET | http::Method::HEAD);
+    let write_scope = format!("{stem}.write");
+    let read_scope = format!("{stem}.read");
+    let has = |scope: &str| granted.split_whitespace().any(|g| g == scope);
+    let allowed = has(&write_scope) || (read && has(&read_scope));
+    (!allowed).then(|| if read { read_scope } else { write_scope })
+}
+
+/// One page of the supplier list: at most 50 records, like Coupa.
+fn suppliers_page(offset: u64, limit: u64) -> Response<FakeBody> {
+    let end = SUPPLIERS.min(offset.saturating_add(limit.min(50)));
+    let records: Vec<serde_json::Value> = (offset..end)
+        .map(|i| serde_json::json!({"id": i + 1, "name": format!("Supplier {}", i + 1)}))
+        .collect();
+    json(StatusCode::OK, serde_json::Value::Array(records))
 }
 
 enum Ending {

@@ -105,6 +105,10 @@ pub struct FakeState {
     base_url: String,
     /// Benchmark mode: `/api/*` answers a fixed JSON body.
     fast_api: std::sync::atomic::AtomicBool,
+    /// Coupa-like mode: resources need their scope, `/api/suppliers` lists.
+    scoped_api: std::sync::atomic::AtomicBool,
+    /// Every bearer token the API side was sent, live or not.
+    seen_bearers: Mutex<Vec<String>>,
 }
 
 /// The fixed answer of fast mode: a JSON array padded to `kib` KiB.
@@ -140,6 +144,22 @@ impl FakeState {
     }
 
     /// Makes the test user decline consent (authorize and device grants).
+    /// Coupa-like API: a resource needs its scope (`core.<resource
+    /// singular>.read` to read, `.write` to change; write covers read) or
+    /// gets 403, and `GET /api/suppliers` lists 120 suppliers, at most 50
+    /// per call (`offset`, `limit`).
+    pub fn set_scoped_api(&self, scoped: bool) {
+        self.scoped_api.store(scoped, Ordering::Relaxed);
+    }
+
+    /// Every bearer token sent to `/api/*` so far, in order.
+    pub fn seen_bearers(&self) -> Vec<String> {
+        self.seen_bearers
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
     pub fn set_deny_consent(&self, deny: bool) {
         self.oauth().deny_consent = deny;
     }
@@ -327,6 +347,8 @@ impl FakeCoupa {
             oauth: Mutex::new(oauth::OAuthState::default()),
             base_url: base_url(addr, options.tls.is_some()),
             fast_api: std::sync::atomic::AtomicBool::new(false),
+            scoped_api: std::sync::atomic::AtomicBool::new(false),
+            seen_bearers: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
         let tls = options.tls.map(TlsAcceptor::from);
