@@ -40,7 +40,11 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
     // The credential reads invoices but may not change them, and has no
     // supplier scope: Coupa answers 403 to those.
     for (method, path, status) in [
-        (reqwest::Method::GET, "/api/invoices/918273?filter=SECRET-QUERY", 200),
+        (
+            reqwest::Method::GET,
+            "/api/invoices/918273?filter=SECRET-QUERY",
+            200,
+        ),
         (reqwest::Method::GET, "/api/invoices", 200),
         (reqwest::Method::PUT, "/api/invoices/918273", 403),
         (reqwest::Method::PUT, "/api/invoices/555001/approve", 403),
@@ -110,7 +114,10 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
     let retired = &integrations[1];
     assert_eq!(retired["integration"], "retired-flow");
     assert_eq!(retired["requests"], 0);
-    assert!(retired["flags"].as_array().unwrap().is_empty(), "not idle a week yet");
+    assert!(
+        retired["flags"].as_array().unwrap().is_empty(),
+        "not idle a week yet"
+    );
     let unnamed = integrations
         .iter()
         .find(|i| i["integration"] == "(none)")
@@ -131,9 +138,18 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
         ]
     }
     let series = "coupa_proxy_integration_requests_total";
-    assert_eq!(metric(&metrics, series, &labels("invoices", "Write", "403")), 3.0);
-    assert_eq!(metric(&metrics, series, &labels("invoices", "Read", "2xx")), 2.0);
-    assert_eq!(metric(&metrics, series, &labels("other", "Read", "2xx")), 9.0);
+    assert_eq!(
+        metric(&metrics, series, &labels("invoices", "Write", "403")),
+        3.0
+    );
+    assert_eq!(
+        metric(&metrics, series, &labels("invoices", "Read", "2xx")),
+        2.0
+    );
+    assert_eq!(
+        metric(&metrics, series, &labels("other", "Read", "2xx")),
+        9.0
+    );
     let erp_series = metrics
         .lines()
         .filter(|l| l.starts_with(series) && l.contains("integration=\"erp\""))
@@ -143,7 +159,11 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
         metric(
             &metrics,
             "coupa_proxy_requests_total",
-            &[("integration", "erp"), ("method", "Write"), ("status", "4xx")]
+            &[
+                ("integration", "erp"),
+                ("method", "Write"),
+                ("status", "4xx")
+            ]
         ),
         3.0
     );
@@ -169,10 +189,21 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
     assert!(put["message"].as_str().unwrap().contains("/oauth2/scopes"));
     assert_eq!(forbidden[1]["resource"], "suppliers");
 
-    let page = get(format!("http://{}/", proxy.admin)).await.text().await.unwrap();
-    assert!(page.contains("<h3>erp</h3>") && page.contains("<svg"), "{page}");
+    let page = get(format!("http://{}/", proxy.admin))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("<h3>erp</h3>") && page.contains("<svg"),
+        "{page}"
+    );
     assert!(page.contains("legacy_key") && page.contains("invoices"));
-    for (what, text) in [("status.json", &status_text), ("metrics", &metrics), ("page", &page)] {
+    for (what, text) in [
+        ("status.json", &status_text),
+        ("metrics", &metrics),
+        ("page", &page),
+    ] {
         for secret in ["918273", "555001", "5550123", "SECRET", ERP_KEY] {
             assert!(!text.contains(secret), "{what} holds {secret:?}");
         }

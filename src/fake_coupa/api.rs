@@ -147,7 +147,7 @@ fn missing_scope(method: &http::Method, path: &str, granted: &str) -> Option<Str
     let read_scope = format!("{stem}.read");
     let has = |scope: &str| granted.split_whitespace().any(|g| g == scope);
     let allowed = has(&write_scope) || (read && has(&read_scope));
-    (!allowed).then(|| if read { read_scope } else { write_scope })
+    (!allowed).then_some(if read { read_scope } else { write_scope })
 }
 
 /// One page of the supplier list: at most 50 records, like Coupa.

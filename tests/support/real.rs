@@ -35,6 +35,32 @@ pub fn tool(tool: &str) -> Option<PathBuf> {
     found
 }
 
+/// The project's test Python (`.venv`, made by `.ci/run`) if it can
+/// import `module`; `None` (after saying so loudly) when not, and a
+/// failure under CI.
+pub fn python_with(module: &str) -> Option<PathBuf> {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let imports = python.exists()
+        && Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !imports {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{module} is not in .venv, and CI must not skip: .ci/run installs it"
+        );
+        eprintln!(
+            "\n*** SKIPPED: Python {module} is not installed (python3 -m venv .venv && .venv/bin/pip install requests-oauthlib); \
+             .ci/run installs it, so CI runs this test ***\n"
+        );
+        return None;
+    }
+    Some(python)
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
