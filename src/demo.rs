@@ -11,9 +11,15 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, AppError, Listeners};
 use crate::config::{Config, ConfigError};
 use crate::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
+use crate::proxy::auth::hash_key;
 
 const DEMO_CLIENT_ID: &str = "demo-integration";
 const DEMO_CLIENT_SECRET: &str = "demo-secret-only-valid-at-the-fake";
+/// The legacy key the printed `curl` sends, and the local OAuth client a
+/// tool would use; both known to the demo's integrations.
+const DEMO_LEGACY_KEY: &str = "0123456789abcdef0123456789abcdef01234567";
+const DEMO_TOOL_ID: &str = "demo-tool";
+const DEMO_TOOL_SECRET: &str = "demo-tool-secret";
 const DEMO_SCOPES: [&str; 3] = [
     "core.common.read",
     "core.invoice.read",
@@ -70,6 +76,8 @@ pub async fn run(
     })
     .await
     .map_err(DemoError::Fake)?;
+    // Like Coupa: a resource needs its scope, so the status page shows 403s.
+    fake.state().set_scoped_api(true);
 
     let proxy_listener = bind_or_any("the proxy", listen).await?;
     let admin_listener = bind_or_any("the admin endpoint", admin).await?;
@@ -89,12 +97,23 @@ accept = "application/json"
 [oauth]
 client_id = "{DEMO_CLIENT_ID}"
 client_secret = "${{DEMO_CLIENT_SECRET}}"
-scopes = ["core.common.read", "core.invoice.read"]
+scopes = ["core.common.read", "core.invoice.read", "core.supplier.read"]
+
+[[integration]]
+name = "legacy-erp"
+api_key_sha256 = "{legacy}"
+
+[[integration]]
+name = "oauth-tool"
+oauth_client_id = "{DEMO_TOOL_ID}"
+oauth_client_secret_sha256 = "{tool}"
 
 [admin]
 address = "{admin_addr}"
 "#,
         base = fake.base_url(),
+        legacy = hash_key(DEMO_LEGACY_KEY),
+        tool = hash_key(DEMO_TOOL_SECRET),
     );
     let config = Config::from_toml(&text, Path::new("."), |var| {
         (var == "DEMO_CLIENT_SECRET").then(|| DEMO_CLIENT_SECRET.to_owned())
@@ -107,12 +126,19 @@ address = "{admin_addr}"
          \n  readiness   http://{admin_addr}/readyz\
          \n  status      http://{admin_addr}/ (metrics at /metrics)\
          \n\nA legacy integration's call, sent to the proxy with an old API key:\n\
-         \n  curl -s -H 'X-COUPA-API-KEY: 0123456789abcdef0123456789abcdef01234567' 'http://{proxy_addr}/api/invoices?limit=1&offset=0'\n\
+         \n  curl -s -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' 'http://{proxy_addr}/api/invoices?limit=1&offset=0'\n\
          \nThe fake Coupa answers with what it received: no X-COUPA-API-KEY, an\
          \n`authorization: Bearer fake.…` header with the token the proxy fetched,\
          \n`accept: application/json`, `host` set to the instance and X-Forwarded-*.\
          \nThe same call without the proxy would be rejected with 401:\n\
-         \n  curl -s -H 'X-COUPA-API-KEY: 0123456789abcdef0123456789abcdef01234567' '{base}/api/invoices'\n\
+         \n  curl -s -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' '{base}/api/invoices'\n\
+         \nA tool that fetches its own token asks the proxy, which answers with a\
+         \nlocal token (Coupa's secret and tokens stay in the proxy):\n\
+         \n  curl -s -u {DEMO_TOOL_ID}:{DEMO_TOOL_SECRET} -d grant_type=client_credentials 'http://{proxy_addr}/oauth2/token'\
+         \n  curl -s -H 'Authorization: Bearer <access_token>' 'http://{proxy_addr}/api/invoices'\n\
+         \nA call its credential has no scope for gets Coupa's 403, counted on the\
+         \nstatus page's migration view:\n\
+         \n  curl -s -X PUT -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' 'http://{proxy_addr}/api/invoices/1'\n\
          \nCtrl-C stops the demo.",
         base = fake.base_url(),
     );

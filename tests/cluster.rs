@@ -467,3 +467,57 @@ async fn coupas_429_makes_every_proxy_hold_off() {
         proxy.stop().await;
     }
 }
+
+/// A tool's local token from one proxy is honoured by the others: it is
+/// kept (sealed, by its digest) in the shared state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_token_issued_by_one_proxy_serves_at_the_others() {
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_fake(Duration::from_secs(86_400)).await;
+    let dir = tempdir::Dir::new("cluster-local-token");
+    let secret = "local-secret-shared-by-tool-and-proxy";
+    let text = clustered(&fake, &redis, &dir, KEY, "")
+        + &format!(
+            "\n[[integration]]\nname = \"postman\"\noauth_client_id = \"postman\"\noauth_client_secret_sha256 = \"{}\"\n",
+            coupa_auth_proxy::proxy::auth::hash_key(secret)
+        );
+    let proxies = start_proxies(&text, 2).await;
+    let answer: serde_json::Value = http_client()
+        .post(proxies[0].url("/oauth2/token"))
+        .basic_auth("postman", Some(secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["access_token"].as_str().unwrap().to_owned();
+    for proxy in &proxies {
+        let response = http_client()
+            .get(proxy.url("/api/invoices"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let echo: serde_json::Value = response.json().await.unwrap();
+        assert!(fake.state().token_is_live(&echoed_token(&echo)));
+    }
+    // Redis holds the token's digest, never the token.
+    let reply = redis.command(&["KEYS", "test:*:local_token:*"]);
+    let keys: Vec<&str> = reply
+        .lines()
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+        .collect();
+    assert_eq!(keys.len(), 1, "{reply}");
+    assert!(!keys[0].contains(&token));
+    let stored = redis.command(&["GET", keys[0]]);
+    assert!(
+        !stored.contains(&token) && !stored.contains("postman"),
+        "sealed: {stored}"
+    );
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+}

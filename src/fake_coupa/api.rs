@@ -141,8 +141,16 @@ fn missing_scope(method: &http::Method, path: &str, granted: &str) -> Option<Str
     if !resource.starts_with(|c: char| c.is_ascii_lowercase()) {
         return None;
     }
-    let stem = format!("core.{}", resource.strip_suffix('s').unwrap_or(resource));
     let read = matches!(*method, http::Method::GET | http::Method::HEAD);
+    // Shared master data is read with core.common.read.
+    const COMMON: [&str; 4] = ["departments", "lookup_values", "currencies", "addresses"];
+    if read
+        && COMMON.contains(&resource)
+        && granted.split_whitespace().any(|g| g == "core.common.read")
+    {
+        return None;
+    }
+    let stem = format!("core.{}", resource.strip_suffix('s').unwrap_or(resource));
     let write_scope = format!("{stem}.write");
     let read_scope = format!("{stem}.read");
     let has = |scope: &str| granted.split_whitespace().any(|g| g == scope);

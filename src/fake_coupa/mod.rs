@@ -143,9 +143,9 @@ impl FakeState {
         self.oauth.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes the test user decline consent (authorize and device grants).
     /// Coupa-like API: a resource needs its scope (`core.<resource
-    /// singular>.read` to read, `.write` to change; write covers read) or
+    /// singular>.read` to read, `.write` to change; write covers read;
+    /// `core.common.read` reads departments and other master data) or
     /// gets 403, and `GET /api/suppliers` lists 120 suppliers, at most 50
     /// per call (`offset`, `limit`).
     pub fn set_scoped_api(&self, scoped: bool) {
@@ -160,6 +160,7 @@ impl FakeState {
             .unwrap_or_default()
     }
 
+    /// Makes the test user decline consent (authorize and device grants).
     pub fn set_deny_consent(&self, deny: bool) {
         self.oauth().deny_consent = deny;
     }
