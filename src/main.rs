@@ -81,8 +81,9 @@ enum Command {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Read a legacy API key on stdin and print its SHA-256, for
-    /// `api_key_sha256` in an `[[integration]]` table.
+    /// Read a legacy API key (or a local OAuth client secret) on stdin and
+    /// print its SHA-256, for `api_key_sha256` (or
+    /// `oauth_client_secret_sha256`) in an `[[integration]]` table.
     HashKey,
     /// Start a fake Coupa and the proxy in front of it, on loopback.
     Demo {
@@ -322,7 +323,7 @@ fn hash_key() -> Result<(), Failure> {
     let key = key.trim_end_matches(['\r', '\n']);
     if key.is_empty() {
         return Err(config_failure(anyhow::anyhow!(
-            "no key on stdin: pipe the legacy API key in, e.g. `printf %s \"$KEY\" | coupa-auth-proxy hash-key`"
+            "no key on stdin: pipe the legacy API key (or the local client secret) in, e.g. `printf %s \"$KEY\" | coupa-auth-proxy hash-key`"
         )));
     }
     println!("{}", coupa_auth_proxy::proxy::auth::hash_key(key));

@@ -142,14 +142,28 @@ async fn recycled_connections_lose_no_request(version: &str, protocol: &str) {
     let seen = load(&proxy, workers, per_worker).await;
     assert_all_ok(&seen);
 
+    // nginx writes a request's log line after its response is sent, so
+    // the client can be done before the last line is there.
+    eventually("nginx logged every request", || {
+        let logged = nginx.access_log().len();
+        async move { logged >= total }
+    })
+    .await;
     let served: Vec<_> = nginx.access_log();
     let ok = served
         .iter()
         .filter(|(_, _, status)| *status == 200)
         .count();
-    assert_eq!(ok, total, "nginx processed each request exactly once");
-    assert!(served.iter().all(|(_, p, _)| p == protocol), "{served:?}");
     let text = metrics(&proxy).await;
+    assert_eq!(
+        ok,
+        total,
+        "nginx processed each request exactly once; retries: {:?}",
+        text.lines()
+            .filter(|l| l.starts_with("coupa_proxy_upstream_retries"))
+            .collect::<Vec<_>>()
+    );
+    assert!(served.iter().all(|(_, p, _)| p == protocol), "{served:?}");
     let opened = opened(
         &text,
         if protocol == "HTTP/2.0" {

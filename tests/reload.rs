@@ -201,3 +201,82 @@ async fn a_reload_asking_for_an_unassigned_scope_keeps_the_old_token_and_names_t
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200, "the old token keeps serving");
 }
+
+/// A local client whose secret changes on reload: tokens issued under the
+/// old secret end at once, new ones are issued under the new one. At
+/// trace level no log line holds either secret or a local token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_local_client_secret_ends_the_tokens_issued_under_the_old_one() {
+    const OLD: &str = "local-secret-old-Qp7-never-log-me";
+    const NEW: &str = "local-secret-new-Vb2-never-log-me";
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = |secret: &str| {
+        config_text(&fake.base_url(), "", "")
+            + &format!(
+                "\n[[integration]]\nname = \"tool\"\noauth_client_id = \"tool\"\noauth_client_secret_sha256 = \"{}\"\n",
+                hash_key(secret)
+            )
+    };
+    let proxy = ProxyProcess::start(&text(OLD), &["--log-level", "trace"], &[]);
+    proxy.wait_ready().await;
+    let client = http_client();
+    let fetch = |secret: &'static str| {
+        let (client, url) = (client.clone(), proxy.url("/oauth2/token"));
+        async move {
+            let response = client
+                .post(url)
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "tool"),
+                    ("client_secret", secret),
+                ])
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap();
+            (
+                status,
+                body["access_token"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    let call = |token: String| {
+        let (client, url) = (client.clone(), proxy.url("/api/invoices"));
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let (status, old_token) = fetch(OLD).await;
+    assert_eq!(status, 200);
+    assert_eq!(call(old_token.clone()).await, 200);
+
+    std::fs::write(proxy.config_path(), text(NEW)).unwrap();
+    proxy.hangup();
+    eventually("the reload is applied", || {
+        let logs = proxy.logs();
+        async move { logs.contains("configuration reloaded") }
+    })
+    .await;
+    assert_eq!(
+        call(old_token.clone()).await,
+        401,
+        "issued under the old secret"
+    );
+    assert_eq!(fetch(OLD).await.0, 401);
+    let (status, new_token) = fetch(NEW).await;
+    assert_eq!(status, 200);
+    assert_eq!(call(new_token.clone()).await, 200);
+
+    let logs = proxy.logs();
+    assert!(logs.contains("TRACE"));
+    for secret in [OLD, NEW, &old_token, &new_token, CLIENT_SECRET] {
+        assert!(!logs.contains(secret), "logs hold a secret");
+    }
+}
