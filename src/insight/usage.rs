@@ -136,15 +136,17 @@ impl Usage {
         refused: bool,
     ) -> bool {
         let stamp = now.as_millis() as u64 + 1;
-        let _ = self
-            .first_seen
-            .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
-        self.last_seen.fetch_max(stamp, Ordering::Relaxed);
+        if self.first_seen.load(Ordering::Relaxed) == 0 {
+            let _ = self
+                .first_seen
+                .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        touch(&self.last_seen, stamp);
         match via {
-            Via::LegacyKey => self.last_legacy_key.fetch_max(stamp, Ordering::Relaxed),
-            Via::LocalToken => self.last_local_token.fetch_max(stamp, Ordering::Relaxed),
-            Via::Nothing => 0,
-        };
+            Via::LegacyKey => touch(&self.last_legacy_key, stamp),
+            Via::LocalToken => touch(&self.last_local_token, stamp),
+            Via::Nothing => {}
+        }
         if refused || status.is_server_error() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -256,6 +258,15 @@ impl Usage {
     }
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+}
+
+/// Moves a last-seen mark to `stamp`, at most once a second: a read on
+/// most requests instead of a locked write that every core contends for.
+fn touch(mark: &AtomicU64, stamp: u64) {
+    let current = mark.load(Ordering::Relaxed);
+    if current == 0 || current + 1000 <= stamp {
+        mark.fetch_max(stamp, Ordering::Relaxed);
     }
 }
 
