@@ -363,7 +363,8 @@ fn validate_integrations(
     Ok(integrations)
 }
 
-fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+/// 64 hex digits as the 32 bytes of a SHA-256 digest.
+pub(crate) fn parse_sha256(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
     if text.len() != 64 {
         return None;

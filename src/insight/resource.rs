@@ -38,20 +38,21 @@ pub fn resource_of(path: &str) -> Resource<'_> {
     let Some(rest) = path.strip_prefix("/api/") else {
         return Resource::OutsideApi;
     };
-    let segment = rest.split('/').next().unwrap_or("");
+    // One pass over the name's bytes: this runs on every request.
     // `invoices.json` is `invoices` asked for in another format.
-    let name = segment.split('.').next().unwrap_or("");
-    let bytes = name.as_bytes();
-    let well_formed = !bytes.is_empty()
-        && bytes.len() <= MAX_NAME
-        && bytes[0].is_ascii_lowercase()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
-    if well_formed {
-        Resource::Named(name)
-    } else {
-        Resource::Other
+    let bytes = rest.as_bytes();
+    let mut end = 0;
+    while end < bytes.len() && bytes[end] != b'/' && bytes[end] != b'.' {
+        let b = bytes[end];
+        let allowed = b.is_ascii_lowercase() || (end > 0 && (b.is_ascii_digit() || b == b'_'));
+        if !allowed || end == MAX_NAME {
+            return Resource::Other;
+        }
+        end += 1;
+    }
+    match rest.get(..end) {
+        Some(name) if !name.is_empty() => Resource::Named(name),
+        _ => Resource::Other,
     }
 }
 

@@ -137,9 +137,9 @@ impl Usage {
     ) -> bool {
         let stamp = now.as_millis() as u64 + 1;
         if self.first_seen.load(Ordering::Relaxed) == 0 {
-            let _ = self
-                .first_seen
-                .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
+            let _ =
+                self.first_seen
+                    .compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
         }
         touch(&self.last_seen, stamp);
         match via {

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::cluster::{unix_ms, Cluster};
+use crate::config::parse_sha256;
 use crate::secret::Secret;
 
 /// Live tokens kept per integration; a tool that fetches more than this
@@ -159,7 +160,7 @@ impl LocalTokens {
         );
         let grant = Grant {
             integration: Arc::from(shared.integration),
-            secret_sha256: parse_hex(&shared.secret_sha256)?,
+            secret_sha256: parse_sha256(&shared.secret_sha256)?,
             expires_at: now + left,
         };
         self.insert(digest, grant.clone());
@@ -182,17 +183,6 @@ fn digest(token: &str) -> [u8; 32] {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_hex(text: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -248,7 +238,7 @@ mod tests {
 
     #[test]
     fn hex_round_trips() {
-        assert_eq!(parse_hex(&hex(&[0xab; 32])), Some([0xab; 32]));
-        assert_eq!(parse_hex("zz"), None);
+        assert_eq!(parse_sha256(&hex(&[0xab; 32])), Some([0xab; 32]));
+        assert_eq!(parse_sha256("zz"), None);
     }
 }
