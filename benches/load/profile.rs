@@ -78,11 +78,53 @@ pub fn callgrind(upstream: u16, work: &Path) {
         })
         .max()
         .unwrap_or(0);
+    let allocations: u64 = dumps
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|text| allocation_calls(&text))
+        .max()
+        .unwrap_or(0);
+    let requests = sample.requests.max(1) as f64;
     println!(
-        "callgrind: {} requests, {:.0} user-space instructions per request ({} dumps in {})",
+        "callgrind: {} requests, {:.0} user-space instructions and {:.1} allocations (malloc, calloc, realloc) per request ({} dumps in {})",
         sample.requests,
-        instructions as f64 / sample.requests.max(1) as f64,
+        instructions as f64 / requests,
+        allocations as f64 / requests,
         dumps.len(),
         keep.display()
     );
+}
+
+/// Calls to the allocator in a callgrind dump: every call edge into
+/// `malloc`, `calloc` or `realloc`, summed (callgrind names a function by
+/// `(id) name` once, then by `(id)` alone).
+fn allocation_calls(dump: &str) -> u64 {
+    let mut names = std::collections::HashMap::new();
+    let mut callee_allocates = false;
+    let mut total = 0;
+    for line in dump.lines() {
+        if let Some(rest) = line
+            .strip_prefix("cfn=")
+            .or_else(|| line.strip_prefix("fn="))
+        {
+            let (id, name) = rest.split_once(' ').unwrap_or((rest, ""));
+            if !name.is_empty() {
+                names.insert(id.to_owned(), name.to_owned());
+            }
+            callee_allocates = line.starts_with("cfn=")
+                && names
+                    .get(id)
+                    .is_some_and(|n| matches!(n.as_str(), "malloc" | "calloc" | "realloc"));
+        } else if let Some(calls) = line.strip_prefix("calls=") {
+            if callee_allocates {
+                total += calls
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            callee_allocates = false;
+        }
+    }
+    total
 }
