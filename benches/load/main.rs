@@ -12,7 +12,9 @@
 //! BENCH_CALLGRIND=1 (instead of the table: the proxy under valgrind's
 //! callgrind, user-space instructions per request at 16 connections; a
 //! stable figure on a noisy machine for comparing two builds; the profile
-//! stays in target/load-bench/ for callgrind_annotate).
+//! stays in target/load-bench/ for callgrind_annotate; allocations per
+//! request too), BENCH_IDLE=N (instead of the table: memory per idle
+//! keep-alive client connection, proxy against nginx, N connections).
 //!
 //! Targets: `direct`, `proxy`, `nginx`, `haproxy`, and in the
 //! 50-connection scenario variants of the proxy with one lever turned:
@@ -32,6 +34,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench that cannot run should stop loudly
 
 mod drive;
+mod idle;
 mod profile;
 mod report;
 mod stats;
@@ -111,6 +114,16 @@ fn main() {
     std::fs::create_dir_all(&work).unwrap();
     let (upstream, token) = start_upstream();
 
+    if let Ok(connections) = std::env::var("BENCH_IDLE") {
+        idle::idle(
+            upstream,
+            &token,
+            &work,
+            connections.parse().unwrap_or(2_000),
+        );
+        let _ = std::fs::remove_dir_all(&work);
+        std::process::exit(0);
+    }
     if std::env::var("BENCH_CALLGRIND").is_ok() {
         profile::callgrind(upstream, &work);
         let _ = std::fs::remove_dir_all(&work);

@@ -152,7 +152,8 @@ impl FakeState {
         self.scoped_api.store(scoped, Ordering::Relaxed);
     }
 
-    /// Every bearer token sent to `/api/*` so far, in order.
+    /// The bearer tokens sent to `/api/*` so far, in order (the first
+    /// 1,000; none in fast mode).
     pub fn seen_bearers(&self) -> Vec<String> {
         self.seen_bearers
             .lock()
