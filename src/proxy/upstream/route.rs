@@ -20,7 +20,10 @@ use super::{h1, h2, Io, Pool, Route, UpstreamError, SPEAKS_H1, SPEAKS_H2};
 use crate::config::HttpVersion;
 
 impl Pool {
-    /// A connection for one attempt, by the configured version.
+    /// A connection for one attempt, by the configured version. Connects
+    /// and handshakes (the cold path) are boxed: every request's future,
+    /// and the slot hyper keeps for it on each client connection, would
+    /// otherwise be sized for a TLS connect.
     pub(super) async fn route(&self) -> Result<Route, UpstreamError> {
         let use_h2 = match self.version {
             HttpVersion::Http1 => false,
@@ -41,7 +44,7 @@ impl Pool {
             HttpVersion::Auto => self.h1.try_reserve(),
             _ => None,
         };
-        match self.connect().await {
+        match Box::pin(self.connect()).await {
             Ok((io, negotiated_h2)) => {
                 if negotiated_h2 || self.version == HttpVersion::Http2 {
                     if self.scheme == Scheme::HTTPS && !negotiated_h2 {
@@ -49,7 +52,7 @@ impl Pool {
                         return Err(UpstreamError::NoHttp2);
                     }
                     self.learned.store(SPEAKS_H2, Ordering::Release);
-                    match self.handshake_h2(io).await {
+                    match Box::pin(self.handshake_h2(io)).await {
                         Ok((sender, max_streams)) => {
                             Ok(Route::H2(connecting.succeeded(sender, max_streams)))
                         }
@@ -76,7 +79,7 @@ impl Pool {
                             }
                         },
                     };
-                    let sender = self.handshake_h1(io).await?;
+                    let sender = Box::pin(self.handshake_h1(io)).await?;
                     Ok(Route::H1 {
                         conn: slot.with(sender),
                         reused: false,
@@ -100,8 +103,8 @@ impl Pool {
         {
             h1::Checkout::Reused(conn) => Ok(Route::H1 { conn, reused: true }),
             h1::Checkout::Connect(slot) => {
-                let (io, _) = self.connect().await?;
-                let sender = self.handshake_h1(io).await?;
+                let (io, _) = Box::pin(self.connect()).await?;
+                let sender = Box::pin(self.handshake_h1(io)).await?;
                 Ok(Route::H1 {
                     conn: slot.with(sender),
                     reused: false,
