@@ -302,11 +302,10 @@ fn status_page(status: &serde_json::Value) -> String {
     for i in &integrations {
         integration_section(&mut html, i);
     }
-    html.push_str("<table>");
     if let Some(cluster) = status["cluster"].as_object() {
         let _ = write!(
             html,
-            "</table><h2>Cluster</h2><p>{} · this process {}</p><table><tr><th>processes seen \
+            "<h2>Cluster</h2><p>{} · this process {}</p><table><tr><th>processes seen \
              in the last 30 s</th></tr>",
             cell(&cluster["redis"]),
             cell(&cluster["this_process"]),
@@ -322,9 +321,10 @@ fn status_page(status: &serde_json::Value) -> String {
                 .unwrap_or_else(|| "nobody".into());
             let _ = write!(html, "<tr><td>{}</td><td>{holder}</td></tr>", escape(name));
         }
+        html.push_str("</table>");
     }
     html.push_str(
-        "</table><p><a href=\"/status.json\">status.json</a> · <a href=\"/metrics\">metrics</a></p>\
+        "<p><a href=\"/status.json\">status.json</a> · <a href=\"/metrics\">metrics</a></p>\
          </body></html>",
     );
     html
@@ -413,4 +413,34 @@ fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_on_the_page_is_closed_and_none_is_empty() {
+        for cluster in [
+            serde_json::Value::Null,
+            serde_json::json!({"redis": "up", "this_process": "p", "processes_seen": ["p"], "fetching_now": {"default": null}}),
+        ] {
+            let status = serde_json::json!({
+                "credentials": [{"credential": "default", "ready": true}],
+                "integrations": [{"integration": "erp", "identified_by": {"legacy_key": true},
+                    "flags": [], "requests_per_minute": [0, 1],
+                    "resources": [{"resource": "invoices", "requests": 1, "forbidden": 0,
+                        "methods": {"GET": 1}, "answers": {"2xx": 1}}]}],
+                "cluster": cluster,
+            });
+            let html = status_page(&status);
+            assert_eq!(
+                html.matches("<table").count(),
+                html.matches("</table>").count(),
+                "{html}"
+            );
+            assert!(!html.contains("<table></table>"), "{html}");
+            assert!(html.ends_with("</body></html>"));
+        }
+    }
 }
