@@ -161,7 +161,7 @@ pub async fn run_with_reload(
         &config,
         &token_stores,
         upstream,
-        metrics,
+        metrics.clone(),
         insight,
         cluster.clone(),
     );
@@ -197,6 +197,8 @@ pub async fn run_with_reload(
             header_read_timeout: config.listen.header_read_timeout,
             max_header_bytes: config.listen.max_header_bytes,
             max_connections: config.listen.max_connections,
+            release_idle_buffers_above: config.listen.release_idle_buffers_above,
+            gauges: metrics.client_connections.clone(),
         },
         shutdown,
         config.listen.shutdown_grace,

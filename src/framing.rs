@@ -17,24 +17,44 @@
 //! answers it 400 without forwarding, and hyper closes the connection after
 //! it. Anything the guard does not understand it leaves to hyper, which is
 //! stricter than the guard, and stops inspecting that connection.
+//!
+//! Following the framing also tells when an HTTP/1 connection rests between
+//! requests, which the server uses to give an idle connection's buffers
+//! back ([`ConnectionGuard::is_idle`], `server::park`).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Per-connection verdicts, shared by the guard (writer) and the service
 /// (reader). Requests on one HTTP/1 connection are handled in order, so
 /// the n-th head the guard sees is the n-th request the service gets.
+///
+/// Also what the server needs to see that the connection is idle. The
+/// guard, the service and the server's driver all run in the connection's
+/// task, so relaxed atomics suffice for those fields.
 #[derive(Debug)]
 pub struct ConnectionGuard {
     next_request: AtomicU64,
     /// Index of the first request with ambiguous framing; `u64::MAX` for none.
     ambiguous: AtomicU64,
+    /// Request heads the guard has read whole.
+    heads: AtomicU64,
+    /// Responses written to their end (hyper dropped their body).
+    answered: AtomicU64,
+    /// The guard is between requests: expecting a head, none of it read.
+    between_requests: AtomicBool,
+    /// A write waits for the socket: a response is not flushed yet.
+    unflushed: AtomicBool,
+    /// Asked by the server: answer the next read between requests with
+    /// end-of-stream, so hyper ends its session and hands the socket back.
+    end_session: AtomicBool,
 }
 
 impl Default for ConnectionGuard {
@@ -42,6 +62,11 @@ impl Default for ConnectionGuard {
         Self {
             next_request: AtomicU64::new(0),
             ambiguous: AtomicU64::new(u64::MAX),
+            heads: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            between_requests: AtomicBool::new(true),
+            unflushed: AtomicBool::new(false),
+            end_session: AtomicBool::new(false),
         }
     }
 }
@@ -55,6 +80,27 @@ impl ConnectionGuard {
 
     fn mark_ambiguous(&self, index: u64) {
         self.ambiguous.fetch_min(index, Ordering::AcqRel);
+    }
+
+    /// A response was written to its end.
+    pub fn answered(&self) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every request read has been answered and flushed, and nothing of
+    /// the next one has arrived: hyper waits for a head and holds nothing
+    /// of the client's. A connection that stopped being followed (HTTP/2,
+    /// a head the guard left to hyper) is never idle.
+    pub fn is_idle(&self) -> bool {
+        self.between_requests.load(Ordering::Relaxed)
+            && !self.unflushed.load(Ordering::Relaxed)
+            && self.heads.load(Ordering::Relaxed) == self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Asks the guard to end hyper's session at the next read between
+    /// requests (`true`), or to stop doing so.
+    pub fn end_session(&self, end: bool) {
+        self.end_session.store(end, Ordering::Relaxed);
     }
 }
 
@@ -112,6 +158,9 @@ pin_project_lite::pin_project! {
         max_head: usize,
         heads_seen: u64,
         verdicts: Arc<ConnectionGuard>,
+        // Bytes already read (and scanned) that a new hyper session must
+        // see first.
+        replay: Bytes,
     }
 }
 
@@ -131,7 +180,19 @@ impl<IO> FramingGuard<IO> {
             max_head,
             heads_seen: 0,
             verdicts,
+            replay: Bytes::new(),
         }
+    }
+
+    /// The transport underneath.
+    pub fn get_ref(&self) -> &IO {
+        &self.inner
+    }
+
+    /// Serves `bytes` before anything new from the transport, without
+    /// scanning them again (they were scanned when first read).
+    pub fn replay(&mut self, bytes: Bytes) {
+        self.replay = bytes;
     }
 }
 
@@ -315,6 +376,19 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        if *this.phase == Phase::Head
+            && this.partial_head.is_empty()
+            && this.verdicts.end_session.load(Ordering::Relaxed)
+        {
+            // End-of-stream between requests: hyper ends its session as if
+            // the client had closed, and the server keeps the socket.
+            return Poll::Ready(Ok(()));
+        }
         let start = buf.filled().len();
         if this.inner.poll_read(cx, buf)?.is_pending() {
             if let Some(deadline) = this.first_byte.as_mut() {
@@ -357,7 +431,27 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
             );
             this.partial_head.drain(..scanned);
         }
+        this.verdicts
+            .heads
+            .store(*this.heads_seen, Ordering::Relaxed);
+        this.verdicts.between_requests.store(
+            *this.phase == Phase::Head && this.partial_head.is_empty(),
+            Ordering::Relaxed,
+        );
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO> FramingGuard<IO> {
+    /// Notes whether a write left bytes waiting for the socket.
+    fn note_write<T>(
+        verdicts: &ConnectionGuard,
+        written: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        verdicts
+            .unflushed
+            .store(written.is_pending(), Ordering::Relaxed);
+        written
     }
 }
 
@@ -367,7 +461,8 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, data)
+        let this = self.project();
+        Self::note_write(this.verdicts, this.inner.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -375,7 +470,8 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        Self::note_write(this.verdicts, this.inner.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -383,11 +479,17 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        Self::note_write(this.verdicts, this.inner.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+        let this = self.project();
+        if this.verdicts.end_session.load(Ordering::Relaxed) {
+            // hyper ends a session the server keeps the socket of.
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_shutdown(cx)
     }
 }
 

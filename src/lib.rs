@@ -14,7 +14,8 @@
 //! - [`authorize`]: the `authorize` subcommand, a user's one-time consent
 //!   (authorization code with PKCE, or device code).
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
-//! - [`server`]: accept loop, connection limits and graceful drain for every listener.
+//! - [`server`]: accept loop, connection limits and graceful drain for every listener;
+//!   idle HTTP/1.1 connections give their buffers back when many are open.
 //! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page.
 //! - [`metrics`]: Prometheus metrics.

@@ -31,6 +31,8 @@ pub struct Metrics {
     in_flight: Gauge,
     /// Handed to the upstream pool, which updates them.
     pub upstream: crate::proxy::upstream::UpstreamMetrics,
+    /// Handed to the proxy listener, which updates them.
+    pub client_connections: crate::server::ConnectionGauges,
     /// Requests sent again after the server provably did not process them
     /// (GOAWAY, REFUSED_STREAM, a recycled keep-alive connection).
     pub retried_never_processed: Counter,
@@ -69,6 +71,17 @@ impl Metrics {
             "in_flight_requests",
             "Requests being handled",
             in_flight.clone(),
+        );
+        let client_connections = crate::server::ConnectionGauges::default();
+        registry.register(
+            "client_connections",
+            "Open client connections",
+            client_connections.open.clone(),
+        );
+        registry.register(
+            "client_connections_parked",
+            "Idle HTTP/1.1 client connections that gave their buffers back until their next request (listen.release_idle_buffers_above)",
+            client_connections.parked.clone(),
         );
         let open = Gauge::default();
         registry.register(
@@ -183,6 +196,7 @@ impl Metrics {
             overhead_seconds,
             in_flight,
             upstream,
+            client_connections,
             retried_never_processed,
             retried_connection_failure,
             dropped_underscore_fields,

@@ -132,6 +132,8 @@ pub(super) struct ListenFile {
     pub(super) max_header_bytes: usize,
     #[serde(default = "default_max_connections")]
     pub(super) max_connections: usize,
+    #[serde(default = "default_release_idle_buffers_above")]
+    pub(super) release_idle_buffers_above: usize,
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub(super) body_read_timeout: Duration,
     #[serde(default)]
@@ -155,6 +157,7 @@ impl Default for ListenFile {
             header_read_timeout: default_header_read_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
+            release_idle_buffers_above: default_release_idle_buffers_above(),
             body_read_timeout: default_body_read_timeout(),
             allow_unauthenticated: false,
             tls: None,
@@ -256,6 +259,11 @@ fn default_shutdown_grace() -> Duration {
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
+
+fn default_release_idle_buffers_above() -> usize {
+    128
+}
+
 fn default_max_header_bytes() -> usize {
     64 * 1024
 }

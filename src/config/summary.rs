@@ -48,6 +48,10 @@ impl Config {
                 "listen.max_connections".into(),
                 l.max_connections.to_string(),
             ),
+            (
+                "listen.release_idle_buffers_above".into(),
+                l.release_idle_buffers_above.to_string(),
+            ),
             ("listen.body_read_timeout".into(), d(l.body_read_timeout)),
             (
                 "listen.allow_unauthenticated".into(),

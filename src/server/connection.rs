@@ -1,0 +1,226 @@
+//! One accepted connection, from its first bytes to its end: which
+//! protocol it speaks, TLS, and which hyper connection serves it.
+//!
+//! A plain connection is HTTP/1.1 unless its first bytes are HTTP/2's
+//! preface (prior knowledge), told by peeking, so no byte is read before
+//! the framing guard sees it. HTTP/1.1 goes to [`super::park`]; HTTP/2 to
+//! hyper's HTTP/2 server; a client that sent only the start of something
+//! that may be the preface to hyper-util's sniffing builder. A TLS
+//! connection speaks exactly what ALPN agreed: `h2` is HTTP/2 only (a bad
+//! preface gets a GOAWAY, as RFC 9113 §3.4 asks, not an HTTP/1.1 400),
+//! anything else HTTP/1.1 only.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::park::{self, Answered, ParkPolicy};
+use super::{BoxError, Builders};
+use crate::framing::FramingGuard;
+
+/// What one connection is served with.
+pub(super) struct Setup<'a> {
+    pub tls: Option<TlsAcceptor>,
+    pub builders: &'a Builders,
+    pub max_head: usize,
+    /// A client must start (send a byte, finish the TLS handshake) within this.
+    pub first_byte_timeout: Duration,
+    pub policy: &'a ParkPolicy,
+    pub shutdown: &'a CancellationToken,
+    /// Graceful shutdown of the connections hyper-util serves.
+    pub watcher: Watcher,
+}
+
+/// What a plain connection's first bytes say.
+enum Sniffed {
+    Http1,
+    Http2,
+    /// Only a start of the HTTP/2 preface so far.
+    Unsure,
+    Closed,
+}
+
+/// What every HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+async fn sniff(stream: &TcpStream, timeout: Duration) -> Result<Sniffed, BoxError> {
+    let mut first = [0u8; 24];
+    let n = tokio::time::timeout(timeout, stream.peek(&mut first))
+        .await
+        .map_err(|_| "client sent nothing within the header-read timeout")??;
+    Ok(match n {
+        0 => Sniffed::Closed,
+        _ if first[..n] != H2_PREFACE[..n] => Sniffed::Http1,
+        24 => Sniffed::Http2,
+        _ => Sniffed::Unsure,
+    })
+}
+
+pub(super) async fn serve_connection<S, B>(
+    stream: TcpStream,
+    setup: Setup<'_>,
+    service: Answered<S>,
+) -> Result<(), BoxError>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    // Small request/response exchanges: do not let Nagle hold them back.
+    let _ = stream.set_nodelay(true);
+    let Setup {
+        tls,
+        builders,
+        max_head,
+        first_byte_timeout,
+        policy,
+        shutdown,
+        watcher,
+    } = setup;
+    let verdicts = service.verdicts();
+    let Some(acceptor) = tls else {
+        let io = FramingGuard::new(stream, max_head, verdicts);
+        return match sniff(io.get_ref(), first_byte_timeout).await? {
+            Sniffed::Closed => Ok(()),
+            Sniffed::Http1 => {
+                park::serve_http1(io, service, &builders.http1, policy, shutdown).await
+            }
+            Sniffed::Http2 => {
+                let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
+                watcher.watch(conn.into_owned()).await
+            }
+            Sniffed::Unsure => {
+                let io = io.with_first_byte_timeout(first_byte_timeout);
+                let conn = builders
+                    .sniffing
+                    .serve_connection(TokioIo::new(io), service);
+                watcher.watch(conn.into_owned()).await
+            }
+        };
+    };
+    let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
+    if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        let io = FramingGuard::new(stream, max_head, verdicts)
+            .with_first_byte_timeout(first_byte_timeout);
+        let conn = builders.h1_only.serve_connection(TokioIo::new(io), service);
+        return watcher.watch(conn.into_owned()).await;
+    }
+    let stream = tokio::time::timeout(first_byte_timeout, check_h2_preface(stream))
+        .await
+        .map_err(|_| "no HTTP/2 connection preface within the header-read timeout")??;
+    let io = FramingGuard::new(stream, max_head, verdicts);
+    let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
+    watcher.watch(conn.into_owned()).await
+}
+
+/// Reads the connection preface of a client that agreed on `h2`. A wrong
+/// one is a connection error: the client gets SETTINGS and a GOAWAY with
+/// PROTOCOL_ERROR (RFC 9113 §3.4, §5.4.1) and the connection closes;
+/// hyper's HTTP/2 server would close it without a word.
+async fn check_h2_preface<S>(mut stream: S) -> Result<Rewind<S>, BoxError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut preface = [0u8; 24];
+    let mut read = 0;
+    while read < preface.len() {
+        let n = stream.read(&mut preface[read..]).await?;
+        if n == 0 {
+            return Err("connection closed before the HTTP/2 preface".into());
+        }
+        if preface[read..read + n] != H2_PREFACE[read..read + n] {
+            let mut reply = Vec::with_capacity(9 + 9 + 8 + 27);
+            // An empty SETTINGS frame: the server's own preface.
+            reply.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+            let debug = b"invalid connection preface";
+            let length = (8 + debug.len()) as u8;
+            reply.extend_from_slice(&[0, 0, length, 0x7, 0, 0, 0, 0, 0]);
+            reply.extend_from_slice(&[0, 0, 0, 0]); // last stream id
+            reply.extend_from_slice(&[0, 0, 0, 0x1]); // PROTOCOL_ERROR
+            reply.extend_from_slice(debug);
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+            return Err("invalid HTTP/2 connection preface; sent GOAWAY PROTOCOL_ERROR".into());
+        }
+        read += n;
+    }
+    Ok(Rewind {
+        prefix: Some(Bytes::from_static(H2_PREFACE)),
+        inner: stream,
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// A stream whose first bytes, already read, are served again.
+    struct Rewind<S> {
+        prefix: Option<Bytes>,
+        #[pin]
+        inner: S,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix {
+            let n = prefix.len().min(buf.remaining());
+            buf.put_slice(&prefix.split_to(n));
+            if prefix.is_empty() {
+                *this.prefix = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,243 @@
+//! Accept loop and graceful drain, shared by the proxy listener, the admin
+//! listener and the fake Coupa.
+//!
+//! Each connection is one task ([`connection`]: protocol and TLS); plain
+//! HTTP/1.1 connections give their buffers back while idle when many are
+//! open ([`park`]). On shutdown the listener is dropped at once, so new
+//! connections are refused, idle connections close, and in-flight requests
+//! get up to the grace period to finish (their responses say
+//! `Connection: close`).
+
+mod connection;
+mod park;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::framing::ConnectionGuard;
+use connection::Setup;
+use park::{Answered, ParkPolicy};
+pub use park::{AnsweredBody, AnsweredFuture};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Per-listener protection against misbehaving clients, and what a
+/// connection may hold while idle.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A request head must arrive within this (slowloris); also how long an
+    /// idle keep-alive connection stays open.
+    pub header_read_timeout: Duration,
+    /// Largest request head; HTTP/1 answers 431 beyond it.
+    pub max_header_bytes: usize,
+    /// Open connections beyond this get a 503 and are closed.
+    pub max_connections: usize,
+    /// With more connections open than this, an idle plain HTTP/1.1
+    /// connection gives hyper's buffers back until its next request.
+    pub release_idle_buffers_above: usize,
+    /// Open and parked connections, for `/metrics`.
+    pub gauges: ConnectionGauges,
+}
+
+/// Client connections, as `/metrics` shows them.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionGauges {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Idle connections holding no HTTP buffers now ([`park`]).
+    pub parked: Gauge,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_connections: 1024,
+            release_idle_buffers_above: 128,
+            gauges: ConnectionGauges::default(),
+        }
+    }
+}
+
+/// Body of the answer to a connection over `max_connections`.
+const TOO_MANY_CONNECTIONS: &str = r#"{"error":"too_many_connections","message":"the proxy's connection limit (listen.max_connections) is reached","source":"coupa-auth-proxy"}"#;
+
+/// How a server stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Every connection finished within the grace period.
+    Complete,
+    /// The grace period ran out with connections still open.
+    TimedOut { open_connections: usize },
+}
+
+/// One connection builder per way a connection can start.
+struct Builders {
+    /// Plain HTTP/1.1 ([`park`]).
+    http1: http1::Builder,
+    /// Plain connections that sent only a start of HTTP/2's preface.
+    sniffing: auto::Builder<TokioExecutor>,
+    /// TLS without ALPN `h2`.
+    h1_only: auto::Builder<TokioExecutor>,
+    /// TLS with ALPN `h2`, and plain HTTP/2 by prior knowledge.
+    h2_only: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(limits: &Limits) -> Self {
+        let mut http1 = http1::Builder::new();
+        // Without a timer hyper silently ignores header_read_timeout.
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        Self {
+            http1,
+            h1_only: builder.clone().http1_only(),
+            h2_only: builder.clone().http2_only(),
+            sniffing: builder,
+        }
+    }
+}
+
+/// Serves connections from `listener` until `shutdown` is cancelled, then
+/// drains. `make_service` is called once per connection with the peer
+/// address. With `tls`, connections are TLS first.
+pub async fn serve<M, S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    make_service: M,
+    limits: Limits,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Drain
+where
+    M: Fn(SocketAddr, Arc<ConnectionGuard>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let builders = Arc::new(Builders::new(&limits));
+    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let policy = Arc::new(ParkPolicy {
+        above: limits.release_idle_buffers_above,
+        slots: slots.clone(),
+        max_connections: limits.max_connections,
+        keep_alive: limits.header_read_timeout,
+        parked: limits.gauges.parked.clone(),
+    });
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Usually EMFILE: pause so the loop does not spin while
+                    // descriptors are exhausted.
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, max_connections = limits.max_connections, "connection limit reached; refusing a connection");
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let verdicts = Arc::new(ConnectionGuard::default());
+        let service = Answered::new(
+            make_service(peer, verdicts.clone()),
+            verdicts,
+            shutdown.clone(),
+        );
+        let watcher = graceful.watcher();
+        let builders = builders.clone();
+        let policy = policy.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        let open = limits.gauges.open.clone();
+        let max_head = limits.max_header_bytes;
+        let first_byte_timeout = limits.header_read_timeout;
+        open.inc();
+        connections.spawn(async move {
+            let setup = Setup {
+                tls,
+                builders: &builders,
+                max_head,
+                first_byte_timeout,
+                policy: &policy,
+                shutdown: &shutdown,
+                watcher,
+            };
+            if let Err(err) = connection::serve_connection(stream, setup, service).await {
+                debug!(%peer, error = %err, "connection ended with an error");
+            }
+            open.dec();
+            drop(slot);
+        });
+    }
+    drop(listener);
+    connections.close();
+
+    let open = connections.len();
+    if open > 0 {
+        info!(open_connections = open, grace = ?grace, "draining connections");
+    }
+    // Connections served by hyper-util are told by `graceful`, the others
+    // watch `shutdown`; the tracker sees them all end.
+    tokio::select! {
+        _ = async { graceful.shutdown().await; connections.wait().await } => Drain::Complete,
+        _ = tokio::time::sleep(grace) => Drain::TimedOut { open_connections: connections.len() },
+    }
+}
+
+/// Answers a connection over the limit with a 503 and closes it.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{}",
+            TOO_MANY_CONNECTIONS.len(),
+            TOO_MANY_CONNECTIONS
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,255 @@
+//! Plain HTTP/1.1 connections, served so that an idle one can give its
+//! memory back.
+//!
+//! hyper keeps a connection's buffers for as long as the connection lives,
+//! idle or not, and cannot shrink them: a read buffer regrown to 16 KiB,
+//! 8 KiB for response heads and a slot the size of the request future,
+//! about 27 KiB in all. A shared service holds many integrations'
+//! keep-alive connections, most of them idle most of the time (Coupa
+//! allows an instance 25 requests a second). So when more than
+//! `listen.release_idle_buffers_above` client connections are open, a
+//! connection that goes idle ends its hyper session without closing the
+//! socket: it is *parked*, holding only the socket, the framing guard and
+//! the service, until the client sends again; then a new session starts.
+//!
+//! Below that many connections nothing changes, because a new session per
+//! request costs a few large allocations, which a busy proxy with a few
+//! connections should not pay.
+//!
+//! Idle means every request read has been answered to its end and flushed
+//! and nothing of the next one has arrived ([`ConnectionGuard::is_idle`]).
+//! hyper then waits for a head; the framing guard answers its next read
+//! with end-of-stream, which hyper takes as the client closing between
+//! requests; the guard skips the shutdown hyper then asks for, and
+//! `into_parts` hands the socket back unclosed. No
+//! byte is lost: the guard only does this between requests, and whatever
+//! hyper read but did not use is served again to the next session.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::Service;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::BoxError;
+use crate::framing::{ConnectionGuard, FramingGuard};
+
+/// When an idle connection parks, and where that is counted.
+pub(super) struct ParkPolicy {
+    /// Park only while more client connections than this are open.
+    pub above: usize,
+    /// The listener's connection slots: open = `max - available`.
+    pub slots: Arc<Semaphore>,
+    pub max_connections: usize,
+    /// A parked connection that stays silent this long is closed, as hyper
+    /// closes an idle keep-alive connection after its header-read timeout.
+    pub keep_alive: Duration,
+    /// Connections parked now.
+    pub parked: Gauge,
+}
+
+impl ParkPolicy {
+    fn crowded(&self) -> bool {
+        self.max_connections - self.slots.available_permits() > self.above
+    }
+}
+
+/// Serves one plain HTTP/1.1 connection through as many hyper sessions as
+/// parking needs, until the client closes, hyper ends it, or shutdown.
+pub(super) async fn serve_http1<S, B>(
+    mut io: FramingGuard<TcpStream>,
+    mut service: Answered<S>,
+    builder: &http1::Builder,
+    policy: &ParkPolicy,
+    shutdown: &CancellationToken,
+) -> Result<(), BoxError>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let verdicts = service.verdicts.clone();
+    loop {
+        // Boxed: a parked connection keeps none of a session's state.
+        let mut session = Box::new(builder.serve_connection(TokioIo::new(io), service));
+        let mut ending = false;
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(done) = Pin::new(&mut *session).poll(cx) {
+                return Poll::Ready(done);
+            }
+            // hyper waits (for the client, the service or Coupa's body).
+            let stopping = cancelled.as_mut().poll(cx).is_ready();
+            if !ending && verdicts.is_idle() && (stopping || policy.crowded()) {
+                ending = true;
+                verdicts.end_session(true);
+                return Pin::new(&mut *session).poll(cx);
+            }
+            Poll::Pending
+        })
+        .await?;
+        if !ending {
+            // hyper ended the connection and closed its sending side: the
+            // client closed, or a response said `Connection: close`.
+            return Ok(());
+        }
+        let parts = session.into_parts();
+        io = parts.io.into_inner();
+        service = parts.service;
+        verdicts.end_session(false);
+        if shutdown.is_cancelled() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            return Ok(());
+        }
+        if !parts.read_buf.is_empty() {
+            io.replay(parts.read_buf);
+            continue;
+        }
+        policy.parked.inc();
+        let woken = tokio::select! {
+            readable = tokio::time::timeout(policy.keep_alive, io.get_ref().readable()) => {
+                matches!(readable, Ok(Ok(())))
+            }
+            _ = shutdown.cancelled() => false,
+        };
+        policy.parked.dec();
+        if !woken {
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            return Ok(());
+        }
+    }
+}
+
+/// The connection's service, counting the responses written to their end
+/// (so the connection can tell when it is idle) and closing the connection
+/// after the response once the server is stopping.
+pub struct Answered<S> {
+    inner: S,
+    verdicts: Arc<ConnectionGuard>,
+    shutdown: CancellationToken,
+}
+
+impl<S> Answered<S> {
+    pub(super) fn new(
+        inner: S,
+        verdicts: Arc<ConnectionGuard>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner,
+            verdicts,
+            shutdown,
+        }
+    }
+
+    pub(super) fn verdicts(&self) -> Arc<ConnectionGuard> {
+        self.verdicts.clone()
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Answered<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<AnsweredBody<B>>;
+    type Error = S::Error;
+    type Future = AnsweredFuture<S::Future>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        AnsweredFuture {
+            inner: self.inner.call(request),
+            verdicts: Some(self.verdicts.clone()),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service's answer, its body wrapped in [`AnsweredBody`].
+    pub struct AnsweredFuture<F> {
+        #[pin]
+        inner: F,
+        verdicts: Option<Arc<ConnectionGuard>>,
+        shutdown: CancellationToken,
+    }
+}
+
+impl<F, B, E> Future for AnsweredFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<AnsweredBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = std::task::ready!(this.inner.poll(cx))?;
+        if this.shutdown.is_cancelled() {
+            // hyper ends the connection after this response.
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        let answered = AnswerMark(this.verdicts.take());
+        Poll::Ready(Ok(response.map(|inner| AnsweredBody {
+            inner,
+            _answered: answered,
+        })))
+    }
+}
+
+/// Counts the response as answered when hyper drops its body, which it
+/// does once the body has been written to its end (or the write failed).
+struct AnswerMark(Option<Arc<ConnectionGuard>>);
+
+impl Drop for AnswerMark {
+    fn drop(&mut self) {
+        if let Some(verdicts) = &self.0 {
+            verdicts.answered();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts itself answered when dropped.
+    pub struct AnsweredBody<B> {
+        #[pin]
+        inner: B,
+        _answered: AnswerMark,
+    }
+}
+
+impl<B: Body> Body for AnsweredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
