@@ -190,7 +190,10 @@ pub async fn run_with_reload(
             service_fn(move |request| {
                 let proxy = proxy.clone();
                 let client = client.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(request, &client).await) }
+                async move {
+                    let response = proxy.handle(request, &client).await;
+                    Ok::<_, Infallible>(server::answered(response, &client.framing))
+                }
             })
         },
         server::Limits {

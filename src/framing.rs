@@ -55,6 +55,8 @@ pub struct ConnectionGuard {
     /// Asked by the server: answer the next read between requests with
     /// end-of-stream, so hyper ends its session and hands the socket back.
     end_session: AtomicBool,
+    /// The server is stopping: responses close the connection.
+    stopping: AtomicBool,
 }
 
 impl Default for ConnectionGuard {
@@ -67,6 +69,7 @@ impl Default for ConnectionGuard {
             between_requests: AtomicBool::new(true),
             unflushed: AtomicBool::new(false),
             end_session: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
         }
     }
 }
@@ -101,6 +104,15 @@ impl ConnectionGuard {
     /// requests (`true`), or to stop doing so.
     pub fn end_session(&self, end: bool) {
         self.end_session.store(end, Ordering::Relaxed);
+    }
+
+    /// The server is stopping.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 }
 

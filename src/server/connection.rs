@@ -11,6 +11,7 @@
 //! anything else HTTP/1.1 only.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,8 +27,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::park::{self, Answered, ParkPolicy};
+use super::park::{self, ParkPolicy};
 use super::{BoxError, Builders};
+use crate::framing::ConnectionGuard;
 use crate::framing::FramingGuard;
 
 /// What one connection is served with.
@@ -71,10 +73,11 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Result<Sniffed, BoxErro
 pub(super) async fn serve_connection<S, B>(
     stream: TcpStream,
     setup: Setup<'_>,
-    service: Answered<S>,
+    verdicts: Arc<ConnectionGuard>,
+    service: S,
 ) -> Result<(), BoxError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -92,27 +95,60 @@ where
         shutdown,
         watcher,
     } = setup;
-    let verdicts = service.verdicts();
     let Some(acceptor) = tls else {
-        let io = FramingGuard::new(stream, max_head, verdicts);
+        // The other ways are boxed: a connection's task is sized for its
+        // largest state, and a parked HTTP/1.1 connection should be small.
+        let io = FramingGuard::new(stream, max_head, verdicts.clone());
         return match sniff(io.get_ref(), first_byte_timeout).await? {
             Sniffed::Closed => Ok(()),
             Sniffed::Http1 => {
-                park::serve_http1(io, service, &builders.http1, policy, shutdown).await
+                park::serve_http1(io, verdicts, service, &builders.http1, policy, shutdown).await
             }
             Sniffed::Http2 => {
                 let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
-                watcher.watch(conn.into_owned()).await
+                Box::pin(watcher.watch(conn.into_owned())).await
             }
             Sniffed::Unsure => {
                 let io = io.with_first_byte_timeout(first_byte_timeout);
                 let conn = builders
                     .sniffing
                     .serve_connection(TokioIo::new(io), service);
-                watcher.watch(conn.into_owned()).await
+                Box::pin(watcher.watch(conn.into_owned())).await
             }
         };
     };
+    Box::pin(serve_tls(
+        stream,
+        acceptor,
+        max_head,
+        first_byte_timeout,
+        verdicts,
+        builders,
+        service,
+        watcher,
+    ))
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_tls<S, B>(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    max_head: usize,
+    first_byte_timeout: Duration,
+    verdicts: Arc<ConnectionGuard>,
+    builders: &Builders,
+    service: S,
+    watcher: Watcher,
+) -> Result<(), BoxError>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
         .await
         .map_err(|_| "TLS handshake not completed within the header-read timeout")??;

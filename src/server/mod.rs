@@ -33,8 +33,8 @@ use tracing::{debug, info, warn};
 
 use crate::framing::ConnectionGuard;
 use connection::Setup;
-use park::{Answered, ParkPolicy};
-pub use park::{AnsweredBody, AnsweredFuture};
+use park::ParkPolicy;
+pub use park::{answered, AnsweredBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -141,7 +141,7 @@ pub async fn serve<M, S, B>(
 ) -> Drain
 where
     M: Fn(SocketAddr, Arc<ConnectionGuard>) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -180,11 +180,7 @@ where
             continue;
         };
         let verdicts = Arc::new(ConnectionGuard::default());
-        let service = Answered::new(
-            make_service(peer, verdicts.clone()),
-            verdicts,
-            shutdown.clone(),
-        );
+        let service = make_service(peer, verdicts.clone());
         let watcher = graceful.watcher();
         let builders = builders.clone();
         let policy = policy.clone();
@@ -204,7 +200,7 @@ where
                 shutdown: &shutdown,
                 watcher,
             };
-            if let Err(err) = connection::serve_connection(stream, setup, service).await {
+            if let Err(err) = connection::serve_connection(stream, setup, verdicts, service).await {
                 debug!(%peer, error = %err, "connection ended with an error");
             }
             open.dec();

@@ -70,7 +70,8 @@ impl ParkPolicy {
 /// parking needs, until the client closes, hyper ends it, or shutdown.
 pub(super) async fn serve_http1<S, B>(
     mut io: FramingGuard<TcpStream>,
-    mut service: Answered<S>,
+    verdicts: Arc<ConnectionGuard>,
+    mut service: S,
     builder: &http1::Builder,
     policy: &ParkPolicy,
     shutdown: &CancellationToken,
@@ -83,7 +84,6 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let verdicts = service.verdicts.clone();
     loop {
         // Boxed: a parked connection keeps none of a session's state.
         let mut session = Box::new(builder.serve_connection(TokioIo::new(io), service));
@@ -91,11 +91,15 @@ where
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         std::future::poll_fn(|cx| {
+            // First, so a response made in this poll knows.
+            let stopping = cancelled.as_mut().poll(cx).is_ready();
+            if stopping {
+                verdicts.stop();
+            }
             if let Poll::Ready(done) = Pin::new(&mut *session).poll(cx) {
                 return Poll::Ready(done);
             }
             // hyper waits (for the client, the service or Coupa's body).
-            let stopping = cancelled.as_mut().poll(cx).is_ready();
             if !ending && verdicts.is_idle() && (stopping || policy.crowded()) {
                 ending = true;
                 verdicts.end_session(true);
@@ -136,92 +140,35 @@ where
     }
 }
 
-/// The connection's service, counting the responses written to their end
-/// (so the connection can tell when it is idle) and closing the connection
-/// after the response once the server is stopping.
-pub struct Answered<S> {
-    inner: S,
-    verdicts: Arc<ConnectionGuard>,
-    shutdown: CancellationToken,
-}
-
-impl<S> Answered<S> {
-    pub(super) fn new(
-        inner: S,
-        verdicts: Arc<ConnectionGuard>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self {
-            inner,
-            verdicts,
-            shutdown,
-        }
+/// The service's answer, made to count itself answered when hyper is done
+/// with its body, and to close the connection once the server is stopping.
+/// A service whose answers are not passed through this never parks.
+/// (Wrapped inside the service's own future: wrapping that future from
+/// outside would copy it, several KiB, once more per request.)
+pub fn answered<B>(
+    mut response: Response<B>,
+    verdicts: &Arc<ConnectionGuard>,
+) -> Response<AnsweredBody<B>> {
+    if verdicts.stopping() {
+        // hyper ends the connection after this response.
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-
-    pub(super) fn verdicts(&self) -> Arc<ConnectionGuard> {
-        self.verdicts.clone()
-    }
-}
-
-impl<S, B> Service<Request<Incoming>> for Answered<S>
-where
-    S: Service<Request<Incoming>, Response = Response<B>>,
-{
-    type Response = Response<AnsweredBody<B>>;
-    type Error = S::Error;
-    type Future = AnsweredFuture<S::Future>;
-
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
-        AnsweredFuture {
-            inner: self.inner.call(request),
-            verdicts: Some(self.verdicts.clone()),
-            shutdown: self.shutdown.clone(),
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The service's answer, its body wrapped in [`AnsweredBody`].
-    pub struct AnsweredFuture<F> {
-        #[pin]
-        inner: F,
-        verdicts: Option<Arc<ConnectionGuard>>,
-        shutdown: CancellationToken,
-    }
-}
-
-impl<F, B, E> Future for AnsweredFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<AnsweredBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut response = std::task::ready!(this.inner.poll(cx))?;
-        if this.shutdown.is_cancelled() {
-            // hyper ends the connection after this response.
-            response
-                .headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        let answered = AnswerMark(this.verdicts.take());
-        Poll::Ready(Ok(response.map(|inner| AnsweredBody {
-            inner,
-            _answered: answered,
-        })))
-    }
+    let mark = AnswerMark(verdicts.clone());
+    response.map(|inner| AnsweredBody {
+        inner,
+        _answered: mark,
+    })
 }
 
 /// Counts the response as answered when hyper drops its body, which it
 /// does once the body has been written to its end (or the write failed).
-struct AnswerMark(Option<Arc<ConnectionGuard>>);
+struct AnswerMark(Arc<ConnectionGuard>);
 
 impl Drop for AnswerMark {
     fn drop(&mut self) {
-        if let Some(verdicts) = &self.0 {
-            verdicts.answered();
-        }
+        self.0.answered();
     }
 }
 
