@@ -163,6 +163,7 @@ pub fn soak_run(proxy: &Target, seconds: u64, work: &Path) -> Vec<u64> {
         protocol: Protocol::H1,
         concurrency: 50,
         kib: 1,
+        tls_upstream: false,
     };
     let mut samples = Vec::new();
     let chunks = seconds.div_ceil(10);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::targets::{start_nginx, start_proxy, status_kib, Target, Variant, PROXY};
+use crate::targets::{start_nginx, start_proxy, status_kib, Target, Upstream, Variant, PROXY};
 
 /// Resident memory of the target's processes (nginx: master + worker).
 fn rss_kib(target: &Target) -> u64 {
@@ -79,15 +79,16 @@ pub fn idle(upstream: u16, token: &str, work: &Path, connections: usize) {
             &format!("--nofile={0}:{0}", connections * 3 + 1024),
         ])
         .status();
+    let upstream = Upstream::plain(upstream);
     let proxy = start_proxy(
-        upstream,
+        &upstream,
         work,
         Variant {
             name: "proxy-idle",
             ..PROXY
         },
     );
-    let nginx = start_nginx(upstream, token, work);
+    let nginx = start_nginx(&upstream, token, work);
     println!("idle keep-alive client connections: {connections}, one request each, then idle");
     for target in [&proxy, &nginx] {
         // Warm: the upstream pool and the first allocations are made.

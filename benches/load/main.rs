@@ -47,7 +47,10 @@ use std::process::{Command, Stdio};
 use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
 
 use drive::{measure, soak_run, Sample};
-use targets::{start_haproxy, start_nginx, start_proxy, Target, Variant, PROXY, VARIANTS};
+use targets::{
+    start_haproxy, start_nginx, start_proxy, start_tls_upstream, Target, Upstream, Variant, PROXY,
+    VARIANTS,
+};
 
 const CLIENT_ID: &str = "bench";
 const CLIENT_SECRET: &str = "bench-secret";
@@ -67,6 +70,9 @@ struct Scenario {
     protocol: Protocol,
     concurrency: usize,
     kib: usize,
+    /// Coupa is reached over HTTPS: the proxy and nginx in front of an
+    /// nginx serving TLS ([`targets::start_tls_upstream`]).
+    tls_upstream: bool,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -75,6 +81,7 @@ fn scenarios() -> Vec<Scenario> {
         protocol,
         concurrency,
         kib,
+        tls_upstream: false,
     };
     vec![
         s("h1-c1-1k", Protocol::H1, 1, 1),
@@ -84,6 +91,10 @@ fn scenarios() -> Vec<Scenario> {
         s("h1-c16-64k", Protocol::H1, 16, 64),
         s("h2-c16-1k", Protocol::H2, 16, 1),
         s("h2-c64-1k", Protocol::H2, 64, 1),
+        Scenario {
+            tls_upstream: true,
+            ..s("h1-c50-1k-tls", Protocol::H1, 50, 1)
+        },
     ]
 }
 
@@ -129,15 +140,29 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         std::process::exit(0);
     }
+    let plain = Upstream::plain(upstream);
     let mut targets: Vec<Target> = Vec::new();
     if wanted("BENCH_TARGETS", "direct") {
         targets.push(Target::direct(upstream, &token));
     }
     if wanted("BENCH_TARGETS", "proxy") {
-        targets.push(start_proxy(upstream, &work, PROXY));
+        targets.push(start_proxy(&plain, &work, PROXY));
     }
     if wanted("BENCH_TARGETS", "nginx") {
-        targets.push(start_nginx(upstream, &token, &work));
+        targets.push(start_nginx(&plain, &token, &work));
+    }
+    // The same two in front of Coupa over HTTPS, for the scenarios that ask.
+    let mut tls_upstream = None;
+    let mut tls_targets: Vec<Target> = Vec::new();
+    if scenarios.iter().any(|s| s.tls_upstream) {
+        let (child, over_tls) = start_tls_upstream(upstream, &work);
+        tls_upstream = Some(child);
+        if wanted("BENCH_TARGETS", "proxy") {
+            tls_targets.push(start_proxy(&over_tls, &work, PROXY));
+        }
+        if wanted("BENCH_TARGETS", "nginx") {
+            tls_targets.push(start_nginx(&over_tls, &token, &work));
+        }
     }
     if wanted("BENCH_TARGETS", "haproxy") {
         targets.push(start_haproxy(upstream, &token, &work));
@@ -149,19 +174,24 @@ fn main() {
     let variants: Vec<Target> = VARIANTS
         .iter()
         .filter(|v| wanted("BENCH_TARGETS", v.name))
-        .map(|v| start_proxy(upstream, &work, *v))
+        .map(|v| start_proxy(&plain, &work, *v))
         .collect();
 
     let mut results: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
     eprintln!(
         "load bench: {} scenarios x {} targets x {rounds} rounds x {seconds} s",
         scenarios.len(),
-        targets.len() + variants.len()
+        targets.len() + variants.len() + tls_targets.len()
     );
     for round in 0..rounds {
         for scenario in &scenarios {
             // Rotate the order each round so no target always runs first.
-            let mut order: Vec<&Target> = targets.iter().collect();
+            let pool = if scenario.tls_upstream {
+                &tls_targets
+            } else {
+                &targets
+            };
+            let mut order: Vec<&Target> = pool.iter().collect();
             let shift = round % order.len().max(1);
             order.rotate_left(shift);
             if scenario.name == "h1-c50-1k" {
@@ -194,7 +224,7 @@ fn main() {
     // not what the 64 KiB and HTTP/2 scenarios left in the heap.
     let soak_rss = (soak > 0).then(|| {
         let fresh = start_proxy(
-            upstream,
+            &plain,
             &work,
             Variant {
                 name: "proxy-soak",
@@ -218,6 +248,11 @@ fn main() {
     println!("summary written to {}", json_path.display());
     drop(targets);
     drop(variants);
+    drop(tls_targets);
+    if let Some(mut child) = tls_upstream {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     if let Some(mut redis) = redis {
         let _ = redis.kill();
         let _ = redis.wait();

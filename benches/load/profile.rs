@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::drive::load;
-use crate::targets::{start_proxy_with, Variant, PROXY};
+use crate::targets::{start_proxy_with, Upstream, Variant, PROXY};
 use crate::{Protocol, Scenario};
 
 /// Instructions the proxy executes per request, from callgrind: counting
@@ -26,7 +26,7 @@ pub fn callgrind(upstream: u16, work: &Path) {
     let out = keep.join("callgrind.out");
     let out_arg = format!("--callgrind-out-file={}", out.display());
     let proxy = start_proxy_with(
-        upstream,
+        &Upstream::plain(upstream),
         work,
         Variant {
             name: "proxy-callgrind",
@@ -45,6 +45,7 @@ pub fn callgrind(upstream: u16, work: &Path) {
         protocol: Protocol::H1,
         concurrency: 16,
         kib: 1,
+        tls_upstream: false,
     };
     load(&proxy, &scenario, 2, work);
     let control = |args: &[&str]| {

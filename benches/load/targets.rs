@@ -282,12 +282,49 @@ fn budget_config(budget: Budget, dir: &Path) -> String {
     }
 }
 
-pub fn start_proxy(upstream: u16, work: &Path, variant: Variant) -> Target {
+/// Where the proxies under test send requests: the fake Coupa in plain
+/// HTTP, or an nginx serving TLS in front of it ([`start_tls_upstream`]).
+pub struct Upstream {
+    pub port: u16,
+    /// The CA that signed the upstream's certificate; `None`: plain HTTP.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Upstream {
+    pub fn plain(port: u16) -> Self {
+        Upstream {
+            port,
+            ca_file: None,
+        }
+    }
+
+    fn base_url(&self) -> String {
+        match self.ca_file {
+            Some(_) => format!("https://localhost:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// A target's files: one folder per target and upstream kind.
+    fn dir(&self, work: &Path, name: &str) -> PathBuf {
+        work.join(match self.ca_file {
+            Some(_) => format!("{name}-tls"),
+            None => name.to_owned(),
+        })
+    }
+}
+
+pub fn start_proxy(upstream: &Upstream, work: &Path, variant: Variant) -> Target {
     start_proxy_with(upstream, work, variant, &[])
 }
 
 /// The proxy, run through `wrapper` (e.g. valgrind) when one is given.
-pub fn start_proxy_with(upstream: u16, work: &Path, variant: Variant, wrapper: &[&str]) -> Target {
+pub fn start_proxy_with(
+    upstream: &Upstream,
+    work: &Path,
+    variant: Variant,
+    wrapper: &[&str],
+) -> Target {
     let Variant {
         name,
         log,
@@ -296,7 +333,7 @@ pub fn start_proxy_with(upstream: u16, work: &Path, variant: Variant, wrapper: &
     } = variant;
     let port = free_port();
     let admin = free_port();
-    let dir = work.join(name);
+    let dir = upstream.dir(work, name);
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("proxy.toml");
     std::fs::write(
@@ -306,9 +343,9 @@ pub fn start_proxy_with(upstream: u16, work: &Path, variant: Variant, wrapper: &
 [listen]
 address = "127.0.0.1:{port}"
 [coupa]
-base_url = "http://127.0.0.1:{upstream}"
+base_url = "{base_url}"
 accept = "application/json"
-# As many upstream connections as the load needs, like the nginx and
+{ca_file}# As many upstream connections as the load needs, like the nginx and
 # HAProxy targets (the default cap of 32 would queue the 50- and
 # 64-connection rows).
 max_connections = 128
@@ -325,6 +362,12 @@ watch_interval = "0s"
 flavor = "{flavor}"
 {budget}"#,
             budget = budget_config(budget, &dir),
+            base_url = upstream.base_url(),
+            ca_file = upstream
+                .ca_file
+                .as_ref()
+                .map(|ca| format!("ca_file = \"{}\"\n", ca.display()))
+                .unwrap_or_default(),
         ),
     )
     .unwrap();
@@ -383,13 +426,28 @@ pub fn answers_200(port: u16, path: &str) -> bool {
     stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }
 
-pub fn start_nginx(upstream: u16, token: &str, work: &Path) -> Target {
+pub fn start_nginx(upstream: &Upstream, token: &str, work: &Path) -> Target {
     let port = free_port();
     let h2_port = free_port();
-    let dir = work.join("nginx");
+    let dir = upstream.dir(work, "nginx");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("nginx.conf");
     let d = dir.display();
+    let port_up = upstream.port;
+    // Over TLS as the issue's by-hand runs did it: certificate verified,
+    // sessions reused, keep-alive.
+    let (scheme, tls) = match &upstream.ca_file {
+        Some(ca) => (
+            "https",
+            format!(
+                "proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {};\n            \
+                 proxy_ssl_name localhost;\n            proxy_ssl_server_name on;\n            \
+                 proxy_ssl_session_reuse on;",
+                ca.display()
+            ),
+        ),
+        None => ("http", String::new()),
+    };
     std::fs::write(
         &config,
         format!(
@@ -407,7 +465,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     upstream coupa {{
-        server 127.0.0.1:{upstream};
+        server 127.0.0.1:{port_up};
         keepalive 128;
     }}
     server {{
@@ -415,10 +473,11 @@ http {{
         listen 127.0.0.1:{h2_port} http2;
         keepalive_requests 1000000;
         location / {{
-            proxy_pass http://coupa;
+            proxy_pass {scheme}://coupa;
+            {tls}
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_set_header Host 127.0.0.1:{upstream};
+            proxy_set_header Host 127.0.0.1:{port_up};
             proxy_set_header Authorization "Bearer {token}";
             proxy_set_header Accept "application/json";
             proxy_set_header X-COUPA-API-KEY "";
@@ -497,4 +556,88 @@ backend coupa
         headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
         _dir: Some(dir),
     }
+}
+
+/// nginx on the load core serving TLS as the instance: `/oauth2/` goes on
+/// to the fake Coupa (so the proxy fetches a real token), every other path
+/// answers the fake's fast ~1 KiB JSON when a bearer came with it. Returns
+/// the child and the upstream to hand the proxies.
+pub fn start_tls_upstream(fake: u16, work: &Path) -> (Child, Upstream) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = work.join("upstream-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes a leaf whose issuer name equals its
+    // subject (rcgen's default for both) for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "load bench CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&key, &ca).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let body = String::from_utf8(coupa_auth_proxy::fake_coupa::fast_body(1).to_vec()).unwrap();
+    let port = free_port();
+    let d = dir.display();
+    let config = dir.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {d}/cert.pem;
+        ssl_certificate_key {d}/key.pem;
+        keepalive_requests 1000000;
+        location /oauth2/ {{
+            proxy_pass http://127.0.0.1:{fake};
+        }}
+        location / {{
+            if ($http_authorization !~ "^Bearer ") {{ return 401; }}
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let child = pinned(crate::LOAD_CORE, "nginx")
+        .args(["-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx (TLS upstream) starts");
+    wait_for_port(port, "nginx (TLS upstream)");
+    (
+        child,
+        Upstream {
+            port,
+            ca_file: Some(ca_file),
+        },
+    )
 }

@@ -112,7 +112,7 @@ pub struct FakeState {
 }
 
 /// The fixed answer of fast mode: a JSON array padded to `kib` KiB.
-fn fast_body(kib: usize) -> Bytes {
+pub fn fast_body(kib: usize) -> Bytes {
     let record = br#"{"id":1,"name":"Office supplies","active":true,"description":"padding"}"#;
     let mut body = Vec::with_capacity(kib * 1024);
     body.push(b'[');
