@@ -187,3 +187,31 @@ async fn parked_connections_close_after_the_keep_alive_timeout_and_on_shutdown()
         .unwrap();
     assert!(rest.is_empty());
 }
+
+/// curl, a client nobody here wrote, keeps its connection across parks:
+/// three requests 200 ms apart (each gap long enough for the connection to
+/// park) on one connection, every one answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_keeps_its_connection_across_parks() {
+    let Some(curl) = support::real::tool("curl") else {
+        return;
+    };
+    let (fake, proxy) = start("release_idle_buffers_above = 0").await;
+    let url = proxy.url("/api/invoices");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(curl)
+            .args(["-sS", "--http1.1", "--rate", "5/s", "-o", "/dev/null"])
+            .args(["-w", "%{num_connects} %{http_code}\\n"])
+            .args([&url, &url, &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, ["1 200", "0 200", "0 200"], "one connection, three answers");
+    assert_eq!(fake.state().api_requests(), 3);
+    proxy.stop().await;
+}

@@ -155,8 +155,8 @@ fn main() {
     let mut tls_upstream = None;
     let mut tls_targets: Vec<Target> = Vec::new();
     if scenarios.iter().any(|s| s.tls_upstream) {
-        let (child, over_tls) = start_tls_upstream(upstream, &work);
-        tls_upstream = Some(child);
+        let (nginx, over_tls) = start_tls_upstream(upstream, &work);
+        tls_upstream = Some(nginx);
         if wanted("BENCH_TARGETS", "proxy") {
             tls_targets.push(start_proxy(&over_tls, &work, PROXY));
         }
@@ -249,10 +249,7 @@ fn main() {
     drop(targets);
     drop(variants);
     drop(tls_targets);
-    if let Some(mut child) = tls_upstream {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(tls_upstream);
     if let Some(mut redis) = redis {
         let _ = redis.kill();
         let _ = redis.wait();

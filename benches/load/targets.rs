@@ -561,8 +561,9 @@ backend coupa
 /// nginx on the load core serving TLS as the instance: `/oauth2/` goes on
 /// to the fake Coupa (so the proxy fetches a real token), every other path
 /// answers the fake's fast ~1 KiB JSON when a bearer came with it. Returns
-/// the child and the upstream to hand the proxies.
-pub fn start_tls_upstream(fake: u16, work: &Path) -> (Child, Upstream) {
+/// the nginx (a [`Target`], so dropping it stops nginx gracefully: a killed
+/// master leaves its worker running) and the upstream to hand the proxies.
+pub fn start_tls_upstream(fake: u16, work: &Path) -> (Target, Upstream) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let dir = work.join("upstream-tls");
     std::fs::create_dir_all(&dir).unwrap();
@@ -634,7 +635,14 @@ http {{
         .expect("nginx (TLS upstream) starts");
     wait_for_port(port, "nginx (TLS upstream)");
     (
-        child,
+        Target {
+            name: "upstream-tls",
+            port,
+            h2_port: port,
+            child: Some(child),
+            headers: Vec::new(),
+            _dir: Some(dir),
+        },
         Upstream {
             port,
             ca_file: Some(ca_file),
