@@ -200,18 +200,28 @@ async fn curl_keeps_its_connection_across_parks() {
     let url = proxy.url("/api/invoices");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(curl)
-            .args(["-sS", "--http1.1", "--rate", "5/s", "-o", "/dev/null"])
+            .args(["-sS", "--http1.1", "--rate", "5/s"])
             .args(["-w", "%{num_connects} %{http_code}\\n"])
-            .args([&url, &url, &url])
+            // `-o` pairs with one URL each.
+            .args(["-o", "/dev/null", &url, "-o", "/dev/null", &url])
+            .args(["-o", "/dev/null", &url])
             .output()
             .unwrap()
     })
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines, ["1 200", "0 200", "0 200"], "one connection, three answers");
+    assert_eq!(
+        lines,
+        ["1 200", "0 200", "0 200"],
+        "one connection, three answers"
+    );
     assert_eq!(fake.state().api_requests(), 3);
     proxy.stop().await;
 }
