@@ -572,6 +572,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn idle_only_between_answered_requests_and_the_session_ends_there() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(256);
+        let verdicts = Arc::new(ConnectionGuard::default());
+        let mut guard = FramingGuard::new(server, 64 * 1024, verdicts.clone());
+        let mut buf = [0u8; 256];
+        assert!(verdicts.is_idle(), "a fresh connection holds nothing");
+
+        // Half a head: not idle, and no end-of-stream in the middle of it.
+        client
+            .write_all(b"POST / HTTP/1.1\r\nContent-")
+            .await
+            .unwrap();
+        guard.read(&mut buf).await.unwrap();
+        verdicts.end_session(true);
+        assert!(!verdicts.is_idle());
+        client.write_all(b"Length: 2\r\n\r\nab").await.unwrap();
+        assert!(
+            guard.read(&mut buf).await.unwrap() > 0,
+            "the rest of the head is read"
+        );
+        verdicts.end_session(false);
+
+        // The whole request read, not yet answered: not idle.
+        assert!(!verdicts.is_idle());
+        verdicts.answered();
+        assert!(verdicts.is_idle());
+
+        // A write waiting for the socket: not idle until flushed.
+        FramingGuard::<tokio::io::DuplexStream>::note_write::<()>(&verdicts, Poll::Pending);
+        assert!(!verdicts.is_idle());
+        FramingGuard::<tokio::io::DuplexStream>::note_write(&verdicts, Poll::Ready(Ok(())));
+        assert!(verdicts.is_idle());
+
+        // Between requests an end is an end-of-stream, and bytes already
+        // sent stay unread for the next session.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        verdicts.end_session(true);
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 0);
+        verdicts.end_session(false);
+        let n = guard.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        assert!(!verdicts.is_idle(), "a second head, unanswered");
+    }
+
+    #[tokio::test]
     async fn the_verdict_is_set_before_the_last_byte_of_a_split_head_is_read() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut client, server) = tokio::io::duplex(64);

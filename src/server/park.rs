@@ -85,44 +85,19 @@ where
     B::Error: Into<BoxError>,
 {
     loop {
-        // Boxed: a parked connection keeps none of a session's state.
-        let mut session = Box::new(builder.serve_connection(TokioIo::new(io), service));
-        let mut ending = false;
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-        std::future::poll_fn(|cx| {
-            // First, so a response made in this poll knows.
-            let stopping = cancelled.as_mut().poll(cx).is_ready();
-            if stopping {
-                verdicts.stop();
-            }
-            if let Poll::Ready(done) = Pin::new(&mut *session).poll(cx) {
-                return Poll::Ready(done);
-            }
-            // hyper waits (for the client, the service or Coupa's body).
-            if !ending && verdicts.is_idle() && (stopping || policy.crowded()) {
-                ending = true;
-                verdicts.end_session(true);
-                return Pin::new(&mut *session).poll(cx);
-            }
-            Poll::Pending
-        })
-        .await?;
-        if !ending {
-            // hyper ended the connection and closed its sending side: the
-            // client closed, or a response said `Connection: close`.
+        // Boxed: a connection's task is sized for its largest state, and a
+        // parked connection should keep none of a session's.
+        let session = Box::pin(session(io, service, &verdicts, builder, policy, shutdown));
+        let Some((returned, unread, kept)) = session.await? else {
             return Ok(());
-        }
-        let parts = session.into_parts();
-        io = parts.io.into_inner();
-        service = parts.service;
-        verdicts.end_session(false);
+        };
+        (io, service) = (returned, kept);
         if shutdown.is_cancelled() {
             let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return Ok(());
         }
-        if !parts.read_buf.is_empty() {
-            io.replay(parts.read_buf);
+        if !unread.is_empty() {
+            io.replay(unread);
             continue;
         }
         policy.parked.inc();
@@ -138,6 +113,59 @@ where
             return Ok(());
         }
     }
+}
+
+/// The socket, what hyper read but did not use, and the service, handed
+/// back by a session that ended between requests.
+type Returned<S> = (FramingGuard<TcpStream>, bytes::Bytes, S);
+
+/// One hyper session on the connection. `None`: hyper ended the connection
+/// itself and closed its sending side (the client closed, or a response
+/// said `Connection: close`).
+async fn session<S, B>(
+    io: FramingGuard<TcpStream>,
+    service: S,
+    verdicts: &ConnectionGuard,
+    builder: &http1::Builder,
+    policy: &ParkPolicy,
+    shutdown: &CancellationToken,
+) -> Result<Option<Returned<S>>, BoxError>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut session = builder.serve_connection(TokioIo::new(io), service);
+    let mut ending = false;
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    std::future::poll_fn(|cx| {
+        // First, so a response made in this poll knows.
+        let stopping = cancelled.as_mut().poll(cx).is_ready();
+        if stopping {
+            verdicts.stop();
+        }
+        if let Poll::Ready(done) = Pin::new(&mut session).poll(cx) {
+            return Poll::Ready(done);
+        }
+        // hyper waits (for the client, the service or Coupa's body).
+        if !ending && verdicts.is_idle() && (stopping || policy.crowded()) {
+            ending = true;
+            verdicts.end_session(true);
+            return Pin::new(&mut session).poll(cx);
+        }
+        Poll::Pending
+    })
+    .await?;
+    if !ending {
+        return Ok(None);
+    }
+    verdicts.end_session(false);
+    let parts = session.into_parts();
+    Ok(Some((parts.io.into_inner(), parts.read_buf, parts.service)))
 }
 
 /// The service's answer, made to count itself answered when hyper is done
