@@ -601,9 +601,9 @@ mod tests {
         assert!(verdicts.is_idle());
 
         // A write waiting for the socket: not idle until flushed.
-        FramingGuard::<tokio::io::DuplexStream>::note_write::<()>(&verdicts, Poll::Pending);
+        let _ = FramingGuard::<tokio::io::DuplexStream>::note_write::<()>(&verdicts, Poll::Pending);
         assert!(!verdicts.is_idle());
-        FramingGuard::<tokio::io::DuplexStream>::note_write(&verdicts, Poll::Ready(Ok(())));
+        let _ = FramingGuard::<tokio::io::DuplexStream>::note_write(&verdicts, Poll::Ready(Ok(())));
         assert!(verdicts.is_idle());
 
         // Between requests an end is an end-of-stream, and bytes already
