@@ -585,7 +585,7 @@ mod tests {
             .write_all(b"POST / HTTP/1.1\r\nContent-")
             .await
             .unwrap();
-        assert_eq!(guard.read(&mut buf).await.unwrap(), 24);
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 25);
         verdicts.end_session(true);
         assert!(!verdicts.is_idle());
         client.write_all(b"Length: 2\r\n\r\nab").await.unwrap();
