@@ -11,22 +11,9 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const DAY: Duration = Duration::from_secs(86_399);
-
-async fn start(listen_extra: &str) -> (coupa_auth_proxy::fake_coupa::FakeCoupa, TestProxy) {
-    let fake = start_fake(DAY).await;
-    let text = config_text(&fake.base_url(), "", "").replace(
-        "shutdown_grace = \"10s\"",
-        &format!("shutdown_grace = \"10s\"\n{listen_extra}"),
-    );
-    let proxy = TestProxy::start(parse_config(&text)).await;
-    proxy.wait_ready().await;
-    (fake, proxy)
-}
-
 /// Requests that must be refused with `status` and never reach Coupa.
 async fn assert_refused(cases: &[(&str, String, u16)]) {
-    let (fake, proxy) = start("max_header_bytes = 16384").await;
+    let (fake, proxy) = start_with_listen("max_header_bytes = 16384").await;
     for (name, request, status) in cases {
         let (got, head, _) = raw_request(proxy.addr, request).await;
         assert_eq!(got, *status, "{name}: {head}");
@@ -119,7 +106,7 @@ async fn the_proxy_is_never_an_open_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_form_for_the_instance_itself_is_served() {
-    let (fake, proxy) = start("").await;
+    let (fake, proxy) = start_with_listen("").await;
     let request = format!(
         "GET http://{}/api/x?y=1 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         fake.addr(),
@@ -134,7 +121,7 @@ async fn absolute_form_for_the_instance_itself_is_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_sending_headers_slowly_is_cut_off() {
-    let (fake, proxy) = start("header_read_timeout = \"300ms\"").await;
+    let (fake, proxy) = start_with_listen("header_read_timeout = \"300ms\"").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET /api/x HTTP/1.1\r\nHost: x\r\n")
@@ -167,7 +154,8 @@ async fn a_client_sending_headers_slowly_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_get_a_clear_503() {
     // Idle connections hold their slots (a long header-read timeout).
-    let (_fake, proxy) = start("max_connections = 2\nheader_read_timeout = \"1h\"").await;
+    let (_fake, proxy) =
+        start_with_listen("max_connections = 2\nheader_read_timeout = \"1h\"").await;
     // Two idle connections hold both slots.
     let _a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let _b = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -219,7 +207,7 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
 /// aborted (its connection closed) rather than held open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_sending_its_body_gets_408_and_the_upstream_request_is_aborted() {
-    let (fake, proxy) = start("body_read_timeout = \"300ms\"").await;
+    let (fake, proxy) = start_with_listen("body_read_timeout = \"300ms\"").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(
@@ -249,7 +237,7 @@ async fn a_client_that_stops_sending_its_body_gets_408_and_the_upstream_request_
 /// maps `_` to `-` cannot read `Transfer_Encoding` as a second framing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_names_with_underscores_are_dropped_and_counted() {
-    let (_fake, proxy) = start("").await;
+    let (_fake, proxy) = start_with_listen("").await;
     let (status, _, body) = raw_request(
         proxy.addr,
         "GET /api/invoices HTTP/1.1\r\nHost: x\r\nTransfer_Encoding: chunked\r\n\

@@ -15,19 +15,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const DAY: Duration = Duration::from_secs(86_399);
-
-async fn start(listen_extra: &str) -> (coupa_auth_proxy::fake_coupa::FakeCoupa, TestProxy) {
-    let fake = start_fake(DAY).await;
-    let text = config_text(&fake.base_url(), "", "").replace(
-        "shutdown_grace = \"10s\"",
-        &format!("shutdown_grace = \"10s\"\n{listen_extra}"),
-    );
-    let proxy = TestProxy::start(parse_config(&text)).await;
-    proxy.wait_ready().await;
-    (fake, proxy)
-}
-
 async fn parked(proxy: &TestProxy) -> f64 {
     let text = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
     metric(&text, "coupa_proxy_client_connections_parked", &[])
@@ -73,7 +60,7 @@ const GET: &str = "GET /api/invoices HTTP/1.1\r\nHost: proxy\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_serves_its_next_requests_and_loses_no_byte() {
-    let (fake, proxy) = start("release_idle_buffers_above = 0").await;
+    let (fake, proxy) = start_with_listen("release_idle_buffers_above = 0").await;
     let mut clients = Vec::new();
     for _ in 0..3 {
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -108,7 +95,7 @@ async fn a_parked_connection_serves_its_next_requests_and_loses_no_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_connections_above_the_threshold_park() {
-    let (_fake, proxy) = start("release_idle_buffers_above = 1").await;
+    let (_fake, proxy) = start_with_listen("release_idle_buffers_above = 1").await;
     let mut first = TcpStream::connect(proxy.addr).await.unwrap();
     let mut first_pending = Vec::new();
     first.write_all(GET.as_bytes()).await.unwrap();
@@ -131,7 +118,7 @@ async fn only_connections_above_the_threshold_park() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_smuggling_guard_keeps_its_place_across_parks() {
-    let (fake, proxy) = start("release_idle_buffers_above = 0").await;
+    let (fake, proxy) = start_with_listen("release_idle_buffers_above = 0").await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     let mut pending = Vec::new();
     for _ in 0..2 {
@@ -155,7 +142,7 @@ async fn the_smuggling_guard_keeps_its_place_across_parks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_connections_close_after_the_keep_alive_timeout_and_on_shutdown() {
     let (_fake, proxy) =
-        start("release_idle_buffers_above = 0\nheader_read_timeout = \"1s\"").await;
+        start_with_listen("release_idle_buffers_above = 0\nheader_read_timeout = \"1s\"").await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     let mut pending = Vec::new();
     stream.write_all(GET.as_bytes()).await.unwrap();
@@ -196,7 +183,7 @@ async fn curl_keeps_its_connection_across_parks() {
     let Some(curl) = support::real::tool("curl") else {
         return;
     };
-    let (fake, proxy) = start("release_idle_buffers_above = 0").await;
+    let (fake, proxy) = start_with_listen("release_idle_buffers_above = 0").await;
     let url = proxy.url("/api/invoices");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(curl)

@@ -432,7 +432,6 @@ pub fn start_nginx(upstream: &Upstream, token: &str, work: &Path) -> Target {
     let dir = upstream.dir(work, "nginx");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("nginx.conf");
-    let d = dir.display();
     let port_up = upstream.port;
     // Over TLS as the issue's by-hand runs did it: certificate verified,
     // sessions reused, keep-alive.
@@ -451,19 +450,7 @@ pub fn start_nginx(upstream: &Upstream, token: &str, work: &Path) -> Target {
     std::fs::write(
         &config,
         format!(
-            r#"
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
+            r#"{prelude}
     upstream coupa {{
         server 127.0.0.1:{port_up};
         keepalive 128;
@@ -484,20 +471,12 @@ http {{
         }}
     }}
 }}
-"#
+"#,
+            prelude = nginx_prelude(&dir),
         ),
     )
     .unwrap();
-    let child = pinned(PROXY_CORE, "nginx")
-        .args(["-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx starts");
-    wait_for_port(port, "nginx");
+    let child = spawn_nginx(PROXY_CORE, &dir, &config, port, "nginx");
     Target {
         name: "nginx",
         port,
@@ -592,19 +571,7 @@ pub fn start_tls_upstream(fake: u16, work: &Path) -> (Target, Upstream) {
     std::fs::write(
         &config,
         format!(
-            r#"
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
+            r#"{prelude}
     server {{
         listen 127.0.0.1:{port} ssl;
         ssl_certificate {d}/cert.pem;
@@ -620,20 +587,18 @@ http {{
         }}
     }}
 }}
-"#
+"#,
+            prelude = nginx_prelude(&dir),
         ),
     )
     .unwrap();
-    let child = pinned(crate::LOAD_CORE, "nginx")
-        .args(["-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx (TLS upstream) starts");
-    wait_for_port(port, "nginx (TLS upstream)");
+    let child = spawn_nginx(
+        crate::LOAD_CORE,
+        &dir,
+        &config,
+        port,
+        "nginx (TLS upstream)",
+    );
     (
         Target {
             name: "upstream-tls",
@@ -648,4 +613,41 @@ http {{
             ca_file: Some(ca_file),
         },
     )
+}
+
+/// What every nginx here starts its configuration with: one worker in the
+/// foreground, its files in `dir`, no access log; the `http` block is left
+/// open for the caller's upstreams and servers.
+fn nginx_prelude(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;"#
+    )
+}
+
+/// Starts nginx with `config` on `core` and waits until it listens on `port`.
+fn spawn_nginx(core: &str, dir: &Path, config: &Path, port: u16, what: &str) -> Child {
+    let child = pinned(core, "nginx")
+        .args(["-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    wait_for_port(port, what);
+    child
 }

@@ -143,6 +143,19 @@ impl TestProxy {
     }
 }
 
+/// Fake (tokens for a day) + proxy with `listen_extra` added to its
+/// `[listen]` table, a token held.
+pub async fn start_with_listen(listen_extra: &str) -> (FakeCoupa, TestProxy) {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(&fake.base_url(), "", "").replace(
+        "shutdown_grace = \"10s\"",
+        &format!("shutdown_grace = \"10s\"\n{listen_extra}"),
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+    (fake, proxy)
+}
+
 /// Fake + proxy with a token held, the common starting point.
 pub async fn start_pair(lifetime: Duration) -> (FakeCoupa, TestProxy) {
     let fake = start_fake(lifetime).await;
