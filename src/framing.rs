@@ -55,8 +55,6 @@ pub struct ConnectionGuard {
     /// Asked by the server: answer the next read between requests with
     /// end-of-stream, so hyper ends its session and hands the socket back.
     end_session: AtomicBool,
-    /// The server is stopping: responses close the connection.
-    stopping: AtomicBool,
 }
 
 impl Default for ConnectionGuard {
@@ -69,7 +67,6 @@ impl Default for ConnectionGuard {
             between_requests: AtomicBool::new(true),
             unflushed: AtomicBool::new(false),
             end_session: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
         }
     }
 }
@@ -104,15 +101,6 @@ impl ConnectionGuard {
     /// requests (`true`), or to stop doing so.
     pub fn end_session(&self, end: bool) {
         self.end_session.store(end, Ordering::Relaxed);
-    }
-
-    /// The server is stopping.
-    pub fn stop(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-
-    pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
     }
 }
 

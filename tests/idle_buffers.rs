@@ -212,3 +212,37 @@ async fn curl_keeps_its_connection_across_parks() {
     assert_eq!(fake.state().api_requests(), 3);
     proxy.stop().await;
 }
+
+/// Below the threshold an idle keep-alive connection keeps its session; on
+/// shutdown it closes at once, on the proxy's listener and on the admin
+/// listener (whose answers are not counted, so it never parks), instead
+/// of holding the drain until its keep-alive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_at_once_on_shutdown() {
+    let (_fake, proxy) = start_with_listen("").await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut admin = TcpStream::connect(proxy.admin).await.unwrap();
+    let mut pending = Vec::new();
+    client.write_all(GET.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut client, &mut pending).await.0, 200);
+    admin
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut admin, &mut pending).await.0, 200);
+    assert_eq!(parked(&proxy).await, 0.0, "below the threshold");
+    // The header-read timeout (the keep-alive timeout) is 10 s: closing
+    // within 5 s is the shutdown's doing.
+    let stopped = tokio::time::timeout(Duration::from_secs(5), proxy.stop())
+        .await
+        .expect("shutdown does not wait for idle connections");
+    assert_eq!(stopped, coupa_auth_proxy::server::Drain::Complete);
+    for stream in [&mut client, &mut admin] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .expect("closed by the shutdown")
+            .unwrap();
+        assert!(rest.is_empty());
+    }
+}

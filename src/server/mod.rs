@@ -6,7 +6,7 @@
 //! open ([`park`]). On shutdown the listener is dropped at once, so new
 //! connections are refused, idle connections close, and in-flight requests
 //! get up to the grace period to finish (their responses say
-//! `Connection: close`).
+//! `Connection: close` where hyper can still add it).
 
 mod connection;
 mod park;

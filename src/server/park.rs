@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -140,19 +140,21 @@ where
 {
     let mut session = builder.serve_connection(TokioIo::new(io), service);
     let mut ending = false;
+    let mut stopping = false;
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     std::future::poll_fn(|cx| {
-        // First, so a response made in this poll knows.
-        let stopping = cancelled.as_mut().poll(cx).is_ready();
-        if stopping {
-            verdicts.stop();
+        if !stopping && cancelled.as_mut().poll(cx).is_ready() {
+            // hyper closes an idle connection now, a busy one after its
+            // response (which says `Connection: close` if not yet sent).
+            stopping = true;
+            Pin::new(&mut session).graceful_shutdown();
         }
         if let Poll::Ready(done) = Pin::new(&mut session).poll(cx) {
             return Poll::Ready(done);
         }
         // hyper waits (for the client, the service or Coupa's body).
-        if !ending && verdicts.is_idle() && (stopping || policy.crowded()) {
+        if !ending && !stopping && verdicts.is_idle() && policy.crowded() {
             ending = true;
             verdicts.end_session(true);
             return Pin::new(&mut session).poll(cx);
@@ -169,20 +171,13 @@ where
 }
 
 /// The service's answer, made to count itself answered when hyper is done
-/// with its body, and to close the connection once the server is stopping.
-/// A service whose answers are not passed through this never parks.
-/// (Wrapped inside the service's own future: wrapping that future from
-/// outside would copy it, several KiB, once more per request.)
+/// with its body. A service whose answers are not passed through this
+/// never parks. (Wrapped inside the service's own future: wrapping that
+/// future from outside would copy it, several KiB, once more per request.)
 pub fn answered<B>(
-    mut response: Response<B>,
+    response: Response<B>,
     verdicts: &Arc<ConnectionGuard>,
 ) -> Response<AnsweredBody<B>> {
-    if verdicts.stopping() {
-        // hyper ends the connection after this response.
-        response
-            .headers_mut()
-            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    }
     let mark = AnswerMark(verdicts.clone());
     response.map(|inner| AnsweredBody {
         inner,
