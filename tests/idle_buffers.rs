@@ -246,3 +246,38 @@ async fn idle_connections_close_at_once_on_shutdown() {
         assert!(rest.is_empty());
     }
 }
+
+/// Garbage after a park is refused as it would be on a fresh connection,
+/// and a client that half-sends a head to a parked connection is still
+/// cut off by the header-read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_stalled_heads_after_a_park_are_refused() {
+    let (fake, proxy) =
+        start_with_listen("release_idle_buffers_above = 0\nheader_read_timeout = \"1s\"").await;
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut garbage = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut pending = Vec::new();
+    for stream in [&mut stalled, &mut garbage] {
+        stream.write_all(GET.as_bytes()).await.unwrap();
+        assert_eq!(read_response(stream, &mut pending).await.0, 200);
+    }
+    wait_parked(&proxy, 2.0).await;
+
+    garbage
+        .write_all(b"\x16\x03\x01 not http\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut garbage, &mut pending).await.0, 400);
+
+    stalled
+        .write_all(b"GET /api/invoices HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut rest))
+        .await
+        .expect("the stalled head is cut off")
+        .unwrap();
+    assert_eq!(fake.state().api_requests(), 2, "neither reached Coupa");
+    proxy.stop().await;
+}
