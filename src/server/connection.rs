@@ -29,8 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::park::{self, ParkPolicy};
 use super::{BoxError, Builders};
-use crate::framing::ConnectionGuard;
-use crate::framing::FramingGuard;
+use crate::framing::{ConnectionGuard, FramingGuard};
 
 /// What one connection is served with.
 pub(super) struct Setup<'a> {
@@ -86,16 +85,16 @@ where
 {
     // Small request/response exchanges: do not let Nagle hold them back.
     let _ = stream.set_nodelay(true);
-    let Setup {
-        tls,
-        builders,
-        max_head,
-        first_byte_timeout,
-        policy,
-        shutdown,
-        watcher,
-    } = setup;
-    let Some(acceptor) = tls else {
+    let Some(acceptor) = setup.tls.clone() else {
+        let Setup {
+            builders,
+            max_head,
+            first_byte_timeout,
+            policy,
+            shutdown,
+            watcher,
+            ..
+        } = setup;
         // The other ways are boxed: a connection's task is sized for its
         // largest state, and a parked HTTP/1.1 connection should be small.
         let io = FramingGuard::new(stream, max_head, verdicts.clone());
@@ -117,29 +116,15 @@ where
             }
         };
     };
-    Box::pin(serve_tls(
-        stream,
-        acceptor,
-        max_head,
-        first_byte_timeout,
-        verdicts,
-        builders,
-        service,
-        watcher,
-    ))
-    .await
+    Box::pin(serve_tls(stream, acceptor, setup, verdicts, service)).await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve_tls<S, B>(
     stream: TcpStream,
     acceptor: TlsAcceptor,
-    max_head: usize,
-    first_byte_timeout: Duration,
+    setup: Setup<'_>,
     verdicts: Arc<ConnectionGuard>,
-    builders: &Builders,
     service: S,
-    watcher: Watcher,
 ) -> Result<(), BoxError>
 where
     S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
@@ -149,6 +134,13 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let Setup {
+        builders,
+        max_head,
+        first_byte_timeout,
+        watcher,
+        ..
+    } = setup;
     let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
         .await
         .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
