@@ -16,10 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body::Body;
-use hyper::body::Incoming;
-use hyper::service::Service;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -28,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::park::{self, ParkPolicy};
-use super::{BoxError, Builders};
+use super::{BoxError, Builders, ConnectionService, ResponseBody};
 use crate::framing::{ConnectionGuard, FramingGuard};
 
 /// What one connection is served with.
@@ -76,12 +72,8 @@ pub(super) async fn serve_connection<S, B>(
     service: S,
 ) -> Result<(), BoxError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     // Small request/response exchanges: do not let Nagle hold them back.
     let _ = stream.set_nodelay(true);
@@ -127,12 +119,8 @@ async fn serve_tls<S, B>(
     service: S,
 ) -> Result<(), BoxError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let Setup {
         builders,

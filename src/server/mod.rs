@@ -38,6 +38,38 @@ pub use park::{answered, AnsweredBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a listener serves each connection with (hyper's bounds, in one
+/// place): a service of its own per connection, `Unpin` so a parked
+/// connection can take it back from hyper.
+pub trait ConnectionService<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S, B> ConnectionService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Error: Into<BoxError>,
+            Future: Send + 'static,
+        > + Send
+        + Unpin
+        + 'static
+{
+}
+
+/// A response body hyper can write from a connection's task.
+pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// Per-listener protection against misbehaving clients, and what a
 /// connection may hold while idle.
 #[derive(Debug, Clone)]
@@ -141,12 +173,8 @@ pub async fn serve<M, S, B>(
 ) -> Drain
 where
     M: Fn(SocketAddr, Arc<ConnectionGuard>) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + Unpin + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let builders = Arc::new(Builders::new(&limits));
     let graceful = GracefulShutdown::new();

@@ -31,11 +31,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper::service::Service;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
@@ -43,7 +41,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::BoxError;
+use super::{BoxError, ConnectionService, ResponseBody};
 use crate::framing::{ConnectionGuard, FramingGuard};
 
 /// When an idle connection parks, and where that is counted.
@@ -77,12 +75,8 @@ pub(super) async fn serve_http1<S, B>(
     shutdown: &CancellationToken,
 ) -> Result<(), BoxError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     loop {
         // Boxed: a connection's task is sized for its largest state, and a
@@ -131,12 +125,8 @@ async fn session<S, B>(
     shutdown: &CancellationToken,
 ) -> Result<Option<Returned<S>>, BoxError>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let mut session = builder.serve_connection(TokioIo::new(io), service);
     let mut ending = false;
