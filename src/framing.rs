@@ -156,7 +156,6 @@ pin_project_lite::pin_project! {
         first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
         // A head larger than this is left for hyper to refuse (431).
         max_head: usize,
-        heads_seen: u64,
         verdicts: Arc<ConnectionGuard>,
         // Bytes already read (and scanned) that a new hyper session must
         // see first.
@@ -178,7 +177,6 @@ impl<IO> FramingGuard<IO> {
             partial_head: Vec::new(),
             first_byte: None,
             max_head,
-            heads_seen: 0,
             verdicts,
             replay: Bytes::new(),
         }
@@ -411,14 +409,9 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
         // sniffing must see them); a head split across reads is copied
         // aside until complete. hyper cannot act on a head before its last
         // byte, and the verdict is in place before that byte is returned.
+        let mut heads = this.verdicts.heads.load(Ordering::Relaxed);
         if this.partial_head.is_empty() {
-            let scanned = scan(
-                fresh,
-                this.phase,
-                *this.max_head,
-                this.heads_seen,
-                this.verdicts,
-            );
+            let scanned = scan(fresh, this.phase, *this.max_head, &mut heads, this.verdicts);
             this.partial_head.extend_from_slice(&fresh[scanned..]);
         } else {
             this.partial_head.extend_from_slice(fresh);
@@ -426,14 +419,12 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
                 this.partial_head,
                 this.phase,
                 *this.max_head,
-                this.heads_seen,
+                &mut heads,
                 this.verdicts,
             );
             this.partial_head.drain(..scanned);
         }
-        this.verdicts
-            .heads
-            .store(*this.heads_seen, Ordering::Relaxed);
+        this.verdicts.heads.store(heads, Ordering::Relaxed);
         this.verdicts.between_requests.store(
             *this.phase == Phase::Head && this.partial_head.is_empty(),
             Ordering::Relaxed,
@@ -442,17 +433,12 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
     }
 }
 
-impl<IO> FramingGuard<IO> {
-    /// Notes whether a write left bytes waiting for the socket.
-    fn note_write<T>(
-        verdicts: &ConnectionGuard,
-        written: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        verdicts
-            .unflushed
-            .store(written.is_pending(), Ordering::Relaxed);
-        written
-    }
+/// Notes whether a write left bytes waiting for the socket.
+fn note_write<T>(verdicts: &ConnectionGuard, written: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    verdicts
+        .unflushed
+        .store(written.is_pending(), Ordering::Relaxed);
+    written
 }
 
 impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
@@ -462,7 +448,7 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        Self::note_write(this.verdicts, this.inner.poll_write(cx, data))
+        note_write(this.verdicts, this.inner.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -471,7 +457,7 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        Self::note_write(this.verdicts, this.inner.poll_write_vectored(cx, bufs))
+        note_write(this.verdicts, this.inner.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -480,7 +466,7 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        Self::note_write(this.verdicts, this.inner.poll_flush(cx))
+        note_write(this.verdicts, this.inner.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -589,9 +575,9 @@ mod tests {
         assert!(verdicts.is_idle());
 
         // A write waiting for the socket: not idle until flushed.
-        let _ = FramingGuard::<tokio::io::DuplexStream>::note_write::<()>(&verdicts, Poll::Pending);
+        let _ = note_write::<()>(&verdicts, Poll::Pending);
         assert!(!verdicts.is_idle());
-        let _ = FramingGuard::<tokio::io::DuplexStream>::note_write(&verdicts, Poll::Ready(Ok(())));
+        let _ = note_write(&verdicts, Poll::Ready(Ok(())));
         assert!(verdicts.is_idle());
 
         // Between requests an end is an end-of-stream, and bytes already
@@ -603,6 +589,15 @@ mod tests {
         let n = guard.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
         assert!(!verdicts.is_idle(), "a second head, unanswered");
+
+        // What a session read but did not use is served first, and not
+        // counted a second time.
+        guard.replay(Bytes::from_static(b"\r\n"));
+        client.write_all(b"more").await.unwrap();
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 2);
+        assert_eq!(&buf[..2], b"\r\n");
+        assert_eq!(verdicts.heads.load(Ordering::Relaxed), 2);
+        assert_eq!(guard.read(&mut buf).await.unwrap(), 4);
     }
 
     #[tokio::test]
