@@ -109,6 +109,8 @@ async fn only_connections_above_the_threshold_park() {
     // Two open: one parked, and it is the second: once the second closes
     // no connection is parked (a parked first would stay so).
     wait_parked(&proxy, 1.0).await;
+    let text = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+    assert_eq!(metric(&text, "coupa_proxy_client_connections", &[]), 2.0);
     drop(second);
     wait_parked(&proxy, 0.0).await;
     first.write_all(GET.as_bytes()).await.unwrap();

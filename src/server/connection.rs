@@ -21,24 +21,10 @@ use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
-use super::park::{self, ParkPolicy};
-use super::{BoxError, Builders, ConnectionService, ResponseBody};
+use super::park;
+use super::{BoxError, ConnectionService, Listener, ResponseBody};
 use crate::framing::{ConnectionGuard, FramingGuard};
-
-/// What one connection is served with.
-pub(super) struct Setup<'a> {
-    pub tls: Option<TlsAcceptor>,
-    pub builders: &'a Builders,
-    pub max_head: usize,
-    /// A client must start (send a byte, finish the TLS handshake) within this.
-    pub first_byte_timeout: Duration,
-    pub policy: &'a ParkPolicy,
-    pub shutdown: &'a CancellationToken,
-    /// Graceful shutdown of the connections hyper-util serves.
-    pub watcher: Watcher,
-}
 
 /// What a plain connection's first bytes say.
 enum Sniffed {
@@ -65,9 +51,11 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Result<Sniffed, BoxErro
     })
 }
 
+/// Serves one accepted connection with what its listener shares.
 pub(super) async fn serve_connection<S, B>(
     stream: TcpStream,
-    setup: Setup<'_>,
+    listener: &Listener,
+    watcher: Watcher,
     verdicts: Arc<ConnectionGuard>,
     service: S,
 ) -> Result<(), BoxError>
@@ -77,20 +65,19 @@ where
 {
     // Small request/response exchanges: do not let Nagle hold them back.
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = setup.tls.clone() else {
-        let Setup {
-            builders,
-            max_head,
-            first_byte_timeout,
-            policy,
-            shutdown,
-            watcher,
-            ..
-        } = setup;
+    let Listener {
+        tls,
+        builders,
+        max_head,
+        first_byte_timeout,
+        policy,
+        shutdown,
+    } = listener;
+    let Some(acceptor) = tls else {
         // The other ways are boxed: a connection's task is sized for its
         // largest state, and a parked HTTP/1.1 connection should be small.
-        let io = FramingGuard::new(stream, max_head, verdicts.clone());
-        return match sniff(io.get_ref(), first_byte_timeout).await? {
+        let io = FramingGuard::new(stream, *max_head, verdicts.clone());
+        return match sniff(io.get_ref(), *first_byte_timeout).await? {
             Sniffed::Closed => Ok(()),
             Sniffed::Http1 => {
                 park::serve_http1(io, verdicts, service, &builders.http1, policy, shutdown).await
@@ -99,8 +86,9 @@ where
                 let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
                 Box::pin(watcher.watch(conn.into_owned())).await
             }
+            // Bytes have come, so no first-byte timer; hyper-util reads the
+            // rest of what may be the preface.
             Sniffed::Unsure => {
-                let io = io.with_first_byte_timeout(first_byte_timeout);
                 let conn = builders
                     .sniffing
                     .serve_connection(TokioIo::new(io), service);
@@ -108,13 +96,17 @@ where
             }
         };
     };
-    Box::pin(serve_tls(stream, acceptor, setup, verdicts, service)).await
+    Box::pin(serve_tls(
+        stream, acceptor, listener, watcher, verdicts, service,
+    ))
+    .await
 }
 
 async fn serve_tls<S, B>(
     stream: TcpStream,
-    acceptor: TlsAcceptor,
-    setup: Setup<'_>,
+    acceptor: &TlsAcceptor,
+    listener: &Listener,
+    watcher: Watcher,
     verdicts: Arc<ConnectionGuard>,
     service: S,
 ) -> Result<(), BoxError>
@@ -122,13 +114,13 @@ where
     S: ConnectionService<B>,
     B: ResponseBody,
 {
-    let Setup {
+    let Listener {
         builders,
         max_head,
         first_byte_timeout,
-        watcher,
         ..
-    } = setup;
+    } = listener;
+    let (max_head, first_byte_timeout) = (*max_head, *first_byte_timeout);
     let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
         .await
         .map_err(|_| "TLS handshake not completed within the header-read timeout")??;

@@ -32,7 +32,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::framing::ConnectionGuard;
-use connection::Setup;
 use park::ParkPolicy;
 pub use park::{answered, AnsweredBody};
 
@@ -160,6 +159,17 @@ impl Builders {
     }
 }
 
+/// What every connection of one listener shares, made once.
+struct Listener {
+    tls: Option<TlsAcceptor>,
+    builders: Builders,
+    max_head: usize,
+    /// A client must start (send a byte, finish the TLS handshake) within this.
+    first_byte_timeout: Duration,
+    policy: ParkPolicy,
+    shutdown: CancellationToken,
+}
+
 /// Serves connections from `listener` until `shutdown` is cancelled, then
 /// drains. `make_service` is called once per connection with the peer
 /// address. With `tls`, connections are TLS first.
@@ -176,17 +186,21 @@ where
     S: ConnectionService<B>,
     B: ResponseBody,
 {
-    let builders = Arc::new(Builders::new(&limits));
+    let shared = Arc::new(Listener {
+        tls,
+        builders: Builders::new(&limits),
+        max_head: limits.max_header_bytes,
+        first_byte_timeout: limits.header_read_timeout,
+        policy: ParkPolicy {
+            above: i64::try_from(limits.release_idle_buffers_above).unwrap_or(i64::MAX),
+            keep_alive: limits.header_read_timeout,
+            gauges: limits.gauges.clone(),
+        },
+        shutdown: shutdown.clone(),
+    });
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let policy = Arc::new(ParkPolicy {
-        above: limits.release_idle_buffers_above,
-        slots: slots.clone(),
-        max_connections: limits.max_connections,
-        keep_alive: limits.header_read_timeout,
-        parked: limits.gauges.parked.clone(),
-    });
 
     loop {
         let (stream, peer) = tokio::select! {
@@ -210,28 +224,15 @@ where
         let verdicts = Arc::new(ConnectionGuard::default());
         let service = make_service(peer, verdicts.clone());
         let watcher = graceful.watcher();
-        let builders = builders.clone();
-        let policy = policy.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        let open = limits.gauges.open.clone();
-        let max_head = limits.max_header_bytes;
-        let first_byte_timeout = limits.header_read_timeout;
-        open.inc();
+        let shared = shared.clone();
+        shared.policy.gauges.open.inc();
         connections.spawn(async move {
-            let setup = Setup {
-                tls,
-                builders: &builders,
-                max_head,
-                first_byte_timeout,
-                policy: &policy,
-                shutdown: &shutdown,
-                watcher,
-            };
-            if let Err(err) = connection::serve_connection(stream, setup, verdicts, service).await {
+            if let Err(err) =
+                connection::serve_connection(stream, &shared, watcher, verdicts, service).await
+            {
                 debug!(%peer, error = %err, "connection ended with an error");
             }
-            open.dec();
+            shared.policy.gauges.open.dec();
             drop(slot);
         });
     }

@@ -35,32 +35,27 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxError, ConnectionService, ResponseBody};
+use super::{BoxError, ConnectionGauges, ConnectionService, ResponseBody};
 use crate::framing::{ConnectionGuard, FramingGuard};
 
 /// When an idle connection parks, and where that is counted.
 pub(super) struct ParkPolicy {
     /// Park only while more client connections than this are open.
-    pub above: usize,
-    /// The listener's connection slots: open = `max - available`.
-    pub slots: Arc<Semaphore>,
-    pub max_connections: usize,
+    pub above: i64,
     /// A parked connection that stays silent this long is closed, as hyper
     /// closes an idle keep-alive connection after its header-read timeout.
     pub keep_alive: Duration,
-    /// Connections parked now.
-    pub parked: Gauge,
+    /// The listener's open and parked connections.
+    pub gauges: ConnectionGauges,
 }
 
 impl ParkPolicy {
     fn crowded(&self) -> bool {
-        self.max_connections - self.slots.available_permits() > self.above
+        self.gauges.open.get() > self.above
     }
 }
 
@@ -94,14 +89,14 @@ where
             io.replay(unread);
             continue;
         }
-        policy.parked.inc();
+        policy.gauges.parked.inc();
         let woken = tokio::select! {
             readable = tokio::time::timeout(policy.keep_alive, io.get_ref().readable()) => {
                 matches!(readable, Ok(Ok(())))
             }
             _ = shutdown.cancelled() => false,
         };
-        policy.parked.dec();
+        policy.gauges.parked.dec();
         if !woken {
             let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return Ok(());
