@@ -120,9 +120,9 @@ pub struct Listen {
     pub max_header_bytes: usize,
     /// Open client connections beyond this get a 503 and are closed.
     pub max_connections: usize,
-    /// With more client connections open than this, an HTTP/1.1 connection
-    /// that goes idle gives hyper's buffers back until its next request
-    /// (`server::park`); 0: always.
+    /// With more client connections open than this, a plain (not TLS)
+    /// HTTP/1.1 connection that goes idle gives hyper's buffers back until
+    /// its next request (`server::park`); 0: always.
     pub release_idle_buffers_above: usize,
     /// A request body that sends no bytes for this long is abandoned: the
     /// client gets 408 and the upstream request is aborted.
