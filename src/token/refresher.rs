@@ -252,8 +252,9 @@ impl<S: TokenSource> Refresher<S> {
         };
         self.store.record_success();
         let now = Instant::now();
-        let current = self.store.current(now).map(|t| t.expires_at);
+        let current = self.store.unrejected_expiry(now);
         let activate_at = self.policy.activate_at(now, current);
+        let wanted_now = self.store.await_activation();
         info!(
             credential = %self.credential,
             expires_in = ?expires_in,
@@ -268,6 +269,7 @@ impl<S: TokenSource> Refresher<S> {
             // The current token was rejected: waiting out the activation
             // delay would only fail more requests.
             _ = self.store.refresh_requested() => {}
+            _ = wanted_now => {}
         }
         self.store.install(active);
         info!(credential = %self.credential, "token activated");
@@ -278,6 +280,7 @@ impl<S: TokenSource> Refresher<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::AfterRejection;
 
     fn policy() -> RefreshPolicy {
         RefreshPolicy {
@@ -438,6 +441,85 @@ mod tests {
         step(8).await;
         assert!(bearer(&store).is_some());
 
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// A refresher on a scripted source with a 5 s activation delay and
+    /// 1000 s tokens renewed at half their life.
+    fn scripted(store: &Arc<TokenStore>) -> (Refresher<Script>, Arc<std::sync::atomic::AtomicU64>) {
+        let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refresher = Refresher {
+            client: Script {
+                fetches: fetches.clone(),
+                failing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                misconfigured: false,
+                lifetime: Duration::from_secs(1000),
+            },
+            store: store.clone(),
+            policy: RefreshPolicy {
+                refresh_fraction: 0.5,
+                ..policy()
+            },
+            credential: "test".into(),
+        };
+        (refresher, fetches)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_fetched_for_a_rejection_is_not_held_back_by_the_activation_delay() {
+        let store = Arc::new(TokenStore::new());
+        let (refresher, fetches) = scripted(&store);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let t1 = store.bearer(Instant::now()).unwrap();
+        assert_eq!(t1, "Bearer t1");
+
+        // Coupa rejects t1 long before its renewal: the new token serves
+        // as soon as it is fetched, not 5 s later.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let cooldown = Duration::from_secs(10);
+        assert_eq!(store.report_rejected(&t1, cooldown), AfterRejection::Wait);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t2"));
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_during_the_activation_delay_installs_the_waiting_token_and_keeps_the_cooldown(
+    ) {
+        let store = Arc::new(TokenStore::new());
+        let (refresher, fetches) = scripted(&store);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(refresher.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let t1 = store.bearer(Instant::now()).unwrap();
+
+        // The scheduled renewal fetched t2, which waits out the delay; the
+        // server ended t1 when it issued t2.
+        tokio::time::sleep(Duration::from_secs(501)).await;
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t1"));
+        let cooldown = Duration::from_secs(10);
+        assert_eq!(store.report_rejected(&t1, cooldown), AfterRejection::Wait);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t2"));
+        assert_eq!(
+            fetches.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "no extra fetch"
+        );
+
+        // A genuine revocation of t2 right after still gets a fetch: the
+        // superseded t1's 401 did not spend the cooldown.
+        let t2 = store.bearer(Instant::now()).unwrap();
+        assert_eq!(store.report_rejected(&t2, cooldown), AfterRejection::Wait);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(bearer(&store).as_deref(), Some("Bearer t3"));
         shutdown.cancel();
         task.await.unwrap();
     }

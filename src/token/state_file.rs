@@ -16,7 +16,7 @@ use crate::secret::Secret;
 const FORMAT_VERSION: u32 = 1;
 
 /// Tokens and facts of one consent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GrantState {
     /// The client the tokens were issued to; a different one cannot use them.
     pub client_id: String,
@@ -27,6 +27,29 @@ pub struct GrantState {
     pub refresh_token_issued_at: SystemTime,
     pub access_token: Option<Secret>,
     pub access_token_expires_at: Option<SystemTime>,
+}
+
+/// Two states are the same when they are stored the same. The file (and the
+/// cluster state) keeps whole seconds while memory keeps nanoseconds, so a
+/// state just saved must equal itself read back; otherwise every renewal
+/// looks like a new consent on disk and its rejected token is served again.
+impl PartialEq for GrantState {
+    fn eq(&self, other: &Self) -> bool {
+        let GrantState {
+            client_id,
+            scope,
+            refresh_token,
+            refresh_token_issued_at,
+            access_token,
+            access_token_expires_at,
+        } = self;
+        *client_id == other.client_id
+            && *scope == other.scope
+            && *refresh_token == other.refresh_token
+            && unix(*refresh_token_issued_at) == unix(other.refresh_token_issued_at)
+            && *access_token == other.access_token
+            && access_token_expires_at.map(unix) == other.access_token_expires_at.map(unix)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +256,23 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_saved_with_sub_second_times_equals_itself_read_back() {
+        let dir = temp_dir("precision");
+        let path = dir.join("grant.json");
+        let now = SystemTime::now();
+        let mut held = state("r1");
+        held.refresh_token_issued_at = now;
+        held.access_token_expires_at = Some(now + Duration::from_millis(86_399_123));
+        save(&path, &held).unwrap();
+        assert_eq!(load(&path).unwrap(), held);
+        // A real change is still one.
+        let mut rotated = held.clone();
+        rotated.access_token_expires_at = Some(now + Duration::from_secs(90_000));
+        assert_ne!(load(&path).unwrap(), rotated);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -164,6 +164,11 @@ pub struct TokenStore {
     /// reload): the current token serves until the new one activates.
     renew_now: tokio::sync::Notify,
     forced: Mutex<ForcedRefresh>,
+    /// A fetched token is waiting out its activation delay.
+    awaiting_activation: std::sync::atomic::AtomicBool,
+    /// Wakes that wait when the current token is rejected meanwhile: the
+    /// waiting token replaces it at once, without a new fetch.
+    activate_now: tokio::sync::Notify,
 }
 
 impl Default for TokenStore {
@@ -182,6 +187,8 @@ impl TokenStore {
             refresh_now: tokio::sync::Notify::new(),
             renew_now: tokio::sync::Notify::new(),
             forced: Mutex::new(ForcedRefresh::default()),
+            awaiting_activation: std::sync::atomic::AtomicBool::new(false),
+            activate_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -208,7 +215,40 @@ impl TokenStore {
     /// Makes `token` the one the request path sends.
     pub fn install(&self, token: ActiveToken) {
         self.current.store(Some(Arc::new(token)));
+        self.awaiting_activation
+            .store(false, std::sync::atomic::Ordering::Release);
         self.installed.send_modify(|generation| *generation += 1);
+    }
+
+    /// The expiry of the current token, unless Coupa rejected it: a
+    /// rejected token is not worth waiting on, so the next one activates
+    /// at once.
+    pub fn unrejected_expiry(&self, now: Instant) -> Option<Instant> {
+        let current = self.current(now)?;
+        let rejected = self
+            .forced
+            .lock()
+            .map(|forced| {
+                forced
+                    .rejected
+                    .as_ref()
+                    .is_some_and(|r| r.as_bytes() == current.header.as_bytes())
+            })
+            .unwrap_or(false);
+        (!rejected).then_some(current.expires_at)
+    }
+
+    /// Marks a fetched token as waiting for its activation; the returned
+    /// future resolves when a 401 on the current token asks for it now.
+    /// Enabled before the mark, so no such request is missed.
+    pub(crate) fn await_activation(
+        &self,
+    ) -> std::pin::Pin<Box<tokio::sync::futures::Notified<'_>>> {
+        let mut wanted = Box::pin(self.activate_now.notified());
+        wanted.as_mut().enable();
+        self.awaiting_activation
+            .store(true, std::sync::atomic::Ordering::Release);
+        wanted
     }
 
     /// Coupa answered 401 to a request sent with `rejected`. Asks the
@@ -222,6 +262,17 @@ impl TokenStore {
             if current != *rejected {
                 return AfterRejection::Replay(current);
             }
+        }
+        // A newer token is fetched and only waits out its activation
+        // delay (a server that ends the old pair when it issues the next
+        // gives exactly this 401): install it now. No fetch is asked for, so
+        // the cooldown stays for a rejection of the new token.
+        if self
+            .awaiting_activation
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.activate_now.notify_waiters();
+            return AfterRejection::Wait;
         }
         let Ok(mut forced) = self.forced.lock() else {
             return AfterRejection::GiveUp;
