@@ -338,7 +338,11 @@ async fn device_code(
     timeout: Duration,
 ) -> Result<FetchedToken, AuthorizeError> {
     let body = client
-        .post_form(device_authorization_url, vec![("scope", scope)])
+        .post_form(
+            crate::token::client::Endpoint::DeviceAuthorization,
+            device_authorization_url,
+            vec![("scope", scope)],
+        )
         .await?;
     let device: DeviceAuthorization = serde_json::from_slice(&body).map_err(|e| {
         FetchError::BadResponse(format!("not a device authorization response: {e}"))

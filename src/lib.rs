@@ -11,6 +11,7 @@
 //! - [`cluster`]: state shared with the other proxies of one instance in
 //!   Redis/Valkey (rate budget, one token fetcher) — background work with a
 //!   narrow interface; untouched without `[cluster]`.
+//! - [`basic_auth`]: HTTP Basic client authentication as RFC 6749 encodes it.
 //! - [`authorize`]: the `authorize` subcommand, a user's one-time consent
 //!   (authorization code with PKCE, or device code).
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
@@ -35,6 +36,7 @@
 pub mod admin;
 pub mod app;
 pub mod authorize;
+pub mod basic_auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;

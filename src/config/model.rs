@@ -325,6 +325,23 @@ impl Config {
                 );
             }
         }
+        for credential in &self.credentials {
+            let oauth = &credential.oauth;
+            let ambiguous = oauth.client_auth == ClientAuth::Basic
+                && oauth.client_secret.as_ref().is_some_and(|secret| {
+                    crate::basic_auth::encoding_changes(secret.expose())
+                        || crate::basic_auth::encoding_changes(&oauth.client_id)
+                });
+            if ambiguous {
+                warnings.push(format!(
+                    "credential {}: oauth.client_auth = \"basic\" with a client id or secret holding \
+                     characters outside A-Z a-z 0-9 - . _ *: RFC 6749 §2.3.1 form-urlencodes them inside \
+                     Basic and this proxy does, but servers that do not decode (Doorkeeper, for one) then \
+                     answer invalid_client; client_auth = \"body\" (the default) is unambiguous",
+                    credential.name
+                ));
+            }
+        }
         if listen.address.ip().is_loopback() {
             return warnings;
         }
@@ -475,6 +492,23 @@ mod tests {
 #[cfg(test)]
 mod warning_tests {
     use super::super::test_support::*;
+
+    #[test]
+    fn a_basic_secret_that_the_rfc_encoding_changes_is_warned_about() {
+        let basic = |secret: &str| {
+            MINIMAL
+                .replace("${COUPA_CLIENT_SECRET}", secret)
+                .replace("[oauth]\n", "[oauth]\nclient_auth = \"basic\"\n")
+        };
+        assert!(load(&basic("Zx9_Qm-4.kT7")).unwrap().warnings().is_empty());
+        let warnings = load(&basic("a+b/c=d%e:f&g")).unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("RFC 6749"), "{warnings:?}");
+        assert!(warnings[0].contains("client_auth = \"body\""), "{warnings:?}");
+        assert!(!warnings[0].contains("a+b/c"), "the secret stays out: {warnings:?}");
+        let body = MINIMAL.replace("${COUPA_CLIENT_SECRET}", "a+b/c=d%e:f&g");
+        assert!(load(&body).unwrap().warnings().is_empty());
+    }
 
     #[test]
     fn cleartext_on_the_network_is_warned_about_and_names_the_fix() {

@@ -628,18 +628,10 @@ fn issue(state: &FakeState, client: &FakeClient, scope: &str, refresh: bool) -> 
     json(StatusCode::OK, body)
 }
 
+/// Basic credentials, decoded as RFC 6749 §2.3.1 says (a server that
+/// follows the RFC; Doorkeeper in tests/real_oauth.rs is one that does not).
 fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
-    let text = value.to_str().ok()?;
-    let (scheme, encoded) = text.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (id, secret) = decoded.split_once(':')?;
-    Some((id.to_owned(), secret.to_owned()))
+    crate::basic_auth::decode(value.as_bytes()).ok()
 }
 
 #[cfg(test)]

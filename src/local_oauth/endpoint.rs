@@ -3,8 +3,6 @@
 //! Coupa accepts) with `grant_type=client_credentials` and gets a local
 //! token. Errors are RFC 6749 §5.2's. Nothing here is ever forwarded.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, Method, StatusCode};
 
@@ -132,35 +130,21 @@ pub fn parse(
     })
 }
 
-/// `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1).
+/// The local client's id and secret from HTTP Basic (RFC 6749 §2.3.1).
 fn basic_credentials(value: &[u8]) -> Result<(String, String), OAuthError> {
-    let text = std::str::from_utf8(value).map_err(|_| OAuthError::InvalidClient)?;
-    let (scheme, encoded) = text
-        .trim()
-        .split_once(' ')
-        .ok_or(OAuthError::InvalidClient)?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(invalid(
+    crate::basic_auth::decode(value).map_err(|e| match e {
+        crate::basic_auth::BasicError::NotBasic => invalid(
             "the Authorization header must be HTTP Basic with the local client's id and secret",
-        ));
-    }
-    let decoded = STANDARD
-        .decode(encoded.trim())
-        .map_err(|_| OAuthError::InvalidClient)?;
-    let decoded = String::from_utf8(decoded).map_err(|_| OAuthError::InvalidClient)?;
-    let (id, secret) = decoded.split_once(':').ok_or(OAuthError::InvalidClient)?;
-    let unescape = |part: &str| -> String {
-        form_urlencoded::parse(format!("x={part}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    Ok((unescape(id), unescape(secret)))
+        ),
+        crate::basic_auth::BasicError::Malformed => OAuthError::InvalidClient,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
     use http::HeaderValue;
 
     fn form_headers() -> HeaderMap {

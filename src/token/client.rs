@@ -41,6 +41,17 @@ pub enum FetchError {
         status: u16,
         code: String,
         description: Option<String>,
+        /// The secret went in HTTP Basic and RFC 6749's encoding changed
+        /// it: a server that does not decode sees another secret.
+        ambiguous_basic: bool,
+    },
+    /// Token requests never follow redirects: the secret must not be
+    /// re-sent to a location nobody configured.
+    #[error("the {} redirected (HTTP {status}) to {location}: set {} to it", endpoint.name(), endpoint.setting())]
+    Redirected {
+        endpoint: Endpoint,
+        status: u16,
+        location: String,
     },
     #[error("token endpoint answered HTTP {status} without an OAuth error body")]
     Http { status: u16 },
@@ -58,6 +69,29 @@ pub enum FetchError {
     /// (Redis away, or another process renewing for too long).
     #[error("{0}; the current access token keeps serving")]
     SharedState(String),
+}
+
+/// Which OAuth endpoint a form goes to, for errors that name its setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Token,
+    DeviceAuthorization,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Token => "token endpoint",
+            Endpoint::DeviceAuthorization => "device authorization endpoint",
+        }
+    }
+
+    fn setting(self) -> &'static str {
+        match self {
+            Endpoint::Token => "oauth.token_url",
+            Endpoint::DeviceAuthorization => "oauth.device_authorization_url",
+        }
+    }
 }
 
 /// One token request, by grant.
@@ -102,6 +136,16 @@ impl FetchError {
     /// What the user should change, when the cause is known.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            FetchError::OAuth {
+                code,
+                ambiguous_basic: true,
+                ..
+            } if code == "invalid_client" => Some(
+                "the secret holds characters that HTTP Basic encodes (RFC 6749 §2.3.1 form-urlencodes \
+                 the id and secret; this proxy does, some servers such as Doorkeeper do not decode \
+                 them): set oauth.client_auth = \"body\" (the default, unambiguous), or check \
+                 oauth.client_id and the secret against Coupa",
+            ),
             FetchError::OAuth { code, .. } => match code.as_str() {
                 "invalid_client" => Some(
                     "the client id or secret is wrong: check oauth.client_id and the secret against \
@@ -152,7 +196,7 @@ impl FetchError {
                 code.as_str(),
                 "invalid_client" | "invalid_scope" | "unauthorized_client" | "invalid_grant"
             ),
-            FetchError::ConsentNeeded { .. } => true,
+            FetchError::ConsentNeeded { .. } | FetchError::Redirected { .. } => true,
             _ => false,
         }
     }
@@ -163,6 +207,7 @@ impl FetchError {
             FetchError::Network(_) | FetchError::Timeout(_) => "network",
             FetchError::OAuth { code, .. } => code,
             FetchError::Http { .. } => "http_error",
+            FetchError::Redirected { .. } => "redirect",
             FetchError::BadResponse(_) => "bad_response",
             FetchError::ConsentNeeded { .. } => "consent_needed",
             FetchError::StateFile(_) => "state_file",
@@ -238,6 +283,7 @@ impl TokenClient {
     pub fn new(oauth: &OAuth, tls: rustls::ClientConfig) -> Result<Self, FetchError> {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(oauth.request_timeout)
             .user_agent(concat!("coupa-auth-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -275,11 +321,13 @@ impl TokenClient {
     /// successful answer's body, or the RFC 6749 error.
     pub async fn post_form(
         &self,
+        endpoint: Endpoint,
         url: &str,
         mut form: Vec<(&str, &str)>,
     ) -> Result<bytes::Bytes, FetchError> {
         let params = self.params.load_full();
         let mut request = self.http.post(url);
+        let mut ambiguous_basic = false;
         match (&params.secret, params.auth) {
             (None, _) => form.push(("client_id", &params.client_id)),
             (Some(secret), ClientAuth::Body) => {
@@ -287,7 +335,15 @@ impl TokenClient {
                 form.push(("client_secret", secret.expose()));
             }
             (Some(secret), ClientAuth::Basic) => {
-                request = request.basic_auth(&params.client_id, Some(secret.expose()));
+                ambiguous_basic = crate::basic_auth::encoding_changes(&params.client_id)
+                    || crate::basic_auth::encoding_changes(secret.expose());
+                let mut value = http::HeaderValue::try_from(crate::basic_auth::encode(
+                    &params.client_id,
+                    secret.expose(),
+                ))
+                .map_err(|_| FetchError::BadResponse("unreachable: base64 is ASCII".into()))?;
+                value.set_sensitive(true);
+                request = request.header(http::header::AUTHORIZATION, value);
             }
         }
         let response = request
@@ -297,6 +353,13 @@ impl TokenClient {
             .await
             .map_err(|e| self.transport_error(e))?;
         let status = response.status();
+        if status.is_redirection() {
+            return Err(FetchError::Redirected {
+                endpoint,
+                status: status.as_u16(),
+                location: redirect_target(url, response.headers()),
+            });
+        }
         let body = response
             .bytes()
             .await
@@ -309,6 +372,7 @@ impl TokenClient {
                 status: status.as_u16(),
                 code: err.error,
                 description: err.error_description,
+                ambiguous_basic,
             },
             Err(_) => FetchError::Http {
                 status: status.as_u16(),
@@ -329,7 +393,7 @@ impl TokenClient {
         if matches!(grant, TokenRequest::ClientCredentials) {
             form.push(("scope", &params.scope));
         }
-        let body = self.post_form(&params.url, form).await?;
+        let body = self.post_form(Endpoint::Token, &params.url, form).await?;
         let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
             // serde_json's message names the field, never the value.
             FetchError::BadResponse(format!("not a token response: {e}"))
@@ -376,6 +440,21 @@ impl TokenClient {
     }
 }
 
+/// Where a redirect points, as an absolute URL (a relative `Location` is
+/// resolved against the request's URL).
+fn redirect_target(url: &str, headers: &http::HeaderMap) -> String {
+    let Some(location) = headers
+        .get(http::header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+    else {
+        return "(no Location header)".to_owned();
+    };
+    url::Url::parse(url)
+        .and_then(|base| base.join(location))
+        .map(String::from)
+        .unwrap_or_else(|_| location.to_owned())
+}
+
 /// Some servers send `expires_in` as a string; accept both.
 fn parse_expires_in(value: &serde_json::Value) -> Option<Duration> {
     let secs = match value {
@@ -419,17 +498,54 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_names_where_to_and_the_setting() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::LOCATION,
+            http::HeaderValue::from_static("/oauth2/token"),
+        );
+        let location = redirect_target("http://127.0.0.1:9/moved/oauth2/token", &headers);
+        assert_eq!(location, "http://127.0.0.1:9/oauth2/token");
+        let err = FetchError::Redirected {
+            endpoint: Endpoint::Token,
+            status: 308,
+            location,
+        };
+        assert_eq!(
+            err.to_string(),
+            "the token endpoint redirected (HTTP 308) to http://127.0.0.1:9/oauth2/token: set \
+             oauth.token_url to it"
+        );
+        assert!(err.is_configuration_error());
+    }
+
+    #[test]
     fn oauth_errors_come_with_a_fix() {
         let err = FetchError::OAuth {
             status: 401,
             code: "invalid_client".into(),
             description: None,
+            ambiguous_basic: false,
         };
         assert!(err.explain().contains("secret"));
+        assert!(!err.explain().contains("RFC 6749"));
+        let basic = FetchError::OAuth {
+            status: 401,
+            code: "invalid_client".into(),
+            description: None,
+            ambiguous_basic: true,
+        };
+        assert!(
+            basic.explain().contains("RFC 6749 §2.3.1"),
+            "{}",
+            basic.explain()
+        );
+        assert!(basic.explain().contains("client_auth = \"body\""));
         let err = FetchError::OAuth {
             status: 400,
             code: "invalid_scope".into(),
             description: Some("core.x.read".into()),
+            ambiguous_basic: false,
         };
         assert!(err.explain().contains("oauth.scopes"));
         assert!(err.explain().contains("core.x.read"));

@@ -358,6 +358,7 @@ mod tests {
                         status: 401,
                         code: "invalid_client".into(),
                         description: None,
+                        ambiguous_basic: false,
                     }
                 } else {
                     FetchError::Http { status: 500 }

@@ -1,0 +1,102 @@
+//! HTTP Basic client authentication as RFC 6749 §2.3.1 defines it: the
+//! client id and secret are form-urlencoded, then joined by `:` and base64
+//! encoded. One place for both sides, so the proxy's token client, its
+//! local token endpoint and the fake Coupa agree on the rule.
+//!
+//! Not every server follows the rule (Doorkeeper 5.5 does not decode): for
+//! a secret the encoding changes, Basic is ambiguous and the form body
+//! (`client_auth = "body"`) is the safe choice; [`encoding_changes`] tells.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+/// Why an `Authorization` value is not usable Basic credentials.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BasicError {
+    #[error("the Authorization header is not HTTP Basic")]
+    NotBasic,
+    #[error("the Basic credentials are not base64 of `id:secret`")]
+    Malformed,
+}
+
+/// The `Authorization` value for `client_id` and `secret`.
+pub fn encode(client_id: &str, secret: &str) -> String {
+    let joined = format!("{}:{}", urlencode(client_id), urlencode(secret));
+    format!("Basic {}", STANDARD.encode(joined))
+}
+
+/// The client id and secret in an `Authorization` value, decoded.
+pub fn decode(value: &[u8]) -> Result<(String, String), BasicError> {
+    let text = std::str::from_utf8(value).map_err(|_| BasicError::Malformed)?;
+    let (scheme, encoded) = text.trim().split_once(' ').ok_or(BasicError::NotBasic)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(BasicError::NotBasic);
+    }
+    let decoded = STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| BasicError::Malformed)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| BasicError::Malformed)?;
+    let (id, secret) = decoded.split_once(':').ok_or(BasicError::Malformed)?;
+    Ok((urldecode(id), urldecode(secret)))
+}
+
+/// Whether the RFC's encoding changes `value`: then servers that decode
+/// and servers that do not disagree about it.
+pub fn encoding_changes(value: &str) -> bool {
+    urlencode(value) != value
+}
+
+fn urlencode(value: &str) -> String {
+    form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+fn urldecode(value: &str) -> String {
+    form_urlencoded::parse(format!("x={value}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_and_secret_are_form_urlencoded_before_base64() {
+        let header = encode("my client", "a+b/c=d%e:f&g");
+        let inner = STANDARD
+            .decode(header.strip_prefix("Basic ").unwrap())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(inner).unwrap(),
+            "my+client:a%2Bb%2Fc%3Dd%25e%3Af%26g"
+        );
+        assert_eq!(
+            decode(header.as_bytes()).unwrap(),
+            ("my client".to_owned(), "a+b/c=d%e:f&g".to_owned())
+        );
+    }
+
+    #[test]
+    fn unreserved_secrets_are_the_same_either_way() {
+        let secret = "Zx9_Qm-4.kT7";
+        assert!(!encoding_changes(secret));
+        let inner = STANDARD
+            .decode(encode("id", secret).strip_prefix("Basic ").unwrap())
+            .unwrap();
+        assert_eq!(inner, b"id:Zx9_Qm-4.kT7");
+        for changed in ["a+b", "a/b", "a=b", "a%b", "a:b", "a&b", "a b", "a~b"] {
+            assert!(encoding_changes(changed), "{changed}");
+        }
+    }
+
+    #[test]
+    fn other_schemes_and_garbage_are_told_apart() {
+        assert_eq!(decode(b"Bearer abc"), Err(BasicError::NotBasic));
+        assert_eq!(decode(b"Basic !!!"), Err(BasicError::Malformed));
+        assert_eq!(
+            decode(b"basic aWQ6c2VjcmV0"),
+            Ok(("id".into(), "secret".into()))
+        );
+    }
+}
