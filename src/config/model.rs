@@ -504,8 +504,14 @@ mod warning_tests {
         let warnings = load(&basic("a+b/c=d%e:f&g")).unwrap().warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("RFC 6749"), "{warnings:?}");
-        assert!(warnings[0].contains("client_auth = \"body\""), "{warnings:?}");
-        assert!(!warnings[0].contains("a+b/c"), "the secret stays out: {warnings:?}");
+        assert!(
+            warnings[0].contains("client_auth = \"body\""),
+            "{warnings:?}"
+        );
+        assert!(
+            !warnings[0].contains("a+b/c"),
+            "the secret stays out: {warnings:?}"
+        );
         let body = MINIMAL.replace("${COUPA_CLIENT_SECRET}", "a+b/c=d%e:f&g");
         assert!(load(&body).unwrap().warnings().is_empty());
     }

@@ -1,12 +1,16 @@
 //! The user-consented side of the fake: its public client, a config for a
-//! consented credential, and the authorization code steps by hand.
+//! consented credential, the authorization code steps by hand, and a
+//! running `authorize`.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
 
-use super::http_client;
+use super::{binary, eventually, http_client, DEADLINE};
 
 pub const USER_CLIENT: &str = "user-client";
 
@@ -107,4 +111,93 @@ pub async fn exchange(
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
+}
+
+/// A running `authorize` whose stderr is collected line by line.
+pub struct Authorize {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Authorize {
+    pub fn start(config: &Path) -> Self {
+        let mut child = Command::new(binary())
+            .args(["authorize", "--config"])
+            .arg(config)
+            .args(["--timeout", "60s"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let output = Arc::new(Mutex::new(String::new()));
+        let sink = output.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut out = sink.lock().unwrap();
+                out.push_str(&line);
+                out.push('\n');
+            }
+        });
+        Self {
+            child,
+            output,
+            reader,
+        }
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+
+    /// The first printed line starting with `prefix`.
+    pub async fn line_starting(&self, prefix: &str) -> String {
+        let mut found = None;
+        eventually(
+            &format!("authorize prints a line starting {prefix}"),
+            || {
+                let line = self
+                    .output()
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(prefix))
+                    .map(|l| l.trim().to_owned());
+                let hit = line.is_some();
+                if hit {
+                    found = line;
+                }
+                async move { hit }
+            },
+        )
+        .await;
+        found.unwrap()
+    }
+
+    /// Exit code and everything printed, once the process is gone.
+    pub async fn finish(mut self) -> (Option<i32>, String) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if self.reader.is_finished() {
+                    return (status.code(), self.output());
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "authorize did not exit; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Authorize {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub mod consent;
+pub mod doorkeeper;
 pub mod real;
 
 use bytes::Bytes;
