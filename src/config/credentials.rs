@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::file::{self, OAuthFile};
-use super::validate::{is_loopback, parse_endpoint};
+use super::values::{is_loopback, parse_endpoint};
 use super::*;
 use crate::secret::Secret;
 

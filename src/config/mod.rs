@@ -7,7 +7,8 @@
 //! 2. [`file`]: the serde shape, rejecting unknown keys;
 //! 3. [`validate`] (and [`credentials`] for `[oauth]`): file shape → the
 //!    runtime [`model`], values known good (URLs parsed and policy-checked,
-//!    secrets read, CA file parsed).
+//!    secrets read, CA file parsed), with the values tables share parsed
+//!    in [`values`].
 //!
 //! Passes 1 and 2 report all their problems together (an unset variable and
 //! a typo'd key in one message); pass 3 stops at the first, since later
@@ -20,12 +21,13 @@ mod file;
 mod model;
 mod summary;
 mod validate;
+mod values;
 
 use std::path::{Path, PathBuf};
 
 pub use env::expand_str;
 pub use model::*;
-pub(crate) use validate::parse_sha256;
+pub(crate) use values::parse_sha256;
 
 /// The environment variable that may hold the config file's path.
 pub const CONFIG_ENV: &str = "COUPA_PROXY_CONFIG";

@@ -2,15 +2,14 @@
 //! exhaustively so that a new key cannot be silently ignored. The `[oauth]`
 //! tables have their own room, [`super::credentials`].
 
-use std::net::IpAddr;
 use std::path::Path;
 
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
-use rustls::pki_types::CertificateDer;
 
 use super::credentials::validate_credentials;
 use super::file::*;
+use super::values::{parse_endpoint, parse_sha256, percent_decode, read_ca_file};
 use super::*;
 use crate::secret::Secret;
 
@@ -365,21 +364,6 @@ fn validate_integrations(
     Ok(integrations)
 }
 
-/// 64 hex digits as the 32 bytes of a SHA-256 digest.
-pub(crate) fn parse_sha256(text: &str) -> Option<[u8; 32]> {
-    let text = text.trim();
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// Parses an upstream URL and applies the transport policy: HTTPS always,
-/// plain HTTP only to this machine (tests, a local TLS-terminating sidecar).
 /// `[cluster]`: a Redis URL (the password, if any, kept apart as a
 /// secret), a key prefix, the sealing key, the fallback share.
 fn validate_cluster(file: ClusterFile, base_dir: &Path) -> Result<Cluster, ConfigError> {
@@ -466,63 +450,6 @@ fn validate_cluster(file: ClusterFile, base_dir: &Path) -> Result<Cluster, Confi
         encryption_key_file: key_path,
         fallback_share,
     })
-}
-
-fn percent_decode(text: &str) -> String {
-    url::form_urlencoded::parse(format!("p={text}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
-pub(super) fn parse_endpoint(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
-    let url = reqwest::Url::parse(text.trim())
-        .map_err(|e| invalid(key, format!("{text:?} is not a URL: {e}")))?;
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(key, "must not contain credentials"));
-    }
-    let host = url
-        .host()
-        .ok_or_else(|| invalid(key, format!("{text:?} has no host")))?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if is_loopback(&host) => Ok(url),
-        "http" => Err(invalid(
-            key,
-            format!("plain http:// is only allowed for loopback hosts; use https:// for {host}"),
-        )),
-        other => Err(invalid(
-            key,
-            format!("unsupported scheme {other:?}; use https://"),
-        )),
-    }
-}
-
-pub(super) fn is_loopback(host: &url::Host<&str>) -> bool {
-    match host {
-        url::Host::Domain(name) => name.eq_ignore_ascii_case("localhost"),
-        url::Host::Ipv4(ip) => IpAddr::V4(*ip).is_loopback(),
-        url::Host::Ipv6(ip) => IpAddr::V6(*ip).is_loopback(),
-    }
-}
-
-fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let data = std::fs::read(path).map_err(|e| {
-        invalid(
-            "coupa.ca_file",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
-    let certs = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("coupa.ca_file", format!("{}: bad PEM: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(invalid(
-            "coupa.ca_file",
-            format!("{} holds no PEM certificates", path.display()),
-        ));
-    }
-    Ok(certs)
 }
 
 #[cfg(test)]
