@@ -33,6 +33,9 @@
 
 #![forbid(unsafe_code)]
 
+/// The error type hyper and the body wrappers pass along.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub mod admin;
 pub mod app;
 pub mod authorize;

@@ -7,9 +7,9 @@
 //!   `listen.body_read_timeout` is given up on: the body ends in an error,
 //!   which aborts the upstream request, and the client gets 408 — a slow
 //!   client must not hold an upstream connection indefinitely.
-//! - [`ResponseBody`]: Coupa's answer on its way to the client, aborted if
-//!   it stalls for longer than `idle_timeout`, so a hung upstream can never
-//!   hang the client.
+//!
+//! Coupa's answer on its way back is the upstream module's
+//! ([`super::upstream::ResponseBody`]): it holds the connection's lease.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,9 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::upstream::Lease;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::BoxError;
 
 /// The copy of a streamed request body (fields private to this module).
 #[derive(Debug, Default)]
@@ -285,95 +283,5 @@ impl Body for TeeBody {
 
     fn is_end_stream(&self) -> bool {
         self.first.is_none() && self.inner.is_end_stream()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// Coupa's response body, aborted when no data arrives for `idle`.
-    pub struct ResponseBody {
-        #[pin]
-        inner: Incoming,
-        // Armed only when the body has to wait: a response that is already
-        // buffered (most of them) never touches the timer wheel.
-        #[pin]
-        stall: Option<Sleep>,
-        // Data arrived since the timer was (re)armed.
-        progressed: bool,
-        idle: Duration,
-        // The connection this came on: an HTTP/1.1 one goes back to the
-        // pool, an HTTP/2 stream frees its place, once the body has been
-        // read to its end.
-        lease: Lease,
-    }
-}
-
-impl ResponseBody {
-    pub fn new(inner: Incoming, idle: Duration, mut lease: Lease) -> Self {
-        if inner.is_end_stream() {
-            lease.finish();
-        }
-        Self {
-            inner,
-            stall: None,
-            progressed: false,
-            idle,
-            lease,
-        }
-    }
-}
-
-/// The upstream body went silent for longer than `coupa.idle_timeout`.
-#[derive(Debug, thiserror::Error)]
-#[error("Coupa sent no response data for {0:?}; response aborted")]
-pub struct IdleTimeout(Duration);
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        match this.inner.as_mut().poll_frame(cx) {
-            Poll::Ready(frame) => {
-                *this.progressed = true;
-                let ended = match &frame {
-                    None => true,
-                    Some(Ok(_)) => this.inner.is_end_stream(),
-                    Some(Err(_)) => false,
-                };
-                if ended {
-                    this.lease.finish();
-                }
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                // The silence starts now: (re)arm the timer if data came
-                // since it was last armed.
-                if this.stall.is_none() || *this.progressed {
-                    let deadline = Instant::now() + *this.idle;
-                    match this.stall.as_mut().as_pin_mut() {
-                        Some(stall) => stall.reset(deadline),
-                        None => this.stall.set(Some(tokio::time::sleep_until(deadline))),
-                    }
-                }
-                *this.progressed = false;
-                if let Some(stall) = this.stall.as_pin_mut() {
-                    ready!(stall.poll(cx));
-                }
-                tracing::warn!(idle = ?this.idle, "upstream response stalled; aborting it");
-                Poll::Ready(Some(Err(IdleTimeout(*this.idle).into())))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -50,10 +50,11 @@ use crate::metrics::Metrics;
 use crate::token::TokenStore;
 use arc_swap::ArcSwap;
 use auth::{IntegrationKey, Integrations};
-use body::{ResponseBody, UpstreamBody};
+use body::UpstreamBody;
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
 use ratelimit::{Limiter, RateLimiter};
+use upstream::ResponseBody;
 pub use upstream::UpstreamClient;
 
 /// Response body: Coupa's streamed through, or one the proxy wrote itself.

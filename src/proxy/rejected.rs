@@ -7,9 +7,10 @@ use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use http_body_util::{Either, Full};
 use tracing::debug;
 
-use super::body::{Replay, ResponseBody};
+use super::body::Replay;
 use super::send::upstream_request;
 use super::upstream::Leased;
+use super::upstream::ResponseBody;
 use super::{headers, CredentialSlot, Proxy, ProxyBody, ProxyError, Trace};
 use crate::token::AfterRejection;
 

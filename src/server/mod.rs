@@ -35,7 +35,7 @@ use crate::framing::ConnectionGuard;
 use park::ParkPolicy;
 pub use park::{answered, AnsweredBody};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) use crate::BoxError;
 
 /// What a listener serves each connection with (hyper's bounds, in one
 /// place): a service of its own per connection, `Unpin` so a parked

@@ -25,6 +25,7 @@
 mod counting;
 pub mod h1;
 pub mod h2;
+mod response;
 mod route;
 
 use std::sync::atomic::{AtomicU8, AtomicUsize};
@@ -45,8 +46,9 @@ use tracing::debug;
 use super::body::UpstreamBody;
 use crate::config::{Coupa, HttpVersion};
 pub use counting::{Counted, Counting};
+pub use response::ResponseBody;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::BoxError;
 type Connector = Counting<HttpsConnector<HttpConnector>>;
 type Io = Counted<hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>;
 

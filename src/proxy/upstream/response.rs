@@ -1,0 +1,108 @@
+//! Coupa's response body on its way to the client: it holds the lease of
+//! the connection it came on (an HTTP/1.1 connection goes back to the
+//! pool, an HTTP/2 stream frees its place, once the body has been read to
+//! its end), and it is aborted if it stalls for longer than `idle_timeout`,
+//! so a hung upstream can never hang the client.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use super::Lease;
+use crate::BoxError;
+
+pin_project_lite::pin_project! {
+    /// Coupa's response body, aborted when no data arrives for `idle`.
+    pub struct ResponseBody {
+        #[pin]
+        inner: Incoming,
+        // Armed only when the body has to wait: a response that is already
+        // buffered (most of them) never touches the timer wheel.
+        #[pin]
+        stall: Option<Sleep>,
+        // Data arrived since the timer was (re)armed.
+        progressed: bool,
+        idle: Duration,
+        // The connection this came on: an HTTP/1.1 one goes back to the
+        // pool, an HTTP/2 stream frees its place, once the body has been
+        // read to its end.
+        lease: Lease,
+    }
+}
+
+impl ResponseBody {
+    pub fn new(inner: Incoming, idle: Duration, mut lease: Lease) -> Self {
+        if inner.is_end_stream() {
+            lease.finish();
+        }
+        Self {
+            inner,
+            stall: None,
+            progressed: false,
+            idle,
+            lease,
+        }
+    }
+}
+
+/// The upstream body went silent for longer than `coupa.idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("Coupa sent no response data for {0:?}; response aborted")]
+pub struct IdleTimeout(Duration);
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.progressed = true;
+                let ended = match &frame {
+                    None => true,
+                    Some(Ok(_)) => this.inner.is_end_stream(),
+                    Some(Err(_)) => false,
+                };
+                if ended {
+                    this.lease.finish();
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                // The silence starts now: (re)arm the timer if data came
+                // since it was last armed.
+                if this.stall.is_none() || *this.progressed {
+                    let deadline = Instant::now() + *this.idle;
+                    match this.stall.as_mut().as_pin_mut() {
+                        Some(stall) => stall.reset(deadline),
+                        None => this.stall.set(Some(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                *this.progressed = false;
+                if let Some(stall) = this.stall.as_pin_mut() {
+                    ready!(stall.poll(cx));
+                }
+                tracing::warn!(idle = ?this.idle, "upstream response stalled; aborting it");
+                Poll::Ready(Some(Err(IdleTimeout(*this.idle).into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
