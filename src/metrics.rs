@@ -20,6 +20,18 @@ use prometheus_client::registry::Registry;
 use crate::insight::Insight;
 use crate::token::TokenStore;
 
+/// The upstream pool's connections: open, opened and waited for. Made
+/// here, updated by the pool.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    pub opened_http1: Counter,
+    pub opened_http2: Counter,
+    /// Requests that waited for an HTTP/1.1 connection (the cap was reached).
+    pub queued: Counter,
+}
+
 /// Token stores by credential name.
 pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
 
@@ -30,7 +42,7 @@ pub struct Metrics {
     overhead_seconds: Histogram,
     in_flight: Gauge,
     /// Handed to the upstream pool, which updates them.
-    pub upstream: crate::proxy::upstream::UpstreamMetrics,
+    pub upstream: UpstreamMetrics,
     /// Handed to the proxy listener, which updates them.
     pub client_connections: crate::server::ConnectionGauges,
     /// Requests sent again after the server provably did not process them
@@ -100,7 +112,7 @@ impl Metrics {
         // the next label is created.
         let opened_http1 = opened.get_or_create(&[("protocol", "http1")]).clone();
         let opened_http2 = opened.get_or_create(&[("protocol", "http2")]).clone();
-        let upstream = crate::proxy::upstream::UpstreamMetrics {
+        let upstream = UpstreamMetrics {
             open,
             opened_http1,
             opened_http2,

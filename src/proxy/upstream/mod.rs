@@ -37,8 +37,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 
 use tracing::debug;
@@ -47,6 +45,8 @@ use super::body::UpstreamBody;
 use crate::config::{Coupa, HttpVersion};
 pub use counting::{Counted, Counting};
 pub use response::ResponseBody;
+
+use crate::metrics::UpstreamMetrics;
 
 use crate::BoxError;
 type Connector = Counting<HttpsConnector<HttpConnector>>;
@@ -97,17 +97,6 @@ impl UpstreamError {
             }
         )
     }
-}
-
-/// Open, opened and waiting, for `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamMetrics {
-    /// Connections open now.
-    pub open: Gauge,
-    pub opened_http1: Counter,
-    pub opened_http2: Counter,
-    /// Requests that waited for an HTTP/1.1 connection (the cap was reached).
-    pub queued: Counter,
 }
 
 /// The pooled client. Cheap to clone; clones share the pool.
