@@ -23,7 +23,6 @@
 //! - `:procs`: processes seen recently (a sorted set by last heartbeat);
 //! - `:events`: pub/sub channel announcing new tokens.
 
-pub mod budget;
 pub mod consent;
 pub mod seal;
 pub mod tokens;

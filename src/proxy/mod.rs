@@ -41,7 +41,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
-use crate::cluster::budget::SharedBudget;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::insight::{Insight, Via};
@@ -53,7 +52,7 @@ use auth::{IntegrationKey, Integrations};
 use body::UpstreamBody;
 pub use error::ProxyError;
 pub use headers::{ClientInfo, RewriteRules};
-use ratelimit::{Limiter, RateLimiter};
+use ratelimit::{Limiter, RateLimiter, SharedBudget};
 use upstream::ResponseBody;
 pub use upstream::UpstreamClient;
 

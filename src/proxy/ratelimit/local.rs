@@ -1,16 +1,14 @@
-//! Outbound shaping to Coupa's rate limit (25 requests/s, burst 20 per
-//! instance): requests over the rate wait in a bounded queue instead of
-//! provoking 429s from Coupa; past the queue they get a 429 from the proxy.
-//!
-//! The scheduler is GCRA (the "virtual scheduling" form of a token bucket):
-//! one timestamp, the theoretical arrival time, says when the next request
-//! may go, so admission is O(1) with no background refill task.
+//! The budget of one process: GCRA (the "virtual scheduling" form of a
+//! token bucket). One timestamp, the theoretical arrival time, says when
+//! the next request may go, so admission is O(1) with no background refill
+//! task.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::QueueFull;
 use crate::config::RateLimit;
 
 #[derive(Debug)]
@@ -29,12 +27,6 @@ struct State {
     tat: Instant,
     /// Requests admitted but waiting for their slot.
     queued: usize,
-}
-
-/// The queue is full; retry after this long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueFull {
-    pub retry_after: Duration,
 }
 
 /// Holds a queue place while a request waits; gives it back when dropped,
@@ -91,42 +83,6 @@ impl RateLimiter {
         Ok(())
     }
 }
-
-/// The limiter a proxy uses: its own, or the instance-wide one shared
-/// through the cluster state.
-#[derive(Debug)]
-pub enum Limiter {
-    Local(RateLimiter),
-    Shared(crate::cluster::budget::SharedBudget),
-}
-
-impl Limiter {
-    pub async fn acquire(&self) -> Result<(), QueueFull> {
-        match self {
-            Limiter::Local(local) => local.acquire().await,
-            Limiter::Shared(shared) => shared.acquire().await,
-        }
-    }
-
-    /// Coupa answered 429: with a shared budget, every process holds off.
-    pub fn coupa_rate_limited(&self, retry_after: Option<&http::HeaderValue>) {
-        if let Limiter::Shared(shared) = self {
-            let hold_off = retry_after
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_HOLD_OFF)
-                .min(MAX_HOLD_OFF);
-            let shared = shared.clone();
-            tokio::spawn(async move { shared.pause(hold_off).await });
-        }
-    }
-}
-
-/// Coupa does not always send `Retry-After` with its 429.
-const DEFAULT_HOLD_OFF: Duration = Duration::from_secs(1);
-/// A hold-off longer than this is more likely a mistake than advice.
-const MAX_HOLD_OFF: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

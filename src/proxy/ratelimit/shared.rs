@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::Cluster;
+use super::{QueueFull, RateLimiter};
+use crate::cluster::Cluster;
 use crate::config::RateLimit;
-use crate::proxy::ratelimit::{QueueFull, RateLimiter};
 
 /// KEYS: timestamp, pause. ARGV: interval, tolerance, longest wait (ms).
 /// Returns {1, wait_ms} when admitted (after waiting that long), {0,
