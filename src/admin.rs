@@ -20,11 +20,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::cluster::tokens::credential_digest;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::insight::{chart, Insight};
 use crate::metrics::{Metrics, Stores};
+use crate::token::shared::credential_digest;
 
 /// What a credential is, for the status page (no secret).
 struct CredentialInfo {

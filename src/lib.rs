@@ -7,13 +7,12 @@
 //! - [`secret`]: the redacting wrapper for secret strings.
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
 //!   rotating ([`token::refresher`]) the access token — background work;
-//!   user-consented grants renew from a state file ([`token::user_grant`]).
-//! - [`cluster`]: state shared with the other proxies of one instance in
-//!   Redis/Valkey (rate budget, one token fetcher) — background work with a
-//!   narrow interface; untouched without `[cluster]`.
+//!   one fetch across processes ([`token::shared`]); a user's consent, its
+//!   `authorize` subcommand and state file ([`token::consent`]).
+//! - [`cluster`]: the storage shared with the other proxies of one instance
+//!   in Redis/Valkey (connection, keys, locks, sealed values) — a leaf the
+//!   shared budget and token fetch call; untouched without `[cluster]`.
 //! - [`basic_auth`]: HTTP Basic client authentication as RFC 6749 encodes it.
-//! - [`authorize`]: the `authorize` subcommand, a user's one-time consent
-//!   (authorization code with PKCE, or device code).
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener;
 //!   idle HTTP/1.1 connections give their buffers back when many are open.
@@ -38,7 +37,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub mod admin;
 pub mod app;
-pub mod authorize;
 pub mod basic_auth;
 pub mod cluster;
 pub mod config;

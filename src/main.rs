@@ -11,11 +11,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use coupa_auth_proxy::app::{self, Listeners};
-use coupa_auth_proxy::cluster::consent::SharedConsent;
 use coupa_auth_proxy::cluster::{Cluster, ClusterMetrics};
 use coupa_auth_proxy::config::{Config, CONFIG_ENV};
 use coupa_auth_proxy::config::{Credential, RuntimeFlavor};
 use coupa_auth_proxy::telemetry::{self, LogFormat};
+use coupa_auth_proxy::token::consent::SharedConsent;
 use coupa_auth_proxy::token::refresher::TokenSource;
 use coupa_auth_proxy::token::source::SourceError;
 use coupa_auth_proxy::token::{CredentialSource, TokenClient, TokenRequest, TokenStore};
@@ -216,10 +216,12 @@ fn authorize(
             )),
             None => None,
         };
-        coupa_auth_proxy::authorize::authorize(chosen, tls, timeout, shared)
+        coupa_auth_proxy::token::consent::authorize::authorize(chosen, tls, timeout, shared)
             .await
             .map_err(|e| match e {
-                coupa_auth_proxy::authorize::AuthorizeError::NotAUserGrant(_) => config_failure(e),
+                coupa_auth_proxy::token::consent::authorize::AuthorizeError::NotAUserGrant(_) => {
+                    config_failure(e)
+                }
                 other => other.into(),
             })
     })?;

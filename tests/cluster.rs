@@ -351,7 +351,7 @@ async fn entries_that_do_not_open_are_refused_clearly() {
 /// keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_consent_across_rotations() {
-    use coupa_auth_proxy::token::state_file::{self, GrantState};
+    use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
     use support::consent::{code_for, exchange, start_user_fake, user_config};
 
     let Some(redis) = Redis::start() else { return };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
-use coupa_auth_proxy::token::state_file;
+use coupa_auth_proxy::token::consent::state_file;
 use support::consent::*;
 use support::*;
 

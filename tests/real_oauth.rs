@@ -310,7 +310,7 @@ async fn consent(dk: &Doorkeeper, config: &Path) {
 }
 
 fn refresh_token_in(state: &Path) -> String {
-    coupa_auth_proxy::token::state_file::load(state)
+    coupa_auth_proxy::token::consent::state_file::load(state)
         .unwrap()
         .refresh_token
         .expose()

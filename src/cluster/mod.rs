@@ -1,10 +1,13 @@
 //! State shared by every proxy in front of one Coupa instance, kept in a
-//! Redis-protocol server (Redis 7, Valkey): the instance's rate budget
-//! ([`budget`]) and one token fetcher per credential ([`tokens`]), sealed
-//! at rest ([`seal`]).
+//! Redis-protocol server (Redis 7, Valkey), sealed at rest ([`seal`]). A
+//! leaf: it knows connections, keys, locks, sealed values, presence and
+//! announcements, nothing of budgets or tokens. The policies that use it
+//! live beside their local twins: the shared rate budget in
+//! `proxy::ratelimit::shared`, the one token fetch per credential in
+//! `token::shared`, the shared consent in `token::consent::shared`.
 //!
-//! A narrow interface: the rate limiter and the token source call
-//! [`Cluster`]; a process without `[cluster]` never builds one. Redis being
+//! A narrow interface: those callers use [`Cluster`]; a process without
+//! `[cluster]` never builds one. Redis being
 //! down is not an outage: every call is bounded by [`CALL_TIMEOUT`], fails
 //! fast while the server is away, and the callers fall back to working
 //! alone (their own token fetch, a share of the budget). The health is
@@ -19,13 +22,11 @@
 //! - `:token:{credential}`, `:lock:{credential}`: the sealed token and the
 //!   fetch lock, `credential` a digest of client id, token URL and scopes;
 //! - `:consent:{credential}`: a user-consented grant's sealed state (its
-//!   refresh token), renewed under the same lock ([`consent`]);
+//!   refresh token), renewed under the same lock;
 //! - `:procs`: processes seen recently (a sorted set by last heartbeat);
 //! - `:events`: pub/sub channel announcing new tokens.
 
-pub mod consent;
 pub mod seal;
-pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

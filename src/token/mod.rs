@@ -4,20 +4,19 @@
 //!   turned into advice a user can act on.
 //! - [`store`]: the current token, read lock-free by every request.
 //! - [`refresher`]: the background task that keeps the store filled.
-//! - [`source`]: which source a credential's grant uses; [`user_grant`]
-//!   renews consented grants with their refresh token, kept in a
-//!   [`state_file`]; [`pkce`] makes the one-time values of a consent.
+//! - [`source`]: which source a credential's grant uses: the token client,
+//!   the [`shared`] fetch across processes (`[cluster]`), or a user's
+//!   [`consent`] renewed with its refresh token.
 //!
 //! The request path only ever touches [`TokenStore::bearer`]; everything
 //! else here runs in the background.
 
 pub mod client;
-pub mod pkce;
+pub mod consent;
 pub mod refresher;
+pub mod shared;
 pub mod source;
-pub mod state_file;
 pub mod store;
-pub mod user_grant;
 
 pub use client::{FetchError, FetchedToken, TokenClient, TokenRequest};
 pub use refresher::{RefreshPolicy, Refresher};

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::client::{ClientParams, FetchError, FetchedToken, TokenClient};
+use super::consent::{ConsentError, SharedConsent, UserGrantSource};
 use super::refresher::TokenSource;
+use super::shared::SharedTokens;
 use super::store::TokenStore;
-use super::user_grant::{ConsentError, UserGrantSource};
-use crate::cluster::consent::SharedConsent;
-use crate::cluster::tokens::SharedTokens;
 use crate::cluster::Cluster;
 use crate::config::Credential;
 

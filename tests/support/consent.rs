@@ -69,7 +69,7 @@ pub async fn code_for(fake: &FakeCoupa, verifier: &str, redirect: &str) -> Strin
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let challenge = coupa_auth_proxy::token::pkce::challenge(verifier);
+    let challenge = coupa_auth_proxy::token::consent::pkce::challenge(verifier);
     let response = no_redirects
         .get(format!("{}/oauth2/authorizations/new", fake.base_url()))
         .query(&[

@@ -7,7 +7,7 @@
 //! the state file is only imported once, on the first start, and every
 //! refresh happens under the cluster's lock.
 //!
-//! The consent itself is given once, interactively, by [`crate::authorize`].
+//! The consent itself is given once, interactively, by [`super::authorize`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,12 +16,12 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::client::{FetchError, FetchedToken, TokenClient, TokenRequest};
-use super::refresher::TokenSource;
+use super::shared::{ConsentStateError, SharedConsent};
 use super::state_file::{self, GrantState, StateFileError};
-use super::store::{RefreshTokenInfo, TokenStore};
-use crate::cluster::consent::{ConsentStateError, SharedConsent};
 use crate::config::{Consent, Credential};
+use crate::token::client::{FetchError, FetchedToken, TokenClient, TokenRequest};
+use crate::token::refresher::TokenSource;
+use crate::token::store::{RefreshTokenInfo, TokenStore};
 
 fn shared_error(error: ConsentStateError) -> FetchError {
     FetchError::SharedState(error.to_string())

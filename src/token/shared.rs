@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::{short_digest, unix_ms, Cluster, ClusterError};
+use crate::cluster::{short_digest, unix_ms, Cluster, ClusterError};
 use crate::config::OAuth;
 use crate::secret::Secret;
 use crate::token::client::{FetchError, FetchedToken, TokenClient};
@@ -177,15 +177,15 @@ impl SharedTokens {
             Ok(None) => Ok(None),
             Ok(Some(plain)) => match serde_json::from_slice::<Record>(&plain) {
                 Ok(record) => Ok(Some(record)),
-                Err(_) => self.unreadable(&super::seal::SealError::CannotOpen),
+                Err(_) => self.unreadable(&crate::cluster::seal::SealError::CannotOpen),
             },
-            Err(super::ReadError::Sealed(error)) => self.unreadable(&error),
-            Err(super::ReadError::Cluster(_)) => Err(Miss::Unavailable),
+            Err(crate::cluster::ReadError::Sealed(error)) => self.unreadable(&error),
+            Err(crate::cluster::ReadError::Cluster(_)) => Err(Miss::Unavailable),
         }
     }
 
     /// Overwritten by the next fetch; until then, fetch alone.
-    fn unreadable<T>(&self, error: &super::seal::SealError) -> Result<T, Miss> {
+    fn unreadable<T>(&self, error: &crate::cluster::seal::SealError) -> Result<T, Miss> {
         tracing::error!(credential = %self.name, %error, "ignoring the shared token");
         Err(Miss::Unavailable)
     }

@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::tokens::{credential_digest, lock_ttl};
-use super::{Cluster, ClusterError, ReadError};
+use super::state_file::{self, GrantState};
+use crate::cluster::{Cluster, ClusterError, ReadError};
 use crate::config::OAuth;
-use crate::token::state_file::{self, GrantState};
+use crate::token::shared::{credential_digest, lock_ttl};
 
 /// Why the shared consent could not be used now.
 #[derive(Debug, thiserror::Error)]

@@ -28,11 +28,11 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::pkce::{self, Pkce};
+use super::state_file::{self, GrantState, StateFileError};
 use crate::config::{Credential, Grant};
 use crate::secret::Secret;
 use crate::token::client::{FetchError, FetchedToken, TokenClient, TokenRequest};
-use crate::token::pkce::{self, Pkce};
-use crate::token::state_file::{self, GrantState, StateFileError};
 
 /// RFC 8628 §3.2: the polling interval when the server names none.
 const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -72,7 +72,7 @@ pub enum AuthorizeError {
     #[error(transparent)]
     State(#[from] StateFileError),
     #[error("the consent could not be stored in the cluster state: {0}")]
-    Shared(#[from] crate::cluster::consent::ConsentStateError),
+    Shared(#[from] super::shared::ConsentStateError),
 }
 
 /// Runs the consent for `credential` and stores the result in its state
@@ -83,7 +83,7 @@ pub async fn authorize(
     credential: &Credential,
     tls: rustls::ClientConfig,
     timeout: Duration,
-    shared: Option<crate::cluster::consent::SharedConsent>,
+    shared: Option<super::shared::SharedConsent>,
 ) -> Result<GrantState, AuthorizeError> {
     let client = TokenClient::new(&credential.oauth, tls)?;
     let scope = credential.oauth.scopes.join(" ");
