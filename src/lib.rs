@@ -16,7 +16,6 @@
 //! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener;
 //!   idle HTTP/1.1 connections give their buffers back when many are open.
-//! - [`framing`]: the inbound HTTP/1 guard against ambiguous request framing.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`insight`]: the migration view — what each integration calls.
@@ -42,7 +41,6 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod fake_coupa;
-pub mod framing;
 pub mod insight;
 pub mod live;
 pub mod local_oauth;

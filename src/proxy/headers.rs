@@ -10,7 +10,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderValue};
 
-use crate::framing::ConnectionGuard;
+use crate::server::framing::ConnectionGuard;
 
 pub const X_COUPA_API_KEY: HeaderName = HeaderName::from_static("x-coupa-api-key");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -22,9 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::framing::{ConnectionGuard, FramingGuard};
 use super::park;
 use super::{BoxError, ConnectionService, Listener, ResponseBody};
-use crate::framing::{ConnectionGuard, FramingGuard};
 
 /// What a plain connection's first bytes say.
 enum Sniffed {

@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::framing::ConnectionGuard;
+pub mod framing;
+
+use framing::ConnectionGuard;
 use park::ParkPolicy;
 pub use park::{answered, AnsweredBody};
 

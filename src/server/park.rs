@@ -39,8 +39,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::framing::{ConnectionGuard, FramingGuard};
 use super::{BoxError, ConnectionGauges, ConnectionService, ResponseBody};
-use crate::framing::{ConnectionGuard, FramingGuard};
 
 /// When an idle connection parks, and where that is counted.
 pub(super) struct ParkPolicy {
