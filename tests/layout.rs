@@ -91,7 +91,7 @@ fn edges(modules: &BTreeMap<String, String>) -> BTreeSet<(String, String)> {
     let mut edges = BTreeSet::new();
     for (module, code) in modules {
         let mut from = 0;
-        while let Some(found) = code[from..].find(|c| c == 'c' || c == 's') {
+        while let Some(found) = code[from..].find(['c', 's']) {
             let at = from + found;
             from = at + 1;
             let boundary = at == 0 || !code.as_bytes()[at - 1].is_ascii_alphanumeric();
