@@ -11,7 +11,6 @@
 //! Coupa's answer on its way back is the upstream module's
 //! ([`super::upstream::ResponseBody`]): it holds the connection's lease.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -20,8 +19,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
 
+use super::stall::StallTimer;
 use crate::BoxError;
 
 /// The copy of a streamed request body (fields private to this module).
@@ -126,9 +125,7 @@ impl UpstreamBody {
             inner: body,
             capture: capture.clone(),
             limit: replay_limit,
-            read_timeout,
-            stall: None,
-            progressed: false,
+            stall: StallTimer::new(read_timeout),
         };
         tee.record(&first);
         tee.first = Some(first);
@@ -189,11 +186,8 @@ pub struct TeeBody {
     inner: Incoming,
     capture: Arc<Mutex<Capture>>,
     limit: usize,
-    read_timeout: Duration,
-    /// Armed the first time the client keeps the body waiting, then reset.
-    stall: Option<Pin<Box<Sleep>>>,
-    /// Data arrived since the timer was (re)armed.
-    progressed: bool,
+    /// Ends the body when the client keeps it waiting `body_read_timeout`.
+    stall: StallTimer,
 }
 
 impl TeeBody {
@@ -244,25 +238,12 @@ impl Body for TeeBody {
         }
         let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(polled) => {
-                this.progressed = true;
+                this.stall.progressed();
                 polled
             }
             Poll::Pending => {
-                let timeout = this.read_timeout;
-                let deadline = Instant::now() + timeout;
-                let stall = match &mut this.stall {
-                    Some(stall) => {
-                        if this.progressed {
-                            stall.as_mut().reset(deadline);
-                        }
-                        stall
-                    }
-                    None => this
-                        .stall
-                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
-                };
-                this.progressed = false;
-                ready!(stall.as_mut().poll(cx));
+                ready!(this.stall.poll_stalled(cx));
+                let timeout = this.stall.limit();
                 this.mark_stalled();
                 tracing::warn!(timeout = ?timeout, "client stopped sending the request body; aborting the request");
                 return Poll::Ready(Some(Err(ClientBodyError::Stalled(timeout).into())));

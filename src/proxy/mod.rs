@@ -29,6 +29,7 @@ mod local_token;
 pub mod ratelimit;
 mod rejected;
 mod send;
+mod stall;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -4,7 +4,6 @@
 //! its end), and it is aborted if it stalls for longer than `idle_timeout`,
 //! so a hung upstream can never hang the client.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -12,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::{Instant, Sleep};
 
 use super::Lease;
+use crate::proxy::stall::StallTimer;
 use crate::BoxError;
 
 pin_project_lite::pin_project! {
@@ -22,13 +21,8 @@ pin_project_lite::pin_project! {
     pub struct ResponseBody {
         #[pin]
         inner: Incoming,
-        // Armed only when the body has to wait: a response that is already
-        // buffered (most of them) never touches the timer wheel.
-        #[pin]
-        stall: Option<Sleep>,
-        // Data arrived since the timer was (re)armed.
-        progressed: bool,
-        idle: Duration,
+        // Ends the response when Coupa goes silent for `idle_timeout`.
+        stall: StallTimer,
         // The connection this came on: an HTTP/1.1 one goes back to the
         // pool, an HTTP/2 stream frees its place, once the body has been
         // read to its end.
@@ -43,9 +37,7 @@ impl ResponseBody {
         }
         Self {
             inner,
-            stall: None,
-            progressed: false,
-            idle,
+            stall: StallTimer::new(idle),
             lease,
         }
     }
@@ -67,7 +59,7 @@ impl Body for ResponseBody {
         let mut this = self.project();
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
-                *this.progressed = true;
+                this.stall.progressed();
                 let ended = match &frame {
                     None => true,
                     Some(Ok(_)) => this.inner.is_end_stream(),
@@ -79,21 +71,10 @@ impl Body for ResponseBody {
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                // The silence starts now: (re)arm the timer if data came
-                // since it was last armed.
-                if this.stall.is_none() || *this.progressed {
-                    let deadline = Instant::now() + *this.idle;
-                    match this.stall.as_mut().as_pin_mut() {
-                        Some(stall) => stall.reset(deadline),
-                        None => this.stall.set(Some(tokio::time::sleep_until(deadline))),
-                    }
-                }
-                *this.progressed = false;
-                if let Some(stall) = this.stall.as_pin_mut() {
-                    ready!(stall.poll(cx));
-                }
-                tracing::warn!(idle = ?this.idle, "upstream response stalled; aborting it");
-                Poll::Ready(Some(Err(IdleTimeout(*this.idle).into())))
+                ready!(this.stall.poll_stalled(cx));
+                let idle = this.stall.limit();
+                tracing::warn!(idle = ?idle, "upstream response stalled; aborting it");
+                Poll::Ready(Some(Err(IdleTimeout(idle).into())))
             }
         }
     }
