@@ -230,18 +230,11 @@ async fn status(state: &AdminState) -> serde_json::Value {
     })
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 fn cell(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::Null => "—".to_owned(),
-        serde_json::Value::String(s) => escape(s),
-        other => escape(&other.to_string()),
+        serde_json::Value::String(s) => crate::encode::html(s),
+        other => crate::encode::html(&other.to_string()),
     }
 }
 
@@ -286,7 +279,10 @@ fn status_page(status: &serde_json::Value) -> String {
             cell(&c["last_refresh"]),
             cell(&c["last_token_error"]),
             match c["warning"].as_str() {
-                Some(warning) => format!("<span class=\"bad\">{}</span>", escape(warning)),
+                Some(warning) => format!(
+                    "<span class=\"bad\">{}</span>",
+                    crate::encode::html(warning)
+                ),
                 None => seconds(&c["refresh_token_expires_in_seconds"]),
             },
         );
@@ -317,9 +313,13 @@ fn status_page(status: &serde_json::Value) -> String {
         for (name, holder) in cluster["fetching_now"].as_object().into_iter().flatten() {
             let holder = holder
                 .as_str()
-                .map(escape)
+                .map(crate::encode::html)
                 .unwrap_or_else(|| "nobody".into());
-            let _ = write!(html, "<tr><td>{}</td><td>{holder}</td></tr>", escape(name));
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{holder}</td></tr>",
+                crate::encode::html(name)
+            );
         }
         html.push_str("</table>");
     }
@@ -340,7 +340,7 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
         by.push("legacy key".to_owned());
     }
     if let Some(id) = identified["oauth_client_id"].as_str() {
-        by.push(format!("local OAuth client {}", escape(id)));
+        by.push(format!("local OAuth client {}", crate::encode::html(id)));
     }
     let _ =
         write!(
@@ -379,7 +379,7 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
             .as_object()
             .into_iter()
             .flatten()
-            .map(|(k, v)| format!("{} {}", escape(k), cell(v)))
+            .map(|(k, v)| format!("{} {}", crate::encode::html(k), cell(v)))
             .collect::<Vec<_>>()
             .join(" · ")
     };

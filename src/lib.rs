@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML file — its shape, `${ENV}` expansion, validation into
 //!   [`config::Config`], the redacted summary — one file per pass.
 //! - [`secret`]: the redacting wrapper for secret strings.
+//! - [`encode`]: hex of digests, HTML escaping.
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
 //!   rotating ([`token::refresher`]) the access token — background work;
 //!   one fetch across processes ([`token::shared`]); a user's consent, its
@@ -40,6 +41,7 @@ pub mod basic_auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod encode;
 pub mod fake_coupa;
 pub mod insight;
 pub mod live;

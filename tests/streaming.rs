@@ -7,7 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use coupa_auth_proxy::fake_coupa::{hex, pattern_sha256, PatternBody};
+use coupa_auth_proxy::encode::hex;
+use coupa_auth_proxy::fake_coupa::{pattern_sha256, PatternBody};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;

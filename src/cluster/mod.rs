@@ -134,10 +134,7 @@ pub fn short_digest(parts: &[&str]) -> String {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
-    hash.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::encode::hex(&hash.finalize()[..8])
 }
 
 pub struct Cluster {

@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 pub use env::expand_str;
 pub use model::*;
-pub(crate) use values::parse_sha256;
 
 /// The environment variable that may hold the config file's path.
 pub const CONFIG_ENV: &str = "COUPA_PROXY_CONFIG";

@@ -9,8 +9,9 @@ use http::HeaderValue;
 
 use super::credentials::validate_credentials;
 use super::file::*;
-use super::values::{parse_endpoint, parse_sha256, percent_decode, read_ca_file};
+use super::values::{parse_endpoint, read_ca_file};
 use super::*;
+use crate::encode::parse_sha256;
 use crate::secret::Secret;
 
 impl FileConfig {
@@ -383,7 +384,15 @@ fn validate_cluster(file: ClusterFile, base_dir: &Path) -> Result<Cluster, Confi
             "use redis://HOST:PORT/DB, or rediss:// for TLS",
         ));
     }
-    let inline_password = url.password().map(percent_decode).filter(|p| !p.is_empty());
+    // RFC 3986 escapes: a `+` in the user-info is a plus, not a space.
+    let inline_password = url
+        .password()
+        .map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .filter(|p| !p.is_empty());
     let _ = url.set_password(None);
     let password = match (inline_password, password_file) {
         (Some(_), Some(_)) => {
@@ -573,6 +582,15 @@ mod cluster_tests {
             "{shown}"
         );
         assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+
+        // User-info escapes are RFC 3986's: `+` stays a plus.
+        let escaped = load(&with_cluster(&format!(
+            "redis_url = \"redis://:a+b%40c@127.0.0.1:6379/0\"\n{}",
+            key(&good)
+        )))
+        .unwrap();
+        let password = escaped.cluster.unwrap().password.unwrap();
+        assert_eq!(password.expose(), "a+b@c");
 
         let remote = load(&with_cluster(&format!(
             "redis_url = \"redis://valkey:6379/0\"\n{}",

@@ -1,6 +1,5 @@
 //! Values inside the file that several tables share: endpoints and the
-//! transport policy, loopback hosts, SHA-256 digests in hex, percent
-//! escapes, CA files. A leaf: it knows no table.
+//! transport policy, loopback hosts, CA files. A leaf: it knows no table.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -8,27 +7,6 @@ use std::path::Path;
 use rustls::pki_types::CertificateDer;
 
 use super::{invalid, ConfigError};
-
-/// 64 hex digits as the 32 bytes of a SHA-256 digest.
-pub(crate) fn parse_sha256(text: &str) -> Option<[u8; 32]> {
-    let text = text.trim();
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// `%XX` escapes (and `+`) decoded, as in a URL's user-info.
-pub(super) fn percent_decode(text: &str) -> String {
-    url::form_urlencoded::parse(format!("p={text}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
 
 /// Parses an upstream URL and applies the transport policy: HTTPS always,
 /// plain HTTP only to this machine (tests, a local TLS-terminating sidecar).

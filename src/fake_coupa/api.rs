@@ -272,13 +272,9 @@ async fn echo(request: Request<Incoming>) -> Response<FakeBody> {
             "version": format!("{:?}", parts.version),
             "headers": headers,
             "body_bytes": length,
-            "body_sha256": hex(&hasher.finalize()),
+            "body_sha256": crate::encode::hex(&hasher.finalize()),
         }),
     )
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Byte `i` of every download is `i % 251`: cheap to produce, easy to check,
@@ -294,7 +290,7 @@ pub fn pattern_sha256(size: u64) -> String {
     while let Some(chunk) = body.next_chunk() {
         hasher.update(&chunk);
     }
-    hex(&hasher.finalize())
+    crate::encode::hex(&hasher.finalize())
 }
 
 const CHUNK: usize = 64 * 1024;

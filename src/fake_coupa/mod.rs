@@ -20,7 +20,7 @@ mod api;
 mod oauth;
 
 use api::FaultyBody;
-pub use api::{hex, pattern_byte, pattern_sha256, PatternBody};
+pub use api::{pattern_byte, pattern_sha256, PatternBody};
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -21,29 +21,10 @@ pub fn is_oauth_path(path: &str) -> bool {
     if path.starts_with("/api/") {
         return false;
     }
-    let decoded: Vec<u8> = percent_decode(path.as_bytes());
+    let decoded: Vec<u8> = percent_encoding::percent_decode(path.as_bytes()).collect();
     decoded
         .windows(6)
         .any(|w| w.eq_ignore_ascii_case(b"oauth2"))
-}
-
-fn percent_decode(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The bearer token of an `Authorization` value, if it is one.

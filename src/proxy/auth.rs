@@ -114,10 +114,7 @@ impl Integrations {
 
 /// Hex SHA-256 of a legacy key, as `api_key_sha256` wants it.
 pub fn hash_key(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::encode::hex(&Sha256::digest(key.as_bytes()))
 }
 
 #[cfg(test)]

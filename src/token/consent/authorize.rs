@@ -301,10 +301,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn page_response(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
-    let escaped = text
-        .replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
+    let escaped = crate::encode::html(text);
     let body = format!(
         "<!doctype html><meta charset=utf-8><title>coupa-auth-proxy</title><p>{escaped}</p>\n"
     );

@@ -1,0 +1,54 @@
+//! Small encodings several modules share: hex of digests (key segments,
+//! `api_key_sha256`, local client secrets) and text put into HTML pages.
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+/// 64 hex digits as the 32 bytes of a SHA-256 digest.
+pub fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `text` safe inside an HTML element or a quoted attribute.
+pub fn html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_through_parse_sha256() {
+        assert_eq!(hex(&[0x00, 0xab, 0x10]), "00ab10");
+        assert_eq!(parse_sha256(&hex(&[0xab; 32])), Some([0xab; 32]));
+        assert_eq!(parse_sha256("zz"), None);
+        assert_eq!(parse_sha256(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn html_escapes_markup_and_quotes() {
+        assert_eq!(
+            html(r#"<a href="x">&</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&lt;/a&gt;"
+        );
+    }
+}
