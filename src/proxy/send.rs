@@ -59,7 +59,8 @@ impl From<SendFailure> for ProxyError {
     }
 }
 
-/// A connect timeout, or any I/O timeout along the error's causes.
+/// A connect timeout, or any I/O timeout along the error's causes (the
+/// connector reports its timeout as `ErrorKind::TimedOut`).
 fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
@@ -67,9 +68,6 @@ fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
             if io.kind() == std::io::ErrorKind::TimedOut {
                 return true;
             }
-        }
-        if error.to_string().contains("timed out") {
-            return true;
         }
         cause = error.source();
     }
@@ -196,6 +194,10 @@ mod tests {
         let timeout = connect_failure(std::io::ErrorKind::TimedOut, "deadline has elapsed");
         assert!(matches!(timeout, ProxyError::Timeout(_)), "{timeout:?}");
         assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+
+        // Decided by the kind, not by words in the message.
+        let worded = connect_failure(std::io::ErrorKind::ConnectionRefused, "timed out?");
+        assert!(matches!(worded, ProxyError::Unreachable(_)), "{worded:?}");
 
         let refused = connect_failure(std::io::ErrorKind::ConnectionRefused, "refused");
         assert!(matches!(refused, ProxyError::Unreachable(_)), "{refused:?}");
