@@ -629,7 +629,7 @@ fn issue(state: &FakeState, client: &FakeClient, scope: &str, refresh: bool) -> 
 }
 
 /// Basic credentials, decoded as RFC 6749 §2.3.1 says (a server that
-/// follows the RFC; Doorkeeper in tests/real_oauth.rs is one that does not).
+/// follows the RFC; Doorkeeper in tests/it/real_oauth.rs is one that does not).
 fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
     crate::basic_auth::decode(value.as_bytes()).ok()
 }

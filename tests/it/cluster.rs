@@ -3,15 +3,11 @@
 //! 401 burst, Redis killed and restarted under load, and sealed entries
 //! that do not open.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::real::Redis;
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
-use support::real::Redis;
-use support::*;
 
 /// 32 bytes, base64: a test key.
 const KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
@@ -351,8 +347,8 @@ async fn entries_that_do_not_open_are_refused_clearly() {
 /// keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_consent_across_rotations() {
+    use crate::support::consent::{code_for, exchange, start_user_fake, user_config};
     use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
-    use support::consent::{code_for, exchange, start_user_fake, user_config};
 
     let Some(redis) = Redis::start() else { return };
     let fake = start_user_fake().await;
@@ -366,7 +362,7 @@ async fn two_proxies_share_one_consent_across_rotations() {
     assert_eq!(status, 200, "{answer}");
     let state_path = dir.path().join("grant.json");
     let consented = GrantState {
-        client_id: support::consent::USER_CLIENT.to_owned(),
+        client_id: crate::support::consent::USER_CLIENT.to_owned(),
         scope: answer["scope"].as_str().unwrap().to_owned(),
         refresh_token: coupa_auth_proxy::secret::Secret::new(
             answer["refresh_token"].as_str().unwrap(),

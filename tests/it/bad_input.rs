@@ -2,13 +2,9 @@
 //! ambiguous is forwarded, the proxy is never an open proxy, and slow or
 //! greedy clients are cut off.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Requests that must be refused with `status` and never reach Coupa.

@@ -4,16 +4,12 @@
 //! BackendApplicationClient) pages through a Coupa list with it, while
 //! Coupa only ever sees the proxy's token and the tool never does.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::real::python_with;
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
 use coupa_auth_proxy::proxy::auth::hash_key;
-use support::real::python_with;
-use support::*;
 
 const DAY: Duration = Duration::from_secs(86_400);
 const LOCAL_ID: &str = "snaplogic";

@@ -2,14 +2,10 @@
 //! picked up for the next token fetch, SIGHUP applies new integrations, and
 //! a bad file changes nothing. No secret or key appears in the logs.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::proxy::auth::hash_key;
-use support::*;
 
 const NEW_SECRET: &str = "rotated-secret-Q7-never-log-me";
 const KEY_A: &str = "integration-a-legacy-key-aaaaaaaaaaaaaaaaaaaaaaaaa";

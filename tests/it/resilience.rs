@@ -2,16 +2,12 @@
 //! token endpoint outages, slow, stalling, broken and flaky upstreams, and
 //! rate limits. Each test injects one fault.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::TokenFailure;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DAY: Duration = Duration::from_secs(86_399);

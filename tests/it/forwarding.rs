@@ -1,13 +1,9 @@
 //! What reaches Coupa: headers injected and stripped, targets byte-exact,
 //! Accept policy, both inbound protocols, and upstream failures as JSON.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const DAY: Duration = Duration::from_secs(86_399);
 

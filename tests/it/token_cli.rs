@@ -1,13 +1,9 @@
 //! `coupa-auth-proxy token`: one token on stdout for tools that cannot sit
 //! behind the proxy; explanations, never a token, on failure.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn write_config(dir: &tempdir::Dir, text: &str) -> String {
     let path = dir.path().join("proxy.toml");

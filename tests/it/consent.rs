@@ -2,18 +2,14 @@
 //! (authorization code with PKCE, device code), the state file, and `run`
 //! renewing from it across restarts.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::support::consent::*;
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
 use coupa_auth_proxy::token::consent::state_file;
-use support::consent::*;
-use support::*;
 
 /// Writes the config and returns (config path, state file path).
 fn setup(dir: &tempdir::Dir, fake: &FakeCoupa, grant: &str) -> (PathBuf, PathBuf) {
@@ -413,7 +409,7 @@ async fn a_rotated_refresh_token_is_on_disk_before_its_access_token_is_used() {
 /// state file anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_cluster_authorize_stores_the_consent_in_redis_and_run_uses_it() {
-    let Some(redis) = support::real::Redis::start() else {
+    let Some(redis) = crate::support::real::Redis::start() else {
         return;
     };
     let fake = start_user_fake().await;

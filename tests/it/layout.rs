@@ -5,9 +5,7 @@
 //!
 //! The graph is read from the source: every `crate::` and `super::` path
 //! outside comments and `#[cfg(test)]` code, resolved to the longest module
-//! it names. `cargo test --test layout -- --nocapture` prints it.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+//! it names. `cargo test --test it layout -- --nocapture` prints it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -2,15 +2,11 @@
 //! integration's credential and scopes; unknown keys get 401 and nothing
 //! reaches Coupa; an open listener needs an explicit opt-in.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
 use coupa_auth_proxy::proxy::auth::hash_key;
-use support::*;
 
 const ERP_KEY: &str = "erp-legacy-key-4f9a0c1d2e3b4a5968778695a4b3c2d1e0f9a8b7";
 const SUPPLIER_KEY: &str = "supplier-legacy-key-0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d";

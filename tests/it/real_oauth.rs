@@ -5,16 +5,12 @@
 //! consent with PKCE and rotating refresh tokens, a user token ended early,
 //! restart from the state file, and a token URL that redirects.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::consent::Authorize;
-use support::doorkeeper::*;
-use support::*;
+use crate::support::consent::Authorize;
+use crate::support::doorkeeper::*;
+use crate::support::*;
 
 /// A client-credentials config for Doorkeeper; the secret comes from
 /// `DK_SECRET`. `extra` goes into `[oauth]`.

@@ -2,16 +2,12 @@
 //! when a client CA is configured, and certificate rotation without
 //! dropping connections.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::pki::{client, Ca};
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
-use support::pki::{client, Ca};
-use support::*;
 
 /// Writes the listener's certificate and key (and a client CA) and
 /// returns the `[listen.tls]` table.

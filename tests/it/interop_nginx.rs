@@ -4,15 +4,11 @@
 //! cold bursts, and nginx killed under load. The token endpoint stays the
 //! fake (`oauth.token_url`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::real::{Nginx, NginxOptions};
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
-use support::real::{Nginx, NginxOptions};
-use support::*;
 
 const DAY: Duration = Duration::from_secs(86_400);
 

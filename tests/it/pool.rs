@@ -4,10 +4,6 @@
 //! Checked against an upstream that counts the connections it accepts and
 //! the ones that have closed, and answers with the target it got.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use coupa_auth_proxy::fake_coupa::FakeCoupa;
 use http::{Request, Response, StatusCode};
@@ -23,7 +20,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use support::*;
 
 #[derive(Default)]
 struct Counts {

@@ -5,13 +5,9 @@
 //! shutdown and after the keep-alive timeout. Raw bytes over TCP, so what
 //! the client sees is exactly what the proxy wrote.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -182,7 +178,7 @@ async fn parked_connections_close_after_the_keep_alive_timeout_and_on_shutdown()
 /// park) on one connection, every one answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_keeps_its_connection_across_parks() {
-    let Some(curl) = support::real::tool("curl") else {
+    let Some(curl) = crate::support::real::tool("curl") else {
         return;
     };
     let (fake, proxy) = start_with_listen("release_idle_buffers_above = 0").await;

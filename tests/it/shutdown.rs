@@ -1,13 +1,9 @@
 //! SIGTERM: the listener closes at once, an in-flight request finishes with
 //! its real answer, and the process exits 0.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_slow_request_finish() {

@@ -2,15 +2,11 @@
 //! prior knowledge), Python's `http.client`, h2load — each gets the answer
 //! a direct call to the instance (a real nginx) would get.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::real::{tool, Nginx, NginxOptions};
-use support::*;
+use crate::support::real::{tool, Nginx, NginxOptions};
+use crate::support::*;
 
 const DAY: Duration = Duration::from_secs(86_400);
 const TARGET: &str = "/api/invoices?limit=2&offset=0&filter=a%20b";

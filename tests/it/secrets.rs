@@ -3,15 +3,11 @@
 //! clients, and an OAuth failure, leaves no client secret, token or legacy
 //! key in the output.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use base64::Engine;
 use coupa_auth_proxy::fake_coupa::TokenFailure;
-use support::*;
 
 async fn session(client_auth: &str) -> (String, Vec<String>) {
     let fake = start_fake(Duration::from_secs(3)).await;

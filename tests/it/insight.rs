@@ -3,14 +3,10 @@
 //! counted every time and logged once, the cardinality cap, and nothing of
 //! queries, ids, keys or tokens kept anywhere.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::proxy::auth::hash_key;
-use support::*;
 
 const ERP_KEY: &str = "erp-legacy-key-6c1e9b0d4f2a4e7a9d3c5b8a1f0e2d4c";
 const DAY: Duration = Duration::from_secs(86_400);

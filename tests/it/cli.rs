@@ -2,11 +2,7 @@
 //! configuration errors name the problem and exit 64, `--config` may come
 //! from COUPA_PROXY_CONFIG.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
-use support::*;
+use crate::support::*;
 
 const SECRET: &str = "example-secret-value-42";
 

@@ -1,19 +1,15 @@
 //! Bodies stream both ways with bounded memory: 128 MiB each way through the
 //! real binary, checked by SHA-256, while its peak RSS stays small.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::encode::hex;
 use coupa_auth_proxy::fake_coupa::{pattern_sha256, PatternBody};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
-use support::*;
 
 const SIZE: u64 = 128 * 1024 * 1024;
 /// Far below SIZE: a proxy that buffered a body could not stay under it.

@@ -1,14 +1,10 @@
 //! The newcomer's first command: `demo` starts the fake and the proxy, and
 //! each call it prints does what it says.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use support::*;
+use crate::support::*;
 
 struct Demo(std::process::Child);
 

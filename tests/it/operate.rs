@@ -1,14 +1,10 @@
 //! Operating the proxy: Prometheus metrics that move with traffic and
 //! token events, the status page and `/status.json`, all free of secrets.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::TokenFailure;
-use support::*;
 
 /// Scrapes `/metrics` and parses it with a Prometheus text parser.
 async fn scrape(proxy: &TestProxy) -> prometheus_parse::Scrape {

@@ -1,14 +1,10 @@
 //! Upstream over verified TLS: a test CA made here, trusted through
 //! `coupa.ca_file`; without it the proxy refuses the instance.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::{FakeCoupa, FakeCoupaOptions};
-use support::*;
 
 async fn tls_fake() -> (FakeCoupa, String) {
     let ca = pki::Ca::new("coupa-auth-proxy test CA");

@@ -2,16 +2,12 @@
 //! used after its expiry, and the 503 → 200 path when the token endpoint
 //! fails at start-up.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
-mod support;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use coupa_auth_proxy::fake_coupa::TokenFailure;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_concurrent_load_fails_no_request_and_never_sends_an_expired_token() {

@@ -1,8 +1,6 @@
 //! The shipped deployment examples stay true: the configurations embedded
 //! in the Kubernetes manifests validate against the real config loader.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::path::Path;
 
 use coupa_auth_proxy::config::Config;

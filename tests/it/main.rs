@@ -1,0 +1,35 @@
+//! The integration tests: one binary (one link step instead of one per
+//! file), a module per promise area. Each drives the real binary or the
+//! in-process server over real sockets; `support` starts the fake Coupa,
+//! the proxy and the real servers (nginx, Redis, Doorkeeper) they need.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod support;
+
+mod bad_input;
+mod cli;
+mod cluster;
+mod consent;
+mod demo;
+mod deploy;
+mod forwarding;
+mod idle_buffers;
+mod inbound_tls;
+mod insight;
+mod integrations;
+mod interop_clients;
+mod interop_nginx;
+mod layout;
+mod local_oauth;
+mod operate;
+mod pool;
+mod real_oauth;
+mod reload;
+mod resilience;
+mod rotation;
+mod secrets;
+mod shutdown;
+mod streaming;
+mod tls;
+mod token_cli;
