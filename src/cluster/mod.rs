@@ -26,25 +26,30 @@
 //! - `:procs`: processes seen recently (a sorted set by last heartbeat);
 //! - `:events`: pub/sub channel announcing new tokens.
 
+mod announce;
+mod keys;
+mod locks;
+mod presence;
 pub mod seal;
+mod sealed;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, IntoConnectionInfo};
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config;
+pub use keys::{short_digest, Keys};
 use seal::Sealer;
+pub use sealed::ReadError;
 
 /// Longest any one Redis call may take before the caller works alone.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -86,55 +91,6 @@ pub struct ClusterMetrics {
     pub pauses: Counter,
     /// 1 while this process holds a credential's fetch lock.
     pub fetching: prometheus_client::metrics::family::Family<[(&'static str, String); 1], Gauge>,
-}
-
-/// The keys of one deployment in front of one instance.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    base: String,
-}
-
-impl Keys {
-    pub fn new(prefix: &str, base_url: &str) -> Self {
-        Self {
-            base: format!("{prefix}:{}", short_digest(&[base_url])),
-        }
-    }
-    pub fn budget(&self) -> String {
-        format!("{}:budget", self.base)
-    }
-    pub fn pause(&self) -> String {
-        format!("{}:pause", self.base)
-    }
-    pub fn token(&self, credential: &str) -> String {
-        format!("{}:token:{credential}", self.base)
-    }
-    pub fn consent(&self, credential: &str) -> String {
-        format!("{}:consent:{credential}", self.base)
-    }
-    pub fn lock(&self, credential: &str) -> String {
-        format!("{}:lock:{credential}", self.base)
-    }
-    /// A local token, by the hex SHA-256 of the token.
-    pub fn local_token(&self, digest: &str) -> String {
-        format!("{}:local_token:{digest}", self.base)
-    }
-    pub fn procs(&self) -> String {
-        format!("{}:procs", self.base)
-    }
-    pub fn events(&self) -> String {
-        format!("{}:events", self.base)
-    }
-}
-
-/// 16 hex digits of SHA-256 over `parts`: a stable, opaque key segment.
-pub fn short_digest(parts: &[&str]) -> String {
-    let mut hash = Sha256::new();
-    for part in parts {
-        hash.update(part.as_bytes());
-        hash.update([0]);
-    }
-    crate::encode::hex(&hash.finalize()[..8])
 }
 
 pub struct Cluster {
@@ -218,8 +174,14 @@ impl Cluster {
             metrics,
         });
         cluster.metrics.up.set(1);
-        tokio::spawn(heartbeat(Arc::downgrade(&cluster), shutdown.clone()));
-        tokio::spawn(listen_for_tokens(Arc::downgrade(&cluster), shutdown));
+        tokio::spawn(presence::heartbeat(
+            Arc::downgrade(&cluster),
+            shutdown.clone(),
+        ));
+        tokio::spawn(announce::listen_for_tokens(
+            Arc::downgrade(&cluster),
+            shutdown,
+        ));
         Ok(cluster)
     }
 
@@ -308,277 +270,10 @@ impl Cluster {
     pub fn unavailable_since(&self) -> Option<SystemTime> {
         self.unavailable_since.lock().ok().and_then(|s| *s)
     }
-
-    /// Woken when another process announces a new token for `credential`.
-    pub fn announcements(&self, credential: &str) -> Arc<Notify> {
-        let Ok(mut all) = self.announced.lock() else {
-            return Arc::new(Notify::new());
-        };
-        all.entry(credential.to_owned()).or_default().clone()
-    }
-
-    fn announce_locally(&self, credential: &str) {
-        if let Ok(all) = self.announced.lock() {
-            if let Some(notify) = all.get(credential) {
-                notify.notify_waiters();
-            }
-        }
-    }
-
-    /// The processes heard from recently, and who holds each fetch lock,
-    /// for the status page.
-    pub async fn view(&self, credentials: &[(String, String)]) -> serde_json::Value {
-        let now = unix_ms(SystemTime::now());
-        let since = now.saturating_sub(SEEN_WITHIN.as_millis() as u64);
-        let processes: Vec<String> = self
-            .query(
-                redis::cmd("ZRANGEBYSCORE")
-                    .arg(self.keys.procs())
-                    .arg(since)
-                    .arg("+inf"),
-            )
-            .await
-            .unwrap_or_default();
-        let mut fetchers = serde_json::Map::new();
-        for (name, digest) in credentials {
-            let holder: Option<String> = self
-                .query(redis::cmd("GET").arg(self.keys.lock(digest)))
-                .await
-                .unwrap_or_default();
-            fetchers.insert(name.clone(), holder.into());
-        }
-        serde_json::json!({
-            "redis": match self.unavailable_since() {
-                None => "available".to_owned(),
-                Some(since) => format!(
-                    "cluster state unavailable since {}",
-                    humantime::format_rfc3339_seconds(since)
-                ),
-            },
-            "this_process": self.process,
-            "processes_seen": processes,
-            "fetching_now": fetchers,
-        })
-    }
-}
-
-/// Deletes or extends a lock only while this process holds it.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-const EXTEND: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
-
-impl Cluster {
-    /// Takes the lock at `key` for `ttl` (`SET NX PX`, holding the process
-    /// name); false when another process holds it.
-    pub async fn try_lock(&self, key: &str, ttl: Duration) -> Result<bool, ClusterError> {
-        let taken: Option<String> = self
-            .query(
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(&self.process)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl.as_millis() as u64),
-            )
-            .await?;
-        Ok(taken.is_some())
-    }
-
-    /// Extends the lock at `key` while this process holds it.
-    pub async fn extend_lock(&self, key: &str, ttl: Duration) {
-        let script = redis::Script::new(EXTEND);
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(key)
-            .arg(&self.process)
-            .arg(ttl.as_millis() as u64);
-        let _: Result<i64, _> = self.script(&invocation).await;
-    }
-
-    /// Lets go of the lock at `key` if this process holds it.
-    pub async fn unlock(&self, key: &str) {
-        let script = redis::Script::new(RELEASE);
-        let mut invocation = script.prepare_invoke();
-        invocation.key(key).arg(&self.process);
-        let _: Result<i64, _> = self.script(&invocation).await;
-    }
-
-    /// Runs `work` while holding the lock at `key`, extending it every
-    /// third of `ttl` so a slow token endpoint does not lose it.
-    pub async fn while_locked<T>(
-        &self,
-        key: &str,
-        ttl: Duration,
-        work: impl std::future::Future<Output = T>,
-    ) -> T {
-        tokio::pin!(work);
-        let mut extend = tokio::time::interval(ttl / 3);
-        extend.tick().await;
-        loop {
-            tokio::select! {
-                done = &mut work => return done,
-                _ = extend.tick() => self.extend_lock(key, ttl).await,
-            }
-        }
-    }
-
-    /// Announces that the entry of `credential` changed.
-    pub async fn announce(&self, credential: &str) -> Result<(), ClusterError> {
-        self.query::<i64>(
-            redis::cmd("PUBLISH")
-                .arg(self.keys.events())
-                .arg(credential),
-        )
-        .await
-        .map(|_| ())
-    }
-
-    /// Reads and opens the sealed entry at `key`. `Ok(None)`: no entry;
-    /// an entry that does not open is an error (never its content).
-    pub async fn read_sealed(&self, key: &str) -> Result<Option<Vec<u8>>, ReadError> {
-        let sealed: Option<String> = self.query(redis::cmd("GET").arg(key)).await?;
-        match sealed {
-            None => Ok(None),
-            Some(sealed) => self
-                .sealer
-                .open(key, &sealed)
-                .map(Some)
-                .map_err(ReadError::Sealed),
-        }
-    }
-
-    /// Seals `plain` and stores it at `key` (expiring after `ttl` if given).
-    pub async fn write_sealed(
-        &self,
-        key: &str,
-        plain: &[u8],
-        ttl: Option<Duration>,
-    ) -> Result<(), ClusterError> {
-        let sealed = self
-            .sealer
-            .seal(key, plain)
-            .map_err(|e| ClusterError::Redis(e.to_string()))?;
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(sealed);
-        if let Some(ttl) = ttl {
-            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
-        }
-        self.query::<()>(&cmd).await
-    }
-}
-
-/// Why a sealed entry could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Cluster(#[from] ClusterError),
-    #[error(transparent)]
-    Sealed(seal::SealError),
 }
 
 pub fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Says this process is alive every few seconds, and forgets processes
-/// long gone. While Redis is away it is also the probe that notices its
-/// return (every [`PROBE_EVERY`]), so the processes rejoin within seconds
-/// even with no traffic.
-async fn heartbeat(cluster: std::sync::Weak<Cluster>, shutdown: CancellationToken) {
-    loop {
-        let Some(cluster) = cluster.upgrade() else {
-            return;
-        };
-        let now = unix_ms(SystemTime::now());
-        let procs = cluster.keys.procs();
-        let _: Result<(), _> = cluster
-            .query(
-                redis::cmd("ZADD")
-                    .arg(&procs)
-                    .arg(now)
-                    .arg(&cluster.process),
-            )
-            .await;
-        let _: Result<(), _> = cluster
-            .query(
-                redis::cmd("ZREMRANGEBYSCORE")
-                    .arg(&procs)
-                    .arg(0)
-                    .arg(now.saturating_sub(10 * SEEN_WITHIN.as_millis() as u64)),
-            )
-            .await;
-        let every = if cluster.unavailable_since().is_some() {
-            PROBE_EVERY
-        } else {
-            HEARTBEAT
-        };
-        let went_away = cluster.went_away.clone();
-        drop(cluster);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-            _ = went_away.notified() => tokio::time::sleep(PROBE_EVERY).await,
-        }
-    }
-}
-
-/// Subscribes to token announcements and wakes the local waiters;
-/// resubscribes after Redis comes back (waking everyone, in case an
-/// announcement was missed meanwhile).
-async fn listen_for_tokens(cluster: std::sync::Weak<Cluster>, shutdown: CancellationToken) {
-    loop {
-        let Some(strong) = cluster.upgrade() else {
-            return;
-        };
-        let client = strong.client.clone();
-        let channel = strong.keys.events();
-        drop(strong);
-        let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            redis::RedisResult::Ok(pubsub)
-        };
-        let pubsub = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            result = tokio::time::timeout(CALL_TIMEOUT * 4, subscribed) => result,
-        };
-        if let Ok(Ok(mut pubsub)) = pubsub {
-            if let Some(cluster) = cluster.upgrade() {
-                let all: Vec<Arc<Notify>> = cluster
-                    .announced
-                    .lock()
-                    .map(|a| a.values().cloned().collect())
-                    .unwrap_or_default();
-                for notify in all {
-                    notify.notify_waiters();
-                }
-            }
-            let mut messages = pubsub.on_message();
-            loop {
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    message = messages.next() => message,
-                };
-                let Some(message) = message else { break };
-                let Ok(credential) = message.get_payload::<String>() else {
-                    continue;
-                };
-                match cluster.upgrade() {
-                    Some(cluster) => cluster.announce_locally(&credential),
-                    None => return,
-                }
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
 }
