@@ -305,6 +305,36 @@ async fn consent(dk: &Doorkeeper, config: &Path) {
     assert_eq!(code, Some(0), "{output}");
 }
 
+/// Doorkeeper with access tokens living `lifetime`, and a user's consent
+/// given for a proxy config with `extra` in `[oauth]`.
+struct Consented {
+    dk: Doorkeeper,
+    /// The config, consent kept in `state`.
+    text: String,
+    state: PathBuf,
+    _dir: tempdir::Dir,
+}
+
+impl Consented {
+    async fn give(lifetime: Duration, extra: &str) -> Option<Self> {
+        let redirect_port = real::free_port();
+        let dk = Doorkeeper::start(
+            lifetime,
+            &format!("http://127.0.0.1:{redirect_port}/callback"),
+        )?;
+        let dir = tempdir::Dir::new("dk-user");
+        let state = dir.path().join("grant.json");
+        let text = user_config(&dk, redirect_port, &state, extra);
+        consent(&dk, &write(&dir, "proxy.toml", &text)).await;
+        Some(Self {
+            dk,
+            text,
+            state,
+            _dir: dir,
+        })
+    }
+}
+
 fn refresh_token_in(state: &Path) -> String {
     coupa_auth_proxy::token::consent::state_file::load(state)
         .unwrap()
@@ -315,27 +345,24 @@ fn refresh_token_in(state: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_token_ended_early_is_refreshed_at_once_and_survives_restart() {
-    let redirect_port = real::free_port();
-    let Some(dk) = Doorkeeper::start(
+    let Some(consented) = Consented::give(
         Duration::from_secs(600),
-        &format!("http://127.0.0.1:{redirect_port}/callback"),
-    ) else {
+        "activation_delay = \"30s\"\nrejected_token_cooldown = \"1s\"",
+    )
+    .await
+    else {
         return;
     };
-    let dir = tempdir::Dir::new("dk-user");
-    let state = dir.path().join("grant.json");
-    let text = user_config(
-        &dk,
-        redirect_port,
-        &state,
-        "activation_delay = \"30s\"\nrejected_token_cooldown = \"1s\"",
-    );
-    let config = write(&dir, "proxy.toml", &text);
-    consent(&dk, &config).await;
-    let consented = refresh_token_in(&state);
+    let Consented {
+        dk,
+        text,
+        state,
+        _dir,
+    } = &consented;
+    let consented = refresh_token_in(state);
     assert_eq!(dk.stats().user, 1);
 
-    let mut proxy = ProxyProcess::start(&text, &[], &[]);
+    let mut proxy = ProxyProcess::start(text, &[], &[]);
     proxy.wait_ready().await;
     let url = proxy.url("/api/invoices");
     let (status, stored) = call(&url).await;
@@ -364,7 +391,7 @@ async fn a_user_token_ended_early_is_refreshed_at_once_and_survives_restart() {
         previous = renewed;
     }
     assert_ne!(
-        refresh_token_in(&state),
+        refresh_token_in(state),
         consented,
         "the rotated refresh token is on disk"
     );
@@ -377,7 +404,7 @@ async fn a_user_token_ended_early_is_refreshed_at_once_and_survives_restart() {
     // A restart serves from the state file: no consent, no extra refresh.
     proxy.terminate();
     assert_eq!(proxy.wait_exit().await, Some(0));
-    let proxy = ProxyProcess::start(&text, &[], &[]);
+    let proxy = ProxyProcess::start(text, &[], &[]);
     proxy.wait_ready().await;
     let (status, after_restart) = call(&proxy.url("/api/invoices")).await;
     assert_eq!(status, 200, "{}", proxy.logs());
@@ -390,18 +417,12 @@ async fn a_user_token_ended_early_is_refreshed_at_once_and_survives_restart() {
 /// installed and they are replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_tokens_renew_under_load_while_the_server_ends_the_previous_pair() {
-    let redirect_port = real::free_port();
-    let Some(dk) = Doorkeeper::start(
-        Duration::from_secs(6),
-        &format!("http://127.0.0.1:{redirect_port}/callback"),
-    ) else {
+    // `_dir` holds the state file: bound, so it lives as long as the test.
+    let Some(Consented { dk, text, _dir, .. }) =
+        Consented::give(Duration::from_secs(6), "activation_delay = \"1s\"").await
+    else {
         return;
     };
-    let dir = tempdir::Dir::new("dk-user-load");
-    let state = dir.path().join("grant.json");
-    let text = user_config(&dk, redirect_port, &state, "activation_delay = \"1s\"");
-    let config = write(&dir, "proxy.toml", &text);
-    consent(&dk, &config).await;
 
     let proxy = ProxyProcess::start(&text, &[], &[]);
     proxy.wait_ready().await;
