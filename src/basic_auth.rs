@@ -5,7 +5,7 @@
 //!
 //! Not every server follows the rule (Doorkeeper 5.5 does not decode): for
 //! a secret the encoding changes, Basic is ambiguous and the form body
-//! (`client_auth = "body"`) is the safe choice; [`encoding_changes`] tells.
+//! (`client_auth = "body"`) is the safe choice; [`is_ambiguous`] tells.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -19,10 +19,15 @@ pub enum BasicError {
     Malformed,
 }
 
-/// The `Authorization` value for `client_id` and `secret`.
-pub fn encode(client_id: &str, secret: &str) -> String {
+/// The `Authorization` value for `client_id` and `secret`, marked
+/// sensitive.
+pub fn encode(client_id: &str, secret: &str) -> http::HeaderValue {
     let joined = format!("{}:{}", urlencode(client_id), urlencode(secret));
-    format!("Basic {}", STANDARD.encode(joined))
+    let mut value = http::HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(joined)))
+        // Provably unreachable: "Basic " and base64 are visible ASCII.
+        .unwrap_or_else(|_| http::HeaderValue::from_static("Basic"));
+    value.set_sensitive(true);
+    value
 }
 
 /// The client id and secret in an `Authorization` value, decoded.
@@ -40,10 +45,10 @@ pub fn decode(value: &[u8]) -> Result<(String, String), BasicError> {
     Ok((urldecode(id), urldecode(secret)))
 }
 
-/// Whether the RFC's encoding changes `value`: then servers that decode
-/// and servers that do not disagree about it.
-pub fn encoding_changes(value: &str) -> bool {
-    urlencode(value) != value
+/// Whether the RFC's encoding changes the id or the secret: then servers
+/// that decode and servers that do not disagree about them.
+pub fn is_ambiguous(client_id: &str, secret: &str) -> bool {
+    urlencode(client_id) != client_id || urlencode(secret) != secret
 }
 
 fn urlencode(value: &str) -> String {
@@ -64,6 +69,8 @@ mod tests {
     #[test]
     fn id_and_secret_are_form_urlencoded_before_base64() {
         let header = encode("my client", "a+b/c=d%e:f&g");
+        assert!(header.is_sensitive());
+        let header = header.to_str().unwrap();
         let inner = STANDARD
             .decode(header.strip_prefix("Basic ").unwrap())
             .unwrap();
@@ -80,13 +87,15 @@ mod tests {
     #[test]
     fn unreserved_secrets_are_the_same_either_way() {
         let secret = "Zx9_Qm-4.kT7";
-        assert!(!encoding_changes(secret));
+        assert!(!is_ambiguous("id", secret));
+        let header = encode("id", secret);
         let inner = STANDARD
-            .decode(encode("id", secret).strip_prefix("Basic ").unwrap())
+            .decode(header.to_str().unwrap().strip_prefix("Basic ").unwrap())
             .unwrap();
         assert_eq!(inner, b"id:Zx9_Qm-4.kT7");
         for changed in ["a+b", "a/b", "a=b", "a%b", "a:b", "a&b", "a b", "a~b"] {
-            assert!(encoding_changes(changed), "{changed}");
+            assert!(is_ambiguous("id", changed), "{changed}");
+            assert!(is_ambiguous(changed, secret), "{changed}");
         }
     }
 

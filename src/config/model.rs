@@ -329,8 +329,7 @@ impl Config {
             let oauth = &credential.oauth;
             let ambiguous = oauth.client_auth == ClientAuth::Basic
                 && oauth.client_secret.as_ref().is_some_and(|secret| {
-                    crate::basic_auth::encoding_changes(secret.expose())
-                        || crate::basic_auth::encoding_changes(&oauth.client_id)
+                    crate::basic_auth::is_ambiguous(&oauth.client_id, secret.expose())
                 });
             if ambiguous {
                 warnings.push(format!(

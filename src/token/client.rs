@@ -335,14 +335,9 @@ impl TokenClient {
                 form.push(("client_secret", secret.expose()));
             }
             (Some(secret), ClientAuth::Basic) => {
-                ambiguous_basic = crate::basic_auth::encoding_changes(&params.client_id)
-                    || crate::basic_auth::encoding_changes(secret.expose());
-                let mut value = http::HeaderValue::try_from(crate::basic_auth::encode(
-                    &params.client_id,
-                    secret.expose(),
-                ))
-                .map_err(|_| FetchError::BadResponse("unreachable: base64 is ASCII".into()))?;
-                value.set_sensitive(true);
+                ambiguous_basic =
+                    crate::basic_auth::is_ambiguous(&params.client_id, secret.expose());
+                let value = crate::basic_auth::encode(&params.client_id, secret.expose());
                 request = request.header(http::header::AUTHORIZATION, value);
             }
         }
