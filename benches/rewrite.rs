@@ -39,7 +39,7 @@ fn bench_rewrite(c: &mut Criterion) {
         default_accept: HeaderValue::from_static("application/json"),
         forwarded_proto: HeaderValue::from_static("http"),
     };
-    let client = ClientInfo::new("127.0.0.1".parse().unwrap(), Default::default());
+    let client = ClientInfo::new("127.0.0.1".parse().unwrap());
     // A Coupa JWT with a handful of scopes is well over a kilobyte.
     let bearer = {
         let mut v = HeaderValue::from_str(&format!("Bearer {}", "x".repeat(1200))).unwrap();

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use http_body_util::Either;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -186,13 +187,17 @@ pub async fn run_with_reload(
         acceptor,
         move |peer, guard| {
             let proxy = proxy.clone();
-            let client = Arc::new(ClientInfo::new(peer.ip(), guard));
+            let client = Arc::new(ClientInfo::new(peer.ip()));
             service_fn(move |request| {
                 let proxy = proxy.clone();
                 let client = client.clone();
+                let guard = guard.clone();
                 async move {
-                    let response = proxy.handle(request, &client).await;
-                    Ok::<_, Infallible>(server::answered(response, &client.framing))
+                    let response = match guard.refusal() {
+                        Some(refusal) => refusal.map(Either::Right),
+                        None => proxy.handle(request, &client).await,
+                    };
+                    Ok::<_, Infallible>(server::answered(response, &guard))
                 }
             })
         },

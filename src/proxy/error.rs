@@ -31,10 +31,6 @@ pub enum ProxyError {
     ConnectMethod,
     #[error("absolute-form target for {0:?}: this proxy only forwards to its Coupa instance")]
     ForeignTarget(String),
-    #[error(
-        "the request has both Content-Length and Transfer-Encoding (possible request smuggling)"
-    )]
-    AmbiguousFraming,
     #[error("the request body is malformed: {0}")]
     BadBody(String),
     #[error("the client sent no request body data for {0:?}; the request to Coupa was abandoned (listen.body_read_timeout)")]
@@ -53,10 +49,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BadTarget
-            | ProxyError::ForeignTarget(_)
-            | ProxyError::BadBody(_)
-            | ProxyError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            ProxyError::BadTarget | ProxyError::ForeignTarget(_) | ProxyError::BadBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownApiKey | ProxyError::InvalidLocalToken => StatusCode::UNAUTHORIZED,
@@ -79,7 +74,6 @@ impl ProxyError {
             ProxyError::ForeignTarget(_) => "foreign_target",
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::ClientBodyTimeout(_) => "request_body_timeout",
-            ProxyError::AmbiguousFraming => "ambiguous_framing",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",

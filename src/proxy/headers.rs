@@ -2,15 +2,12 @@
 //! sent in, what Coupa gets out. No I/O, so every rule is unit-tested here.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use http::header::{
     HeaderName, ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, PROXY_AUTHORIZATION, TE,
     TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderValue};
-
-use crate::server::framing::ConnectionGuard;
 
 pub const X_COUPA_API_KEY: HeaderName = HeaderName::from_static("x-coupa-api-key");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -58,19 +55,13 @@ pub struct ClientInfo {
     /// `ip` as a header value, so requests on a keep-alive connection do
     /// not format it again.
     pub ip_header: HeaderValue,
-    /// The framing guard's verdicts for this connection's requests.
-    pub framing: Arc<ConnectionGuard>,
 }
 
 impl ClientInfo {
-    pub fn new(ip: IpAddr, framing: Arc<ConnectionGuard>) -> Self {
+    pub fn new(ip: IpAddr) -> Self {
         let ip_header = HeaderValue::try_from(ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Self {
-            ip,
-            ip_header,
-            framing,
-        }
+        Self { ip, ip_header }
     }
 }
 
@@ -280,7 +271,7 @@ mod tests {
     }
 
     fn client() -> ClientInfo {
-        ClientInfo::new("10.1.2.3".parse().unwrap(), Default::default())
+        ClientInfo::new("10.1.2.3".parse().unwrap())
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -460,7 +451,7 @@ mod tests {
             ("X_Coupa_Api_Key", "legacy"),
             ("X-Custom", "kept"),
         ]);
-        let client = ClientInfo::new("192.0.2.1".parse().unwrap(), Default::default());
+        let client = ClientInfo::new("192.0.2.1".parse().unwrap());
         let dropped = rewrite_request(
             &mut map,
             None,
@@ -545,7 +536,7 @@ mod properties {
                 default_accept: HeaderValue::from_static("application/json"),
                 forwarded_proto: HeaderValue::from_static("http"),
             };
-            let client = ClientInfo::new("192.0.2.1".parse().unwrap(), Default::default());
+            let client = ClientInfo::new("192.0.2.1".parse().unwrap());
             let bearer = HeaderValue::from_static("Bearer the-token");
             rewrite_request(&mut headers, None, &rules, bearer, &client);
 

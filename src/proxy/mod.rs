@@ -284,9 +284,6 @@ impl Proxy {
         let inner = &*self.inner;
 
         // request_filter
-        if client.framing.next_request_is_ambiguous() {
-            return Err(ProxyError::AmbiguousFraming);
-        }
         self.check_target(&request)?;
         if local_oauth::is_oauth_path(request.uri().path()) {
             if request.uri().path() == local_oauth::TOKEN_PATH {

@@ -257,6 +257,6 @@ mod tests {
             }
         }
         assert_eq!(got, head, "bytes pass through unchanged");
-        assert!(verdicts.next_request_is_ambiguous());
+        assert!(verdicts.refusal().is_some());
     }
 }

@@ -13,9 +13,9 @@
 //! request head (the pure `scan`: heads parsed with `httparse`, as hyper
 //! does; bodies skipped by length or by chunk size lines). It never delays
 //! or changes a byte: it only reads along. A head with both fields marks
-//! that request in the connection's [`ConnectionGuard`]; the proxy
-//! answers it 400 without forwarding, and hyper closes the connection after
-//! it. Anything the guard does not understand it leaves to hyper, which is
+//! that request in the connection's [`ConnectionGuard`]; the server answers
+//! it 400 itself ([`ConnectionGuard::refusal`]) before the service sees it,
+//! and closes the connection after it. Anything the guard does not understand it leaves to hyper, which is
 //! stricter than the guard, and stops inspecting that connection.
 //!
 //! Following the framing also tells when an HTTP/1 connection rests between
@@ -27,7 +27,16 @@ mod scan;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use tracing::warn;
+
 pub use guard::FramingGuard;
+
+/// Body of the answer to a request with ambiguous framing.
+const AMBIGUOUS_FRAMING: &str = r#"{"error":"ambiguous_framing","message":"the request has both Content-Length and Transfer-Encoding (possible request smuggling)","source":"coupa-auth-proxy"}"#;
 
 /// Per-connection verdicts, shared by the guard (writer) and the service
 /// (reader). Requests on one HTTP/1 connection are handled in order, so
@@ -69,10 +78,22 @@ impl Default for ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    /// Called once per request, in order: is this one to refuse?
-    pub fn next_request_is_ambiguous(&self) -> bool {
+    /// Called once per request, in order: the server's own answer if this
+    /// request's framing is ambiguous. Nothing of it may be served, and the
+    /// connection cannot be trusted after it, so the answer closes it.
+    pub fn refusal(&self) -> Option<Response<Full<Bytes>>> {
         let index = self.next_request.fetch_add(1, Ordering::Relaxed);
-        index >= self.ambiguous.load(Ordering::Acquire)
+        if index < self.ambiguous.load(Ordering::Acquire) {
+            return None;
+        }
+        warn!("request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed");
+        let mut response =
+            Response::new(Full::new(Bytes::from_static(AMBIGUOUS_FRAMING.as_bytes())));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        Some(response)
     }
 
     fn mark_ambiguous(&self, index: u64) {
