@@ -1,0 +1,152 @@
+//! Phase 1, `request_filter`: a target this proxy serves, an integration
+//! known by its legacy key or local token ([`super::auth`]), and a valid
+//! token for its credential. Anything else is an error answer and nothing
+//! is forwarded; `POST /oauth2/token` is answered here by the proxy itself
+//! ([`super::local_token`]).
+
+use std::time::{Duration, SystemTime};
+
+use http::uri::Scheme;
+use http::{HeaderValue, Method, Request, Response, Version};
+use hyper::body::Incoming;
+
+use super::{headers, CredentialSlot, Proxy, ProxyBody, ProxyError, Trace};
+use crate::insight::Via;
+use crate::local_oauth;
+
+/// What the filter lets through.
+pub(super) enum Admitted<'a> {
+    /// The proxy answered the request itself.
+    Answered(Response<ProxyBody>),
+    /// To be forwarded with `credential`'s token.
+    Forward {
+        request: Request<Incoming>,
+        credential: &'a CredentialSlot,
+        bearer: HeaderValue,
+    },
+}
+
+impl Proxy {
+    pub(super) async fn request_filter(
+        &self,
+        request: Request<Incoming>,
+        trace: &mut Trace,
+    ) -> Result<Admitted<'_>, ProxyError> {
+        let inner = &*self.inner;
+        self.check_target(&request)?;
+        if local_oauth::is_oauth_path(request.uri().path()) {
+            if request.uri().path() == local_oauth::TOKEN_PATH {
+                return Ok(Admitted::Answered(
+                    self.answer_token_request(request, trace).await?,
+                ));
+            }
+            return Err(ProxyError::OAuthPathNotForwarded(
+                request.uri().path().to_owned(),
+            ));
+        }
+        let credential = match self.identify(request.headers(), trace).await? {
+            Some(credential) => &inner.credentials[credential],
+            None => &inner.credentials[inner.default_credential],
+        };
+        let bearer = credential
+            .store
+            .bearer(tokio::time::Instant::now())
+            .ok_or_else(|| self.no_token(credential))?;
+        Ok(Admitted::Forward {
+            request,
+            credential,
+            bearer,
+        })
+    }
+
+    /// Which integration sent the request, by its legacy key or its local
+    /// token, and so which credential's token it gets; `None`: no
+    /// integrations are configured, everyone gets the default credential.
+    async fn identify(
+        &self,
+        headers: &http::HeaderMap,
+        trace: &mut Trace,
+    ) -> Result<Option<usize>, ProxyError> {
+        let inner = &*self.inner;
+        let integrations = inner.integrations.load();
+        if integrations.is_empty() {
+            if headers.contains_key(headers::X_COUPA_API_KEY) {
+                trace.via = Via::LegacyKey;
+            }
+            return Ok(None);
+        }
+        if let Some(key) = headers.get(headers::X_COUPA_API_KEY) {
+            let found = integrations
+                .identify(key)
+                .ok_or(ProxyError::UnknownApiKey)?;
+            trace.via = Via::LegacyKey;
+            trace.integration = Some(found.clone());
+            return Ok(Some(found.credential));
+        }
+        let token = match headers.get(http::header::AUTHORIZATION) {
+            Some(value) if integrations.has_local_clients() => {
+                local_oauth::bearer_of(value.as_bytes()).ok_or(ProxyError::UnknownApiKey)?
+            }
+            _ => return Err(ProxyError::UnknownApiKey),
+        };
+        drop(integrations);
+        let grant = inner
+            .local_tokens
+            .lookup(token)
+            .await
+            .ok_or(ProxyError::InvalidLocalToken)?;
+        // The integration may have gone, or changed its secret, on reload.
+        let integrations = inner.integrations.load();
+        let found = integrations
+            .by_name(&grant.integration)
+            .filter(|key| key.local_secret() == Some(&grant.secret_sha256))
+            .ok_or(ProxyError::InvalidLocalToken)?;
+        trace.via = Via::LocalToken;
+        trace.integration = Some(found.clone());
+        Ok(Some(found.credential))
+    }
+
+    /// The proxy is never an open proxy: no CONNECT tunnels, and an
+    /// HTTP/1 absolute-form target must name the instance itself. (HTTP/2
+    /// always carries an authority: the proxy's own address, like `Host`.)
+    fn check_target<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
+        if request.method() == Method::CONNECT {
+            return Err(ProxyError::ConnectMethod);
+        }
+        if request.version() <= Version::HTTP_11 {
+            if let Some(authority) = request.uri().authority() {
+                let ours = &self.inner.authority;
+                let default_port = |scheme: Option<&Scheme>| match scheme {
+                    Some(s) if *s == Scheme::HTTPS => 443,
+                    _ => 80,
+                };
+                let same_host = authority.host().eq_ignore_ascii_case(ours.host());
+                let same_port = authority
+                    .port_u16()
+                    .unwrap_or_else(|| default_port(request.uri().scheme()))
+                    == ours
+                        .port_u16()
+                        .unwrap_or_else(|| default_port(Some(&self.inner.scheme)));
+                if !(same_host && same_port) {
+                    return Err(ProxyError::ForeignTarget(authority.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The 503 answer while no token is held, naming the cause.
+    fn no_token(&self, credential: &CredentialSlot) -> ProxyError {
+        let status = credential.store.status();
+        let retry_after = status
+            .next_attempt
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(1));
+        let cause = match status.last_error {
+            Some(error) => format!("the last token request failed: {error}"),
+            None if status.fetches_ok > 0 => "the token expired and no new one arrived".to_owned(),
+            None => "the first token is still being fetched".to_owned(),
+        };
+        ProxyError::NoToken { cause, retry_after }
+    }
+}

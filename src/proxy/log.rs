@@ -1,0 +1,79 @@
+//! Phase 6, `log`: one access line per request, its latency in the
+//! metrics, and the request counted in the migration view
+//! ([`crate::insight`]).
+
+use std::time::Instant;
+
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, StatusCode};
+use tracing::{info, warn};
+
+use super::{Proxy, Trace};
+
+/// The request as the log line names it.
+pub(super) struct Handled<'a> {
+    pub method: &'a Method,
+    pub target: Option<&'a PathAndQuery>,
+    pub id: &'a HeaderValue,
+    pub started: Instant,
+}
+
+impl Proxy {
+    pub(super) fn log(&self, handled: &Handled<'_>, trace: &Trace, status: StatusCode) {
+        let inner = &*self.inner;
+        // The query string can carry business data; only the path is logged.
+        let path = handled.target.map(|t| t.path()).unwrap_or("");
+        info!(
+            target: "coupa_auth_proxy::access",
+            method = %handled.method,
+            path,
+            integration = trace.integration.as_ref().map(|i| &*i.name).unwrap_or(""),
+            request_id = handled.id.to_str().unwrap_or(""),
+            status = status.as_u16(),
+            duration_ms = handled.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        inner
+            .metrics
+            .record(handled.started.elapsed(), trace.upstream);
+        let usage = match &trace.integration {
+            Some(integration) => &integration.usage,
+            None => inner.insight.unnamed(),
+        };
+        let refused =
+            trace.upstream.is_none() && (status.is_client_error() || status.is_server_error());
+        if inner
+            .insight
+            .record(usage, trace.via, handled.method, path, status, refused)
+        {
+            self.log_forbidden(trace, handled.method, path);
+        }
+    }
+
+    /// Coupa's 403, once per (integration, method, resource) an hour: the
+    /// credential most likely lacks a scope for the resource.
+    fn log_forbidden(&self, trace: &Trace, method: &Method, path: &str) {
+        let inner = &*self.inner;
+        let credential = &inner.credentials[trace
+            .integration
+            .as_ref()
+            .map(|i| i.credential)
+            .unwrap_or(inner.default_credential)];
+        let granted = credential
+            .store
+            .current(tokio::time::Instant::now())
+            .and_then(|t| t.scope.clone())
+            .unwrap_or_else(|| credential.scopes.join(" "));
+        warn!(
+            integration = trace.integration.as_ref().map(|i| &*i.name).unwrap_or("(none)"),
+            credential = credential.name,
+            granted_scopes = granted,
+            method = %method,
+            resource = crate::insight::resource_of(path).label(),
+            "Coupa answered 403: the credential probably lacks a scope for this resource; \
+             {}/oauth2/scopes on the instance lists each scope's API permissions \
+             (logged once an hour per integration, method and resource)",
+            inner.base_url.trim_end_matches('/'),
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Phase 2, `upstream_request`: the target URI on the instance, the
+//! header rewrite ([`super::headers`]), and the body wrapped so it can be
+//! replayed ([`super::body`]).
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use hyper::body::Incoming;
+use tracing::debug;
+
+use super::body::{self, Replay, UpstreamBody};
+use super::{headers, ClientInfo, Proxy, ProxyError};
+
+/// The request as it goes to Coupa.
+pub(super) struct Outgoing {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: UpstreamBody,
+    /// The body again for a retry or a 401 replay, if it was kept whole.
+    pub replay: Replay,
+}
+
+impl Proxy {
+    pub(super) async fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+        target: Option<&PathAndQuery>,
+        bearer: &HeaderValue,
+        client: &ClientInfo,
+    ) -> Result<Outgoing, ProxyError> {
+        let inner = &*self.inner;
+        let (mut parts, body) = request.into_parts();
+        let target = target.ok_or(ProxyError::BadTarget)?;
+        let uri = self.upstream_uri(target)?;
+        let dropped = headers::rewrite_request(
+            &mut parts.headers,
+            parts.uri.authority(),
+            &inner.rules,
+            bearer.clone(),
+            client,
+        );
+        if dropped > 0 {
+            inner
+                .metrics
+                .dropped_underscore_fields
+                .inc_by(dropped as u64);
+            debug!(
+                dropped,
+                "dropped request header fields with '_' in their name"
+            );
+        }
+        let (body, replay) =
+            UpstreamBody::from_client(body, inner.replay_body_limit, inner.body_read_timeout)
+                .await
+                .map_err(|e| match e {
+                    body::ClientBodyError::Stalled(after) => ProxyError::ClientBodyTimeout(after),
+                    body::ClientBodyError::Malformed(e) => ProxyError::BadBody(e.to_string()),
+                })?;
+        Ok(Outgoing {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+            body,
+            replay,
+        })
+    }
+
+    /// `base_url`'s path + the request's path and query, byte for byte, in
+    /// origin form: the pool owns the scheme and authority and adds them
+    /// where HTTP/2 needs them.
+    fn upstream_uri(&self, target: &PathAndQuery) -> Result<Uri, ProxyError> {
+        let inner = &*self.inner;
+        let path_and_query = if inner.path_prefix.is_empty() {
+            target.clone()
+        } else {
+            let joined = format!("{}{}", inner.path_prefix, target.as_str());
+            PathAndQuery::from_maybe_shared(Bytes::from(joined))
+                .map_err(|_| ProxyError::BadTarget)?
+        };
+        Ok(Uri::from(path_and_query))
+    }
+}
