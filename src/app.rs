@@ -1,26 +1,33 @@
-//! Wires a validated [`Config`] into running parts: the token refresher in
-//! the background, the proxy and admin listeners in the foreground, and the
-//! shutdown order between them.
+//! Wires a validated [`Config`] into running parts: the token refreshers,
+//! the cluster state, the reloader and the admin listener as
+//! [`Background`] work; the proxy listener in the foreground; and the
+//! shutdown order between them (drain the proxy, then stop the rest).
 
 use std::convert::Infallible;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http_body_util::Either;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::AdminState;
+use crate::background::Background;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::insight::Insight;
+use crate::local_oauth::LocalTokens;
 use crate::metrics::Metrics;
+use crate::proxy::ratelimit::{Limiter, RateLimiter, SharedBudget};
 use crate::proxy::{self, ClientInfo, Proxy};
 use crate::reload::Reloader;
 use crate::server::{self, Drain};
 use crate::tls;
+use crate::token::client::ClientParams;
 use crate::token::source::SourceError;
 use crate::token::{CredentialSource, RefreshPolicy, Refresher, TokenStore};
 
@@ -61,26 +68,10 @@ pub async fn run_with_reload(
     shutdown: CancellationToken,
 ) -> Result<Drain, AppError> {
     let tls_config = tls::client_config(&config.coupa.extra_roots)?;
-    let inbound_cert = match &config.listen.tls {
-        Some(t) => Some(Arc::new(tls::ReloadingCert::load(
-            &t.cert_file,
-            &t.key_file,
-        )?)),
-        None => None,
-    };
-    let acceptor = match (&config.listen.tls, &inbound_cert) {
-        (Some(t), Some(cert)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            tls::server_config(cert.clone(), t.client_ca_file.as_deref())?,
-        ))),
-        _ => None,
-    };
-
+    let (inbound_cert, acceptor) = inbound_tls(&config)?;
     // Background work stops only after the proxy has drained, so requests
     // finishing during the grace period still see a token.
-    let background = CancellationToken::new();
-    // One store and one refresher per credential. Every source is built
-    // before any refresher starts, so a missing consent stops start-up
-    // with nothing left running.
+    let background = Background::new();
     let stores: Vec<_> = config
         .credentials
         .iter()
@@ -89,42 +80,21 @@ pub async fn run_with_reload(
     let stores = Arc::new(stores);
     let insight = Insight::new(&config);
     let metrics = Metrics::new(stores.clone(), config.cluster.is_some(), &insight);
-    let cluster = match &config.cluster {
-        Some(settings) => Some(Cluster::start(
-            settings,
-            &config.coupa.base_url,
-            metrics.cluster.clone(),
-            background.clone(),
-        )?),
-        None => None,
+    let started = start_token_work(
+        &config,
+        config_path.as_deref(),
+        &tls_config,
+        &stores,
+        &metrics,
+        &background,
+    );
+    let (cluster, handles) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            background.stop().await;
+            return Err(error);
+        }
     };
-    let mut sources = Vec::with_capacity(config.credentials.len());
-    for (credential, (_, store)) in config.credentials.iter().zip(stores.iter()) {
-        let source = CredentialSource::new(
-            credential,
-            tls_config.clone(),
-            config_path.as_deref(),
-            store.clone(),
-            cluster.as_ref(),
-        )?;
-        sources.push((credential, source, store.clone()));
-    }
-    let mut background_tasks = Vec::with_capacity(sources.len());
-    let mut handles = Vec::with_capacity(sources.len());
-    for (credential, source, store) in sources {
-        let source = match &cluster {
-            Some(cluster) => source.share(cluster, store.clone(), credential),
-            None => source,
-        };
-        handles.push((source.params_handle(), store.clone()));
-        let refresher = Refresher {
-            client: source,
-            store: store.clone(),
-            policy: RefreshPolicy::from(&credential.oauth),
-            credential: credential.name.clone(),
-        };
-        background_tasks.push(tokio::spawn(refresher.run(background.clone())));
-    }
     for warning in config.warnings() {
         warn!("{warning}");
     }
@@ -144,27 +114,43 @@ pub async fn run_with_reload(
         shutdown.clone(),
         cluster.clone(),
     ));
-    let admin_task = tokio::spawn(server::serve(
-        listeners.admin,
-        None,
-        move |_peer, _guard| {
-            let state = admin_state.clone();
-            service_fn(move |request| crate::admin::handle(request, state.clone()))
-        },
-        server::Limits::default(),
-        background.clone(),
-        std::time::Duration::from_secs(1),
-    ));
+    let admin = listeners.admin;
+    // The admin listener answers (`/readyz` says "draining") until the
+    // proxy has drained, so it stops with the background work.
+    background.spawn(|stop| async move {
+        server::serve(
+            admin,
+            None,
+            move |_peer, _guard| {
+                let state = admin_state.clone();
+                service_fn(move |request| crate::admin::handle(request, state.clone()))
+            },
+            server::Limits::default(),
+            stop,
+            std::time::Duration::from_secs(1),
+        )
+        .await;
+    });
 
-    let upstream = proxy::upstream::build(&config.coupa, tls_config, metrics.upstream.clone());
+    let upstream = proxy::upstream::build(
+        &config.coupa,
+        tls_config,
+        metrics.upstream.clone(),
+        &background,
+    );
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
+    let rate_limiter = config.coupa.rate_limit.map(|limit| match &cluster {
+        Some(cluster) => Limiter::Shared(SharedBudget::new(cluster.clone(), limit, &background)),
+        None => Limiter::Local(RateLimiter::new(limit)),
+    });
     let proxy = Proxy::new(
         &config,
         &token_stores,
         upstream,
         metrics.clone(),
         insight,
-        cluster.clone(),
+        rate_limiter,
+        LocalTokens::new(cluster),
     );
     if let Some(path) = config_path {
         let reloader = Reloader {
@@ -174,7 +160,7 @@ pub async fn run_with_reload(
             proxy: proxy.clone(),
             cert: inbound_cert,
         };
-        background_tasks.push(reloader.spawn(background.clone()));
+        reloader.spawn(&background);
     }
     info!(
         listen = %proxy_addr,
@@ -182,8 +168,108 @@ pub async fn run_with_reload(
         upstream = %config.coupa.base_url,
         "coupa-auth-proxy started"
     );
-    let drain = server::serve(
+    let drain = serve_proxy(
         listeners.proxy,
+        acceptor,
+        proxy,
+        &config,
+        &metrics,
+        shutdown,
+    )
+    .await;
+    match drain {
+        Drain::Complete => info!("all in-flight requests finished"),
+        Drain::TimedOut { open_connections } => warn!(
+            open_connections,
+            "grace period ran out; closing the remaining connections"
+        ),
+    }
+    background.stop().await;
+    Ok(drain)
+}
+
+/// The inbound certificate (re-read on reload) and the acceptor serving
+/// it, with `[listen.tls]`.
+fn inbound_tls(
+    config: &Config,
+) -> Result<(Option<Arc<tls::ReloadingCert>>, Option<TlsAcceptor>), AppError> {
+    let Some(settings) = &config.listen.tls else {
+        return Ok((None, None));
+    };
+    let cert = Arc::new(tls::ReloadingCert::load(
+        &settings.cert_file,
+        &settings.key_file,
+    )?);
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(
+        cert.clone(),
+        settings.client_ca_file.as_deref(),
+    )?));
+    Ok((Some(cert), Some(acceptor)))
+}
+
+/// What the reloader needs to hand each credential its new parameters.
+type CredentialHandles = Vec<(Arc<ArcSwap<ClientParams>>, Arc<TokenStore>)>;
+
+/// The cluster state (with `[cluster]`) and one refresher per credential.
+/// Every source is built before any refresher starts, so a missing consent
+/// stops start-up with no refresher running.
+fn start_token_work(
+    config: &Config,
+    config_path: Option<&Path>,
+    tls_config: &rustls::ClientConfig,
+    stores: &[(String, Arc<TokenStore>)],
+    metrics: &Metrics,
+    background: &Background,
+) -> Result<(Option<Arc<Cluster>>, CredentialHandles), AppError> {
+    let cluster = match &config.cluster {
+        Some(settings) => Some(Cluster::start(
+            settings,
+            &config.coupa.base_url,
+            metrics.cluster.clone(),
+            background,
+        )?),
+        None => None,
+    };
+    let mut sources = Vec::with_capacity(config.credentials.len());
+    for (credential, (_, store)) in config.credentials.iter().zip(stores) {
+        let source = CredentialSource::new(
+            credential,
+            tls_config.clone(),
+            config_path,
+            store.clone(),
+            cluster.as_ref(),
+        )?;
+        sources.push((credential, source, store.clone()));
+    }
+    let mut handles = Vec::with_capacity(sources.len());
+    for (credential, source, store) in sources {
+        let source = match &cluster {
+            Some(cluster) => source.share(cluster, store.clone(), credential),
+            None => source,
+        };
+        handles.push((source.params_handle(), store.clone()));
+        let refresher = Refresher {
+            client: source,
+            store,
+            policy: RefreshPolicy::from(&credential.oauth),
+            credential: credential.name.clone(),
+        };
+        background.spawn(|stop| refresher.run(stop));
+    }
+    Ok((cluster, handles))
+}
+
+/// Serves the proxy listener until `shutdown` and the drain after it.
+async fn serve_proxy(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    proxy: Proxy,
+    config: &Config,
+    metrics: &Metrics,
+    shutdown: CancellationToken,
+) -> Drain {
+    server::serve(
+        listener,
         acceptor,
         move |peer, guard| {
             let proxy = proxy.clone();
@@ -211,18 +297,5 @@ pub async fn run_with_reload(
         shutdown,
         config.listen.shutdown_grace,
     )
-    .await;
-    match drain {
-        Drain::Complete => info!("all in-flight requests finished"),
-        Drain::TimedOut { open_connections } => warn!(
-            open_connections,
-            "grace period ran out; closing the remaining connections"
-        ),
-    }
-    background.cancel();
-    for refresher in background_tasks {
-        let _ = refresher.await;
-    }
-    let _ = admin_task.await;
-    Ok(drain)
+    .await
 }

@@ -37,6 +37,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub mod admin;
 pub mod app;
+pub mod background;
 pub mod basic_auth;
 pub mod cluster;
 pub mod config;

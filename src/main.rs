@@ -256,7 +256,7 @@ fn cli_cluster(
         settings,
         &config.coupa.base_url,
         ClusterMetrics::default(),
-        tokio_util::sync::CancellationToken::new(),
+        &coupa_auth_proxy::background::Background::new(),
     )
     .map_err(config_failure)
 }

@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::background::Background;
 use crate::config::{Config, SecretSource};
 use crate::proxy::Proxy;
 use crate::tls::ReloadingCert;
@@ -52,14 +53,14 @@ type Hangup = Option<()>;
 impl Reloader {
     /// Starts watching. SIGHUP is claimed before this returns, so from then
     /// on it reloads instead of ending the process.
-    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(self, background: &Background) {
         #[cfg(unix)]
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|e| warn!(error = %e, "cannot listen for SIGHUP; file changes still reload"))
             .ok();
         #[cfg(not(unix))]
         let hangup = None;
-        tokio::spawn(self.run(hangup, shutdown))
+        background.spawn(|stop| self.run(hangup, stop));
     }
 
     #[cfg_attr(not(unix), allow(unused_mut))]

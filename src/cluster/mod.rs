@@ -43,9 +43,9 @@ use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, IntoConnectionInfo};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::background::Background;
 use crate::config;
 pub use keys::{short_digest, Keys};
 use seal::Sealer;
@@ -128,7 +128,7 @@ impl Cluster {
         config: &config::Cluster,
         base_url: &str,
         metrics: ClusterMetrics,
-        shutdown: CancellationToken,
+        background: &Background,
     ) -> Result<Arc<Self>, ClusterError> {
         // redis' TLS set-up uses the process-wide rustls provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -174,14 +174,10 @@ impl Cluster {
             metrics,
         });
         cluster.metrics.up.set(1);
-        tokio::spawn(presence::heartbeat(
-            Arc::downgrade(&cluster),
-            shutdown.clone(),
-        ));
-        tokio::spawn(announce::listen_for_tokens(
-            Arc::downgrade(&cluster),
-            shutdown,
-        ));
+        let weak = Arc::downgrade(&cluster);
+        background.spawn(|stop| presence::heartbeat(weak, stop));
+        let weak = Arc::downgrade(&cluster);
+        background.spawn(|stop| announce::listen_for_tokens(weak, stop));
         Ok(cluster)
     }
 

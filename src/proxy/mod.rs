@@ -45,7 +45,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::warn;
 
-use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::insight::{Insight, Via};
 use crate::local_oauth::LocalTokens;
@@ -57,7 +56,7 @@ pub use error::ProxyError;
 use filter::Admitted;
 pub use headers::{ClientInfo, RewriteRules};
 use log::Handled;
-use ratelimit::{Limiter, RateLimiter, SharedBudget};
+use ratelimit::Limiter;
 use rewrite::Outgoing;
 pub use upstream::UpstreamClient;
 use upstream::{Leased, ResponseBody};
@@ -120,14 +119,16 @@ struct Trace {
 
 impl Proxy {
     /// `stores` holds one token store per entry of `config.credentials`;
-    /// with `cluster`, `[coupa.rate_limit]` is the instance-wide budget.
+    /// `rate_limiter` shapes to `[coupa.rate_limit]` (this process's budget
+    /// or the instance's shared one).
     pub fn new(
         config: &Config,
         stores: &[Arc<TokenStore>],
         client: UpstreamClient,
         metrics: Arc<Metrics>,
         insight: Arc<Insight>,
-        cluster: Option<Arc<Cluster>>,
+        rate_limiter: Option<Limiter>,
+        local_tokens: LocalTokens,
     ) -> Self {
         let coupa = &config.coupa;
         let rules = RewriteRules {
@@ -169,13 +170,10 @@ impl Proxy {
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
                 replay_body_limit: coupa.replay_body_limit,
-                rate_limiter: coupa.rate_limit.map(|limit| match &cluster {
-                    Some(cluster) => Limiter::Shared(SharedBudget::new(cluster.clone(), limit)),
-                    None => Limiter::Local(RateLimiter::new(limit)),
-                }),
+                rate_limiter,
                 metrics,
                 insight,
-                local_tokens: LocalTokens::new(cluster),
+                local_tokens,
                 base_url: coupa.base_url.clone(),
             }),
         }

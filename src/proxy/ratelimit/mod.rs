@@ -45,8 +45,7 @@ impl Limiter {
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_HOLD_OFF)
                 .min(MAX_HOLD_OFF);
-            let shared = shared.clone();
-            tokio::spawn(async move { shared.pause(hold_off).await });
+            shared.pause(hold_off);
         }
     }
 }

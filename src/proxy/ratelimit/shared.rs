@@ -6,15 +6,21 @@
 //!
 //! When Coupa answers 429 anyway, the hold-off (its `Retry-After`, or a
 //! second) is written beside the timestamp and every process waits it out.
+//! The request that saw the 429 only leaves the hold-off for a background
+//! task ([`crate::background`]) that writes it, so its answer never waits
+//! on Redis; 429s arriving while a write is under way fold into one.
 //! While Redis is away each process shapes alone to `fallback_share` of
 //! the budget.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::Script;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{QueueFull, RateLimiter};
+use crate::background::Background;
 use crate::cluster::Cluster;
 use crate::config::RateLimit;
 
@@ -63,7 +69,9 @@ struct Budget {
     tolerance_ms: f64,
     longest_wait_ms: f64,
     admit: Script,
-    pause: Script,
+    /// The longest hold-off asked for since the last write, for the task
+    /// that writes it.
+    hold_off: Arc<HoldOff>,
     /// Used while Redis is away: `fallback_share` of the budget.
     alone: RateLimiter,
 }
@@ -77,7 +85,8 @@ impl std::fmt::Debug for SharedBudget {
 }
 
 impl SharedBudget {
-    pub fn new(cluster: Arc<Cluster>, limit: RateLimit) -> Self {
+    /// The budget, and its pause writer started in `background`.
+    pub fn new(cluster: Arc<Cluster>, limit: RateLimit, background: &Background) -> Self {
         let interval_ms = 1000.0 / limit.per_second;
         let share = cluster.fallback_share;
         let alone = RateLimiter::new(RateLimit {
@@ -85,6 +94,13 @@ impl SharedBudget {
             burst: ((f64::from(limit.burst) * share).round() as u32).max(1),
             max_queue: limit.max_queue,
         });
+        let hold_off = Arc::new(HoldOff::default());
+        let pauses = Pauses {
+            cluster: cluster.clone(),
+            script: Script::new(PAUSE),
+            asked: hold_off.clone(),
+        };
+        background.spawn(|stop| pauses.run(stop));
         Self {
             inner: Arc::new(Budget {
                 cluster,
@@ -93,7 +109,7 @@ impl SharedBudget {
                 // The local limiter's queue bound, as time: max_queue slots.
                 longest_wait_ms: interval_ms * limit.max_queue as f64,
                 admit: Script::new(ADMIT),
-                pause: Script::new(PAUSE),
+                hold_off,
                 alone,
             }),
         }
@@ -125,14 +141,53 @@ impl SharedBudget {
         }
     }
 
-    /// Coupa answered 429: every process holds off for `hold_off`.
-    pub async fn pause(&self, hold_off: Duration) {
+    /// Coupa answered 429: every process holds off for `hold_off`. Returns
+    /// at once; the background writer carries it to Redis.
+    pub fn pause(&self, hold_off: Duration) {
         let budget = &*self.inner;
         budget.cluster.metrics.pauses.inc();
-        let mut invocation = budget.pause.prepare_invoke();
-        invocation
-            .key(budget.cluster.keys.pause())
-            .arg(hold_off.as_millis() as u64);
-        let _: Result<i64, _> = budget.cluster.script(&invocation).await;
+        if let Ok(mut asked) = budget.hold_off.longest.lock() {
+            // A shorter hold-off is covered by a longer one waiting (the
+            // script only ever extends the pause).
+            *asked = hold_off.max(*asked);
+        }
+        budget.hold_off.asked.notify_one();
+    }
+}
+
+/// The hold-off the request path asks for, not yet written.
+#[derive(Default)]
+struct HoldOff {
+    longest: Mutex<Duration>,
+    asked: Notify,
+}
+
+/// Writes the hold-offs the request path asks for.
+struct Pauses {
+    cluster: Arc<Cluster>,
+    script: Script,
+    asked: Arc<HoldOff>,
+}
+
+impl Pauses {
+    async fn run(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.asked.asked.notified() => {}
+            }
+            let hold_off = match self.asked.longest.lock() {
+                Ok(mut longest) => std::mem::take(&mut *longest),
+                Err(_) => continue,
+            };
+            if hold_off.is_zero() {
+                continue;
+            }
+            let mut invocation = self.script.prepare_invoke();
+            invocation
+                .key(self.cluster.keys.pause())
+                .arg(hold_off.as_millis() as u64);
+            let _: Result<i64, _> = self.cluster.script(&invocation).await;
+        }
     }
 }

@@ -38,10 +38,12 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use tracing::debug;
 
 use super::body::UpstreamBody;
+use crate::background::Background;
 use crate::config::{Coupa, HttpVersion};
 pub use counting::{Counted, Counting};
 pub use response::ResponseBody;
@@ -131,7 +133,12 @@ struct Pool {
 
 /// Builds the client. Must be called inside the runtime: it starts the
 /// task that closes idle connections after `coupa.pool_idle_timeout`.
-pub fn build(coupa: &Coupa, tls: rustls::ClientConfig, metrics: UpstreamMetrics) -> UpstreamClient {
+pub fn build(
+    coupa: &Coupa,
+    tls: rustls::ClientConfig,
+    metrics: UpstreamMetrics,
+    background: &Background,
+) -> UpstreamClient {
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
@@ -156,16 +163,20 @@ pub fn build(coupa: &Coupa, tls: rustls::ClientConfig, metrics: UpstreamMetrics)
         h2: h2::Shared::new(coupa.pool_idle_timeout),
         metrics,
     });
-    tokio::spawn(reap_idle(Arc::downgrade(&pool), coupa.pool_idle_timeout));
+    let weak = Arc::downgrade(&pool);
+    background.spawn(|stop| reap_idle(weak, coupa.pool_idle_timeout, stop));
     UpstreamClient { pool }
 }
 
 /// Closes connections idle for longer than the idle timeout; ends when the
-/// pool is dropped.
-async fn reap_idle(pool: Weak<Pool>, idle_timeout: Duration) {
+/// pool is dropped or the proxy stops.
+async fn reap_idle(pool: Weak<Pool>, idle_timeout: Duration, stop: CancellationToken) {
     let every = (idle_timeout / 2).max(Duration::from_millis(100));
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
         let Some(pool) = pool.upgrade() else {
             return;
         };
