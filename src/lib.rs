@@ -28,6 +28,8 @@
 //! - [`telemetry`]: log format and filtering.
 //! - [`fake_coupa`]: a fake Coupa instance for tests, benches and the demo.
 //! - [`demo`]: the `demo` subcommand.
+//! - [`cli`]: each subcommand's body, output and exit code (`main.rs` only
+//!   parses and dispatches).
 //! - [`live`]: `check --live`, a token and one API call per credential.
 
 #![forbid(unsafe_code)]
@@ -39,6 +41,7 @@ pub mod admin;
 pub mod app;
 pub mod background;
 pub mod basic_auth;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
