@@ -8,9 +8,9 @@
 //! their redirect URI; refresh tokens only with `offline_access`, rotated
 //! on use (the old one dies); RFC 8628 polling answers.
 //!
-//! Size: over 400 lines because each grant's redemption sits beside the
-//! shared client authentication and scope rules it must agree with; the
-//! endpoints are short, the rules are the bulk.
+//! Here: the token endpoint, client authentication and the scope and
+//! refresh-token rules every grant shares; the authorization-code grant in
+//! [`code`], device authorization in [`device`].
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -18,30 +18,21 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 
-use crate::token::DEVICE_CODE_GRANT;
+mod code;
+mod device;
 
 use super::{json, FakeBody, FakeClient, FakeState, TokenFailure, TokenRecord};
+use code::{redeem_code, PendingCode};
+use device::{poll_device, DeviceGrant, DEVICE_CODE_GRANT};
 
-/// RFC 8628 §3.5: each `slow_down` adds this to the polling interval.
-const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
-const CODE_LIFETIME: Duration = Duration::from_secs(120);
-const DEVICE_CODE_LIFETIME: Duration = Duration::from_secs(600);
-
-/// A code handed out by the authorize endpoint, waiting for its exchange.
-struct PendingCode {
-    client_id: String,
-    redirect_uri: String,
-    challenge: Option<String>,
-    scope: String,
-    expires_at: Instant,
-}
+pub(super) use code::authorize;
+pub(super) use device::device_authorization;
 
 pub(super) struct RefreshRecord {
     client_id: String,
@@ -54,17 +45,6 @@ impl RefreshRecord {
     pub(super) fn is_live(&self) -> bool {
         !self.revoked && Instant::now() < self.expires_at
     }
-}
-
-struct DeviceGrant {
-    client_id: String,
-    scope: String,
-    expires_at: Instant,
-    /// Answers still to give before approval, in order.
-    script: Vec<String>,
-    interval: Duration,
-    last_poll: Option<Instant>,
-    done: bool,
 }
 
 /// What the fake remembers of user-consented grants.
@@ -137,11 +117,6 @@ fn random_token(prefix: &str, bytes: usize) -> String {
     )
 }
 
-/// `BASE64URL(SHA256(verifier))`, RFC 7636 §4.2.
-fn s256(verifier: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
-}
-
 fn query_map(query: Option<&str>) -> HashMap<String, String> {
     form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .into_owned()
@@ -184,94 +159,6 @@ fn check_scopes(client: &FakeClient, requested: &str) -> Result<String, Refusal>
         ));
     }
     Ok(scopes.join(" "))
-}
-
-fn is_loopback_redirect(uri: &url::Url) -> bool {
-    uri.scheme() == "http"
-        && matches!(
-            uri.host_str(),
-            Some("127.0.0.1") | Some("localhost") | Some("[::1]")
-        )
-}
-
-/// `GET /oauth2/authorizations/new`: a test user who is always signed in
-/// and consents at once (unless told to deny), answering with the redirect.
-pub(super) fn authorize(state: &FakeState, request: &Request<Incoming>) -> Response<FakeBody> {
-    let q = query_map(request.uri().query());
-    let get = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
-    let Some(client) = find_client(state, get("client_id")) else {
-        // RFC 6749 §4.1.2.1: never redirect for an unknown client.
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_client", "unknown client");
-    };
-    let redirect_uri = get("redirect_uri");
-    let Some(redirect_target) = url::Url::parse(redirect_uri)
-        .ok()
-        .filter(is_loopback_redirect)
-    else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "redirect_uri is not a registered (loopback) URI",
-        );
-    };
-    let redirect = |params: &[(&str, &str)]| {
-        let mut target = redirect_target.clone();
-        target.query_pairs_mut().extend_pairs(params);
-        if !get("state").is_empty() {
-            target.query_pairs_mut().append_pair("state", get("state"));
-        }
-        let mut response = Response::new(Either::Left(Full::new(Bytes::new())));
-        *response.status_mut() = StatusCode::FOUND;
-        if let Ok(location) = HeaderValue::from_str(target.as_str()) {
-            response.headers_mut().insert(LOCATION, location);
-        }
-        response
-    };
-    if get("response_type") != "code" {
-        return redirect(&[("error", "unsupported_response_type")]);
-    }
-    let challenge = match (get("code_challenge"), get("code_challenge_method")) {
-        ("", _) if client.secret.is_empty() => {
-            return redirect(&[
-                ("error", "invalid_request"),
-                ("error_description", "public clients must use PKCE"),
-            ])
-        }
-        ("", _) => None,
-        (challenge, "S256") => Some(challenge.to_owned()),
-        _ => {
-            return redirect(&[
-                ("error", "invalid_request"),
-                ("error_description", "code_challenge_method must be S256"),
-            ])
-        }
-    };
-    let scope = match check_scopes(&client, get("scope")) {
-        Ok(scope) => scope,
-        Err(_) => return redirect(&[("error", "invalid_scope")]),
-    };
-    let Ok(mut oauth) = state.oauth.lock() else {
-        return oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "lock");
-    };
-    if oauth.deny_consent {
-        return redirect(&[
-            ("error", "access_denied"),
-            ("error_description", "the user declined"),
-        ]);
-    }
-    let code = random_token("code.", 24);
-    oauth.codes.insert(
-        code.clone(),
-        PendingCode {
-            client_id: client.id,
-            redirect_uri: redirect_uri.to_owned(),
-            challenge,
-            scope,
-            expires_at: Instant::now() + CODE_LIFETIME,
-        },
-    );
-    drop(oauth);
-    redirect(&[("code", &code)])
 }
 
 /// Client authentication: form fields or Basic, never both. A public
@@ -420,41 +307,6 @@ fn invalid_grant(description: &str) -> Refusal {
     refuse(StatusCode::BAD_REQUEST, "invalid_grant", description)
 }
 
-fn redeem_code(
-    state: &FakeState,
-    client: &FakeClient,
-    form: &HashMap<String, String>,
-) -> Result<(String, bool), Refusal> {
-    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    let mut oauth = state
-        .oauth
-        .lock()
-        .map_err(|_| invalid_grant("server lock"))?;
-    // Single use: removed whether or not the exchange succeeds.
-    let pending = oauth
-        .codes
-        .remove(field("code"))
-        .ok_or_else(|| invalid_grant("unknown or used authorization code"))?;
-    if pending.client_id != client.id || Instant::now() >= pending.expires_at {
-        return Err(invalid_grant(
-            "authorization code expired or not issued to this client",
-        ));
-    }
-    if pending.redirect_uri != field("redirect_uri") {
-        return Err(invalid_grant(
-            "redirect_uri differs from the authorization request",
-        ));
-    }
-    if let Some(challenge) = &pending.challenge {
-        if s256(field("code_verifier")) != *challenge {
-            return Err(invalid_grant(
-                "code_verifier does not match the code_challenge",
-            ));
-        }
-    }
-    Ok((pending.scope, true))
-}
-
 fn redeem_refresh_token(
     state: &FakeState,
     client: &FakeClient,
@@ -479,107 +331,6 @@ fn redeem_refresh_token(
         record.revoked = true;
     }
     Ok((record.scope.clone(), rotate))
-}
-
-/// Device authorization polls, per RFC 8628 §3.5.
-fn poll_device(
-    state: &FakeState,
-    client: &FakeClient,
-    device_code: &str,
-) -> Result<(String, bool), Refusal> {
-    let error = |code: &str| Err(refuse(StatusCode::BAD_REQUEST, code, code));
-    let mut guard = state
-        .oauth
-        .lock()
-        .map_err(|_| invalid_grant("server lock"))?;
-    let oauth = &mut *guard;
-    oauth.device_polls += 1;
-    let Some(device) = oauth.devices.get_mut(device_code) else {
-        return Err(invalid_grant("unknown device code"));
-    };
-    if device.client_id != client.id || device.done {
-        return Err(invalid_grant(
-            "device code not issued to this client, or used",
-        ));
-    }
-    let now = Instant::now();
-    if now >= device.expires_at {
-        return error("expired_token");
-    }
-    if let Some(last) = device.last_poll.replace(now) {
-        if now.duration_since(last) < device.interval {
-            oauth.device_polls_too_fast += 1;
-            device.interval += SLOW_DOWN_STEP;
-            return error("slow_down");
-        }
-    }
-    if oauth.deny_consent {
-        return error("access_denied");
-    }
-    if !device.script.is_empty() {
-        let answer = device.script.remove(0);
-        if answer == "slow_down" {
-            device.interval += SLOW_DOWN_STEP;
-        }
-        return error(&answer);
-    }
-    device.done = true;
-    Ok((device.scope.clone(), true))
-}
-
-/// `POST /oauth2/device_authorizations`.
-pub(super) async fn device_authorization(
-    state: &FakeState,
-    base_url: &str,
-    request: Request<Incoming>,
-) -> Response<FakeBody> {
-    let (basic, form) = match read_form(request).await {
-        Ok(form) => form,
-        Err(refusal) => return refusal.response(),
-    };
-    let client = match authenticate(state, basic, &form) {
-        Ok(client) => client,
-        Err(refusal) => return refusal.response(),
-    };
-    let scope = match check_scopes(&client, form.get("scope").map(String::as_str).unwrap_or("")) {
-        Ok(scope) => scope,
-        Err(refusal) => return refusal.response(),
-    };
-    let Ok(mut oauth) = state.oauth.lock() else {
-        return oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "lock");
-    };
-    let device_code = random_token("device.", 24);
-    let user_code = {
-        let mut raw = [0u8; 8];
-        rand::rng().fill_bytes(&mut raw);
-        let letters: String = raw.iter().map(|b| (b'B' + b % 24) as char).collect();
-        format!("{}-{}", &letters[..4], &letters[4..])
-    };
-    let interval = oauth.device_interval;
-    let script = oauth.device_script.clone();
-    oauth.devices.insert(
-        device_code.clone(),
-        DeviceGrant {
-            client_id: client.id,
-            scope,
-            expires_at: Instant::now() + DEVICE_CODE_LIFETIME,
-            script,
-            interval,
-            last_poll: None,
-            done: false,
-        },
-    );
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "device_code": device_code,
-            "user_code": user_code,
-            "verification_uri": format!("{base_url}/oauth2/device"),
-            "verification_uri_complete": format!("{base_url}/oauth2/device?user_code={user_code}"),
-            "expires_in": DEVICE_CODE_LIFETIME.as_secs(),
-            "interval": interval.as_secs(),
-        }),
-    )
 }
 
 /// Issues an access token, plus a refresh token for user grants that
@@ -644,14 +395,6 @@ mod tests {
         assert_eq!(
             parse_basic(&value),
             Some(("id".to_owned(), "secret".to_owned()))
-        );
-    }
-
-    #[test]
-    fn s256_matches_rfc_7636_appendix_b() {
-        assert_eq!(
-            s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
     }
 }
