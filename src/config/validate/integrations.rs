@@ -1,0 +1,140 @@
+//! `[[integration]]`: who may call, by legacy key or local OAuth client,
+//! and with which credential's token.
+
+use super::super::file::*;
+use super::super::*;
+use crate::encode::parse_sha256;
+
+pub(super) fn validate_integrations(
+    files: Vec<IntegrationFile>,
+    credentials: &[Credential],
+) -> Result<Vec<Integration>, ConfigError> {
+    let mut integrations: Vec<Integration> = Vec::with_capacity(files.len());
+    for (i, file) in files.into_iter().enumerate() {
+        let IntegrationFile {
+            name,
+            api_key_sha256,
+            oauth_client_id,
+            oauth_client_secret_sha256,
+            credential,
+        } = file;
+        let key = format!("integration[{i}]");
+        if name.trim().is_empty() {
+            return Err(invalid(format!("{key}.name"), "must not be empty"));
+        }
+        let hash = api_key_sha256
+            .map(|hex| {
+                parse_sha256(&hex).ok_or_else(|| {
+                    invalid(
+                        format!("{key}.api_key_sha256"),
+                        "must be 64 hex digits: the SHA-256 of the legacy key (coupa-auth-proxy hash-key prints it)",
+                    )
+                })
+            })
+            .transpose()?;
+        let local_client = local_client(&key, oauth_client_id, oauth_client_secret_sha256)?;
+        if hash.is_none() && local_client.is_none() {
+            return Err(invalid(
+                key,
+                "needs api_key_sha256 (a tool sending X-COUPA-API-KEY) or oauth_client_id with oauth_client_secret_sha256 (a tool fetching its own token), or both",
+            ));
+        }
+        let credential_index = credentials
+            .iter()
+            .position(|c| c.name == credential)
+            .ok_or_else(|| {
+                let known: Vec<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
+                invalid(
+                    format!("{key}.credential"),
+                    format!(
+                        "no credential named {credential:?} (known: {})",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+        if let Some(other) = integrations.iter().find(|o| o.name == name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?} is used twice", other.name),
+            ));
+        }
+        if let Some(other) = integrations
+            .iter()
+            .find(|o| hash.is_some() && o.api_key_sha256 == hash)
+        {
+            return Err(invalid(
+                format!("{key}.api_key_sha256"),
+                format!(
+                    "same key as integration {:?}: each integration needs its own key",
+                    other.name
+                ),
+            ));
+        }
+        if let Some(client) = &local_client {
+            if let Some(other) = integrations.iter().find(|o| {
+                o.local_client
+                    .as_ref()
+                    .is_some_and(|c| c.client_id == client.client_id)
+            }) {
+                return Err(invalid(
+                    format!("{key}.oauth_client_id"),
+                    format!(
+                        "{:?} is already integration {:?}'s",
+                        client.client_id, other.name
+                    ),
+                ));
+            }
+        }
+        integrations.push(Integration {
+            name,
+            api_key_sha256: hash,
+            local_client,
+            credential: credential_index,
+        });
+    }
+    Ok(integrations)
+}
+
+/// A tool that fetches its own token from the proxy: its client id and the
+/// SHA-256 of its secret, both or neither.
+fn local_client(
+    key: &str,
+    client_id: Option<String>,
+    secret_sha256: Option<String>,
+) -> Result<Option<LocalClient>, ConfigError> {
+    Ok(match (client_id, secret_sha256) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{key}.oauth_client_secret_sha256"),
+                "is needed with oauth_client_id: the SHA-256 of the secret the tool sends (coupa-auth-proxy hash-key prints it)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{key}.oauth_client_id"),
+                "is needed with oauth_client_secret_sha256",
+            ))
+        }
+        (Some(client_id), Some(secret)) => {
+            if client_id.is_empty()
+                || client_id.chars().any(|c| c.is_control() || c == ' ')
+            {
+                return Err(invalid(
+                    format!("{key}.oauth_client_id"),
+                    "must be non-empty, without spaces or control characters",
+                ));
+            }
+            let secret_sha256 = parse_sha256(&secret).ok_or_else(|| {
+                invalid(
+                    format!("{key}.oauth_client_secret_sha256"),
+                    "must be 64 hex digits: the SHA-256 of the local client secret (coupa-auth-proxy hash-key prints it)",
+                )
+            })?;
+            Some(LocalClient {
+                client_id,
+                secret_sha256,
+            })
+        }
+    })
+}

@@ -1,0 +1,353 @@
+//! File shape → runtime model: every value checked, each table destructured
+//! exhaustively so that a new key cannot be silently ignored. One
+//! conversion per table; the rules that span tables stay in
+//! [`FileConfig::validate`]. The `[oauth]` tables have their own room,
+//! [`super::credentials`].
+
+mod cluster;
+mod integrations;
+
+use std::path::Path;
+
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+
+use super::credentials::validate_credentials;
+use super::file::*;
+use super::values::{parse_endpoint, read_ca_file};
+use super::*;
+use cluster::validate_cluster;
+use integrations::validate_integrations;
+
+impl FileConfig {
+    /// Checks every value and builds the runtime model. Destructures each
+    /// table completely so that a new key cannot be silently ignored.
+    pub fn validate(self, base_dir: &Path) -> Result<Config, ConfigError> {
+        let FileConfig {
+            listen,
+            coupa,
+            oauth,
+            integration,
+            admin,
+            reload,
+            runtime,
+            cluster,
+            insight,
+        } = self;
+        let InsightFile { idle_warning } = insight;
+        if idle_warning.is_zero() {
+            return Err(invalid("insight.idle_warning", "must be more than 0"));
+        }
+        let ReloadFile { watch_interval } = reload;
+        let AdminFile {
+            address: admin_address,
+        } = admin;
+        let listen = validate_listen(listen, base_dir)?;
+        let coupa = validate_coupa(coupa, base_dir)?;
+        let credentials = validate_credentials(&oauth, base_dir, &coupa.base_url)?;
+        let integrations = validate_integrations(integration, &credentials)?;
+        if integrations.is_empty() {
+            if !credentials.iter().any(|c| c.name == DEFAULT_CREDENTIAL) && credentials.len() > 1 {
+                return Err(invalid(
+                    "integration",
+                    "several credentials but no [[integration]] to choose between them: add integrations, or name one credential \"default\"",
+                ));
+            }
+            // Client certificates authenticate clients as well as legacy keys do.
+            let mutual_tls = listen
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca_file.is_some());
+            let address = listen.address;
+            if !address.ip().is_loopback() && !listen.allow_unauthenticated && !mutual_tls {
+                return Err(invalid(
+                    "listen.address",
+                    format!(
+                        "{address} is reachable from other machines, and with no [[integration]] anyone who can connect gets a Coupa token; \
+                         add [[integration]] tables (coupa-auth-proxy hash-key), bind 127.0.0.1, or set listen.allow_unauthenticated = true"
+                    ),
+                ));
+            }
+        }
+        Ok(Config {
+            listen,
+            coupa,
+            credentials,
+            integrations,
+            admin: Admin {
+                address: admin_address,
+            },
+            watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+            runtime: validate_runtime(runtime)?,
+            cluster: cluster.map(|c| validate_cluster(c, base_dir)).transpose()?,
+            insight: Insight { idle_warning },
+        })
+    }
+}
+
+fn validate_runtime(file: RuntimeFile) -> Result<Runtime, ConfigError> {
+    let RuntimeFile {
+        flavor,
+        worker_threads,
+    } = file;
+    if worker_threads == Some(0) {
+        return Err(invalid("runtime.worker_threads", "must be at least 1"));
+    }
+    if worker_threads.is_some() && flavor != RuntimeFlavor::MultiThread {
+        return Err(invalid(
+            "runtime.worker_threads",
+            "only applies to flavor = \"multi_thread\"",
+        ));
+    }
+    Ok(Runtime {
+        flavor,
+        worker_threads,
+    })
+}
+
+/// `[listen]` and `[listen.tls]`: the client side.
+fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigError> {
+    let ListenFile {
+        address,
+        shutdown_grace,
+        header_read_timeout,
+        max_header_bytes,
+        max_connections,
+        release_idle_buffers_above,
+        body_read_timeout,
+        allow_unauthenticated,
+        tls,
+    } = file;
+    let tls = tls.map(|t| {
+        let ListenTlsFile {
+            cert_file,
+            key_file,
+            client_ca_file,
+        } = t;
+        ListenTls {
+            cert_file: base_dir.join(cert_file),
+            key_file: base_dir.join(key_file),
+            client_ca_file: client_ca_file.map(|p| base_dir.join(p)),
+        }
+    });
+    if let Some(t) = &tls {
+        crate::tls::load_certified_key(&t.cert_file, &t.key_file)
+            .map_err(|e| invalid("listen.tls", e.to_string()))?;
+    }
+    positive(&[
+        ("listen.header_read_timeout", header_read_timeout),
+        ("listen.body_read_timeout", body_read_timeout),
+    ])?;
+    // hyper cannot read a request head into less than 8 KiB.
+    if max_header_bytes < 8192 {
+        return Err(invalid(
+            "listen.max_header_bytes",
+            format!("must be at least 8192, got {max_header_bytes}"),
+        ));
+    }
+    if max_connections == 0 {
+        return Err(invalid("listen.max_connections", "must be positive"));
+    }
+    Ok(Listen {
+        address,
+        shutdown_grace,
+        header_read_timeout,
+        max_header_bytes,
+        max_connections,
+        release_idle_buffers_above,
+        body_read_timeout,
+        allow_unauthenticated,
+        tls,
+    })
+}
+
+/// `[coupa]` and `[coupa.rate_limit]`: the instance and the way to it.
+fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError> {
+    let CoupaFile {
+        base_url,
+        ca_file,
+        accept,
+        connect_timeout,
+        pool_idle_timeout,
+        response_header_timeout,
+        idle_timeout,
+        replay_body_limit,
+        http_version,
+        max_connections,
+        rate_limit,
+    } = file;
+    let base = parse_endpoint("coupa.base_url", &base_url)?;
+    if base.query().is_some() || base.fragment().is_some() {
+        return Err(invalid(
+            "coupa.base_url",
+            "must not have a query or fragment; give the instance URL, e.g. https://acme.coupahost.com",
+        ));
+    }
+    let scheme = if base.scheme() == "https" {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
+    let host = base.host_str().unwrap_or_default();
+    let authority_text = match base.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    let authority: Authority = authority_text
+        .parse()
+        .map_err(|e| invalid("coupa.base_url", format!("bad host: {e}")))?;
+    let (ca_file, extra_roots) = match ca_file {
+        None => (None, Vec::new()),
+        Some(path) => {
+            let path = base_dir.join(path);
+            let roots = read_ca_file(&path)?;
+            (Some(path), roots)
+        }
+    };
+    let accept = HeaderValue::from_str(accept.trim())
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| invalid("coupa.accept", "must be a non-empty header value"))?;
+    positive(&[
+        ("coupa.connect_timeout", connect_timeout),
+        ("coupa.response_header_timeout", response_header_timeout),
+        ("coupa.idle_timeout", idle_timeout),
+    ])?;
+    if max_connections == 0 {
+        return Err(invalid("coupa.max_connections", "must be positive"));
+    }
+    Ok(Coupa {
+        path_prefix: base.path().trim_end_matches('/').to_owned(),
+        base_url: base_url.trim_end_matches('/').to_owned(),
+        scheme,
+        authority,
+        ca_file,
+        extra_roots,
+        accept,
+        connect_timeout,
+        pool_idle_timeout,
+        response_header_timeout,
+        idle_timeout,
+        replay_body_limit,
+        http_version,
+        max_connections,
+        rate_limit: rate_limit.map(validate_rate_limit).transpose()?,
+    })
+}
+
+fn validate_rate_limit(file: RateLimitFile) -> Result<RateLimit, ConfigError> {
+    let RateLimitFile {
+        per_second,
+        burst,
+        max_queue,
+    } = file;
+    if !(per_second.is_finite() && per_second > 0.0) {
+        return Err(invalid(
+            "coupa.rate_limit.per_second",
+            format!("must be a positive number, got {per_second}"),
+        ));
+    }
+    if burst == 0 {
+        return Err(invalid("coupa.rate_limit.burst", "must be at least 1"));
+    }
+    Ok(RateLimit {
+        per_second,
+        burst,
+        max_queue,
+    })
+}
+
+/// Each named duration must be more than zero.
+fn positive(durations: &[(&str, std::time::Duration)]) -> Result<(), ConfigError> {
+    match durations.iter().find(|(_, value)| value.is_zero()) {
+        Some((key, _)) => Err(invalid(*key, "must be positive")),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::uri::Scheme;
+
+    use crate::config::test_support::*;
+
+    /// Each (change to MINIMAL) gives an error naming all the fragments.
+    #[test]
+    fn errors_name_the_key_and_the_cause() {
+        let cases: [(&str, &str, &[&str]); 4] = [
+            ("[admin]", "[admin]\nadress = \"x\"", &["admin", "adress"]),
+            (
+                "COUPA_CLIENT_SECRET",
+                "NOPE_NOT_SET",
+                &["oauth.client_secret", "NOPE_NOT_SET"],
+            ),
+            (
+                "client_secret = \"${COUPA_CLIENT_SECRET}\"\n",
+                "",
+                &["oauth.client_secret", "missing"],
+            ),
+            (
+                "https://acme.coupahost.com",
+                "http://acme.coupahost.com",
+                &["coupa.base_url", "loopback"],
+            ),
+        ];
+        for (from, to, fragments) in cases {
+            let err = load(&MINIMAL.replace(from, to)).unwrap_err().to_string();
+            for fragment in fragments {
+                assert!(err.contains(fragment), "{from:?} -> {to:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback() {
+        for ok in [
+            "http://127.0.0.1:1234",
+            "http://localhost:9",
+            "http://[::1]:80",
+        ] {
+            let text = MINIMAL.replace("https://acme.coupahost.com", ok);
+            let config = load(&text).unwrap();
+            assert_eq!(config.coupa.scheme, Scheme::HTTP, "{ok}");
+        }
+        let text = MINIMAL.replace(
+            "scopes = [",
+            "token_url = \"http://10.0.0.1/oauth2/token\"\nscopes = [",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("oauth.token_url"), "{err}");
+    }
+
+    #[test]
+    fn named_credentials_and_integrations_are_checked() {
+        let named = MINIMAL.replace("[oauth]", "[oauth.main]");
+        let cases: [(String, &[&str]); 4] = [
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"abc\"\ncredential = \"main\"\n"),
+                &["integration[0].api_key_sha256", "64 hex"],
+            ),
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"{}\"\ncredential = \"other\"\n", "0".repeat(64)),
+                &["integration[0].credential", "main"],
+            ),
+            (
+                format!("{named}\n[[integration]]\nname = \"a\"\napi_key_sha256 = \"{h}\"\ncredential = \"main\"\n[[integration]]\nname = \"b\"\napi_key_sha256 = \"{h}\"\ncredential = \"main\"\n", h = "1".repeat(64)),
+                &["integration[1].api_key_sha256", "same key"],
+            ),
+            (
+                named.replace("client_id", "client_idd"),
+                &["oauth.main", "client_idd"],
+            ),
+        ];
+        for (text, fragments) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            for fragment in fragments {
+                assert!(err.contains(fragment), "{err}");
+            }
+        }
+        // A single named credential without integrations serves everyone.
+        let config = load(&named).unwrap();
+        assert_eq!(config.credentials[config.default_credential()].name, "main");
+    }
+}
