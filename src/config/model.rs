@@ -133,7 +133,7 @@ pub struct Listen {
     pub tls: Option<ListenTls>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,

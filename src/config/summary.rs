@@ -1,9 +1,11 @@
-//! The redacted summary `check` prints and reload compares: one row per
-//! key, secrets shown only as where they come from.
+//! The redacted summary `check` prints: one row per key, table by table,
+//! secrets shown only as where they come from.
 
 use std::time::Duration;
 
-use super::{ClientAuth, Config, Grant, RuntimeFlavor, SecretSource, DEFAULT_CREDENTIAL};
+use super::{
+    ClientAuth, Config, Credential, Grant, RuntimeFlavor, SecretSource, DEFAULT_CREDENTIAL,
+};
 
 impl Config {
     /// A human-readable summary with every secret redacted, for `check`.
@@ -14,26 +16,41 @@ impl Config {
             .collect()
     }
 
-    /// The summary as (key, value) rows; reload compares them to name what
-    /// changed.
+    /// The summary as (key, value) rows, table by table, in the order
+    /// `check` prints them.
     pub fn summary_rows(&self) -> Vec<(String, String)> {
-        let (l, c) = (&self.listen, &self.coupa);
-        let d = |v: Duration| humantime::format_duration(v).to_string();
-        let ca = c
-            .ca_file
-            .as_ref()
-            .map(|p| format!("{} ({} certificates)", p.display(), c.extra_roots.len()))
-            .unwrap_or_else(|| "none (public roots only)".to_owned());
-        let rate = c
-            .rate_limit
-            .map(|r| {
-                format!(
-                    "{}/s, burst {}, queue {}",
-                    r.per_second, r.burst, r.max_queue
-                )
-            })
-            .unwrap_or_else(|| "off".to_owned());
-        let mut rows: Vec<(String, String)> = vec![
+        let mut rows = self.listen_rows();
+        rows.extend(self.coupa_rows());
+        for credential in &self.credentials {
+            rows.extend(self.credential_rows(credential));
+        }
+        rows.extend(self.integration_rows());
+        rows.push(("insight.idle_warning".into(), d(self.insight.idle_warning)));
+        rows.push(("admin.address".into(), self.admin.address.to_string()));
+        rows.push((
+            "reload.watch_interval".into(),
+            self.watch_interval
+                .map(d)
+                .unwrap_or_else(|| "off (SIGHUP only)".into()),
+        ));
+        rows.extend(self.cluster_rows());
+        rows.push(("runtime.flavor".into(), self.runtime_flavor()));
+        rows
+    }
+
+    /// The prefix of a credential's keys: `oauth` for the one default
+    /// credential, else `oauth.<name>`.
+    pub fn credential_key_prefix(&self, name: &str) -> String {
+        if self.credentials.len() == 1 && name == DEFAULT_CREDENTIAL {
+            "oauth".to_owned()
+        } else {
+            format!("oauth.{name}")
+        }
+    }
+
+    fn listen_rows(&self) -> Vec<(String, String)> {
+        let l = &self.listen;
+        vec![
             ("listen.address".into(), l.address.to_string()),
             ("listen.shutdown_grace".into(), d(l.shutdown_grace)),
             (
@@ -72,6 +89,26 @@ impl Config {
                     ),
                 },
             ),
+        ]
+    }
+
+    fn coupa_rows(&self) -> Vec<(String, String)> {
+        let c = &self.coupa;
+        let ca = c
+            .ca_file
+            .as_ref()
+            .map(|p| format!("{} ({} certificates)", p.display(), c.extra_roots.len()))
+            .unwrap_or_else(|| "none (public roots only)".to_owned());
+        let rate = c
+            .rate_limit
+            .map(|r| {
+                format!(
+                    "{}/s, burst {}, queue {}",
+                    r.per_second, r.burst, r.max_queue
+                )
+            })
+            .unwrap_or_else(|| "off".to_owned());
+        vec![
             ("coupa.base_url".into(), c.base_url.clone()),
             ("coupa.ca_file".into(), ca),
             (
@@ -95,130 +132,127 @@ impl Config {
                 format!("{} (HTTP/1.1)", c.max_connections),
             ),
             ("coupa.rate_limit".into(), rate),
+        ]
+    }
+
+    fn credential_rows(&self, credential: &Credential) -> Vec<(String, String)> {
+        let o = &credential.oauth;
+        let prefix = self.credential_key_prefix(&credential.name);
+        let renew_after = Duration::from_secs((86_400.0_f64 * o.refresh_fraction).round() as u64);
+        let mut rows = vec![
+            (format!("{prefix}.client_id"), o.client_id.clone()),
+            (
+                format!("{prefix}.client_secret"),
+                match o.secret_source {
+                    SecretSource::None => "(none: public client, PKCE only)".to_owned(),
+                    ref source => format!("<redacted> (from {source})"),
+                },
+            ),
+            (
+                format!("{prefix}.grant"),
+                o.grant.kind().as_str().to_owned(),
+            ),
+            (format!("{prefix}.scopes"), o.scopes.join(" ")),
+            (format!("{prefix}.token_url"), o.token_url.clone()),
+            (
+                format!("{prefix}.client_auth"),
+                match o.client_auth {
+                    ClientAuth::Body => "body",
+                    ClientAuth::Basic => "basic",
+                }
+                .to_owned(),
+            ),
+            (
+                format!("{prefix}.refresh_fraction"),
+                format!(
+                    "{} (renew after {} of a 24 h token)",
+                    o.refresh_fraction,
+                    d(renew_after)
+                ),
+            ),
+            (format!("{prefix}.activation_delay"), d(o.activation_delay)),
+            (
+                format!("{prefix}.retry"),
+                format!("{} .. {}", d(o.retry_initial), d(o.retry_max)),
+            ),
+            (
+                format!("{prefix}.rejected_token_cooldown"),
+                d(o.rejected_token_cooldown),
+            ),
         ];
-        let single = self.credentials.len() == 1 && self.credentials[0].name == DEFAULT_CREDENTIAL;
-        for credential in &self.credentials {
-            let o = &credential.oauth;
-            let prefix = if single {
-                "oauth".to_owned()
-            } else {
-                format!("oauth.{}", credential.name)
-            };
-            let renew_after =
-                Duration::from_secs((86_400.0_f64 * o.refresh_fraction).round() as u64);
+        match &o.grant {
+            Grant::ClientCredentials => {}
+            Grant::AuthorizationCode {
+                authorize_url,
+                redirect_uri,
+                ..
+            } => rows.extend([
+                (format!("{prefix}.authorize_url"), authorize_url.clone()),
+                (format!("{prefix}.redirect_uri"), redirect_uri.to_string()),
+            ]),
+            Grant::DeviceCode {
+                device_authorization_url,
+                ..
+            } => rows.push((
+                format!("{prefix}.device_authorization_url"),
+                device_authorization_url.clone(),
+            )),
+        }
+        if let Some(consent) = o.grant.consent() {
             rows.extend([
-                (format!("{prefix}.client_id"), o.client_id.clone()),
                 (
-                    format!("{prefix}.client_secret"),
-                    match o.secret_source {
-                        SecretSource::None => "(none: public client, PKCE only)".to_owned(),
-                        ref source => format!("<redacted> (from {source})"),
-                    },
+                    format!("{prefix}.state_file"),
+                    consent.state_file.display().to_string(),
                 ),
                 (
-                    format!("{prefix}.grant"),
-                    o.grant.kind().as_str().to_owned(),
-                ),
-                (format!("{prefix}.scopes"), o.scopes.join(" ")),
-                (format!("{prefix}.token_url"), o.token_url.clone()),
-                (
-                    format!("{prefix}.client_auth"),
-                    match o.client_auth {
-                        ClientAuth::Body => "body",
-                        ClientAuth::Basic => "basic",
-                    }
-                    .to_owned(),
-                ),
-                (
-                    format!("{prefix}.refresh_fraction"),
-                    format!(
-                        "{} (renew after {} of a 24 h token)",
-                        o.refresh_fraction,
-                        d(renew_after)
-                    ),
-                ),
-                (format!("{prefix}.activation_delay"), d(o.activation_delay)),
-                (
-                    format!("{prefix}.retry"),
-                    format!("{} .. {}", d(o.retry_initial), d(o.retry_max)),
-                ),
-                (
-                    format!("{prefix}.rejected_token_cooldown"),
-                    d(o.rejected_token_cooldown),
+                    format!("{prefix}.refresh_token_lifetime"),
+                    d(consent.refresh_token_lifetime),
                 ),
             ]);
-            match &o.grant {
-                Grant::ClientCredentials => {}
-                Grant::AuthorizationCode {
-                    authorize_url,
-                    redirect_uri,
-                    ..
-                } => rows.extend([
-                    (format!("{prefix}.authorize_url"), authorize_url.clone()),
-                    (format!("{prefix}.redirect_uri"), redirect_uri.to_string()),
-                ]),
-                Grant::DeviceCode {
-                    device_authorization_url,
-                    ..
-                } => rows.push((
-                    format!("{prefix}.device_authorization_url"),
-                    device_authorization_url.clone(),
-                )),
-            }
-            if let Some(consent) = o.grant.consent() {
-                rows.extend([
-                    (
-                        format!("{prefix}.state_file"),
-                        consent.state_file.display().to_string(),
-                    ),
-                    (
-                        format!("{prefix}.refresh_token_lifetime"),
-                        d(consent.refresh_token_lifetime),
-                    ),
-                ]);
-            }
         }
+        rows
+    }
+
+    fn integration_rows(&self) -> Vec<(String, String)> {
         if self.integrations.is_empty() {
-            rows.push((
+            return vec![(
                 "integration".into(),
                 "none: every client gets the default credential's token".into(),
-            ));
+            )];
         }
-        for integration in &self.integrations {
-            rows.push((
-                format!("integration {:?}", integration.name),
-                format!(
-                    "credential {}{}{}",
-                    self.credentials[integration.credential].name,
-                    if integration.api_key_sha256.is_some() {
-                        ", legacy key (hash <redacted>)"
-                    } else {
-                        ""
-                    },
-                    match &integration.local_client {
-                        Some(client) => format!(
-                            ", local OAuth client {:?} (secret hash <redacted>)",
-                            client.client_id
-                        ),
-                        None => String::new(),
-                    },
-                ),
-            ));
-        }
-        rows.push(("insight.idle_warning".into(), d(self.insight.idle_warning)));
-        rows.push(("admin.address".into(), self.admin.address.to_string()));
-        rows.push((
-            "reload.watch_interval".into(),
-            self.watch_interval
-                .map(d)
-                .unwrap_or_else(|| "off (SIGHUP only)".into()),
-        ));
+        self.integrations
+            .iter()
+            .map(|integration| {
+                (
+                    format!("integration {:?}", integration.name),
+                    format!(
+                        "credential {}{}{}",
+                        self.credentials[integration.credential].name,
+                        if integration.api_key_sha256.is_some() {
+                            ", legacy key (hash <redacted>)"
+                        } else {
+                            ""
+                        },
+                        match &integration.local_client {
+                            Some(client) => format!(
+                                ", local OAuth client {:?} (secret hash <redacted>)",
+                                client.client_id
+                            ),
+                            None => String::new(),
+                        },
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn cluster_rows(&self) -> Vec<(String, String)> {
         match &self.cluster {
-            None => rows.push((
+            None => vec![(
                 "cluster".into(),
                 "off: this process keeps its own token and rate budget".into(),
-            )),
-            Some(cluster) => rows.extend([
+            )],
+            Some(cluster) => vec![
                 (
                     "cluster.redis_url".into(),
                     format!(
@@ -243,22 +277,24 @@ impl Config {
                     "cluster.fallback_share".into(),
                     cluster.fallback_share.to_string(),
                 ),
-            ]),
+            ],
         }
-        let runtime = &self.runtime;
-        rows.push((
-            "runtime.flavor".into(),
-            match (runtime.flavor, runtime.worker_threads) {
-                (RuntimeFlavor::Auto, _) => {
-                    "auto (current_thread on one usable CPU, else multi_thread)".into()
-                }
-                (RuntimeFlavor::CurrentThread, _) => "current_thread".into(),
-                (RuntimeFlavor::MultiThread, Some(n)) => format!("multi_thread, {n} workers"),
-                (RuntimeFlavor::MultiThread, None) => "multi_thread, a worker per CPU".into(),
-            },
-        ));
-        rows
     }
+
+    fn runtime_flavor(&self) -> String {
+        match (self.runtime.flavor, self.runtime.worker_threads) {
+            (RuntimeFlavor::Auto, _) => {
+                "auto (current_thread on one usable CPU, else multi_thread)".into()
+            }
+            (RuntimeFlavor::CurrentThread, _) => "current_thread".into(),
+            (RuntimeFlavor::MultiThread, Some(n)) => format!("multi_thread, {n} workers"),
+            (RuntimeFlavor::MultiThread, None) => "multi_thread, a worker per CPU".into(),
+        }
+    }
+}
+
+fn d(v: Duration) -> String {
+    humantime::format_duration(v).to_string()
 }
 
 #[cfg(test)]
