@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::background::Background;
-use crate::config::{Config, Grant, SecretSource};
+use crate::config::{Cluster, Config, Coupa, Grant, Listen, OAuth, SecretSource};
 use crate::proxy::Proxy;
 use crate::tls::ReloadingCert;
 use crate::token::client::ClientParams;
@@ -220,7 +220,29 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
             keys.push(key.to_owned());
         }
     };
-    let (l, m) = (&running.listen, &new.listen);
+    listen_changes(&running.listen, &new.listen, &mut differ);
+    coupa_changes(&running.coupa, &new.coupa, &mut differ);
+    // Same names in the same order (reload refuses otherwise); the token
+    // request (client id and secret, scopes, URL, client auth) is live.
+    for (a, b) in running.credentials.iter().zip(&new.credentials) {
+        let prefix = running.credential_key_prefix(&a.name);
+        credential_changes(&prefix, &a.oauth, &b.oauth, &mut differ);
+    }
+    differ(
+        "insight.idle_warning",
+        running.insight.idle_warning == new.insight.idle_warning,
+    );
+    differ("admin.address", running.admin.address == new.admin.address);
+    differ(
+        "reload.watch_interval",
+        running.watch_interval == new.watch_interval,
+    );
+    cluster_changes(running.cluster.as_ref(), new.cluster.as_ref(), &mut differ);
+    differ("runtime.flavor", running.runtime == new.runtime);
+    keys
+}
+
+fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
     differ("listen.address", l.address == m.address);
     differ(
         "listen.shutdown_grace",
@@ -252,8 +274,9 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
     );
     // The certificate's contents reload live; where it is read from does not.
     differ("listen.tls", l.tls == m.tls);
+}
 
-    let (c, d) = (&running.coupa, &new.coupa);
+fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
     differ("coupa.base_url", c.base_url == d.base_url);
     differ(
         "coupa.ca_file",
@@ -283,77 +306,66 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
         c.max_connections == d.max_connections,
     );
     differ("coupa.rate_limit", c.rate_limit == d.rate_limit);
+}
 
-    // Same names in the same order (reload refuses otherwise); the token
-    // request (client id and secret, scopes, URL, client auth) is live.
-    for (a, b) in running.credentials.iter().zip(&new.credentials) {
-        let prefix = running.credential_key_prefix(&a.name);
-        let (o, p) = (&a.oauth, &b.oauth);
-        let key = |name: &str| format!("{prefix}.{name}");
-        differ(&key("grant"), o.grant.kind() == p.grant.kind());
-        differ(
-            &key("refresh_fraction"),
-            o.refresh_fraction == p.refresh_fraction,
-        );
-        differ(
-            &key("activation_delay"),
-            o.activation_delay == p.activation_delay,
-        );
-        differ(
-            &key("retry"),
-            (o.retry_initial, o.retry_max) == (p.retry_initial, p.retry_max),
-        );
-        differ(
-            &key("rejected_token_cooldown"),
-            o.rejected_token_cooldown == p.rejected_token_cooldown,
-        );
-        match (&o.grant, &p.grant) {
-            (
-                Grant::AuthorizationCode {
-                    authorize_url: u,
-                    redirect_uri: r,
-                    ..
-                },
-                Grant::AuthorizationCode {
-                    authorize_url: v,
-                    redirect_uri: q,
-                    ..
-                },
-            ) => {
-                differ(&key("authorize_url"), u == v);
-                differ(&key("redirect_uri"), r == q);
-            }
-            (
-                Grant::DeviceCode {
-                    device_authorization_url: u,
-                    ..
-                },
-                Grant::DeviceCode {
-                    device_authorization_url: v,
-                    ..
-                },
-            ) => differ(&key("device_authorization_url"), u == v),
-            _ => {}
+fn credential_changes(prefix: &str, o: &OAuth, p: &OAuth, differ: &mut impl FnMut(&str, bool)) {
+    let key = |name: &str| format!("{prefix}.{name}");
+    differ(&key("grant"), o.grant.kind() == p.grant.kind());
+    differ(
+        &key("refresh_fraction"),
+        o.refresh_fraction == p.refresh_fraction,
+    );
+    differ(
+        &key("activation_delay"),
+        o.activation_delay == p.activation_delay,
+    );
+    differ(
+        &key("retry"),
+        (o.retry_initial, o.retry_max) == (p.retry_initial, p.retry_max),
+    );
+    differ(
+        &key("rejected_token_cooldown"),
+        o.rejected_token_cooldown == p.rejected_token_cooldown,
+    );
+    match (&o.grant, &p.grant) {
+        (
+            Grant::AuthorizationCode {
+                authorize_url: u,
+                redirect_uri: r,
+                ..
+            },
+            Grant::AuthorizationCode {
+                authorize_url: v,
+                redirect_uri: q,
+                ..
+            },
+        ) => {
+            differ(&key("authorize_url"), u == v);
+            differ(&key("redirect_uri"), r == q);
         }
-        if let (Some(x), Some(y)) = (o.grant.consent(), p.grant.consent()) {
-            differ(&key("state_file"), x.state_file == y.state_file);
-            differ(
-                &key("refresh_token_lifetime"),
-                x.refresh_token_lifetime == y.refresh_token_lifetime,
-            );
-        }
+        (
+            Grant::DeviceCode {
+                device_authorization_url: u,
+                ..
+            },
+            Grant::DeviceCode {
+                device_authorization_url: v,
+                ..
+            },
+        ) => differ(&key("device_authorization_url"), u == v),
+        _ => {}
     }
+    if let (Some(x), Some(y)) = (o.grant.consent(), p.grant.consent()) {
+        differ(&key("state_file"), x.state_file == y.state_file);
+        differ(
+            &key("refresh_token_lifetime"),
+            x.refresh_token_lifetime == y.refresh_token_lifetime,
+        );
+    }
+}
 
-    differ(
-        "insight.idle_warning",
-        running.insight.idle_warning == new.insight.idle_warning,
-    );
-    differ("admin.address", running.admin.address == new.admin.address);
-    differ(
-        "reload.watch_interval",
-        running.watch_interval == new.watch_interval,
-    );
-    match (&running.cluster, &new.cluster) {
+fn cluster_changes(a: Option<&Cluster>, b: Option<&Cluster>, differ: &mut impl FnMut(&str, bool)) {
+    match (a, b) {
         (Some(a), Some(b)) => {
             differ(
                 "cluster.redis_url",
@@ -372,8 +384,6 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
         }
         (a, b) => differ("cluster", a.is_none() == b.is_none()),
     }
-    differ("runtime.flavor", running.runtime == new.runtime);
-    keys
 }
 
 #[cfg(test)]
