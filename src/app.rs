@@ -114,43 +114,16 @@ pub async fn run_with_reload(
         shutdown.clone(),
         cluster.clone(),
     ));
-    let admin = listeners.admin;
-    // The admin listener answers (`/readyz` says "draining") until the
-    // proxy has drained, so it stops with the background work.
-    background.spawn(|stop| async move {
-        server::serve(
-            admin,
-            None,
-            move |_peer, _guard| {
-                let state = admin_state.clone();
-                service_fn(move |request| crate::admin::handle(request, state.clone()))
-            },
-            server::Limits::default(),
-            stop,
-            std::time::Duration::from_secs(1),
-        )
-        .await;
-    });
+    serve_admin(listeners.admin, admin_state, &background);
 
-    let upstream = proxy::upstream::build(
-        &config.coupa,
-        tls_config,
-        metrics.upstream.clone(),
-        &background,
-    );
-    let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
-    let rate_limiter = config.coupa.rate_limit.map(|limit| match &cluster {
-        Some(cluster) => Limiter::Shared(SharedBudget::new(cluster.clone(), limit, &background)),
-        None => Limiter::Local(RateLimiter::new(limit)),
-    });
-    let proxy = Proxy::new(
+    let proxy = build_proxy(
         &config,
-        &token_stores,
-        upstream,
-        metrics.clone(),
+        tls_config,
+        &stores,
+        &metrics,
         insight,
-        rate_limiter,
-        LocalTokens::new(cluster),
+        cluster,
+        &background,
     );
     if let Some(path) = config_path {
         let reloader = Reloader {
@@ -186,6 +159,58 @@ pub async fn run_with_reload(
     }
     background.stop().await;
     Ok(drain)
+}
+
+/// The admin listener answers (`/readyz` says "draining") until the proxy
+/// has drained, so it stops with the background work.
+fn serve_admin(listener: TcpListener, state: Arc<AdminState>, background: &Background) {
+    background.spawn(|stop| async move {
+        server::serve(
+            listener,
+            None,
+            move |_peer, _guard| {
+                let state = state.clone();
+                service_fn(move |request| crate::admin::handle(request, state.clone()))
+            },
+            server::Limits::default(),
+            stop,
+            std::time::Duration::from_secs(1),
+        )
+        .await;
+    });
+}
+
+/// The request path: the upstream pool, the rate budget (shared with
+/// `[cluster]`), the local tokens, over the credentials' token stores.
+fn build_proxy(
+    config: &Config,
+    tls_config: rustls::ClientConfig,
+    stores: &[(String, Arc<TokenStore>)],
+    metrics: &Arc<Metrics>,
+    insight: Arc<Insight>,
+    cluster: Option<Arc<Cluster>>,
+    background: &Background,
+) -> Proxy {
+    let upstream = proxy::upstream::build(
+        &config.coupa,
+        tls_config,
+        metrics.upstream.clone(),
+        background,
+    );
+    let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
+    let rate_limiter = config.coupa.rate_limit.map(|limit| match &cluster {
+        Some(cluster) => Limiter::Shared(SharedBudget::new(cluster.clone(), limit, background)),
+        None => Limiter::Local(RateLimiter::new(limit)),
+    });
+    Proxy::new(
+        config,
+        &token_stores,
+        upstream,
+        metrics.clone(),
+        insight,
+        rate_limiter,
+        LocalTokens::new(cluster),
+    )
 }
 
 /// The inbound certificate (re-read on reload) and the acceptor serving
