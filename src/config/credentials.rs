@@ -121,54 +121,9 @@ fn validate_oauth(
     if client_id.trim().is_empty() {
         return Err(invalid(format!("{prefix}.client_id"), "must not be empty"));
     }
-    let (client_secret, secret_source) = match (client_secret, client_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                format!("{prefix}.client_secret"),
-                "set either client_secret or client_secret_file, not both",
-            ))
-        }
-        (None, None) if grant != GrantKind::ClientCredentials => (None, SecretSource::None),
-        (None, None) => return Err(invalid(
-            format!("{prefix}.client_secret"),
-            "missing: set client_secret (e.g. \"${COUPA_CLIENT_SECRET}\") or client_secret_file",
-        )),
-        (Some(secret), None) => (Some(Secret::new(secret)), SecretSource::Inline),
-        (None, Some(path)) => {
-            let path = base_dir.join(path);
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                invalid(
-                    format!("{prefix}.client_secret_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            // Secret files are usually written with a trailing newline.
-            let secret = Secret::new(text.trim_end_matches(['\r', '\n']));
-            (Some(secret), SecretSource::File(path))
-        }
-    };
-    if client_secret
-        .as_ref()
-        .is_some_and(|s| s.expose().trim().is_empty())
-    {
-        return Err(invalid(format!("{prefix}.client_secret"), "is empty"));
-    }
-
-    if scopes.is_empty() {
-        return Err(invalid(
-            format!("{prefix}.scopes"),
-            "list at least one scope, e.g. [\"core.common.read\"]",
-        ));
-    }
-    for scope in &scopes {
-        if scope.is_empty() || scope.contains([' ', ',', '\t']) {
-            return Err(invalid(
-                    format!("{prefix}.scopes"),
-                    format!("{scope:?} is not one scope: give each scope as its own list item (service.object.right)"),
-                ));
-        }
-    }
-
+    let (client_secret, secret_source) =
+        client_secret_of(prefix, client_secret, client_secret_file, grant, base_dir)?;
+    check_scopes(prefix, &scopes)?;
     if !(refresh_fraction > 0.0 && refresh_fraction < 1.0) {
         return Err(invalid(
             format!("{prefix}.refresh_fraction"),
@@ -218,6 +173,68 @@ fn validate_oauth(
     })
 }
 
+/// The client secret, inline or from its file; none for a public client
+/// of a user grant.
+fn client_secret_of(
+    prefix: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    grant: GrantKind,
+    base_dir: &Path,
+) -> Result<(Option<Secret>, SecretSource), ConfigError> {
+    let (client_secret, secret_source) = match (inline, file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!("{prefix}.client_secret"),
+                "set either client_secret or client_secret_file, not both",
+            ))
+        }
+        (None, None) if grant != GrantKind::ClientCredentials => (None, SecretSource::None),
+        (None, None) => return Err(invalid(
+            format!("{prefix}.client_secret"),
+            "missing: set client_secret (e.g. \"${COUPA_CLIENT_SECRET}\") or client_secret_file",
+        )),
+        (Some(secret), None) => (Some(Secret::new(secret)), SecretSource::Inline),
+        (None, Some(path)) => {
+            let path = base_dir.join(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    format!("{prefix}.client_secret_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            // Secret files are usually written with a trailing newline.
+            let secret = Secret::new(text.trim_end_matches(['\r', '\n']));
+            (Some(secret), SecretSource::File(path))
+        }
+    };
+    if client_secret
+        .as_ref()
+        .is_some_and(|s| s.expose().trim().is_empty())
+    {
+        return Err(invalid(format!("{prefix}.client_secret"), "is empty"));
+    }
+    Ok((client_secret, secret_source))
+}
+
+fn check_scopes(prefix: &str, scopes: &[String]) -> Result<(), ConfigError> {
+    if scopes.is_empty() {
+        return Err(invalid(
+            format!("{prefix}.scopes"),
+            "list at least one scope, e.g. [\"core.common.read\"]",
+        ));
+    }
+    for scope in scopes {
+        if scope.is_empty() || scope.contains([' ', ',', '\t']) {
+            return Err(invalid(
+                    format!("{prefix}.scopes"),
+                    format!("{scope:?} is not one scope: give each scope as its own list item (service.object.right)"),
+                ));
+        }
+    }
+    Ok(())
+}
+
 /// The grant-specific keys of an `[oauth]` table.
 struct GrantFile {
     kind: GrantKind,
@@ -236,35 +253,7 @@ fn validate_grant(
     base_url: &str,
 ) -> Result<Grant, ConfigError> {
     let key = |name: &str| format!("{prefix}.{name}");
-    let only_for = |name: &str, grants: &str| {
-        invalid(
-            key(name),
-            format!(
-                "only applies to grant = {grants} (this credential's grant is {})",
-                file.kind.as_str()
-            ),
-        )
-    };
-    let user_grants = "\"authorization_code\" or \"device_code\"";
-    if file.kind == GrantKind::ClientCredentials {
-        if file.state_file.is_some() {
-            return Err(only_for("state_file", user_grants));
-        }
-        if file.refresh_token_lifetime.is_some() {
-            return Err(only_for("refresh_token_lifetime", user_grants));
-        }
-    }
-    if file.kind != GrantKind::AuthorizationCode {
-        if file.redirect_uri.is_some() {
-            return Err(only_for("redirect_uri", "\"authorization_code\""));
-        }
-        if file.authorize_url.is_some() {
-            return Err(only_for("authorize_url", "\"authorization_code\""));
-        }
-    }
-    if file.kind != GrantKind::DeviceCode && file.device_authorization_url.is_some() {
-        return Err(only_for("device_authorization_url", "\"device_code\""));
-    }
+    refuse_other_grants_keys(prefix, &file)?;
     if file.kind == GrantKind::ClientCredentials {
         return Ok(Grant::ClientCredentials);
     }
@@ -298,21 +287,7 @@ fn validate_grant(
     };
     Ok(match file.kind {
         GrantKind::AuthorizationCode => {
-            let text = file
-                .redirect_uri
-                .unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_owned());
-            let redirect_uri = url::Url::parse(&text)
-                .map_err(|e| invalid(key("redirect_uri"), format!("{text:?} is not a URL: {e}")))?;
-            let loopback = redirect_uri.host().is_some_and(|h| is_loopback(&h));
-            if redirect_uri.scheme() != "http" || !loopback || redirect_uri.port().is_none() {
-                return Err(invalid(
-                    key("redirect_uri"),
-                    format!(
-                        "{text:?} must be http://127.0.0.1:PORT/PATH (or localhost): `authorize` \
-                         listens there for Coupa's redirect; register the same URI on the client in Coupa"
-                    ),
-                ));
-            }
+            let redirect_uri = loopback_redirect_uri(&key("redirect_uri"), file.redirect_uri)?;
             Grant::AuthorizationCode {
                 authorize_url: endpoint(
                     "authorize_url",
@@ -333,6 +308,60 @@ fn validate_grant(
         },
         GrantKind::ClientCredentials => Grant::ClientCredentials,
     })
+}
+
+/// A key of another grant is a mistake worth naming, not a value to
+/// ignore.
+fn refuse_other_grants_keys(prefix: &str, file: &GrantFile) -> Result<(), ConfigError> {
+    let only_for = |name: &str, grants: &str| {
+        invalid(
+            format!("{prefix}.{name}"),
+            format!(
+                "only applies to grant = {grants} (this credential's grant is {})",
+                file.kind.as_str()
+            ),
+        )
+    };
+    let user_grants = "\"authorization_code\" or \"device_code\"";
+    if file.kind == GrantKind::ClientCredentials {
+        if file.state_file.is_some() {
+            return Err(only_for("state_file", user_grants));
+        }
+        if file.refresh_token_lifetime.is_some() {
+            return Err(only_for("refresh_token_lifetime", user_grants));
+        }
+    }
+    if file.kind != GrantKind::AuthorizationCode {
+        if file.redirect_uri.is_some() {
+            return Err(only_for("redirect_uri", "\"authorization_code\""));
+        }
+        if file.authorize_url.is_some() {
+            return Err(only_for("authorize_url", "\"authorization_code\""));
+        }
+    }
+    if file.kind != GrantKind::DeviceCode && file.device_authorization_url.is_some() {
+        return Err(only_for("device_authorization_url", "\"device_code\""));
+    }
+    Ok(())
+}
+
+/// `authorize` listens on the redirect URI, so it must be a loopback
+/// `http://` address with a port.
+fn loopback_redirect_uri(key: &str, given: Option<String>) -> Result<url::Url, ConfigError> {
+    let text = given.unwrap_or_else(|| DEFAULT_REDIRECT_URI.to_owned());
+    let redirect_uri =
+        url::Url::parse(&text).map_err(|e| invalid(key, format!("{text:?} is not a URL: {e}")))?;
+    let loopback = redirect_uri.host().is_some_and(|h| is_loopback(&h));
+    if redirect_uri.scheme() != "http" || !loopback || redirect_uri.port().is_none() {
+        return Err(invalid(
+            key,
+            format!(
+                "{text:?} must be http://127.0.0.1:PORT/PATH (or localhost): `authorize` \
+                 listens there for Coupa's redirect; register the same URI on the client in Coupa"
+            ),
+        ));
+    }
+    Ok(redirect_uri)
 }
 
 #[cfg(test)]
