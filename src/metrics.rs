@@ -130,46 +130,7 @@ impl Metrics {
             "Request header fields not forwarded, by reason (underscore: a name with '_', which a next hop may read as '-')",
             dropped.clone(),
         );
-        let cluster = crate::cluster::ClusterMetrics {
-            round_trip: Some(Histogram::new(exponential_buckets(0.0001, 2.0, 14))),
-            ..Default::default()
-        };
-        // Only a process with `[cluster]` shows cluster metrics: a 0 in
-        // `cluster_up` must mean "Redis is away", never "not configured".
-        if clustered {
-            registry.register(
-                "cluster_up",
-                "1 while the cluster state (Redis) answers, 0 while this process works alone (only with [cluster])",
-                cluster.up.clone(),
-            );
-            if let Some(round_trip) = &cluster.round_trip {
-                registry.register(
-                    "cluster_redis_duration_seconds",
-                    "Round-trip time of calls to Redis",
-                    round_trip.clone(),
-                );
-            }
-            registry.register(
-                "cluster_redis_errors",
-                "Calls to Redis that failed or timed out",
-                cluster.errors.clone(),
-            );
-            registry.register(
-                "cluster_budget_waits",
-                "Requests that waited for their slot in the instance-wide rate budget",
-                cluster.budget_waits.clone(),
-            );
-            registry.register(
-                "cluster_budget_pauses",
-                "Coupa answered 429 and every process was told to hold off",
-                cluster.pauses.clone(),
-            );
-            registry.register(
-                "cluster_fetching",
-                "1 while this process holds the credential's token fetch lock",
-                cluster.fetching.clone(),
-            );
-        }
+        let cluster = register_cluster(&mut registry, clustered);
         let retried_never_processed = retries
             .get_or_create(&[("reason", "never_processed")])
             .clone();
@@ -182,25 +143,7 @@ impl Metrics {
             "Requests that waited for an HTTP/1.1 connection because coupa.max_connections were open",
             upstream.queued.clone(),
         );
-        let local_tokens = Family::<[(&'static str, &'static str); 1], Counter>::default();
-        registry.register(
-            "local_token_requests",
-            "Requests to the proxy's own /oauth2/token, by outcome (issued, or the RFC 6749 error code)",
-            local_tokens.clone(),
-        );
-        let local_token_requests = [
-            "issued",
-            "invalid_request",
-            "invalid_client",
-            "unsupported_grant_type",
-            "invalid_scope",
-        ]
-        .into_iter()
-        .map(|outcome| {
-            let counter = local_tokens.get_or_create(&[("outcome", outcome)]).clone();
-            (outcome, counter)
-        })
-        .collect();
+        let local_token_requests = register_local_tokens(&mut registry);
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
             registry,
@@ -325,4 +268,71 @@ impl Collector for TokenCollector {
         }
         Ok(())
     }
+}
+
+/// Only a process with `[cluster]` shows cluster metrics: a 0 in
+/// `cluster_up` must mean "Redis is away", never "not configured".
+fn register_cluster(registry: &mut Registry, clustered: bool) -> crate::cluster::ClusterMetrics {
+    let cluster = crate::cluster::ClusterMetrics {
+        round_trip: Some(Histogram::new(exponential_buckets(0.0001, 2.0, 14))),
+        ..Default::default()
+    };
+    if clustered {
+        registry.register(
+            "cluster_up",
+            "1 while the cluster state (Redis) answers, 0 while this process works alone (only with [cluster])",
+            cluster.up.clone(),
+        );
+        if let Some(round_trip) = &cluster.round_trip {
+            registry.register(
+                "cluster_redis_duration_seconds",
+                "Round-trip time of calls to Redis",
+                round_trip.clone(),
+            );
+        }
+        registry.register(
+            "cluster_redis_errors",
+            "Calls to Redis that failed or timed out",
+            cluster.errors.clone(),
+        );
+        registry.register(
+            "cluster_budget_waits",
+            "Requests that waited for their slot in the instance-wide rate budget",
+            cluster.budget_waits.clone(),
+        );
+        registry.register(
+            "cluster_budget_pauses",
+            "Coupa answered 429 and every process was told to hold off",
+            cluster.pauses.clone(),
+        );
+        registry.register(
+            "cluster_fetching",
+            "1 while this process holds the credential's token fetch lock",
+            cluster.fetching.clone(),
+        );
+    }
+    cluster
+}
+
+/// The local token endpoint's outcomes, each counter resolved once.
+fn register_local_tokens(registry: &mut Registry) -> Vec<(&'static str, Counter)> {
+    let local_tokens = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    registry.register(
+        "local_token_requests",
+        "Requests to the proxy's own /oauth2/token, by outcome (issued, or the RFC 6749 error code)",
+        local_tokens.clone(),
+    );
+    [
+        "issued",
+        "invalid_request",
+        "invalid_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+    ]
+    .into_iter()
+    .map(|outcome| {
+        let counter = local_tokens.get_or_create(&[("outcome", outcome)]).clone();
+        (outcome, counter)
+    })
+    .collect()
 }

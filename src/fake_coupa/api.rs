@@ -32,19 +32,7 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
             }
         }
     }
-    let verdict = token
-        .as_deref()
-        .map(|t| state.check_token(t))
-        .unwrap_or(TokenCheck::Unknown);
-    let reason = match verdict {
-        TokenCheck::Live => None,
-        TokenCheck::Expired => {
-            state.expired_token_uses.fetch_add(1, Ordering::SeqCst);
-            Some("token expired")
-        }
-        TokenCheck::Revoked => Some("token revoked"),
-        TokenCheck::Unknown => Some("missing or unknown token"),
-    };
+    let reason = rejection(state, token.as_deref());
     if let Some(reason) = reason {
         // Like a real server, read the request before answering it.
         let _ = http_body_util::Limited::new(request.into_body(), 4 * 1024 * 1024)
@@ -90,6 +78,14 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
             return suppliers_page(param("offset").unwrap_or(0), param("limit").unwrap_or(50));
         }
     }
+    route(request, param).await
+}
+
+/// The test endpoints (`/api/_…`) by path; any other path echoes.
+async fn route(
+    request: Request<Incoming>,
+    param: impl Fn(&str) -> Option<u64>,
+) -> Response<FakeBody> {
     match request.uri().path() {
         "/api/_download" => {
             let size = param("bytes").unwrap_or(0);
@@ -132,6 +128,22 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
             echo(request).await
         }
         _ => echo(request).await,
+    }
+}
+
+/// Why a bearer token is refused, if it is.
+fn rejection(state: &FakeState, token: Option<&str>) -> Option<&'static str> {
+    let verdict = token
+        .map(|t| state.check_token(t))
+        .unwrap_or(TokenCheck::Unknown);
+    match verdict {
+        TokenCheck::Live => None,
+        TokenCheck::Expired => {
+            state.expired_token_uses.fetch_add(1, Ordering::SeqCst);
+            Some("token expired")
+        }
+        TokenCheck::Revoked => Some("token revoked"),
+        TokenCheck::Unknown => Some("missing or unknown token"),
     }
 }
 
