@@ -1,5 +1,8 @@
 //! The validated runtime model: what the proxy runs on, every value known
 //! good. Built only by [`super::validate`].
+//!
+//! Size: the types only, one per table with its field docs (the reference
+//! a reader wants in one place); no logic beyond small accessors.
 
 use std::fmt;
 use std::net::SocketAddr;
