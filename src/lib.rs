@@ -14,7 +14,8 @@
 //!   in Redis/Valkey (connection, keys, locks, sealed values) — a leaf the
 //!   shared budget and token fetch call; untouched without `[cluster]`.
 //! - [`basic_auth`]: HTTP Basic client authentication as RFC 6749 encodes it.
-//! - [`proxy`]: the per-request path — header rewrite, forwarding, error mapping.
+//! - [`proxy`]: the per-request path as named phases — filter, rewrite,
+//!   send, 401 replay, response, log — and the upstream pool.
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener;
 //!   idle HTTP/1.1 connections give their buffers back when many are open.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page.
@@ -24,7 +25,9 @@
 //!   their own token, and the local tokens it issues.
 //! - [`reload`]: SIGHUP and file-change reload of secrets and integrations.
 //! - [`app`]: wires the above together for `run`.
-//! - [`tls`]: the outbound rustls configuration.
+//! - [`background`]: one lifecycle for work beside the request path
+//!   (spawned with the shutdown token, tracked, awaited after the drain).
+//! - [`tls`]: the rustls configurations, outbound and inbound.
 //! - [`telemetry`]: log format and filtering.
 //! - [`fake_coupa`]: a fake Coupa instance for tests, benches and the demo.
 //! - [`demo`]: the `demo` subcommand.
