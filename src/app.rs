@@ -293,27 +293,33 @@ async fn serve_proxy(
     metrics: &Metrics,
     shutdown: CancellationToken,
 ) -> Drain {
+    let keep_alive = server::keep_alive_value(config.listen.keepalive_timeout);
     server::serve(
         listener,
         acceptor,
         move |peer, guard| {
             let proxy = proxy.clone();
             let client = Arc::new(ClientInfo::new(peer.ip()));
+            let keep_alive = keep_alive.clone();
             service_fn(move |request| {
                 let proxy = proxy.clone();
                 let client = client.clone();
                 let guard = guard.clone();
+                let keep_alive = keep_alive.clone();
                 async move {
-                    let response = match guard.refusal() {
+                    let version = request.version();
+                    let mut response = match guard.refusal() {
                         Some(refusal) => refusal.map(Either::Right),
                         None => proxy.handle(request, &client).await,
                     };
+                    server::advertise_keep_alive(version, &mut response, &keep_alive);
                     Ok::<_, Infallible>(server::answered(response, &guard))
                 }
             })
         },
         server::Limits {
             header_read_timeout: config.listen.header_read_timeout,
+            keepalive_timeout: config.listen.keepalive_timeout,
             max_header_bytes: config.listen.max_header_bytes,
             max_connections: config.listen.max_connections,
             release_idle_buffers_above: config.listen.release_idle_buffers_above,

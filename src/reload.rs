@@ -253,6 +253,10 @@ fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
         l.header_read_timeout == m.header_read_timeout,
     );
     differ(
+        "listen.keepalive_timeout",
+        l.keepalive_timeout == m.keepalive_timeout,
+    );
+    differ(
         "listen.max_header_bytes",
         l.max_header_bytes == m.max_header_bytes,
     );

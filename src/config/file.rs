@@ -128,6 +128,8 @@ pub(super) struct ListenFile {
     pub(super) shutdown_grace: Duration,
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub(super) header_read_timeout: Duration,
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub(super) keepalive_timeout: Duration,
     #[serde(default = "default_max_header_bytes")]
     pub(super) max_header_bytes: usize,
     #[serde(default = "default_max_connections")]
@@ -155,6 +157,7 @@ impl Default for ListenFile {
             address: default_listen_address(),
             shutdown_grace: default_shutdown_grace(),
             header_read_timeout: default_header_read_timeout(),
+            keepalive_timeout: default_keepalive_timeout(),
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
             release_idle_buffers_above: default_release_idle_buffers_above(),
@@ -258,6 +261,11 @@ fn default_shutdown_grace() -> Duration {
 }
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_keepalive_timeout() -> Duration {
+    // Longer than the longest common client pool (.NET Framework keeps an
+    // idle connection 100 s), so the client gives up its connection first.
+    Duration::from_secs(120)
 }
 
 fn default_release_idle_buffers_above() -> usize {

@@ -117,8 +117,12 @@ pub struct Listen {
     pub address: SocketAddr,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// A client must send a whole request head within this (slowloris).
+    /// A client must send a whole request head within this from its first
+    /// byte (slowloris), and its first byte within this of connecting.
     pub header_read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this; advertised in
+    /// every HTTP/1.1 answer as `Keep-Alive: timeout=N`.
+    pub keepalive_timeout: Duration,
     /// Largest request head accepted; beyond it the client gets 431.
     pub max_header_bytes: usize,
     /// Open client connections beyond this get a 503 and are closed.

@@ -69,6 +69,7 @@ impl Config {
                 "listen.release_idle_buffers_above".into(),
                 l.release_idle_buffers_above.to_string(),
             ),
+            ("listen.keepalive_timeout".into(), d(l.keepalive_timeout)),
             ("listen.body_read_timeout".into(), d(l.body_read_timeout)),
             (
                 "listen.allow_unauthenticated".into(),

@@ -19,6 +19,8 @@ pub enum ProxyError {
     },
     #[error("the request target has no path")]
     BadTarget,
+    #[error("an HTTP/1.1 request must carry a Host header (RFC 9112 §3.2)")]
+    MissingHost,
     #[error(
         "missing or unknown X-COUPA-API-KEY (or local OAuth token): this proxy only serves its configured integrations"
     )]
@@ -49,9 +51,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::BadTarget | ProxyError::ForeignTarget(_) | ProxyError::BadBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadTarget
+            | ProxyError::MissingHost
+            | ProxyError::ForeignTarget(_)
+            | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UnknownApiKey | ProxyError::InvalidLocalToken => StatusCode::UNAUTHORIZED,
@@ -67,6 +70,7 @@ impl ProxyError {
         match self {
             ProxyError::NoToken { .. } => "no_token",
             ProxyError::BadTarget => "bad_request",
+            ProxyError::MissingHost => "missing_host",
             ProxyError::ConnectMethod => "method_not_allowed",
             ProxyError::UnknownApiKey => "unknown_api_key",
             ProxyError::InvalidLocalToken => "invalid_token",

@@ -109,9 +109,15 @@ impl Proxy {
     /// The proxy is never an open proxy: no CONNECT tunnels, and an
     /// HTTP/1 absolute-form target must name the instance itself. (HTTP/2
     /// always carries an authority: the proxy's own address, like `Host`.)
+    /// An HTTP/1.1 request without `Host` is malformed (RFC 9112 §3.2).
     fn check_target<B>(&self, request: &Request<B>) -> Result<(), ProxyError> {
         if request.method() == Method::CONNECT {
             return Err(ProxyError::ConnectMethod);
+        }
+        if request.version() == Version::HTTP_11
+            && !request.headers().contains_key(http::header::HOST)
+        {
+            return Err(ProxyError::MissingHost);
         }
         if request.version() <= Version::HTTP_11 {
             if let Some(authority) = request.uri().authority() {

@@ -80,6 +80,7 @@ where
         return match sniff(io.get_ref(), *first_byte_timeout).await? {
             Sniffed::Closed => Ok(()),
             Sniffed::Http1 => {
+                let io = io.with_head_timeout(*first_byte_timeout);
                 park::serve_http1(io, verdicts, service, &builders.http1, policy, shutdown).await
             }
             Sniffed::Http2 => {
@@ -126,7 +127,8 @@ where
         .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
     if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
         let io = FramingGuard::new(stream, max_head, verdicts)
-            .with_first_byte_timeout(first_byte_timeout);
+            .with_first_byte_timeout(first_byte_timeout)
+            .with_head_timeout(first_byte_timeout);
         let conn = builders.h1_only.serve_connection(TokioIo::new(io), service);
         return watcher.watch(conn.into_owned()).await;
     }

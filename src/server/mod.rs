@@ -75,9 +75,11 @@ impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Se
 /// connection may hold while idle.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// A request head must arrive within this (slowloris); also how long an
-    /// idle keep-alive connection stays open.
+    /// A request head must arrive within this from its first byte
+    /// (slowloris), and a new connection's first byte within this.
     pub header_read_timeout: Duration,
+    /// How long an idle keep-alive connection stays open.
+    pub keepalive_timeout: Duration,
     /// Largest request head; HTTP/1 answers 431 beyond it.
     pub max_header_bytes: usize,
     /// Open connections beyond this get a 503 and are closed.
@@ -102,11 +104,38 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(120),
             max_header_bytes: 64 * 1024,
             max_connections: 1024,
             release_idle_buffers_above: 128,
             gauges: ConnectionGauges::default(),
         }
+    }
+}
+
+/// `Keep-Alive: timeout=N` for HTTP/1.1 answers: clients that read it
+/// (Apache HttpClient, Python's urllib3 does not) drop a pooled connection
+/// before the server closes it, instead of sending a request into a
+/// closing socket.
+pub fn keep_alive_value(timeout: Duration) -> http::HeaderValue {
+    let text = format!("timeout={}", timeout.as_secs().max(1));
+    http::HeaderValue::try_from(text)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("timeout=1"))
+}
+
+/// Adds `Keep-Alive` to an HTTP/1.1 answer that leaves its connection
+/// open (one that says `Connection: close` does not).
+pub fn advertise_keep_alive<B>(
+    version: http::Version,
+    response: &mut Response<B>,
+    value: &http::HeaderValue,
+) {
+    if version == http::Version::HTTP_11
+        && !response.headers().contains_key(http::header::CONNECTION)
+    {
+        response
+            .headers_mut()
+            .insert(http::HeaderName::from_static("keep-alive"), value.clone());
     }
 }
 
@@ -136,17 +165,20 @@ struct Builders {
 
 impl Builders {
     fn new(limits: &Limits) -> Self {
+        // hyper's header-read timer runs from the end of one answer to the
+        // end of the next head, idle time included: it is the keep-alive
+        // bound here. The head's own bound, from its first byte, is the
+        // framing guard's. (Without a timer hyper ignores the setting.)
         let mut http1 = http1::Builder::new();
-        // Without a timer hyper silently ignores header_read_timeout.
         http1
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(limits.keepalive_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(limits.keepalive_timeout)
             .max_buf_size(limits.max_header_bytes.max(8192));
         builder
             .http2()
@@ -195,7 +227,7 @@ where
         first_byte_timeout: limits.header_read_timeout,
         policy: ParkPolicy {
             above: i64::try_from(limits.release_idle_buffers_above).unwrap_or(i64::MAX),
-            keep_alive: limits.header_read_timeout,
+            keep_alive: limits.keepalive_timeout,
             gauges: limits.gauges.clone(),
         },
         shutdown: shutdown.clone(),

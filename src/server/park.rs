@@ -47,7 +47,7 @@ pub(super) struct ParkPolicy {
     /// Park only while more client connections than this are open.
     pub above: i64,
     /// A parked connection that stays silent this long is closed, as hyper
-    /// closes an idle keep-alive connection after its header-read timeout.
+    /// closes an idle keep-alive connection (`listen.keepalive_timeout`).
     pub keep_alive: Duration,
     /// The listener's open and parked connections.
     pub gauges: ConnectionGauges,

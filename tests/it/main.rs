@@ -30,6 +30,7 @@ mod resilience;
 mod rotation;
 mod secrets;
 mod shutdown;
+mod slow_clients;
 mod streaming;
 mod tls;
 mod token_cli;

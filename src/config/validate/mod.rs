@@ -111,6 +111,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         address,
         shutdown_grace,
         header_read_timeout,
+        keepalive_timeout,
         max_header_bytes,
         max_connections,
         release_idle_buffers_above,
@@ -136,6 +137,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
     }
     positive(&[
         ("listen.header_read_timeout", header_read_timeout),
+        ("listen.keepalive_timeout", keepalive_timeout),
         ("listen.body_read_timeout", body_read_timeout),
     ])?;
     // hyper cannot read a request head into less than 8 KiB.
@@ -152,6 +154,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         address,
         shutdown_grace,
         header_read_timeout,
+        keepalive_timeout,
         max_header_bytes,
         max_connections,
         release_idle_buffers_above,

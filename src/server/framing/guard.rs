@@ -27,6 +27,13 @@ pin_project_lite::pin_project! {
         // starts once it knows the protocol, so a client that connects and
         // sends nothing would otherwise hold its connection forever.
         first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+        // HTTP/1: a head must be complete within this of its first byte.
+        // hyper's own header timer also counts the idle time before it, so
+        // it bounds keep-alive instead.
+        head_timeout: Option<std::time::Duration>,
+        // Armed while a head is incomplete.
+        head_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        head_started: bool,
         // A head larger than this is left for hyper to refuse (431).
         max_head: usize,
         verdicts: Arc<ConnectionGuard>,
@@ -43,12 +50,22 @@ impl<IO> FramingGuard<IO> {
         self
     }
 
+    /// Closes an HTTP/1 connection whose request head is not complete
+    /// within `timeout` of its first byte.
+    pub fn with_head_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.head_timeout = Some(timeout);
+        self
+    }
+
     pub fn new(inner: IO, max_head: usize, verdicts: Arc<ConnectionGuard>) -> Self {
         Self {
             inner,
             phase: Phase::Head,
             partial_head: Vec::new(),
             first_byte: None,
+            head_timeout: None,
+            head_deadline: None,
+            head_started: false,
             max_head,
             verdicts,
             replay: Bytes::new(),
@@ -96,6 +113,15 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
                     "client sent nothing within the header-read timeout",
                 )));
             }
+            if *this.head_started {
+                if let Some(deadline) = this.head_deadline.as_mut() {
+                    ready!(deadline.as_mut().poll(cx));
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head not complete within the header-read timeout",
+                    )));
+                }
+            }
             return Poll::Pending;
         }
         let fresh = &buf.filled()[start..];
@@ -125,10 +151,24 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
             this.partial_head.drain(..scanned);
         }
         this.verdicts.heads.store(heads, Ordering::Relaxed);
-        this.verdicts.between_requests.store(
-            *this.phase == Phase::Head && this.partial_head.is_empty(),
-            Ordering::Relaxed,
-        );
+        let in_head = *this.phase == Phase::Head && !this.partial_head.is_empty();
+        this.verdicts
+            .between_requests
+            .store(*this.phase == Phase::Head && !in_head, Ordering::Relaxed);
+        if in_head != *this.head_started {
+            *this.head_started = in_head;
+            if let (true, Some(timeout)) = (in_head, *this.head_timeout) {
+                // Only a head split across reads gets here: a timer per
+                // slow head, none on the common path.
+                let deadline = tokio::time::Instant::now() + timeout;
+                match this.head_deadline.as_mut() {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => {
+                        *this.head_deadline = Some(Box::pin(tokio::time::sleep_until(deadline)))
+                    }
+                }
+            }
+        }
         Poll::Ready(Ok(()))
     }
 }

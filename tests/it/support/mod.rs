@@ -473,6 +473,40 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> (u16, String, Vec<u
     (status, head, body)
 }
 
+/// Reads one response (head and `Content-Length` body) from a kept
+/// connection; `pending` carries bytes read past it. Returns the status,
+/// the body and the head (lower-cased).
+pub async fn read_response(
+    stream: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+) -> (u16, Vec<u8>, String) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                if pending.len() >= end + 4 + length {
+                    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                    let body = pending[end + 4..end + 4 + length].to_vec();
+                    pending.drain(..end + 4 + length);
+                    return (status, body, head);
+                }
+            }
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before a whole response");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("a response within the deadline")
+}
+
 /// The bearer token the fake received, from an echo.
 pub fn echoed_token(echo: &serde_json::Value) -> String {
     let headers = echoed_headers(echo);

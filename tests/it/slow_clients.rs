@@ -1,0 +1,147 @@
+//! No client takes the service away from the others: idle keep-alive
+//! connections live as long as legacy clients expect, slow heads and
+//! bodies are cut off, and malformed requests are refused before anything
+//! reaches Coupa.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+fn post(body: &str) -> String {
+    format!(
+        "POST /api/invoices HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A keep-alive connection idle longer than the header-read timeout still
+/// takes a `POST` (a failed `POST` is not retried by clients), every answer
+/// says how long the connection may idle, and after that it is closed.
+async fn keep_alive_outlives_the_header_timeout(listen_extra: &str) {
+    let (fake, proxy) = start_with_listen(&format!(
+        "header_read_timeout = \"1s\"\nkeepalive_timeout = \"4s\"\n{listen_extra}"
+    ))
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut pending = Vec::new();
+    stream.write_all(post("{}").as_bytes()).await.unwrap();
+    let (status, _, head) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("\r\nkeep-alive: timeout=4"), "{head}");
+
+    // Idle past header_read_timeout (the condition under test is the
+    // passing of time itself).
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stream
+        .write_all(post("{\"a\":1}").as_bytes())
+        .await
+        .unwrap();
+    let (status, echo, head) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(status, 200, "the reused connection answered");
+    assert!(head.contains("\r\nkeep-alive: timeout=4"), "{head}");
+    let echo: serde_json::Value = serde_json::from_slice(&echo).unwrap();
+    assert_eq!(echo["method"], "POST");
+
+    // Then silent: closed once the keep-alive timeout has passed, cleanly.
+    let idle_from = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    assert!(rest.is_empty(), "no stray bytes: {rest:?}");
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(3500),
+        "closed after {:?}, before the advertised 4 s",
+        idle_from.elapsed()
+    );
+    assert_eq!(fake.state().api_requests(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_lives_for_the_keep_alive_timeout() {
+    keep_alive_outlives_the_header_timeout("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_keep_alive_connection_lives_for_the_keep_alive_timeout() {
+    keep_alive_outlives_the_header_timeout("release_idle_buffers_above = 0").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_slowly_is_cut_off_from_its_first_byte_not_its_idle_time() {
+    let (fake, proxy) =
+        start_with_listen("header_read_timeout = \"1s\"\nkeepalive_timeout = \"1h\"").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut pending = Vec::new();
+    stream.write_all(post("{}").as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut stream, &mut pending).await.0, 200);
+    // The next head starts, then trickles a header line every 300 ms and
+    // never ends: bytes keep coming, but the head is cut off 1 s after its
+    // first byte (slowloris).
+    let started = Instant::now();
+    stream
+        .write_all(b"GET /api/invoices HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let closed = async {
+        let mut chunk = [0u8; 256];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let trickle = async {
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if writer
+                .write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, async {
+        tokio::select! {
+            _ = closed => {}
+            _ = trickle => {}
+        }
+    })
+    .await
+    .expect("an unfinished head is cut off after header_read_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(
+        fake.state().api_requests(),
+        1,
+        "the stalled head reached nothing"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_request_without_host_is_refused_and_not_forwarded() {
+    let (fake, proxy) = start_with_listen("").await;
+    let (status, _, body) = raw_request(
+        proxy.addr,
+        "GET /api/invoices HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["error"], "missing_host");
+    // HTTP/1.0 has no Host requirement.
+    let (status, _, _) = raw_request(proxy.addr, "GET /api/invoices HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200);
+    assert_eq!(fake.state().api_requests(), 1, "only the HTTP/1.0 request");
+    proxy.stop().await;
+}
