@@ -293,26 +293,21 @@ async fn serve_proxy(
     metrics: &Metrics,
     shutdown: CancellationToken,
 ) -> Drain {
-    let keep_alive = server::keep_alive_value(config.listen.keepalive_timeout);
     server::serve(
         listener,
         acceptor,
         move |peer, guard| {
             let proxy = proxy.clone();
             let client = Arc::new(ClientInfo::new(peer.ip()));
-            let keep_alive = keep_alive.clone();
             service_fn(move |request| {
                 let proxy = proxy.clone();
                 let client = client.clone();
                 let guard = guard.clone();
-                let keep_alive = keep_alive.clone();
                 async move {
-                    let version = request.version();
-                    let mut response = match guard.refusal() {
+                    let response = match guard.refusal() {
                         Some(refusal) => refusal.map(Either::Right),
                         None => proxy.handle(request, &client).await,
                     };
-                    server::advertise_keep_alive(version, &mut response, &keep_alive);
                     Ok::<_, Infallible>(server::answered(response, &guard))
                 }
             })

@@ -30,6 +30,8 @@ pub struct UpstreamMetrics {
     pub opened_http2: Counter,
     /// Requests that waited for an HTTP/1.1 connection (the cap was reached).
     pub queued: Counter,
+    /// Requests that gave up waiting (`coupa.connection_wait_timeout`).
+    pub wait_timeouts: Counter,
 }
 
 /// Token stores by credential name.
@@ -117,6 +119,7 @@ impl Metrics {
             opened_http1,
             opened_http2,
             queued: Counter::default(),
+            wait_timeouts: Counter::default(),
         };
         let retries = Family::<[(&'static str, &'static str); 1], Counter>::default();
         registry.register(
@@ -142,6 +145,11 @@ impl Metrics {
             "upstream_connection_waits",
             "Requests that waited for an HTTP/1.1 connection because coupa.max_connections were open",
             upstream.queued.clone(),
+        );
+        registry.register(
+            "upstream_connection_wait_timeouts",
+            "Requests answered 503 upstream_busy because no HTTP/1.1 connection came free within coupa.connection_wait_timeout",
+            upstream.wait_timeouts.clone(),
         );
         let local_token_requests = register_local_tokens(&mut registry);
         registry.register_collector(Box::new(TokenCollector { stores }));

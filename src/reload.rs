@@ -309,6 +309,10 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
         "coupa.max_connections",
         c.max_connections == d.max_connections,
     );
+    differ(
+        "coupa.connection_wait_timeout",
+        c.connection_wait_timeout == d.connection_wait_timeout,
+    );
     differ("coupa.rate_limit", c.rate_limit == d.rate_limit);
 }
 

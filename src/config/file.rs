@@ -189,6 +189,8 @@ pub(super) struct CoupaFile {
     pub(super) http_version: HttpVersion,
     #[serde(default = "default_upstream_max_connections")]
     pub(super) max_connections: usize,
+    #[serde(default = "default_connection_wait_timeout", with = "humantime_serde")]
+    pub(super) connection_wait_timeout: Duration,
     pub(super) rate_limit: Option<RateLimitFile>,
 }
 
@@ -285,6 +287,11 @@ fn default_upstream_max_connections() -> usize {
     // Coupa takes 25 requests/s per instance: more connections than this
     // would only carry requests it answers 429.
     32
+}
+fn default_connection_wait_timeout() -> Duration {
+    // Coupa answers most calls within a second or two: a request that has
+    // waited this long for one of max_connections is better told to retry.
+    Duration::from_secs(10)
 }
 fn default_response_header_timeout() -> Duration {
     Duration::from_secs(120)

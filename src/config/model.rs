@@ -175,9 +175,11 @@ pub struct Coupa {
     /// Which HTTP version requests to Coupa use.
     pub http_version: HttpVersion,
     /// HTTP/1.1 connections to the instance at most (idle and busy); past
-    /// it requests wait for a free one, bounded by the response-header
-    /// timeout.
+    /// it requests wait for a free one.
     pub max_connections: usize,
+    /// How long a request may wait for a free connection (or for its
+    /// integration's `max_concurrent`) before it gets 503.
+    pub connection_wait_timeout: Duration,
     /// Outbound shaping to Coupa's rate limit; off when absent.
     pub rate_limit: Option<RateLimit>,
 }

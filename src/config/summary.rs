@@ -132,6 +132,10 @@ impl Config {
                 "coupa.max_connections".into(),
                 format!("{} (HTTP/1.1)", c.max_connections),
             ),
+            (
+                "coupa.connection_wait_timeout".into(),
+                d(c.connection_wait_timeout),
+            ),
             ("coupa.rate_limit".into(), rate),
         ]
     }

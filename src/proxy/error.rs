@@ -39,6 +39,8 @@ pub enum ProxyError {
     ClientBodyTimeout(Duration),
     #[error("too many requests queued for Coupa's rate limit")]
     RateLimited { retry_after: Duration },
+    #[error("every connection to Coupa stayed busy for {0:?} (coupa.max_connections, coupa.connection_wait_timeout); try again shortly")]
+    UpstreamBusy(Duration),
     #[error("could not connect to Coupa: {0}")]
     Unreachable(String),
     #[error("Coupa did not answer in time: {0}")]
@@ -50,7 +52,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoToken { .. } | ProxyError::UpstreamBusy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::BadTarget
             | ProxyError::MissingHost
             | ProxyError::ForeignTarget(_)
@@ -79,6 +83,7 @@ impl ProxyError {
             ProxyError::BadBody(_) => "bad_request_body",
             ProxyError::ClientBodyTimeout(_) => "request_body_timeout",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
@@ -90,6 +95,8 @@ impl ProxyError {
             ProxyError::NoToken { retry_after, .. } | ProxyError::RateLimited { retry_after } => {
                 Some(*retry_after)
             }
+            // A connection usually frees within a second.
+            ProxyError::UpstreamBusy(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

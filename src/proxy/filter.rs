@@ -20,31 +20,38 @@ pub(super) enum Admitted<'a> {
     Answered(Response<ProxyBody>),
     /// To be forwarded with `credential`'s token.
     Forward {
-        request: Request<Incoming>,
         credential: &'a CredentialSlot,
         bearer: HeaderValue,
     },
 }
 
 impl Proxy {
+    /// Takes the request by reference except on the rare path that
+    /// answers it here: the request is not moved through this phase's
+    /// future and back on every forwarded call.
     pub(super) async fn request_filter(
         &self,
-        request: Request<Incoming>,
+        request: &mut Option<Request<Incoming>>,
         trace: &mut Trace,
     ) -> Result<Admitted<'_>, ProxyError> {
         let inner = &*self.inner;
-        self.check_target(&request)?;
-        if local_oauth::is_oauth_path(request.uri().path()) {
-            if request.uri().path() == local_oauth::TOKEN_PATH {
-                return Ok(Admitted::Answered(
-                    self.answer_token_request(request, trace).await?,
-                ));
+        let Some(incoming) = request.as_ref() else {
+            return Err(ProxyError::BadTarget);
+        };
+        self.check_target(incoming)?;
+        if local_oauth::is_oauth_path(incoming.uri().path()) {
+            let path = incoming.uri().path();
+            if path != local_oauth::TOKEN_PATH {
+                return Err(ProxyError::OAuthPathNotForwarded(path.to_owned()));
             }
-            return Err(ProxyError::OAuthPathNotForwarded(
-                request.uri().path().to_owned(),
+            let Some(incoming) = request.take() else {
+                return Err(ProxyError::BadTarget);
+            };
+            return Ok(Admitted::Answered(
+                self.answer_token_request(incoming, trace).await?,
             ));
         }
-        let credential = match self.identify(request.headers(), trace).await? {
+        let credential = match self.identify(incoming.headers(), trace).await? {
             Some(credential) => &inner.credentials[credential],
             None => &inner.credentials[inner.default_credential],
         };
@@ -52,11 +59,7 @@ impl Proxy {
             .store
             .bearer(tokio::time::Instant::now())
             .ok_or_else(|| self.no_token(credential))?;
-        Ok(Admitted::Forward {
-            request,
-            credential,
-            bearer,
-        })
+        Ok(Admitted::Forward { credential, bearer })
     }
 
     /// Which integration sent the request, by its legacy key or its local

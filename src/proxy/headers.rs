@@ -18,11 +18,15 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
+/// How long the proxy keeps an idle client connection, on HTTP/1.1
+/// answers (`listen.keepalive_timeout`).
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
 /// RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones that
 /// clients still send. They describe one connection and never travel on.
 const HOP_BY_HOP: [HeaderName; 7] = [
     CONNECTION,
-    HeaderName::from_static("keep-alive"),
+    KEEP_ALIVE,
     HeaderName::from_static("proxy-connection"),
     TE,
     TRAILER,

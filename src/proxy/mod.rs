@@ -104,6 +104,8 @@ struct Inner {
     local_tokens: LocalTokens,
     /// The instance URL, for hints in log lines.
     base_url: String,
+    /// `Keep-Alive: timeout=N` for HTTP/1.1 answers.
+    keep_alive: HeaderValue,
 }
 
 /// What the request path learns about a request, for its log line and
@@ -175,6 +177,7 @@ impl Proxy {
                 insight,
                 local_tokens,
                 base_url: coupa.base_url.clone(),
+                keep_alive: crate::server::keep_alive_value(config.listen.keepalive_timeout),
             }),
         }
     }
@@ -201,6 +204,7 @@ impl Proxy {
         let _in_flight = self.inner.metrics.in_flight();
         let request_id = headers::request_id(request.headers_mut());
         let method = request.method().clone();
+        let http11 = request.version() == http::Version::HTTP_11;
         let target = request.uri().path_and_query().cloned();
         let mut trace = Trace::default();
         let mut response = match self
@@ -217,9 +221,12 @@ impl Proxy {
         };
         // The same id reaches Coupa and comes back, so one call can be
         // followed through the integration, the proxy and Coupa support.
-        response
-            .headers_mut()
-            .insert(headers::X_REQUEST_ID, request_id.clone());
+        let answer = response.headers_mut();
+        answer.insert(headers::X_REQUEST_ID, request_id.clone());
+        if http11 {
+            // Coupa's own, hop-by-hop, was removed with the other ones.
+            answer.insert(headers::KEEP_ALIVE, self.inner.keep_alive.clone());
+        }
         let handled = Handled {
             method: &method,
             target: target.as_ref(),
@@ -238,14 +245,12 @@ impl Proxy {
         client: &ClientInfo,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (request, credential, bearer) = match self.request_filter(request, trace).await? {
+        let mut request = Some(request);
+        let (credential, bearer) = match self.request_filter(&mut request, trace).await? {
             Admitted::Answered(response) => return Ok(response),
-            Admitted::Forward {
-                request,
-                credential,
-                bearer,
-            } => (request, credential, bearer),
+            Admitted::Forward { credential, bearer } => (credential, bearer),
         };
+        let request = request.ok_or(ProxyError::BadTarget)?;
         let Outgoing {
             method,
             uri,

@@ -16,6 +16,8 @@ use crate::token::client::error_chain;
 pub(super) enum SendFailure {
     RateLimited(ratelimit::QueueFull),
     Timeout(Duration),
+    /// No connection came free in time; nothing was sent.
+    Busy(Duration),
     Client(upstream::UpstreamError),
 }
 
@@ -45,6 +47,7 @@ impl From<SendFailure> for ProxyError {
             SendFailure::Timeout(after) => {
                 ProxyError::Timeout(format!("no response headers within {after:?}"))
             }
+            SendFailure::Busy(waited) => ProxyError::UpstreamBusy(waited),
             SendFailure::Client(error) => {
                 let message = error_chain(&error);
                 if timed_out(&error) {
@@ -156,6 +159,7 @@ impl Proxy {
                 .await;
         *trace.upstream.get_or_insert(Duration::ZERO) += sent.elapsed();
         match result {
+            Ok(Err(upstream::UpstreamError::Busy(waited))) => Err(SendFailure::Busy(waited)),
             Ok(result) => result.map_err(SendFailure::Client),
             Err(_) => Err(SendFailure::Timeout(inner.response_header_timeout)),
         }

@@ -123,22 +123,6 @@ pub fn keep_alive_value(timeout: Duration) -> http::HeaderValue {
         .unwrap_or_else(|_| http::HeaderValue::from_static("timeout=1"))
 }
 
-/// Adds `Keep-Alive` to an HTTP/1.1 answer that leaves its connection
-/// open (one that says `Connection: close` does not).
-pub fn advertise_keep_alive<B>(
-    version: http::Version,
-    response: &mut Response<B>,
-    value: &http::HeaderValue,
-) {
-    if version == http::Version::HTTP_11
-        && !response.headers().contains_key(http::header::CONNECTION)
-    {
-        response
-            .headers_mut()
-            .insert(http::HeaderName::from_static("keep-alive"), value.clone());
-    }
-}
-
 /// Body of the answer to a connection over `max_connections`.
 const TOO_MANY_CONNECTIONS: &str = r#"{"error":"too_many_connections","message":"the proxy's connection limit (listen.max_connections) is reached","source":"coupa-auth-proxy"}"#;
 

@@ -145,3 +145,53 @@ async fn an_http11_request_without_host_is_refused_and_not_forwarded() {
     assert_eq!(fake.state().api_requests(), 1, "only the HTTP/1.0 request");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_too_long_for_a_connection_gets_503_and_holds_nothing() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(
+        &fake.base_url(),
+        "http_version = \"http1\"\nmax_connections = 1\nconnection_wait_timeout = \"300ms\"",
+        "",
+    );
+    let proxy = TestProxy::start(parse_config(&text)).await;
+    proxy.wait_ready().await;
+    // The one connection is held by a slow answer...
+    let slow = tokio::spawn(http_client().get(proxy.url("/api/_slow?ms=3000")).send());
+    eventually("the slow request holds the connection", || async {
+        fake.state().api_requests() == 1
+    })
+    .await;
+    // ...so the next request waits 300 ms, then is told to come back.
+    let busy = http_client().get(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(busy.status(), 503);
+    assert_eq!(busy.headers()["retry-after"], "1");
+    let answer: serde_json::Value = busy.json().await.unwrap();
+    assert_eq!(answer["error"], "upstream_busy");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("coupa.connection_wait_timeout"),
+        "{answer}"
+    );
+    assert_eq!(
+        fake.state().api_requests(),
+        1,
+        "the refused one reached nothing"
+    );
+    let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "coupa_proxy_upstream_connection_wait_timeouts_total",
+            &[]
+        ),
+        1.0
+    );
+    // The slow one is answered, and the connection serves the next call.
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    let next = http_client().get(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(next.status(), 200);
+    proxy.stop().await;
+}

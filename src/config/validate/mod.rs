@@ -177,6 +177,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         replay_body_limit,
         http_version,
         max_connections,
+        connection_wait_timeout,
         rate_limit,
     } = file;
     let base = parse_endpoint("coupa.base_url", &base_url)?;
@@ -215,6 +216,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         ("coupa.connect_timeout", connect_timeout),
         ("coupa.response_header_timeout", response_header_timeout),
         ("coupa.idle_timeout", idle_timeout),
+        ("coupa.connection_wait_timeout", connection_wait_timeout),
     ])?;
     if max_connections == 0 {
         return Err(invalid("coupa.max_connections", "must be positive"));
@@ -234,6 +236,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         replay_body_limit,
         http_version,
         max_connections,
+        connection_wait_timeout,
         rate_limit: rate_limit.map(validate_rate_limit).transpose()?,
     })
 }

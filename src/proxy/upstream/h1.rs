@@ -4,8 +4,8 @@
 //!
 //! The cap is what keeps a cold burst from opening one connection per
 //! concurrent request: past it a request waits until a connection comes
-//! back to the stack or one closes. The wait has no bound of its own; the
-//! caller's response-header timeout bounds it.
+//! back to the stack or one closes, for `coupa.connection_wait_timeout` at
+//! most.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -57,9 +57,15 @@ pub struct Stack {
     open: AtomicUsize,
     cap: usize,
     idle_timeout: Duration,
+    /// How long a request waits for a connection at most.
+    wait_timeout: Duration,
     /// A connection came back or a slot was freed.
     available: Notify,
 }
+
+/// Every connection stayed busy for the whole wait.
+#[derive(Debug, Clone, Copy)]
+pub struct Busy(pub Duration);
 
 /// What a request gets from the stack.
 pub enum Checkout {
@@ -70,23 +76,26 @@ pub enum Checkout {
 }
 
 impl Stack {
-    pub fn new(cap: usize, idle_timeout: Duration) -> Arc<Self> {
+    pub fn new(cap: usize, idle_timeout: Duration, wait_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             idle: Mutex::new(Vec::new()),
             open: AtomicUsize::new(0),
             cap: cap.max(1),
             idle_timeout,
+            wait_timeout,
             available: Notify::new(),
         })
     }
 
-    /// An idle connection, else room for a new one, else waits for either.
-    /// `on_wait` runs once if the request has to queue.
-    pub async fn checkout(self: &Arc<Self>, on_wait: impl FnOnce()) -> Checkout {
-        // The common case first, without registering as a waiter.
+    /// An idle connection, else room for a new one, else waits for either
+    /// up to the wait timeout. `on_wait` runs once if the request has to
+    /// queue.
+    pub async fn checkout(self: &Arc<Self>, on_wait: impl FnOnce()) -> Result<Checkout, Busy> {
+        // The common case first, without registering as a waiter or a timer.
         if let Some(found) = self.take() {
-            return found;
+            return Ok(found);
         }
+        let deadline = Instant::now() + self.wait_timeout;
         let mut on_wait = Some(on_wait);
         loop {
             // Registered before looking again, so a connection returned
@@ -95,12 +104,14 @@ impl Stack {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(found) = self.take() {
-                return found;
+                return Ok(found);
             }
             if let Some(on_wait) = on_wait.take() {
                 on_wait();
             }
-            notified.await;
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Busy(self.wait_timeout));
+            }
         }
     }
 
@@ -190,11 +201,11 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_cap_a_request_waits_for_a_freed_slot() {
-        let stack = Stack::new(2, Duration::from_secs(60));
-        let Checkout::Connect(first) = stack.checkout(|| {}).await else {
+        let stack = Stack::new(2, Duration::from_secs(60), Duration::from_secs(60));
+        let Ok(Checkout::Connect(first)) = stack.checkout(|| {}).await else {
             panic!("an empty stack has room");
         };
-        let Checkout::Connect(_second) = stack.checkout(|| {}).await else {
+        let Ok(Checkout::Connect(_second)) = stack.checkout(|| {}).await else {
             panic!("the cap is two");
         };
         assert_eq!(stack.open(), 2);
@@ -207,7 +218,7 @@ mod tests {
                     stack
                         .checkout(|| waited.store(true, Ordering::SeqCst))
                         .await,
-                    Checkout::Connect(_)
+                    Ok(Checkout::Connect(_))
                 )
             }
         });
@@ -219,5 +230,20 @@ mod tests {
         drop(first);
         assert!(third.await.unwrap(), "the freed slot goes to the waiter");
         assert_eq!(stack.open(), 1, "only the second slot is still held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_past_the_timeout_gives_up_and_holds_nothing() {
+        let stack = Stack::new(1, Duration::from_secs(60), Duration::from_secs(10));
+        let Ok(Checkout::Connect(_held)) = stack.checkout(|| {}).await else {
+            panic!("an empty stack has room");
+        };
+        let started = Instant::now();
+        let Err(Busy(waited)) = stack.checkout(|| {}).await else {
+            panic!("the only slot is held");
+        };
+        assert_eq!(waited, Duration::from_secs(10));
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert_eq!(stack.open(), 1, "the give-up reserved nothing");
     }
 }

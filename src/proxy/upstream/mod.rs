@@ -63,6 +63,10 @@ pub enum UpstreamError {
     /// Another request's connect, which this one waited for, failed.
     #[error("{0}")]
     SharedConnect(Arc<str>),
+    /// Every `coupa.max_connections` connection stayed busy for the whole
+    /// `coupa.connection_wait_timeout`; nothing was sent.
+    #[error("all coupa.max_connections connections to Coupa stayed busy for {0:?} (coupa.connection_wait_timeout)")]
+    Busy(Duration),
     /// A connection was made but the HTTP handshake failed.
     #[error("HTTP handshake failed: {0}")]
     Handshake(hyper::Error),
@@ -159,7 +163,11 @@ pub fn build(
         version: coupa.http_version,
         learned: AtomicU8::new(UNKNOWN),
         h2_streams_hint: Arc::new(AtomicUsize::new(0)),
-        h1: h1::Stack::new(coupa.max_connections, coupa.pool_idle_timeout),
+        h1: h1::Stack::new(
+            coupa.max_connections,
+            coupa.pool_idle_timeout,
+            coupa.connection_wait_timeout,
+        ),
         h2: h2::Shared::new(coupa.pool_idle_timeout),
         metrics,
     });

@@ -72,6 +72,7 @@ impl Pool {
                                 self.metrics.queued.inc();
                             })
                             .await
+                            .map_err(|busy| self.busy(busy))?
                         {
                             h1::Checkout::Connect(slot) => slot,
                             h1::Checkout::Reused(conn) => {
@@ -93,6 +94,11 @@ impl Pool {
         }
     }
 
+    fn busy(&self, h1::Busy(waited): h1::Busy) -> UpstreamError {
+        self.metrics.wait_timeouts.inc();
+        UpstreamError::Busy(waited)
+    }
+
     async fn route_h1(&self) -> Result<Route, UpstreamError> {
         match self
             .h1
@@ -100,6 +106,7 @@ impl Pool {
                 self.metrics.queued.inc();
             })
             .await
+            .map_err(|busy| self.busy(busy))?
         {
             h1::Checkout::Reused(conn) => Ok(Route::H1 { conn, reused: true }),
             h1::Checkout::Connect(slot) => {

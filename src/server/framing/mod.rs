@@ -81,19 +81,13 @@ impl ConnectionGuard {
     /// Called once per request, in order: the server's own answer if this
     /// request's framing is ambiguous. Nothing of it may be served, and the
     /// connection cannot be trusted after it, so the answer closes it.
+    #[inline]
     pub fn refusal(&self) -> Option<Response<Full<Bytes>>> {
         let index = self.next_request.fetch_add(1, Ordering::Relaxed);
         if index < self.ambiguous.load(Ordering::Acquire) {
             return None;
         }
-        warn!("request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed");
-        let mut response =
-            Response::new(Full::new(Bytes::from_static(AMBIGUOUS_FRAMING.as_bytes())));
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(CONNECTION, HeaderValue::from_static("close"));
-        Some(response)
+        Some(ambiguous_framing_answer())
     }
 
     fn mark_ambiguous(&self, index: u64) {
@@ -120,4 +114,16 @@ impl ConnectionGuard {
     pub fn end_session(&self, end: bool) {
         self.end_session.store(end, Ordering::Relaxed);
     }
+}
+
+/// The refusal itself, out of the per-request path.
+#[cold]
+fn ambiguous_framing_answer() -> Response<Full<Bytes>> {
+    warn!("request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed");
+    let mut response = Response::new(Full::new(Bytes::from_static(AMBIGUOUS_FRAMING.as_bytes())));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONNECTION, HeaderValue::from_static("close"));
+    response
 }
