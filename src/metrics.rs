@@ -58,6 +58,8 @@ pub struct Metrics {
     pub cluster: crate::cluster::ClusterMetrics,
     /// Answers of the proxy's own `/oauth2/token`, by outcome.
     local_token_requests: Vec<(&'static str, Counter)>,
+    /// 503 integration_busy answers, by integration (rare: a lookup each).
+    integration_busy: Family<Vec<(String, String)>, Counter>,
     started: SystemTime,
 }
 
@@ -152,6 +154,12 @@ impl Metrics {
             upstream.wait_timeouts.clone(),
         );
         let local_token_requests = register_local_tokens(&mut registry);
+        let integration_busy = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "integration_busy",
+            "Requests answered 503 integration_busy: the integration had [[integration]] max_concurrent requests at Coupa for all of coupa.connection_wait_timeout",
+            integration_busy.clone(),
+        );
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
             registry,
@@ -165,8 +173,16 @@ impl Metrics {
             dropped_underscore_fields,
             cluster,
             local_token_requests,
+            integration_busy,
             started: SystemTime::now(),
         })
+    }
+
+    /// An integration's request got 503 at its `max_concurrent`.
+    pub fn integration_busy(&self, integration: &str) {
+        self.integration_busy
+            .get_or_create(&vec![("integration".to_owned(), integration.to_owned())])
+            .inc();
     }
 
     /// Marks a request as being handled until the guard drops.

@@ -93,6 +93,8 @@ pub(super) struct IntegrationFile {
     pub(super) oauth_client_secret_sha256: Option<String>,
     #[serde(default = "default_credential_name")]
     pub(super) credential: String,
+    /// Requests of this integration at Coupa at once; past it they wait.
+    pub(super) max_concurrent: Option<usize>,
 }
 
 /// `[insight]`: what the migration view flags.

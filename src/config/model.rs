@@ -81,6 +81,10 @@ pub struct Integration {
     pub local_client: Option<LocalClient>,
     /// Index into [`Config::credentials`].
     pub credential: usize,
+    /// Requests of this integration at Coupa at once (`max_concurrent`,
+    /// default: half of `coupa.max_connections`, all of them for a lone
+    /// integration); past it its requests wait, not everyone's.
+    pub max_concurrent: usize,
 }
 
 /// A local OAuth client: known to the proxy only, never to Coupa.
@@ -108,6 +112,7 @@ impl fmt::Debug for Integration {
                 &self.local_client.as_ref().map(|c| &c.client_id),
             )
             .field("credential", &self.credential)
+            .field("max_concurrent", &self.max_concurrent)
             .finish_non_exhaustive()
     }
 }

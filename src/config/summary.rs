@@ -231,8 +231,9 @@ impl Config {
                 (
                     format!("integration {:?}", integration.name),
                     format!(
-                        "credential {}{}{}",
+                        "credential {}, max_concurrent {}{}{}",
                         self.credentials[integration.credential].name,
+                        integration.max_concurrent,
                         if integration.api_key_sha256.is_some() {
                             ", legacy key (hash <redacted>)"
                         } else {

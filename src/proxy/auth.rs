@@ -11,6 +11,7 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::share::Share;
 use crate::config::Integration;
 use crate::insight::{Insight, Usage};
 
@@ -25,6 +26,8 @@ pub struct IntegrationKey {
     pub credential: usize,
     /// Where the migration view counts its requests, resolved once.
     pub usage: Arc<Usage>,
+    /// Its cap on requests at Coupa at once.
+    pub share: Arc<Share>,
 }
 
 impl IntegrationKey {
@@ -42,10 +45,21 @@ pub struct Integrations {
 }
 
 impl Integrations {
-    pub fn from_config(integrations: &[Integration], insight: &Insight) -> Self {
+    /// `previous`: the integrations before a reload; one that stays with
+    /// the same cap keeps its share, so requests in flight still count.
+    pub fn from_config(
+        integrations: &[Integration],
+        insight: &Insight,
+        previous: Option<&Integrations>,
+    ) -> Self {
         let keys: Vec<_> = integrations
             .iter()
             .map(|i| {
+                let share = previous
+                    .and_then(|p| p.by_name(&i.name))
+                    .map(|old| old.share.clone())
+                    .filter(|share| share.cap() == i.max_concurrent)
+                    .unwrap_or_else(|| Arc::new(Share::new(i.max_concurrent)));
                 Arc::new(IntegrationKey {
                     name: Arc::from(i.name.as_str()),
                     api_key_sha256: i.api_key_sha256,
@@ -55,6 +69,7 @@ impl Integrations {
                         .map(|c| (c.client_id.clone(), c.secret_sha256)),
                     credential: i.credential,
                     usage: insight.usage(&i.name),
+                    share,
                 })
             })
             .collect();
@@ -133,12 +148,14 @@ mod tests {
                     api_key_sha256: Some(hash("erp-key")),
                     local_client: None,
                     credential: 0,
+                    max_concurrent: 4,
                 },
                 Integration {
                     name: "suppliers".into(),
                     api_key_sha256: Some(hash("supplier-key")),
                     local_client: None,
                     credential: 1,
+                    max_concurrent: 4,
                 },
                 Integration {
                     name: "snaplogic".into(),
@@ -148,9 +165,11 @@ mod tests {
                         secret_sha256: hash("local-secret"),
                     }),
                     credential: 0,
+                    max_concurrent: 4,
                 },
             ],
             &insight,
+            None,
         )
     }
 

@@ -41,6 +41,12 @@ pub enum ProxyError {
     RateLimited { retry_after: Duration },
     #[error("every connection to Coupa stayed busy for {0:?} (coupa.max_connections, coupa.connection_wait_timeout); try again shortly")]
     UpstreamBusy(Duration),
+    #[error("integration {integration:?} has {cap} requests at Coupa (its max_concurrent) and none finished within {waited:?}; try again shortly")]
+    IntegrationBusy {
+        integration: String,
+        cap: usize,
+        waited: Duration,
+    },
     #[error("could not connect to Coupa: {0}")]
     Unreachable(String),
     #[error("Coupa did not answer in time: {0}")]
@@ -52,9 +58,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoToken { .. } | ProxyError::UpstreamBusy(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoToken { .. }
+            | ProxyError::UpstreamBusy(_)
+            | ProxyError::IntegrationBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadTarget
             | ProxyError::MissingHost
             | ProxyError::ForeignTarget(_)
@@ -84,6 +90,7 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout(_) => "request_body_timeout",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy(_) => "upstream_busy",
+            ProxyError::IntegrationBusy { .. } => "integration_busy",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
@@ -96,7 +103,9 @@ impl ProxyError {
                 Some(*retry_after)
             }
             // A connection usually frees within a second.
-            ProxyError::UpstreamBusy(_) => Some(Duration::from_secs(1)),
+            ProxyError::UpstreamBusy(_) | ProxyError::IntegrationBusy { .. } => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }

@@ -32,6 +32,7 @@ pub mod ratelimit;
 mod rejected;
 mod rewrite;
 mod send;
+mod share;
 mod stall;
 pub mod upstream;
 
@@ -43,6 +44,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
 use crate::config::Config;
@@ -95,6 +97,8 @@ struct Inner {
     /// Path the instance lives under; empty for a normal instance URL.
     path_prefix: String,
     response_header_timeout: Duration,
+    /// How long a request waits for its integration's share.
+    connection_wait_timeout: Duration,
     idle_timeout: Duration,
     body_read_timeout: Duration,
     replay_body_limit: usize,
@@ -162,6 +166,7 @@ impl Proxy {
                 integrations: ArcSwap::from_pointee(Integrations::from_config(
                     &config.integrations,
                     &insight,
+                    None,
                 )),
                 client,
                 rules,
@@ -169,6 +174,7 @@ impl Proxy {
                 authority: coupa.authority.clone(),
                 path_prefix: coupa.path_prefix.clone(),
                 response_header_timeout: coupa.response_header_timeout,
+                connection_wait_timeout: coupa.connection_wait_timeout,
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
                 replay_body_limit: coupa.replay_body_limit,
@@ -188,9 +194,11 @@ impl Proxy {
     pub fn reconfigure(&self, config: &Config) {
         let inner = &*self.inner;
         inner.insight.configure(config);
+        let previous = inner.integrations.load();
         inner.integrations.store(Arc::new(Integrations::from_config(
             &config.integrations,
             &inner.insight,
+            Some(&previous),
         )));
     }
 
@@ -260,6 +268,7 @@ impl Proxy {
         } = self
             .upstream_request(request, target, &bearer, client)
             .await?;
+        let share = self.take_share(trace).await?;
         let mut leased = self
             .send_with_retries(&method, &uri, &headers, body, &replay, trace)
             .await?;
@@ -282,12 +291,16 @@ impl Proxy {
                 None => return Ok(rejected),
             }
         }
-        Ok(self.response_filter(leased))
+        Ok(self.response_filter(leased, share))
     }
 
     /// Phase 5: Coupa's answer for the client; a 429 also slows the rate
     /// limit down.
-    fn response_filter(&self, leased: Leased) -> Response<ProxyBody> {
+    fn response_filter(
+        &self,
+        leased: Leased,
+        share: Option<OwnedSemaphorePermit>,
+    ) -> Response<ProxyBody> {
         let inner = &*self.inner;
         if leased.response.status() == StatusCode::TOO_MANY_REQUESTS {
             if let Some(limiter) = &inner.rate_limiter {
@@ -299,7 +312,12 @@ impl Proxy {
         headers::rewrite_response(&mut parts.headers);
         Response::from_parts(
             parts,
-            Either::Left(ResponseBody::new(body, inner.idle_timeout, leased.lease)),
+            Either::Left(ResponseBody::new(
+                body,
+                inner.idle_timeout,
+                leased.lease,
+                share,
+            )),
         )
     }
 }

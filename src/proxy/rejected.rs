@@ -25,7 +25,7 @@ impl Proxy {
         const LIMIT: usize = 64 * 1024;
         let inner = &*self.inner;
         let (mut parts, body) = leased.response.into_parts();
-        let body = ResponseBody::new(body, inner.idle_timeout, leased.lease);
+        let body = ResponseBody::new(body, inner.idle_timeout, leased.lease, None);
         let bytes = http_body_util::Limited::new(body, LIMIT)
             .collect()
             .await

@@ -195,3 +195,69 @@ async fn a_request_that_waits_too_long_for_a_connection_gets_503_and_holds_nothi
     assert_eq!(next.status(), 200);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integration_at_its_max_concurrent_queues_while_another_is_served() {
+    use coupa_auth_proxy::proxy::auth::hash_key;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = format!(
+        "{}\n[[integration]]\nname = \"batch\"\napi_key_sha256 = \"{}\"\nmax_concurrent = 1\n\n\
+         [[integration]]\nname = \"approvals\"\napi_key_sha256 = \"{}\"\n",
+        config_text(&fake.base_url(), "connection_wait_timeout = \"3s\"", ""),
+        hash_key("batch-key"),
+        hash_key("approvals-key"),
+    );
+    let config = parse_config(&text);
+    assert_eq!(config.integrations[0].max_concurrent, 1);
+    assert_eq!(
+        config.integrations[1].max_concurrent, 16,
+        "default: half of coupa.max_connections with several integrations"
+    );
+    let proxy = TestProxy::start(config).await;
+    proxy.wait_ready().await;
+    let call = |key: &'static str, target: &str| {
+        http_client()
+            .get(proxy.url(target))
+            .header("X-COUPA-API-KEY", key)
+            .send()
+    };
+    // The batch integration's one place is taken by a slow call...
+    let slow = tokio::spawn(call("batch-key", "/api/_slow?ms=6000"));
+    eventually("the slow call reached Coupa", || async {
+        fake.state().api_requests() == 1
+    })
+    .await;
+    // ...so its next call queues behind it, and gives up after the wait...
+    let queued = tokio::spawn(call("batch-key", "/api/x"));
+    // ...while the other integration is served at once.
+    let other = call("approvals-key", "/api/x").await.unwrap();
+    assert_eq!(other.status(), 200);
+    assert!(!queued.is_finished(), "the batch call is still queued");
+    let refused = queued.await.unwrap().unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let answer: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(answer["error"], "integration_busy");
+    assert!(
+        answer["message"].as_str().unwrap().contains("\"batch\""),
+        "{answer}"
+    );
+    let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "coupa_proxy_integration_busy_total",
+            &[("integration", "batch")]
+        ),
+        1.0
+    );
+    // Once the slow answer is read, the place is free again.
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(call("batch-key", "/api/x").await.unwrap().status(), 200);
+    assert_eq!(
+        fake.state().api_requests(),
+        3,
+        "the refused call reached nothing"
+    );
+    proxy.stop().await;
+}

@@ -5,11 +5,24 @@ use super::super::file::*;
 use super::super::*;
 use crate::encode::parse_sha256;
 
+/// `max_concurrent` when not set: with several integrations, half of
+/// `coupa.max_connections`, so one integration's burst always leaves the
+/// other half to the rest; a lone integration has nobody to leave room for.
+fn default_max_concurrent(integrations: usize, max_connections: usize) -> usize {
+    if integrations <= 1 {
+        max_connections
+    } else {
+        max_connections.div_ceil(2)
+    }
+}
+
 pub(super) fn validate_integrations(
     files: Vec<IntegrationFile>,
     credentials: &[Credential],
+    max_connections: usize,
 ) -> Result<Vec<Integration>, ConfigError> {
-    let mut integrations: Vec<Integration> = Vec::with_capacity(files.len());
+    let count = files.len();
+    let mut integrations: Vec<Integration> = Vec::with_capacity(count);
     for (i, file) in files.into_iter().enumerate() {
         let IntegrationFile {
             name,
@@ -17,6 +30,7 @@ pub(super) fn validate_integrations(
             oauth_client_id,
             oauth_client_secret_sha256,
             credential,
+            max_concurrent,
         } = file;
         let key = format!("integration[{i}]");
         if name.trim().is_empty() {
@@ -85,11 +99,19 @@ pub(super) fn validate_integrations(
                 ));
             }
         }
+        if max_concurrent == Some(0) {
+            return Err(invalid(
+                format!("{key}.max_concurrent"),
+                "must be positive (requests of this integration at Coupa at once)",
+            ));
+        }
         integrations.push(Integration {
             name,
             api_key_sha256: hash,
             local_client,
             credential: credential_index,
+            max_concurrent: max_concurrent
+                .unwrap_or_else(|| default_max_concurrent(count, max_connections)),
         });
     }
     Ok(integrations)

@@ -45,7 +45,7 @@ impl FileConfig {
         let listen = validate_listen(listen, base_dir)?;
         let coupa = validate_coupa(coupa, base_dir)?;
         let credentials = validate_credentials(&oauth, base_dir, &coupa.base_url)?;
-        let integrations = validate_integrations(integration, &credentials)?;
+        let integrations = validate_integrations(integration, &credentials, coupa.max_connections)?;
         if integrations.is_empty() {
             if !credentials.iter().any(|c| c.name == DEFAULT_CREDENTIAL) && credentials.len() > 1 {
                 return Err(invalid(

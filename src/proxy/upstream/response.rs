@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::Lease;
 use crate::proxy::stall::StallTimer;
@@ -27,18 +28,28 @@ pin_project_lite::pin_project! {
         // pool, an HTTP/2 stream frees its place, once the body has been
         // read to its end.
         lease: Lease,
+        // The integration's place under its max_concurrent, given back
+        // with the connection.
+        share: Option<OwnedSemaphorePermit>,
     }
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, idle: Duration, mut lease: Lease) -> Self {
+    pub fn new(
+        inner: Incoming,
+        idle: Duration,
+        mut lease: Lease,
+        mut share: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         if inner.is_end_stream() {
             lease.finish();
+            share = None;
         }
         Self {
             inner,
             stall: StallTimer::new(idle),
             lease,
+            share,
         }
     }
 }
@@ -67,6 +78,7 @@ impl Body for ResponseBody {
                 };
                 if ended {
                     this.lease.finish();
+                    *this.share = None;
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
