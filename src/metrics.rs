@@ -60,6 +60,8 @@ pub struct Metrics {
     local_token_requests: Vec<(&'static str, Counter)>,
     /// 503 integration_busy answers, by integration (rare: a lookup each).
     integration_busy: Family<Vec<(String, String)>, Counter>,
+    /// 408 answers for request bodies, by reason (rare).
+    client_body_timeouts: Family<[(&'static str, &'static str); 1], Counter>,
     started: SystemTime,
 }
 
@@ -154,6 +156,12 @@ impl Metrics {
             upstream.wait_timeouts.clone(),
         );
         let local_token_requests = register_local_tokens(&mut registry);
+        let client_body_timeouts = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "client_body_timeouts",
+            "Request bodies given up on with 408, by reason: idle (listen.body_read_timeout), rate (below listen.min_body_rate after the grace), total (listen.max_body_time)",
+            client_body_timeouts.clone(),
+        );
         let integration_busy = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "integration_busy",
@@ -174,8 +182,17 @@ impl Metrics {
             cluster,
             local_token_requests,
             integration_busy,
+            client_body_timeouts,
             started: SystemTime::now(),
         })
+    }
+
+    /// A client's request body was given up on (408), for `reason`
+    /// (`idle`, `rate`, `total`).
+    pub fn client_body_timeout(&self, reason: &'static str) {
+        self.client_body_timeouts
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// An integration's request got 503 at its `max_concurrent`.

@@ -273,6 +273,11 @@ fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
         l.body_read_timeout == m.body_read_timeout,
     );
     differ(
+        "listen.min_body_rate",
+        (l.min_body_rate, l.min_rate_grace) == (m.min_body_rate, m.min_rate_grace),
+    );
+    differ("listen.max_body_time", l.max_body_time == m.max_body_time);
+    differ(
         "listen.allow_unauthenticated",
         l.allow_unauthenticated == m.allow_unauthenticated,
     );

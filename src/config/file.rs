@@ -140,6 +140,12 @@ pub(super) struct ListenFile {
     pub(super) release_idle_buffers_above: usize,
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub(super) body_read_timeout: Duration,
+    #[serde(default = "default_min_body_rate")]
+    pub(super) min_body_rate: u64,
+    #[serde(default = "default_min_rate_grace", with = "humantime_serde")]
+    pub(super) min_rate_grace: Duration,
+    #[serde(default = "default_max_body_time", with = "humantime_serde")]
+    pub(super) max_body_time: Duration,
     #[serde(default)]
     pub(super) allow_unauthenticated: bool,
     pub(super) tls: Option<ListenTlsFile>,
@@ -164,6 +170,9 @@ impl Default for ListenFile {
             max_connections: default_max_connections(),
             release_idle_buffers_above: default_release_idle_buffers_above(),
             body_read_timeout: default_body_read_timeout(),
+            min_body_rate: default_min_body_rate(),
+            min_rate_grace: default_min_rate_grace(),
+            max_body_time: default_max_body_time(),
             allow_unauthenticated: false,
             tls: None,
         }
@@ -284,6 +293,17 @@ fn default_max_connections() -> usize {
 }
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_min_body_rate() -> u64 {
+    // Kestrel's MinRequestBodyDataRate: any real client on any real network
+    // is far above it; a trickle meant to hold a connection is not.
+    240
+}
+fn default_min_rate_grace() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_body_time() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_upstream_max_connections() -> usize {
     // Coupa takes 25 requests/s per instance: more connections than this

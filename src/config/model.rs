@@ -139,6 +139,12 @@ pub struct Listen {
     /// A request body that sends no bytes for this long is abandoned: the
     /// client gets 408 and the upstream request is aborted.
     pub body_read_timeout: Duration,
+    /// After `min_rate_grace`, a request body must average at least this
+    /// many bytes a second (0: no minimum), else 408.
+    pub min_body_rate: u64,
+    pub min_rate_grace: Duration,
+    /// A request body must be complete within this, else 408.
+    pub max_body_time: Duration,
     /// Serve a non-loopback address without integrations (explicit opt-in).
     pub allow_unauthenticated: bool,
     /// Inbound TLS; plain HTTP when absent.

@@ -72,6 +72,14 @@ impl Config {
             ("listen.keepalive_timeout".into(), d(l.keepalive_timeout)),
             ("listen.body_read_timeout".into(), d(l.body_read_timeout)),
             (
+                "listen.min_body_rate".into(),
+                match l.min_body_rate {
+                    0 => "off".to_owned(),
+                    rate => format!("{rate} bytes/s after {}", d(l.min_rate_grace)),
+                },
+            ),
+            ("listen.max_body_time".into(), d(l.max_body_time)),
+            (
                 "listen.allow_unauthenticated".into(),
                 l.allow_unauthenticated.to_string(),
             ),

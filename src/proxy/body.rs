@@ -1,16 +1,20 @@
 //! Body wrappers of the request path.
 //!
-//! - [`UpstreamBody`]: what is sent to Coupa. A streamed client body is
-//!   copied aside while it streams (up to `replay_body_limit`), so the
-//!   request can be sent again after a 401 or a dropped connection; a
-//!   replay sends the copy. A client that stops sending its body for
-//!   `listen.body_read_timeout` is given up on: the body ends in an error,
-//!   which aborts the upstream request, and the client gets 408 — a slow
-//!   client must not hold an upstream connection indefinitely.
+//! - [`UpstreamBody`]: what is sent to Coupa. A body up to
+//!   `replay_body_limit` is read whole before the request goes anywhere,
+//!   so a slow uploader holds only its own connection, never one to
+//!   Coupa, and the copy serves a replay after a 401 or a dropped
+//!   connection. A larger body streams on after its first
+//!   `replay_body_limit` bytes. Either way the client must keep its pace
+//!   ([`super::stall`]): a body that sends nothing for
+//!   `listen.body_read_timeout`, falls below `listen.min_body_rate` after
+//!   the grace, or is not complete within `listen.max_body_time` ends in
+//!   an error, which aborts the upstream request, and the client gets 408.
 //!
 //! Coupa's answer on its way back is the upstream module's
 //! ([`super::upstream::ResponseBody`]): it holds the connection's lease.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -20,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::stall::StallTimer;
+use super::stall::{BodyTimeout, Pace, StallTimer};
 use crate::BoxError;
 
 /// The copy of a streamed request body (fields private to this module).
@@ -30,8 +34,8 @@ pub struct Capture {
     size: usize,
     complete: bool,
     overflowed: bool,
-    /// The client went silent for longer than the body read timeout.
-    stalled: bool,
+    /// The client fell behind (silent, too slow, too long).
+    stalled: Option<BodyTimeout>,
 }
 
 /// Handle to a request body's copy, kept by the request path.
@@ -46,12 +50,12 @@ pub enum Replay {
 }
 
 impl Replay {
-    /// The client stopped sending the body (the upstream request was
-    /// aborted because of it).
-    pub fn client_stalled(&self) -> bool {
+    /// Why the client's body was given up on, if it was (the upstream
+    /// request was aborted because of it).
+    pub fn client_stalled(&self) -> Option<BodyTimeout> {
         match self {
-            Replay::Captured(capture) => capture.lock().map(|c| c.stalled).unwrap_or(false),
-            _ => false,
+            Replay::Captured(capture) => capture.lock().ok().and_then(|c| c.stalled),
+            _ => None,
         }
     }
 
@@ -66,19 +70,27 @@ impl Replay {
                 if !capture.complete || capture.overflowed {
                     return None;
                 }
-                let bytes = match capture.chunks.as_slice() {
-                    [] => Bytes::new(),
-                    [one] => one.clone(),
-                    many => {
-                        let mut joined = BytesMut::with_capacity(capture.size);
-                        for chunk in many {
-                            joined.extend_from_slice(chunk);
-                        }
-                        joined.freeze()
-                    }
-                };
-                Some(UpstreamBody::Buffered(Some(bytes)))
+                Some(UpstreamBody::Buffered(Some(join(
+                    &capture.chunks,
+                    capture.size,
+                ))))
             }
+        }
+    }
+}
+
+/// One buffer of `chunks` (`size` bytes in all), copied only if there are
+/// several.
+fn join(chunks: &[Bytes], size: usize) -> Bytes {
+    match chunks {
+        [] => Bytes::new(),
+        [one] => one.clone(),
+        many => {
+            let mut joined = BytesMut::with_capacity(size);
+            for chunk in many {
+                joined.extend_from_slice(chunk);
+            }
+            joined.freeze()
         }
     }
 }
@@ -86,9 +98,9 @@ impl Replay {
 /// The request body sent to Coupa.
 pub enum UpstreamBody {
     Empty,
-    /// The client's body, streaming, with its first frame already read.
+    /// The client's body, streaming, with its first frames already read.
     Streaming(TeeBody),
-    /// A body held in memory (a replay).
+    /// A body held in memory: read whole, or a replay.
     Buffered(Option<Bytes>),
 }
 
@@ -97,39 +109,59 @@ pub enum UpstreamBody {
 pub enum ClientBodyError {
     #[error("{0}")]
     Malformed(hyper::Error),
-    #[error("the client sent no request body data for {0:?}")]
-    Stalled(Duration),
+    #[error("request body: {0}")]
+    Stalled(BodyTimeout),
 }
 
 impl UpstreamBody {
-    /// Wraps the client's body. Reads the first frame before anything is
-    /// sent upstream, so a body that is broken from the start (e.g. a bad
-    /// chunk size) is rejected without a byte reaching Coupa.
+    /// Takes the client's body: read whole when it fits in `replay_limit`
+    /// (nothing is sent upstream before its last byte), else its first
+    /// `replay_limit` bytes and the rest streamed. A body that is broken
+    /// from the start (e.g. a bad chunk size) or falls behind its pace
+    /// before the request leaves is rejected without a byte reaching Coupa.
     pub async fn from_client(
-        mut body: Incoming,
+        body: Incoming,
         replay_limit: usize,
         read_timeout: Duration,
+        pace: Pace,
     ) -> Result<(Self, Replay), ClientBodyError> {
-        use http_body_util::BodyExt;
         if body.is_end_stream() {
             return Ok((UpstreamBody::Empty, Replay::Empty));
         }
-        let first = match tokio::time::timeout(read_timeout, body.frame()).await {
-            Err(_) => return Err(ClientBodyError::Stalled(read_timeout)),
-            Ok(None) => return Ok((UpstreamBody::Empty, Replay::Empty)),
-            Ok(Some(frame)) => frame.map_err(ClientBodyError::Malformed)?,
-        };
         let capture = Arc::new(Mutex::new(Capture::default()));
         let mut tee = TeeBody {
-            first: None,
+            pending: VecDeque::new(),
             inner: body,
             capture: capture.clone(),
             limit: replay_limit,
-            stall: StallTimer::new(read_timeout),
+            stall: StallTimer::paced(read_timeout, pace),
         };
-        tee.record(&first);
-        tee.first = Some(first);
-        Ok((UpstreamBody::Streaming(tee), Replay::Captured(capture)))
+        let mut read: Vec<Frame<Bytes>> = Vec::new();
+        let mut size = 0;
+        while let Some(frame) = std::future::poll_fn(|cx| tee.poll_client(cx)).await {
+            let frame = frame?;
+            let data_len = frame.data_ref().map(Bytes::len);
+            size += data_len.unwrap_or(0);
+            read.push(frame);
+            if data_len.is_none() || size > replay_limit {
+                // Too big to hold (or trailers): what was read goes first,
+                // the rest streams.
+                tee.pending = read.into();
+                return Ok((UpstreamBody::Streaming(tee), Replay::Captured(capture)));
+            }
+            if tee.inner.is_end_stream() {
+                break;
+            }
+        }
+        let chunks: Vec<Bytes> = read
+            .into_iter()
+            .filter_map(|f| f.into_data().ok())
+            .collect();
+        let whole = join(&chunks, size);
+        Ok((
+            UpstreamBody::Buffered(Some(whole.clone())),
+            Replay::Buffered(whole),
+        ))
     }
 }
 
@@ -152,7 +184,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Buffered(bytes) => bytes.is_none(),
-            UpstreamBody::Streaming(tee) => tee.first.is_none() && tee.inner.is_end_stream(),
+            UpstreamBody::Streaming(tee) => Body::is_end_stream(tee),
         }
     }
 
@@ -163,11 +195,12 @@ impl Body for UpstreamBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             UpstreamBody::Streaming(tee) => {
-                let pending = tee
-                    .first
-                    .as_ref()
-                    .and_then(Frame::data_ref)
-                    .map_or(0, |d| d.len() as u64);
+                let pending: u64 = tee
+                    .pending
+                    .iter()
+                    .filter_map(Frame::data_ref)
+                    .map(|d| d.len() as u64)
+                    .sum();
                 let inner = tee.inner.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower() + pending);
@@ -182,11 +215,12 @@ impl Body for UpstreamBody {
 
 /// Streams the client's body and keeps a copy of it up to a limit.
 pub struct TeeBody {
-    first: Option<Frame<Bytes>>,
+    /// Frames read before streaming began, sent first.
+    pending: VecDeque<Frame<Bytes>>,
     inner: Incoming,
     capture: Arc<Mutex<Capture>>,
     limit: usize,
-    /// Ends the body when the client keeps it waiting `body_read_timeout`.
+    /// Ends the body when the client falls behind its pace.
     stall: StallTimer,
 }
 
@@ -217,9 +251,43 @@ impl TeeBody {
         }
     }
 
-    fn mark_stalled(&self) {
+    fn mark_stalled(&self, why: BodyTimeout) {
         if let Ok(mut capture) = self.capture.lock() {
-            capture.stalled = true;
+            capture.stalled = Some(why);
+        }
+    }
+
+    /// The next frame from the client, recorded, under the pace.
+    fn poll_client(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let polled = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                let bytes = match &polled {
+                    Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+                    _ => 0,
+                };
+                self.stall.progressed(bytes);
+                polled
+            }
+            Poll::Pending => {
+                let why = ready!(self.stall.poll_stalled(cx));
+                self.mark_stalled(why);
+                tracing::warn!(cause = %why, "client fell behind sending the request body; aborting the request");
+                return Poll::Ready(Some(Err(ClientBodyError::Stalled(why))));
+            }
+        };
+        match polled {
+            Some(Ok(frame)) => {
+                self.record(&frame);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(err)) => Poll::Ready(Some(Err(ClientBodyError::Malformed(err)))),
+            None => {
+                self.mark_complete();
+                Poll::Ready(None)
+            }
         }
     }
 }
@@ -233,36 +301,13 @@ impl Body for TeeBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(first) = this.first.take() {
+        if let Some(first) = this.pending.pop_front() {
             return Poll::Ready(Some(Ok(first)));
         }
-        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(polled) => {
-                this.stall.progressed();
-                polled
-            }
-            Poll::Pending => {
-                ready!(this.stall.poll_stalled(cx));
-                let timeout = this.stall.limit();
-                this.mark_stalled();
-                tracing::warn!(timeout = ?timeout, "client stopped sending the request body; aborting the request");
-                return Poll::Ready(Some(Err(ClientBodyError::Stalled(timeout).into())));
-            }
-        };
-        match polled {
-            Some(Ok(frame)) => {
-                this.record(&frame);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
-            None => {
-                this.mark_complete();
-                Poll::Ready(None)
-            }
-        }
+        this.poll_client(cx).map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.inner.is_end_stream()
+        self.pending.is_empty() && self.inner.is_end_stream()
     }
 }

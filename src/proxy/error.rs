@@ -8,6 +8,7 @@ use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use super::stall::BodyTimeout;
 use super::ProxyBody;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +36,8 @@ pub enum ProxyError {
     ForeignTarget(String),
     #[error("the request body is malformed: {0}")]
     BadBody(String),
-    #[error("the client sent no request body data for {0:?}; the request to Coupa was abandoned (listen.body_read_timeout)")]
-    ClientBodyTimeout(Duration),
+    #[error("the request body fell behind: {0}; the request to Coupa was abandoned")]
+    ClientBodyTimeout(BodyTimeout),
     #[error("too many requests queued for Coupa's rate limit")]
     RateLimited { retry_after: Duration },
     #[error("every connection to Coupa stayed busy for {0:?} (coupa.max_connections, coupa.connection_wait_timeout); try again shortly")]

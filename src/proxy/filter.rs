@@ -16,8 +16,9 @@ use crate::local_oauth;
 
 /// What the filter lets through.
 pub(super) enum Admitted<'a> {
-    /// The proxy answered the request itself.
-    Answered(Response<ProxyBody>),
+    /// The proxy answered the request itself (rare: boxed, so the common
+    /// variant stays small).
+    Answered(Box<Response<ProxyBody>>),
     /// To be forwarded with `credential`'s token.
     Forward {
         credential: &'a CredentialSlot,
@@ -47,9 +48,9 @@ impl Proxy {
             let Some(incoming) = request.take() else {
                 return Err(ProxyError::BadTarget);
             };
-            return Ok(Admitted::Answered(
+            return Ok(Admitted::Answered(Box::new(
                 self.answer_token_request(incoming, trace).await?,
-            ));
+            )));
         }
         let credential = match self.identify(incoming.headers(), trace).await? {
             Some(credential) => &inner.credentials[credential],

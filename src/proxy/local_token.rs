@@ -4,6 +4,7 @@
 //! the integration, with the expiry and scopes of its Coupa credential.
 //! Nothing of this request reaches Coupa.
 
+use super::stall::BodyTimeout;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,7 +35,7 @@ impl Proxy {
             Limited::new(body, endpoint::MAX_BODY).collect(),
         )
         .await
-        .map_err(|_| ProxyError::ClientBodyTimeout(inner.body_read_timeout))?;
+        .map_err(|_| ProxyError::ClientBodyTimeout(BodyTimeout::Idle(inner.body_read_timeout)))?;
         let outcome = match read {
             Ok(body) => {
                 let body = body.to_bytes();

@@ -60,6 +60,7 @@ pub use headers::{ClientInfo, RewriteRules};
 use log::Handled;
 use ratelimit::Limiter;
 use rewrite::Outgoing;
+pub use stall::BodyTimeout;
 pub use upstream::UpstreamClient;
 use upstream::{Leased, ResponseBody};
 
@@ -101,6 +102,8 @@ struct Inner {
     connection_wait_timeout: Duration,
     idle_timeout: Duration,
     body_read_timeout: Duration,
+    /// What a whole request body must keep up.
+    body_pace: stall::Pace,
     replay_body_limit: usize,
     rate_limiter: Option<Limiter>,
     metrics: Arc<Metrics>,
@@ -177,6 +180,11 @@ impl Proxy {
                 connection_wait_timeout: coupa.connection_wait_timeout,
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
+                body_pace: stall::Pace {
+                    min_rate: config.listen.min_body_rate,
+                    grace: config.listen.min_rate_grace,
+                    total: config.listen.max_body_time,
+                },
                 replay_body_limit: coupa.replay_body_limit,
                 rate_limiter,
                 metrics,
@@ -255,7 +263,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let mut request = Some(request);
         let (credential, bearer) = match self.request_filter(&mut request, trace).await? {
-            Admitted::Answered(response) => return Ok(response),
+            Admitted::Answered(response) => return Ok(*response),
             Admitted::Forward { credential, bearer } => (credential, bearer),
         };
         let request = request.ok_or(ProxyError::BadTarget)?;

@@ -50,13 +50,20 @@ impl Proxy {
                 "dropped request header fields with '_' in their name"
             );
         }
-        let (body, replay) =
-            UpstreamBody::from_client(body, inner.replay_body_limit, inner.body_read_timeout)
-                .await
-                .map_err(|e| match e {
-                    body::ClientBodyError::Stalled(after) => ProxyError::ClientBodyTimeout(after),
-                    body::ClientBodyError::Malformed(e) => ProxyError::BadBody(e.to_string()),
-                })?;
+        let (body, replay) = UpstreamBody::from_client(
+            body,
+            inner.replay_body_limit,
+            inner.body_read_timeout,
+            inner.body_pace,
+        )
+        .await
+        .map_err(|e| match e {
+            body::ClientBodyError::Stalled(why) => {
+                inner.metrics.client_body_timeout(why.reason());
+                ProxyError::ClientBodyTimeout(why)
+            }
+            body::ClientBodyError::Malformed(e) => ProxyError::BadBody(e.to_string()),
+        })?;
         Ok(Outgoing {
             method: parts.method,
             uri,

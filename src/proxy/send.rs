@@ -113,8 +113,9 @@ impl Proxy {
                 Ok(leased) => return Ok(leased),
                 Err(failure) => failure,
             };
-            if replay.client_stalled() {
-                return Err(ProxyError::ClientBodyTimeout(self.inner.body_read_timeout));
+            if let Some(why) = replay.client_stalled() {
+                metrics.client_body_timeout(why.reason());
+                return Err(ProxyError::ClientBodyTimeout(why));
             }
             let retry = if failure.never_processed() {
                 unprocessed_retries += 1;

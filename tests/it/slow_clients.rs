@@ -261,3 +261,93 @@ async fn an_integration_at_its_max_concurrent_queues_while_another_is_served() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_within_the_replay_limit_reaches_coupa_only_once_complete() {
+    let (fake, proxy) = start_with_listen("").await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/invoices HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n\
+              Content-Length: 13\r\n\r\n{\"half\":",
+        )
+        .await
+        .unwrap();
+    // Half a body, then a pause: nothing may reach Coupa meanwhile (the
+    // absence can only be watched for a while).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        fake.state().api_requests(),
+        0,
+        "no request before its body is whole"
+    );
+    stream.write_all(b"true}").await.unwrap();
+    let mut pending = Vec::new();
+    let (status, echo, _) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&echo).unwrap();
+    assert_eq!(echo["body_bytes"], 13);
+    assert_eq!(fake.state().api_requests(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_below_the_minimum_rate_gets_408_after_the_grace() {
+    let (fake, proxy) = start_with_listen(
+        "min_body_rate = 240\nmin_rate_grace = \"1s\"\nbody_read_timeout = \"1h\"",
+    )
+    .await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(b"POST /api/invoices HTTP/1.1\r\nHost: proxy\r\nContent-Length: 1000\r\n\r\nx")
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let trickle = async {
+        // A byte every 200 ms: never silent, far below 240 bytes/s.
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if writer.write_all(b"x").await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let answer = async {
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !raw.windows(4).any(|w| w == b"\r\n\r\n") || !raw.ends_with(b"}") {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    let answer = tokio::time::timeout(DEADLINE, async {
+        tokio::select! {
+            answer = answer => answer,
+            _ = trickle => unreachable!(),
+        }
+    })
+    .await
+    .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_body_timeout"), "{answer}");
+    assert!(answer.contains("listen.min_body_rate"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "not before the grace"
+    );
+    assert_eq!(fake.state().api_requests(), 0, "nothing reached Coupa");
+    let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "coupa_proxy_client_body_timeouts_total",
+            &[("reason", "rate")]
+        ),
+        1.0
+    );
+    proxy.stop().await;
+}

@@ -116,6 +116,9 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         max_connections,
         release_idle_buffers_above,
         body_read_timeout,
+        min_body_rate,
+        min_rate_grace,
+        max_body_time,
         allow_unauthenticated,
         tls,
     } = file;
@@ -139,6 +142,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         ("listen.header_read_timeout", header_read_timeout),
         ("listen.keepalive_timeout", keepalive_timeout),
         ("listen.body_read_timeout", body_read_timeout),
+        ("listen.max_body_time", max_body_time),
     ])?;
     // hyper cannot read a request head into less than 8 KiB.
     if max_header_bytes < 8192 {
@@ -159,6 +163,9 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         max_connections,
         release_idle_buffers_above,
         body_read_timeout,
+        min_body_rate,
+        min_rate_grace,
+        max_body_time,
         allow_unauthenticated,
         tls,
     })

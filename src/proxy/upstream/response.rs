@@ -70,7 +70,7 @@ impl Body for ResponseBody {
         let mut this = self.project();
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.stall.progressed();
+                this.stall.progressed(0);
                 let ended = match &frame {
                     None => true,
                     Some(Ok(_)) => this.inner.is_end_stream(),
