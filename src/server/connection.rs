@@ -4,8 +4,9 @@
 //! A plain connection is HTTP/1.1 unless its first bytes are HTTP/2's
 //! preface (prior knowledge), told by peeking, so no byte is read before
 //! the framing guard sees it. HTTP/1.1 goes to [`super::park`]; HTTP/2 to
-//! hyper's HTTP/2 server; a client that sent only the start of something
-//! that may be the preface to hyper-util's sniffing builder. A TLS
+//! hyper's HTTP/2 server; bytes that start as the preface's request line
+//! (`PRI * HTTP/2.0`) and then go wrong are a broken HTTP/2 attempt and get
+//! the same SETTINGS + GOAWAY as on TLS, not an HTTP/1.1 400. A TLS
 //! connection speaks exactly what ALPN agreed: `h2` is HTTP/2 only (a bad
 //! preface gets a GOAWAY, as RFC 9113 §3.4 asks, not an HTTP/1.1 400),
 //! anything else HTTP/1.1 only.
@@ -30,25 +31,45 @@ use super::{BoxError, ConnectionService, Listener, ResponseBody};
 enum Sniffed {
     Http1,
     Http2,
-    /// Only a start of the HTTP/2 preface so far.
-    Unsure,
+    /// The preface's request line, then something else.
+    BrokenHttp2,
     Closed,
 }
 
 /// What every HTTP/2 client sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// No HTTP/1 request starts with the preface's request line.
+const H2_REQUEST_LINE: usize = b"PRI * HTTP/2.0".len();
+
+/// Peeks until the first bytes decide. Only a client that sent a start of
+/// the preface and paused is peeked again, a few milliseconds apart.
 async fn sniff(stream: &TcpStream, timeout: Duration) -> Result<Sniffed, BoxError> {
-    let mut first = [0u8; 24];
-    let n = tokio::time::timeout(timeout, stream.peek(&mut first))
-        .await
-        .map_err(|_| "client sent nothing within the header-read timeout")??;
-    Ok(match n {
-        0 => Sniffed::Closed,
-        _ if first[..n] != H2_PREFACE[..n] => Sniffed::Http1,
-        24 => Sniffed::Http2,
-        _ => Sniffed::Unsure,
+    tokio::time::timeout(timeout, async {
+        let mut first = [0u8; 24];
+        loop {
+            let n = stream.peek(&mut first).await?;
+            let matched = first[..n]
+                .iter()
+                .zip(H2_PREFACE)
+                .take_while(|(a, b)| a == b)
+                .count();
+            return Ok(match n {
+                0 => Sniffed::Closed,
+                _ if matched < n && matched >= H2_REQUEST_LINE => Sniffed::BrokenHttp2,
+                _ if matched < n => Sniffed::Http1,
+                24 => Sniffed::Http2,
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            });
+        }
     })
+    .await
+    .map_err(|_| {
+        "client sent neither a request nor an HTTP/2 preface within the header-read timeout"
+    })?
 }
 
 /// Serves one accepted connection with what its listener shares.
@@ -87,14 +108,7 @@ where
                 let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
                 Box::pin(watcher.watch(conn.into_owned())).await
             }
-            // Bytes have come, so no first-byte timer; hyper-util reads the
-            // rest of what may be the preface.
-            Sniffed::Unsure => {
-                let conn = builders
-                    .sniffing
-                    .serve_connection(TokioIo::new(io), service);
-                Box::pin(watcher.watch(conn.into_owned())).await
-            }
+            Sniffed::BrokenHttp2 => Box::pin(check_h2_preface(io)).await.map(drop),
         };
     };
     Box::pin(serve_tls(

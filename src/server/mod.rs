@@ -139,8 +139,6 @@ pub enum Drain {
 struct Builders {
     /// Plain HTTP/1.1 ([`park`]).
     http1: http1::Builder,
-    /// Plain connections that sent only a start of HTTP/2's preface.
-    sniffing: auto::Builder<TokioExecutor>,
     /// TLS without ALPN `h2`.
     h1_only: auto::Builder<TokioExecutor>,
     /// TLS with ALPN `h2`, and plain HTTP/2 by prior knowledge.
@@ -171,8 +169,7 @@ impl Builders {
         Self {
             http1,
             h1_only: builder.clone().http1_only(),
-            h2_only: builder.clone().http2_only(),
-            sniffing: builder,
+            h2_only: builder.http2_only(),
         }
     }
 }

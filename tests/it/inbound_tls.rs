@@ -190,20 +190,6 @@ async fn tls_exchange(proxy: &ProxyProcess, ca: &Ca, alpn: &[u8], bytes: &[u8]) 
     answer
 }
 
-/// HTTP/2 frames as (type, payload).
-fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    while bytes.len() >= 9 {
-        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
-        if bytes.len() < 9 + len {
-            break;
-        }
-        out.push((bytes[3], bytes[9..9 + len].to_vec()));
-        bytes = &bytes[9 + len..];
-    }
-    out
-}
-
 /// On TLS the protocol is the one ALPN agreed: after `h2` a bad preface
 /// gets a GOAWAY with PROTOCOL_ERROR (RFC 9113 §3.4), not an HTTP/1.1 400;
 /// after `http/1.1` an HTTP/2 preface is not taken as HTTP/2.

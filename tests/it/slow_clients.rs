@@ -351,3 +351,53 @@ async fn a_body_trickled_below_the_minimum_rate_gets_408_after_the_grace() {
     );
     proxy.stop().await;
 }
+
+/// On the cleartext port, bytes that start as HTTP/2's preface and then go
+/// wrong get what RFC 9113 §3.4 asks (SETTINGS, then GOAWAY with
+/// PROTOCOL_ERROR), as on TLS, not an HTTP/1.1 400 — also when the
+/// preface arrives in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_cleartext_http2_preface_gets_a_goaway() {
+    let (fake, proxy) = start_with_listen("").await;
+    for pieces in [
+        &[&b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"[..]][..],
+        &[&b"PRI * HT"[..], &b"TP/2.0\r\n\r\nBAD!\r\n\r\n"[..]][..],
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                // A pause inside the preface (the condition under test).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            stream.write_all(piece).await.unwrap();
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+            .await
+            .expect("the connection is closed")
+            .ok();
+        assert!(
+            !answer.starts_with(b"HTTP/1.1"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        let frames = frames(&answer);
+        assert_eq!(frames.first().map(|f| f.0), Some(0x4), "SETTINGS first");
+        let goaway = frames
+            .iter()
+            .find(|(kind, _)| *kind == 0x7)
+            .unwrap_or_else(|| panic!("no GOAWAY in {answer:?}"));
+        let code = u32::from_be_bytes(goaway.1[4..8].try_into().unwrap());
+        assert_eq!(code, 0x1, "PROTOCOL_ERROR");
+    }
+    // A real HTTP/2 client by prior knowledge is still served.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let answer = h2.get(proxy.url("/api/x")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+    assert_eq!(fake.state().api_requests(), 1);
+    proxy.stop().await;
+}

@@ -507,6 +507,20 @@ pub async fn read_response(
     .expect("a response within the deadline")
 }
 
+/// HTTP/2 frames as (type, payload).
+pub fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 9 {
+        let len = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+        if bytes.len() < 9 + len {
+            break;
+        }
+        out.push((bytes[3], bytes[9..9 + len].to_vec()));
+        bytes = &bytes[9 + len..];
+    }
+    out
+}
+
 /// The bearer token the fake received, from an echo.
 pub fn echoed_token(echo: &serde_json::Value) -> String {
     let headers = echoed_headers(echo);
