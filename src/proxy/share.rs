@@ -38,17 +38,11 @@ impl Share {
         self.cap
     }
 
-    /// A place under the cap, waiting up to `wait` for one; `on_wait` runs
-    /// once if the request has to queue.
-    pub async fn acquire(
-        &self,
-        wait: Duration,
-        on_wait: impl FnOnce(),
-    ) -> Result<OwnedSemaphorePermit, AtCap> {
+    /// A place under the cap, waiting up to `wait` for one.
+    pub async fn acquire(&self, wait: Duration) -> Result<OwnedSemaphorePermit, AtCap> {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        on_wait();
         match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; a timeout is the only way out.
@@ -73,7 +67,7 @@ impl Proxy {
         let inner = &*self.inner;
         match integration
             .share
-            .acquire(inner.connection_wait_timeout, || {})
+            .acquire(inner.connection_wait_timeout)
             .await
         {
             Ok(permit) => Ok(Some(permit)),
@@ -96,20 +90,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn past_its_cap_an_integration_waits_then_gives_up() {
         let share = Share::new(2);
-        let first = share.acquire(Duration::from_secs(5), || {}).await.unwrap();
-        let _second = share.acquire(Duration::from_secs(5), || {}).await.unwrap();
-        let mut waited = false;
+        let first = share.acquire(Duration::from_secs(5)).await.unwrap();
+        let _second = share.acquire(Duration::from_secs(5)).await.unwrap();
         let started = tokio::time::Instant::now();
-        let refused = share
-            .acquire(Duration::from_secs(5), || waited = true)
-            .await
-            .unwrap_err();
-        assert!(waited);
+        let refused = share.acquire(Duration::from_secs(5)).await.unwrap_err();
         assert_eq!(refused.cap, 2);
         assert_eq!(started.elapsed(), Duration::from_secs(5));
 
         // A place given back goes to the next request.
         drop(first);
-        assert!(share.acquire(Duration::from_secs(5), || {}).await.is_ok());
+        assert!(share.acquire(Duration::from_secs(5)).await.is_ok());
     }
 }
