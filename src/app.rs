@@ -315,6 +315,8 @@ async fn serve_proxy(
         server::Limits {
             header_read_timeout: config.listen.header_read_timeout,
             keepalive_timeout: config.listen.keepalive_timeout,
+            min_response_rate: config.listen.min_response_rate,
+            min_rate_grace: config.listen.min_rate_grace,
             max_header_bytes: config.listen.max_header_bytes,
             max_connections: config.listen.max_connections,
             release_idle_buffers_above: config.listen.release_idle_buffers_above,

@@ -34,6 +34,21 @@ pub struct UpstreamMetrics {
     pub wait_timeouts: Counter,
 }
 
+/// Answers held for slow clients (`proxy::spool`). Made here, updated by
+/// the request path.
+#[derive(Debug, Clone, Default)]
+pub struct SpoolMetrics {
+    /// Bytes of answers held in memory now.
+    pub memory_bytes: Gauge,
+    /// Temp files open now.
+    pub files: Gauge,
+    /// Bytes written to temp files.
+    pub spooled_bytes: Counter,
+    /// Answers that outgrew memory and temp file and then went at their
+    /// client's pace.
+    pub overflowed: Counter,
+}
+
 /// Token stores by credential name.
 pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
 
@@ -47,6 +62,8 @@ pub struct Metrics {
     pub upstream: UpstreamMetrics,
     /// Handed to the proxy listener, which updates them.
     pub client_connections: crate::server::ConnectionGauges,
+    /// Handed to the request path, which updates them.
+    pub spool: SpoolMetrics,
     /// Requests sent again after the server provably did not process them
     /// (GOAWAY, REFUSED_STREAM, a recycled keep-alive connection).
     pub retried_never_processed: Counter,
@@ -100,6 +117,32 @@ impl Metrics {
             "client_connections_parked",
             "Idle HTTP/1.1 client connections that gave their buffers back until their next request (listen.release_idle_buffers_above)",
             client_connections.parked.clone(),
+        );
+        registry.register(
+            "client_response_timeouts",
+            "Client connections closed because the client took an answer slower than listen.min_response_rate",
+            client_connections.send_timeouts.clone(),
+        );
+        let spool = SpoolMetrics::default();
+        registry.register(
+            "response_buffered_bytes",
+            "Bytes of Coupa's answers held in memory for clients that have not taken them yet (coupa.response_buffer each)",
+            spool.memory_bytes.clone(),
+        );
+        registry.register(
+            "response_spool_files",
+            "Temp files holding answers for slow clients now (coupa.spool_dir)",
+            spool.files.clone(),
+        );
+        registry.register(
+            "response_spooled_bytes",
+            "Bytes of Coupa's answers written to temp files for slow clients",
+            spool.spooled_bytes.clone(),
+        );
+        registry.register(
+            "response_spool_overflows",
+            "Answers larger than coupa.response_buffer + coupa.response_spool_limit taken by a slow client, which then held their Coupa connection",
+            spool.overflowed.clone(),
         );
         let open = Gauge::default();
         registry.register(
@@ -176,6 +219,7 @@ impl Metrics {
             in_flight,
             upstream,
             client_connections,
+            spool,
             retried_never_processed,
             retried_connection_failure,
             dropped_underscore_fields,

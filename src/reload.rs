@@ -278,6 +278,10 @@ fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
     );
     differ("listen.max_body_time", l.max_body_time == m.max_body_time);
     differ(
+        "listen.min_response_rate",
+        l.min_response_rate == m.min_response_rate,
+    );
+    differ(
         "listen.allow_unauthenticated",
         l.allow_unauthenticated == m.allow_unauthenticated,
     );
@@ -308,6 +312,14 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
     differ(
         "coupa.replay_body_limit",
         c.replay_body_limit == d.replay_body_limit,
+    );
+    differ(
+        "coupa.response_buffer",
+        c.response_buffer == d.response_buffer,
+    );
+    differ(
+        "coupa.response_spool_limit",
+        (c.response_spool_limit, &c.spool_dir) == (d.response_spool_limit, &d.spool_dir),
     );
     differ("coupa.http_version", c.http_version == d.http_version);
     differ(

@@ -146,6 +146,8 @@ pub(super) struct ListenFile {
     pub(super) min_rate_grace: Duration,
     #[serde(default = "default_max_body_time", with = "humantime_serde")]
     pub(super) max_body_time: Duration,
+    #[serde(default = "default_min_response_rate")]
+    pub(super) min_response_rate: u64,
     #[serde(default)]
     pub(super) allow_unauthenticated: bool,
     pub(super) tls: Option<ListenTlsFile>,
@@ -173,6 +175,7 @@ impl Default for ListenFile {
             min_body_rate: default_min_body_rate(),
             min_rate_grace: default_min_rate_grace(),
             max_body_time: default_max_body_time(),
+            min_response_rate: default_min_response_rate(),
             allow_unauthenticated: false,
             tls: None,
         }
@@ -196,6 +199,11 @@ pub(super) struct CoupaFile {
     pub(super) idle_timeout: Duration,
     #[serde(default = "default_replay_body_limit")]
     pub(super) replay_body_limit: usize,
+    #[serde(default = "default_response_buffer")]
+    pub(super) response_buffer: usize,
+    #[serde(default = "default_response_spool_limit")]
+    pub(super) response_spool_limit: u64,
+    pub(super) spool_dir: Option<PathBuf>,
     #[serde(default)]
     pub(super) http_version: HttpVersion,
     #[serde(default = "default_upstream_max_connections")]
@@ -299,6 +307,10 @@ fn default_min_body_rate() -> u64 {
     // is far above it; a trickle meant to hold a connection is not.
     240
 }
+fn default_min_response_rate() -> u64 {
+    // Kestrel's MinResponseDataRate, for the same reason.
+    240
+}
 fn default_min_rate_grace() -> Duration {
     Duration::from_secs(5)
 }
@@ -323,6 +335,13 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_replay_body_limit() -> usize {
     1024 * 1024
+}
+fn default_response_buffer() -> usize {
+    // Most Coupa answers (a page of 50 records) fit, so they cost no file.
+    256 * 1024
+}
+fn default_response_spool_limit() -> u64 {
+    64 * 1024 * 1024
 }
 fn default_rate_per_second() -> f64 {
     // Coupa's documented limit per instance.

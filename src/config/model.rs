@@ -145,6 +145,10 @@ pub struct Listen {
     pub min_rate_grace: Duration,
     /// A request body must be complete within this, else 408.
     pub max_body_time: Duration,
+    /// After `min_rate_grace` of waiting on a client, it must take an
+    /// answer at this many bytes a second on average (0: no minimum),
+    /// else its connection is closed.
+    pub min_response_rate: u64,
     /// Serve a non-loopback address without integrations (explicit opt-in).
     pub allow_unauthenticated: bool,
     /// Inbound TLS; plain HTTP when absent.
@@ -183,6 +187,13 @@ pub struct Coupa {
     /// Request bodies up to this size are kept while they stream, so the
     /// request can be replayed after a 401 or a stale connection.
     pub replay_body_limit: usize,
+    /// Of an answer the client has not taken yet, this much is held in
+    /// memory (Coupa's connection is freed meanwhile).
+    pub response_buffer: usize,
+    /// Beyond `response_buffer`, this much more goes to an unlinked temp
+    /// file in `spool_dir`; past it Coupa's answer waits for the client.
+    pub response_spool_limit: u64,
+    pub spool_dir: PathBuf,
     /// Which HTTP version requests to Coupa use.
     pub http_version: HttpVersion,
     /// HTTP/1.1 connections to the instance at most (idle and busy); past

@@ -80,6 +80,13 @@ impl Config {
             ),
             ("listen.max_body_time".into(), d(l.max_body_time)),
             (
+                "listen.min_response_rate".into(),
+                match l.min_response_rate {
+                    0 => "off".to_owned(),
+                    rate => format!("{rate} bytes/s after {}", d(l.min_rate_grace)),
+                },
+            ),
+            (
                 "listen.allow_unauthenticated".into(),
                 l.allow_unauthenticated.to_string(),
             ),
@@ -134,6 +141,20 @@ impl Config {
             (
                 "coupa.replay_body_limit".into(),
                 format!("{} bytes", c.replay_body_limit),
+            ),
+            (
+                "coupa.response_buffer".into(),
+                match c.response_buffer {
+                    0 => "off (answers stream at the client's pace)".to_owned(),
+                    bytes => format!("{bytes} bytes in memory per answer"),
+                },
+            ),
+            (
+                "coupa.response_spool_limit".into(),
+                match c.response_spool_limit {
+                    0 => "off (no temp files)".to_owned(),
+                    bytes => format!("{bytes} bytes per answer in {}", c.spool_dir.display()),
+                },
             ),
             ("coupa.http_version".into(), c.http_version.as_str().into()),
             (

@@ -322,6 +322,7 @@ pub struct FakeCoupa {
     addr: SocketAddr,
     tls: bool,
     state: Arc<FakeState>,
+    connections: crate::server::ConnectionGauges,
     shutdown: CancellationToken,
 }
 
@@ -356,6 +357,7 @@ impl FakeCoupa {
         let tls = options.tls.map(TlsAcceptor::from);
         let is_tls = tls.is_some();
         let served = state.clone();
+        let connections = crate::server::ConnectionGauges::default();
         tokio::spawn(crate::server::serve(
             listener,
             tls,
@@ -365,6 +367,7 @@ impl FakeCoupa {
             },
             crate::server::Limits {
                 max_connections: 100_000,
+                gauges: connections.clone(),
                 ..Default::default()
             },
             shutdown.clone(),
@@ -374,6 +377,7 @@ impl FakeCoupa {
             addr,
             tls: is_tls,
             state,
+            connections,
             shutdown,
         })
     }
@@ -390,6 +394,11 @@ impl FakeCoupa {
 
     pub fn state(&self) -> &FakeState {
         &self.state
+    }
+
+    /// Connections open to the fake now (the proxy's upstream ones).
+    pub fn open_connections(&self) -> i64 {
+        self.connections.open.get()
     }
 }
 

@@ -15,7 +15,9 @@
 //!    a few times), or once after a connection failure (idempotent only).
 //! 4. `on_rejected_token` ([`rejected`]): Coupa answered 401, so fetch a
 //!    new token (once for a whole burst) and replay the request once.
-//! 5. `response_filter`: hop-by-hop removal, stall guard on the body.
+//! 5. `response_filter`: hop-by-hop removal, stall guard on the body, and
+//!    the answer taken off Coupa's connection ahead of the client
+//!    ([`spool`]).
 //! 6. `log` ([`log`]): one access line, and the request counted in the
 //!    migration view ([`crate::insight`]).
 //!
@@ -33,6 +35,7 @@ mod rejected;
 mod rewrite;
 mod send;
 mod share;
+mod spool;
 mod stall;
 pub mod upstream;
 
@@ -60,12 +63,14 @@ pub use headers::{ClientInfo, RewriteRules};
 use log::Handled;
 use ratelimit::Limiter;
 use rewrite::Outgoing;
+use spool::Answer;
+pub use spool::SpoolSettings;
 pub use stall::BodyTimeout;
 pub use upstream::UpstreamClient;
 use upstream::{Leased, ResponseBody};
 
-/// Response body: Coupa's streamed through, or one the proxy wrote itself.
-pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
+/// Response body: Coupa's answer, or one the proxy wrote itself.
+pub type ProxyBody = Either<Answer, Full<Bytes>>;
 
 /// Where requests go and how they are rewritten. Cheap to clone.
 #[derive(Clone)]
@@ -105,6 +110,8 @@ struct Inner {
     /// What a whole request body must keep up.
     body_pace: stall::Pace,
     replay_body_limit: usize,
+    /// How Coupa's answers are held for slow clients.
+    spool: Arc<SpoolSettings>,
     rate_limiter: Option<Limiter>,
     metrics: Arc<Metrics>,
     insight: Arc<Insight>,
@@ -186,6 +193,12 @@ impl Proxy {
                     total: config.listen.max_body_time,
                 },
                 replay_body_limit: coupa.replay_body_limit,
+                spool: Arc::new(SpoolSettings {
+                    memory: coupa.response_buffer,
+                    file_limit: coupa.response_spool_limit,
+                    dir: coupa.spool_dir.clone(),
+                    metrics: metrics.spool.clone(),
+                }),
                 rate_limiter,
                 metrics,
                 insight,
@@ -299,16 +312,17 @@ impl Proxy {
                 None => return Ok(rejected),
             }
         }
-        Ok(self.response_filter(leased, share))
+        self.response_filter(leased, share).await
     }
 
-    /// Phase 5: Coupa's answer for the client; a 429 also slows the rate
+    /// Phase 5: Coupa's answer for the client, taken off its connection
+    /// as far as `coupa.response_buffer` allows; a 429 also slows the rate
     /// limit down.
-    fn response_filter(
+    async fn response_filter(
         &self,
         leased: Leased,
         share: Option<OwnedSemaphorePermit>,
-    ) -> Response<ProxyBody> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
         if leased.response.status() == StatusCode::TOO_MANY_REQUESTS {
             if let Some(limiter) = &inner.rate_limiter {
@@ -318,14 +332,16 @@ impl Proxy {
         }
         let (mut parts, body) = leased.response.into_parts();
         headers::rewrite_response(&mut parts.headers);
-        Response::from_parts(
-            parts,
-            Either::Left(ResponseBody::new(
-                body,
-                inner.idle_timeout,
-                leased.lease,
-                share,
-            )),
-        )
+        let body = ResponseBody::new(body, inner.idle_timeout, leased.lease, share);
+        match Answer::take(body, &inner.spool).await {
+            Ok(answer) => Ok(Response::from_parts(parts, Either::Left(answer))),
+            Err(broken) if broken.is::<upstream::IdleTimeout>() => {
+                Err(ProxyError::Timeout(broken.to_string()))
+            }
+            Err(broken) => Err(ProxyError::Upstream(format!(
+                "Coupa's answer broke off: {}",
+                crate::token::client::error_chain(&*broken)
+            ))),
+        }
     }
 }

@@ -91,13 +91,15 @@ where
         builders,
         max_head,
         first_byte_timeout,
+        send_pace,
         policy,
         shutdown,
     } = listener;
     let Some(acceptor) = tls else {
         // The other ways are boxed: a connection's task is sized for its
         // largest state, and a parked HTTP/1.1 connection should be small.
-        let io = FramingGuard::new(stream, *max_head, verdicts.clone());
+        let io = FramingGuard::new(stream, *max_head, verdicts.clone())
+            .with_send_pace(send_pace.as_ref());
         return match sniff(io.get_ref(), *first_byte_timeout).await? {
             Sniffed::Closed => Ok(()),
             Sniffed::Http1 => {
@@ -133,6 +135,7 @@ where
         builders,
         max_head,
         first_byte_timeout,
+        send_pace,
         ..
     } = listener;
     let (max_head, first_byte_timeout) = (*max_head, *first_byte_timeout);
@@ -141,6 +144,7 @@ where
         .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
     if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
         let io = FramingGuard::new(stream, max_head, verdicts)
+            .with_send_pace(send_pace.as_ref())
             .with_first_byte_timeout(first_byte_timeout)
             .with_head_timeout(first_byte_timeout);
         let conn = builders.h1_only.serve_connection(TokioIo::new(io), service);
@@ -149,7 +153,7 @@ where
     let stream = tokio::time::timeout(first_byte_timeout, check_h2_preface(stream))
         .await
         .map_err(|_| "no HTTP/2 connection preface within the header-read timeout")??;
-    let io = FramingGuard::new(stream, max_head, verdicts);
+    let io = FramingGuard::new(stream, max_head, verdicts).with_send_pace(send_pace.as_ref());
     let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
     watcher.watch(conn.into_owned()).await
 }

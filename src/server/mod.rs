@@ -10,6 +10,7 @@
 
 mod connection;
 mod park;
+mod send_pace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -80,6 +82,10 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long an idle keep-alive connection stays open.
     pub keepalive_timeout: Duration,
+    /// Once the server has waited this long on a client taking an answer,
+    /// the client must average `min_response_rate` bytes/s (0: no minimum).
+    pub min_response_rate: u64,
+    pub min_rate_grace: Duration,
     /// Largest request head; HTTP/1 answers 431 beyond it.
     pub max_header_bytes: usize,
     /// Open connections beyond this get a 503 and are closed.
@@ -98,6 +104,8 @@ pub struct ConnectionGauges {
     pub open: Gauge,
     /// Idle connections holding no HTTP buffers now ([`park`]).
     pub parked: Gauge,
+    /// Connections closed for taking an answer too slowly.
+    pub send_timeouts: Counter,
 }
 
 impl Default for Limits {
@@ -105,6 +113,8 @@ impl Default for Limits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(120),
+            min_response_rate: 0,
+            min_rate_grace: Duration::from_secs(5),
             max_header_bytes: 64 * 1024,
             max_connections: 1024,
             release_idle_buffers_above: 128,
@@ -181,6 +191,8 @@ struct Listener {
     max_head: usize,
     /// A client must start (send a byte, finish the TLS handshake) within this.
     first_byte_timeout: Duration,
+    /// What a client must keep up taking answers; none: no minimum.
+    send_pace: Option<Arc<send_pace::SendPace>>,
     policy: ParkPolicy,
     shutdown: CancellationToken,
 }
@@ -206,6 +218,13 @@ where
         builders: Builders::new(&limits),
         max_head: limits.max_header_bytes,
         first_byte_timeout: limits.header_read_timeout,
+        send_pace: (limits.min_response_rate > 0).then(|| {
+            Arc::new(send_pace::SendPace {
+                min_rate: limits.min_response_rate,
+                grace: limits.min_rate_grace,
+                timeouts: limits.gauges.send_timeouts.clone(),
+            })
+        }),
         policy: ParkPolicy {
             above: i64::try_from(limits.release_idle_buffers_above).unwrap_or(i64::MAX),
             keep_alive: limits.keepalive_timeout,

@@ -31,6 +31,7 @@ mod rotation;
 mod secrets;
 mod shutdown;
 mod slow_clients;
+mod slow_readers;
 mod streaming;
 mod tls;
 mod token_cli;

@@ -241,7 +241,15 @@ async fn slow_upstream_gets_504_after_the_response_header_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_response_body_is_aborted_not_left_hanging() {
     let (_fake, proxy) = start_with("idle_timeout = \"300ms\"", "").await;
+    // Small enough to be read whole before the client sees anything: the
+    // client is told plainly.
     let response = get(proxy.url("/api/_stall?bytes=5000")).await;
+    assert_eq!(response.status(), 504);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "upstream_timeout", "{answer}");
+    // Larger than coupa.response_buffer: its head went out first, so the
+    // body must end in an error, not look complete.
+    let response = get(proxy.url("/api/_stall?bytes=500000")).await;
     assert_eq!(response.status(), 200);
     let body = tokio::time::timeout(DEADLINE, response.bytes())
         .await
@@ -257,6 +265,10 @@ async fn stalled_response_body_is_aborted_not_left_hanging() {
 async fn broken_upstream_body_aborts_the_client_response() {
     let (_fake, proxy) = start_pair(DAY).await;
     let response = get(proxy.url("/api/_broken?bytes=100000")).await;
+    assert_eq!(response.status(), 502, "read whole, so told plainly");
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "upstream_error", "{answer}");
+    let response = get(proxy.url("/api/_broken?bytes=1000000")).await;
     assert_eq!(response.status(), 200);
     assert!(
         response.bytes().await.is_err(),

@@ -7,7 +7,7 @@
 mod cluster;
 mod integrations;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
@@ -119,6 +119,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         min_body_rate,
         min_rate_grace,
         max_body_time,
+        min_response_rate,
         allow_unauthenticated,
         tls,
     } = file;
@@ -166,6 +167,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         min_body_rate,
         min_rate_grace,
         max_body_time,
+        min_response_rate,
         allow_unauthenticated,
         tls,
     })
@@ -182,6 +184,9 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         response_header_timeout,
         idle_timeout,
         replay_body_limit,
+        response_buffer,
+        response_spool_limit,
+        spool_dir,
         http_version,
         max_connections,
         connection_wait_timeout,
@@ -241,11 +246,30 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         response_header_timeout,
         idle_timeout,
         replay_body_limit,
+        response_buffer,
+        response_spool_limit,
+        spool_dir: spool_directory(spool_dir, base_dir)?,
         http_version,
         max_connections,
         connection_wait_timeout,
         rate_limit: rate_limit.map(validate_rate_limit).transpose()?,
     })
+}
+
+/// Where answers beyond `coupa.response_buffer` are spooled: a directory
+/// that exists when given, else the system's temp directory.
+fn spool_directory(dir: Option<PathBuf>, base_dir: &Path) -> Result<PathBuf, ConfigError> {
+    let Some(dir) = dir else {
+        return Ok(std::env::temp_dir());
+    };
+    let dir = base_dir.join(dir);
+    if !dir.is_dir() {
+        return Err(invalid(
+            "coupa.spool_dir",
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    Ok(dir)
 }
 
 fn validate_rate_limit(file: RateLimitFile) -> Result<RateLimit, ConfigError> {

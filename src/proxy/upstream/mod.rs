@@ -46,7 +46,7 @@ use super::body::UpstreamBody;
 use crate::background::Background;
 use crate::config::{Coupa, HttpVersion};
 pub use counting::{Counted, Counting};
-pub use response::ResponseBody;
+pub use response::{IdleTimeout, ResponseBody};
 
 use crate::metrics::UpstreamMetrics;
 

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::scan::{scan, Phase};
 use super::ConnectionGuard;
+use crate::server::send_pace::{SendPace, SendWatch};
 
 pin_project_lite::pin_project! {
     /// Wraps a connection's transport; see the module docs.
@@ -40,6 +41,8 @@ pin_project_lite::pin_project! {
         // Bytes already read (and scanned) that a new hyper session must
         // see first.
         replay: Bytes,
+        // The client must take answers at its minimum rate.
+        send_watch: Option<SendWatch>,
     }
 }
 
@@ -57,6 +60,13 @@ impl<IO> FramingGuard<IO> {
         self
     }
 
+    /// Closes the connection when the client takes what is written to it
+    /// slower than `pace` (none: no minimum).
+    pub fn with_send_pace(mut self, pace: Option<&Arc<SendPace>>) -> Self {
+        self.send_watch = pace.map(|pace| SendWatch::new(pace.clone()));
+        self
+    }
+
     pub fn new(inner: IO, max_head: usize, verdicts: Arc<ConnectionGuard>) -> Self {
         Self {
             inner,
@@ -69,6 +79,7 @@ impl<IO> FramingGuard<IO> {
             max_head,
             verdicts,
             replay: Bytes::new(),
+            send_watch: None,
         }
     }
 
@@ -181,6 +192,22 @@ fn note_write<T>(verdicts: &ConnectionGuard, written: Poll<io::Result<T>>) -> Po
     written
 }
 
+/// Holds a write that found the socket full to the client's pace.
+fn pace_write(
+    watch: &mut Option<SendWatch>,
+    cx: &mut Context<'_>,
+    written: Poll<io::Result<usize>>,
+) -> Poll<io::Result<usize>> {
+    if let Some(watch) = watch {
+        match &written {
+            Poll::Ready(Ok(bytes)) => watch.written(*bytes),
+            Poll::Pending => return watch.waiting(cx).map(Err),
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+    written
+}
+
 impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -188,7 +215,8 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        note_write(this.verdicts, this.inner.poll_write(cx, data))
+        let written = this.inner.poll_write(cx, data);
+        note_write(this.verdicts, pace_write(this.send_watch, cx, written))
     }
 
     fn poll_write_vectored(
@@ -197,7 +225,8 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        note_write(this.verdicts, this.inner.poll_write_vectored(cx, bufs))
+        let written = this.inner.poll_write_vectored(cx, bufs);
+        note_write(this.verdicts, pace_write(this.send_watch, cx, written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -206,7 +235,19 @@ impl<IO: AsyncWrite> AsyncWrite for FramingGuard<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        note_write(this.verdicts, this.inner.poll_flush(cx))
+        let flushed = this.inner.poll_flush(cx);
+        if let Some(watch) = this.send_watch {
+            match &flushed {
+                Poll::Ready(Ok(())) => watch.flushed(),
+                Poll::Pending => {
+                    if let Poll::Ready(error) = watch.waiting(cx) {
+                        return Poll::Ready(Err(error));
+                    }
+                }
+                Poll::Ready(Err(_)) => {}
+            }
+        }
+        note_write(this.verdicts, flushed)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,0 +1,469 @@
+//! Coupa's answer taken off its connection ahead of the client, so a
+//! client that reads slowly holds only its own connection, never one to
+//! Coupa (nginx's `proxy_buffering`).
+//!
+//! - An answer of known length up to `coupa.response_buffer` is read whole
+//!   before its headers go to the client: no task, no lock, and the
+//!   connection is back in the pool before the client sees a byte.
+//! - A larger (or chunked) answer gets a task of its own that reads it
+//!   into memory up to `coupa.response_buffer`, then into an unlinked temp
+//!   file in `coupa.spool_dir` up to `coupa.response_spool_limit`, while
+//!   the client drains it. Past both, the task waits for the client:
+//!   Coupa's answer then streams at the client's pace, as without a spool.
+//! - `coupa.response_buffer = 0` streams every answer at the client's pace.
+//!
+//! Coupa's connection (and the integration's place under its
+//! `max_concurrent`) is released by [`ResponseBody`] when its last byte is
+//! read, which is now when Coupa has sent it, not when the client has
+//! taken it. The client must still take it: `listen.min_response_rate` is
+//! enforced on its socket by the server.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use super::upstream::ResponseBody;
+use crate::metrics::SpoolMetrics;
+use crate::BoxError;
+
+/// How much of an answer may be held, and where.
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    /// Bytes held in memory per answer; 0: no read-ahead at all.
+    pub memory: usize,
+    /// Bytes per answer in a temp file beyond `memory`; 0: no temp file.
+    pub file_limit: u64,
+    pub dir: PathBuf,
+    pub metrics: SpoolMetrics,
+}
+
+/// Largest piece read back from a temp file at once.
+const FILE_READ_CHUNK: usize = 64 * 1024;
+
+/// Coupa's answer as the client reads it.
+pub enum Answer {
+    /// Read whole before the headers went out.
+    Held(Held),
+    /// Read ahead by a task of its own.
+    Spooled(SpoolReader),
+    /// At the client's pace (`coupa.response_buffer = 0`).
+    Streamed(ResponseBody),
+}
+
+impl Answer {
+    /// Takes Coupa's answer off its connection as the settings allow. An
+    /// answer read whole that broke off is an error: nothing of it has
+    /// gone to the client yet, so the client can be told plainly.
+    pub async fn take(
+        body: ResponseBody,
+        settings: &Arc<SpoolSettings>,
+    ) -> Result<Answer, BoxError> {
+        if settings.memory == 0 {
+            return Ok(Answer::Streamed(body));
+        }
+        Ok(match body.size_hint().exact() {
+            Some(size) if size <= settings.memory as u64 => {
+                let mut held = Held::read_whole(body, size).await;
+                if let Some(End::Failed(_)) = held.end {
+                    if let Some(End::Failed(error)) = held.end.take() {
+                        return Err(error);
+                    }
+                }
+                Answer::Held(held)
+            }
+            _ => Answer::Spooled(SpoolReader::spawn(body, settings.clone())),
+        })
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Answer::Held(held) => Poll::Ready(held.next_frame()),
+            Answer::Spooled(reader) => reader.poll_next(cx),
+            Answer::Streamed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Answer::Held(held) => held.is_empty(),
+            Answer::Spooled(reader) => reader.done,
+            Answer::Streamed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Answer::Held(held) => SizeHint::with_exact(held.remaining),
+            Answer::Spooled(reader) => match reader.remaining {
+                Some(exact) => SizeHint::with_exact(exact),
+                None => SizeHint::new(),
+            },
+            Answer::Streamed(body) => body.size_hint(),
+        }
+    }
+}
+
+/// How Coupa's answer ended.
+enum End {
+    Complete(Option<HeaderMap>),
+    Failed(BoxError),
+}
+
+impl End {
+    fn into_frame(self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        match self {
+            End::Complete(trailers) => trailers.map(|t| Ok(Frame::trailers(t))),
+            End::Failed(error) => Some(Err(error)),
+        }
+    }
+}
+
+/// The next frame of Coupa's answer, or how it ended.
+async fn next_frame(body: &mut ResponseBody) -> Result<Bytes, End> {
+    loop {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
+        match frame {
+            None => return Err(End::Complete(None)),
+            Some(Err(error)) => return Err(End::Failed(error)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if data.is_empty() => continue,
+                Ok(data) => return Ok(data),
+                Err(frame) => return Err(End::Complete(frame.into_trailers().ok())),
+            },
+        }
+    }
+}
+
+/// An answer read whole: its pieces, then how it ended.
+pub struct Held {
+    chunks: VecDeque<Bytes>,
+    end: Option<End>,
+    remaining: u64,
+}
+
+impl Held {
+    async fn read_whole(mut body: ResponseBody, size: u64) -> Held {
+        let mut chunks = VecDeque::new();
+        let end = loop {
+            match next_frame(&mut body).await {
+                Ok(data) => chunks.push_back(data),
+                Err(end) => break end,
+            }
+        };
+        Held {
+            chunks,
+            end: Some(end),
+            remaining: size,
+        }
+    }
+
+    fn next_frame(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
+        if let Some(data) = self.chunks.pop_front() {
+            self.remaining = self.remaining.saturating_sub(data.len() as u64);
+            return Some(Ok(Frame::data(data)));
+        }
+        self.end.take()?.into_frame()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && matches!(self.end, None | Some(End::Complete(None)))
+    }
+}
+
+/// A piece of a spooled answer, in order.
+enum Segment {
+    Memory(Bytes),
+    File { offset: u64, len: usize },
+}
+
+/// What the task and the client's body share.
+struct Spool {
+    state: Mutex<State>,
+    settings: Arc<SpoolSettings>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Segment>,
+    in_memory: usize,
+    file: Option<Arc<File>>,
+    /// Bytes written to the temp file (it only grows).
+    spilled: u64,
+    /// The temp file could not be made or written: memory only from then.
+    file_failed: bool,
+    end: Option<End>,
+    /// The client's body waits for a segment.
+    reader: Option<Waker>,
+    /// The task waits for room.
+    writer: Option<Waker>,
+    /// The answer outgrew memory and file once (counted once).
+    overflowed: bool,
+}
+
+impl Spool {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held leaves nothing half-done that
+        // matters here: the queue is consistent after every statement.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, segment: Segment) {
+        let mut state = self.state();
+        // The file only grows, so a file piece after a file piece is its
+        // continuation.
+        match (state.queue.back_mut(), segment) {
+            (Some(Segment::File { len, .. }), Segment::File { len: more, .. }) => {
+                *len += more;
+            }
+            (_, segment) => state.queue.push_back(segment),
+        }
+        if let Some(reader) = state.reader.take() {
+            reader.wake();
+        }
+    }
+
+    fn end(&self, end: End) {
+        let mut state = self.state();
+        state.end = Some(end);
+        if let Some(reader) = state.reader.take() {
+            reader.wake();
+        }
+    }
+
+    /// Keeps `data` in memory if there is room, else says where it goes.
+    fn place(&self, data: &Bytes, cx: &mut Context<'_>) -> Poll<Placed> {
+        let settings = &self.settings;
+        let mut state = self.state();
+        let len = data.len();
+        if state.in_memory == 0 || state.in_memory + len <= settings.memory {
+            state.in_memory += len;
+            settings.metrics.memory_bytes.inc_by(len as i64);
+            drop(state);
+            self.push(Segment::Memory(data.clone()));
+            return Poll::Ready(Placed::Memory);
+        }
+        if !state.file_failed && state.spilled + len as u64 <= settings.file_limit {
+            return Poll::Ready(Placed::File {
+                file: state.file.clone(),
+                offset: state.spilled,
+            });
+        }
+        if !state.overflowed {
+            state.overflowed = true;
+            settings.metrics.overflowed.inc();
+        }
+        state.writer = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Writes `data` at the end of the temp file, making it first if need
+    /// be; false if that failed (the answer then stays in memory).
+    async fn spill(&self, data: Bytes, file: Option<Arc<File>>, offset: u64) -> bool {
+        let dir = self.settings.dir.clone();
+        let len = data.len() as u64;
+        let written = tokio::task::spawn_blocking(move || -> io::Result<Arc<File>> {
+            let file = match file {
+                Some(file) => file,
+                None => Arc::new(tempfile::tempfile_in(&dir)?),
+            };
+            file.write_all_at(&data, offset)?;
+            Ok(file)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|written| written);
+        let metrics = &self.settings.metrics;
+        let mut state = self.state();
+        match written {
+            Ok(file) => {
+                if state.file.is_none() {
+                    metrics.files.inc();
+                    state.file = Some(file);
+                }
+                state.spilled = offset + len;
+                true
+            }
+            Err(error) => {
+                state.file_failed = true;
+                tracing::warn!(
+                    dir = %self.settings.dir.display(),
+                    %error,
+                    "cannot spool an answer to a temp file (coupa.spool_dir); it waits for its client instead"
+                );
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let state = self.state();
+        let metrics = &self.settings.metrics;
+        metrics.memory_bytes.dec_by(state.in_memory as i64);
+        if state.file.is_some() {
+            metrics.files.dec();
+        }
+    }
+}
+
+/// Where the task put a piece of the answer.
+enum Placed {
+    Memory,
+    File {
+        file: Option<Arc<File>>,
+        offset: u64,
+    },
+}
+
+/// Reads Coupa's answer into the spool until it ends or the client is gone.
+async fn pump(mut body: ResponseBody, spool: Arc<Spool>) {
+    loop {
+        let data = match next_frame(&mut body).await {
+            Ok(data) => data,
+            Err(end) => return spool.end(end),
+        };
+        loop {
+            match std::future::poll_fn(|cx| spool.place(&data, cx)).await {
+                Placed::Memory => break,
+                Placed::File { file, offset } => {
+                    let len = data.len();
+                    if spool.spill(data.clone(), file, offset).await {
+                        spool.settings.metrics.spooled_bytes.inc_by(len as u64);
+                        spool.push(Segment::File { offset, len });
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The client's side of a spooled answer.
+pub struct SpoolReader {
+    spool: Arc<Spool>,
+    /// A piece being read back from the temp file.
+    reading: Option<JoinHandle<io::Result<Bytes>>>,
+    pump: AbortHandle,
+    /// What is left to send, when Coupa said its length.
+    remaining: Option<u64>,
+    done: bool,
+}
+
+impl SpoolReader {
+    fn spawn(body: ResponseBody, settings: Arc<SpoolSettings>) -> Self {
+        let remaining = body.size_hint().exact();
+        let spool = Arc::new(Spool {
+            state: Mutex::new(State::default()),
+            settings,
+        });
+        let pump = tokio::spawn(pump(body, spool.clone())).abort_handle();
+        SpoolReader {
+            spool,
+            reading: None,
+            pump,
+            remaining,
+            done: false,
+        }
+    }
+
+    fn data(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(remaining) = &mut self.remaining {
+            *remaining = remaining.saturating_sub(data.len() as u64);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(reading) = &mut self.reading {
+                let read = ready!(Pin::new(reading).poll(cx));
+                self.reading = None;
+                return match read.map_err(io::Error::other).and_then(|read| read) {
+                    Ok(data) => self.data(data),
+                    Err(error) => {
+                        self.done = true;
+                        Poll::Ready(Some(Err(error.into())))
+                    }
+                };
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let mut state = self.spool.state();
+            match state.queue.pop_front() {
+                Some(Segment::Memory(data)) => {
+                    state.in_memory -= data.len();
+                    self.spool
+                        .settings
+                        .metrics
+                        .memory_bytes
+                        .dec_by(data.len() as i64);
+                    if let Some(writer) = state.writer.take() {
+                        writer.wake();
+                    }
+                    drop(state);
+                    return self.data(data);
+                }
+                Some(Segment::File { offset, len }) => {
+                    let piece = len.min(FILE_READ_CHUNK);
+                    if piece < len {
+                        state.queue.push_front(Segment::File {
+                            offset: offset + piece as u64,
+                            len: len - piece,
+                        });
+                    }
+                    let Some(file) = state.file.clone() else {
+                        self.done = true;
+                        return Poll::Ready(Some(Err("spooled answer lost its temp file".into())));
+                    };
+                    drop(state);
+                    self.reading = Some(tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; piece];
+                        file.read_exact_at(&mut buf, offset)?;
+                        Ok(Bytes::from(buf))
+                    }));
+                }
+                None => match state.end.take() {
+                    Some(end) => {
+                        self.done = true;
+                        return Poll::Ready(end.into_frame());
+                    }
+                    None => {
+                        state.reader = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Drop for SpoolReader {
+    fn drop(&mut self) {
+        // The client is gone: stop reading Coupa's answer (its connection
+        // closes unless the answer was complete already).
+        self.pump.abort();
+    }
+}
