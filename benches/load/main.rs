@@ -171,9 +171,12 @@ fn main() {
         .iter()
         .any(|v| v.budget == targets::Budget::Shared && wanted("BENCH_TARGETS", v.name))
         .then(|| targets::start_redis(&work));
-    let variants: Vec<Target> = VARIANTS
-        .iter()
+    let wanted_variants: Vec<Variant> = VARIANTS
+        .into_iter()
         .filter(|v| wanted("BENCH_TARGETS", v.name))
+        .collect();
+    let variants: Vec<Target> = wanted_variants
+        .iter()
         .map(|v| start_proxy(&plain, &work, *v))
         .collect();
 
@@ -194,9 +197,13 @@ fn main() {
             let mut order: Vec<&Target> = pool.iter().collect();
             let shift = round % order.len().max(1);
             order.rotate_left(shift);
-            if scenario.name == "h1-c50-1k" {
-                order.extend(variants.iter());
-            }
+            order.extend(
+                wanted_variants
+                    .iter()
+                    .zip(&variants)
+                    .filter(|(v, _)| v.scenario == scenario.name)
+                    .map(|(_, target)| target),
+            );
             for target in order {
                 let sample = measure(target, scenario, seconds, &work);
                 eprintln!(

@@ -201,6 +201,11 @@ pub struct Variant {
     /// `[coupa.rate_limit]` (set far above the load, so only its cost
     /// shows), local or shared through a redis-server.
     pub budget: Budget,
+    /// `coupa.response_buffer = 0`: answers stream at the client's pace
+    /// instead of being taken off Coupa's connection first.
+    pub stream: bool,
+    /// The scenario a variant is compared in.
+    pub scenario: &'static str,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -219,10 +224,12 @@ pub const PROXY: Variant = Variant {
     log: false,
     flavor: "auto",
     budget: Budget::Off,
+    stream: false,
+    scenario: "h1-c50-1k",
 };
 
-/// Compared in the 50-connection scenario only.
-pub const VARIANTS: [Variant; 4] = [
+/// Each compared in its own scenario only.
+pub const VARIANTS: [Variant; 5] = [
     Variant {
         name: "proxy+log",
         log: true,
@@ -241,6 +248,12 @@ pub const VARIANTS: [Variant; 4] = [
     Variant {
         name: "proxy+cluster",
         budget: Budget::Shared,
+        ..PROXY
+    },
+    Variant {
+        name: "proxy+stream",
+        stream: true,
+        scenario: "h1-c16-64k",
         ..PROXY
     },
 ];
@@ -330,6 +343,8 @@ pub fn start_proxy_with(
         log,
         flavor,
         budget,
+        stream,
+        scenario: _,
     } = variant;
     let port = free_port();
     let admin = free_port();
@@ -349,7 +364,7 @@ accept = "application/json"
 # HAProxy targets (the default cap of 32 would queue the 50- and
 # 64-connection rows).
 max_connections = 128
-[oauth]
+{stream}[oauth]
 client_id = "{CLIENT_ID}"
 client_secret = "{CLIENT_SECRET}"
 scopes = ["core.common.read"]
@@ -362,6 +377,7 @@ watch_interval = "0s"
 flavor = "{flavor}"
 {budget}"#,
             budget = budget_config(budget, &dir),
+            stream = if stream { "response_buffer = 0\n" } else { "" },
             base_url = upstream.base_url(),
             ca_file = upstream
                 .ca_file

@@ -32,6 +32,7 @@ mod secrets;
 mod shutdown;
 mod slow_clients;
 mod slow_readers;
+mod slowhttptest;
 mod streaming;
 mod tls;
 mod token_cli;
