@@ -36,10 +36,10 @@ fn client_headers() -> HeaderMap {
 fn bench_rewrite(c: &mut Criterion) {
     let rules = RewriteRules {
         upstream_host: HeaderValue::from_static("acme.coupahost.com"),
-        default_accept: HeaderValue::from_static("application/json"),
         forwarded_proto: HeaderValue::from_static("http"),
     };
     let client = ClientInfo::new("127.0.0.1".parse().unwrap());
+    let accept = HeaderValue::from_static("application/xml");
     // A Coupa JWT with a handful of scopes is well over a kilobyte.
     let bearer = {
         let mut v = HeaderValue::from_str(&format!("Bearer {}", "x".repeat(1200))).unwrap();
@@ -50,7 +50,7 @@ fn bench_rewrite(c: &mut Criterion) {
         b.iter_batched_ref(
             client_headers,
             |headers| {
-                rewrite_request(headers, None, &rules, bearer.clone(), &client);
+                rewrite_request(headers, None, &rules, &accept, bearer.clone(), &client);
                 black_box(headers);
             },
             BatchSize::SmallInput,

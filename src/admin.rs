@@ -355,6 +355,25 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
         cell(&i["first_seen"]),
         cell(&i["last_seen"]),
     );
+    let relied: Vec<String> = i["default_accept"]["relied_on"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+        .map(|(format, n)| format!("{n} {}", crate::encode::html(format)))
+        .collect();
+    if let Some(given) = i["default_accept"]["given"].as_str() {
+        let _ = write!(
+            html,
+            "<p>requests without Accept are given {}; sent without Accept: {}</p>",
+            crate::encode::html(given),
+            if relied.is_empty() {
+                "none".to_owned()
+            } else {
+                relied.join(", ")
+            },
+        );
+    }
     for flag in i["flags"].as_array().into_iter().flatten() {
         let _ = write!(
             html,

@@ -92,7 +92,6 @@ shutdown_grace = "2s"
 
 [coupa]
 base_url = "{base}"
-accept = "application/json"
 
 [oauth]
 client_id = "{DEMO_CLIENT_ID}"
@@ -129,7 +128,8 @@ address = "{admin_addr}"
          \n  curl -s -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' 'http://{proxy_addr}/api/invoices?limit=1&offset=0'\n\
          \nThe fake Coupa answers with what it received: no X-COUPA-API-KEY, an\
          \n`authorization: Bearer fake.…` header with the token the proxy fetched,\
-         \n`accept: application/json`, `host` set to the instance and X-Forwarded-*.\
+         \n`accept: application/xml` (what Coupa answers a call without Accept, as a\
+         \nlegacy integration expects), `host` set to the instance and X-Forwarded-*.\
          \nThe same call without the proxy would be rejected with 401:\n\
          \n  curl -s -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' '{base}/api/invoices'\n\
          \nA tool that fetches its own token asks the proxy, which answers with a\

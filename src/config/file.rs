@@ -95,6 +95,9 @@ pub(super) struct IntegrationFile {
     pub(super) credential: String,
     /// Requests of this integration at Coupa at once; past it they wait.
     pub(super) max_concurrent: Option<usize>,
+    /// `Accept` for its requests that state no preference (else
+    /// `coupa.accept`).
+    pub(super) accept: Option<String>,
 }
 
 /// `[insight]`: what the migration view flags.
@@ -357,7 +360,7 @@ fn default_rejected_token_cooldown() -> Duration {
     Duration::from_secs(10)
 }
 fn default_accept() -> String {
-    "application/json".to_owned()
+    "application/xml".to_owned()
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)

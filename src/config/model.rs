@@ -85,6 +85,9 @@ pub struct Integration {
     /// default: half of `coupa.max_connections`, all of them for a lone
     /// integration); past it its requests wait, not everyone's.
     pub max_concurrent: usize,
+    /// `Accept` sent for its requests that state no preference; `None`:
+    /// `coupa.accept`.
+    pub accept: Option<HeaderValue>,
 }
 
 /// A local OAuth client: known to the proxy only, never to Coupa.
@@ -113,6 +116,7 @@ impl fmt::Debug for Integration {
             )
             .field("credential", &self.credential)
             .field("max_concurrent", &self.max_concurrent)
+            .field("accept", &self.accept)
             .finish_non_exhaustive()
     }
 }

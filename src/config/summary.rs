@@ -260,9 +260,16 @@ impl Config {
                 (
                     format!("integration {:?}", integration.name),
                     format!(
-                        "credential {}, max_concurrent {}{}{}",
+                        "credential {}, max_concurrent {}, Accept when it sends none: {}{}{}",
                         self.credentials[integration.credential].name,
                         integration.max_concurrent,
+                        match &integration.accept {
+                            Some(accept) => accept.to_str().unwrap_or("?").to_owned(),
+                            None => format!(
+                                "{} (coupa.accept)",
+                                self.coupa.accept.to_str().unwrap_or("?")
+                            ),
+                        },
                         if integration.api_key_sha256.is_some() {
                             ", legacy key (hash <redacted>)"
                         } else {

@@ -276,17 +276,66 @@ async fn echo(request: Request<Incoming>) -> Response<FakeBody> {
             )
         })
         .collect();
+    let target = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
+    let digest = crate::encode::hex(&hasher.finalize());
+    if answers_xml(&parts.headers) {
+        return xml_echo(&parts.method, target, &headers, length, &digest);
+    }
     json(
         StatusCode::OK,
         serde_json::json!({
             "method": parts.method.as_str(),
-            "target": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+            "target": target,
             "version": format!("{:?}", parts.version),
             "headers": headers,
             "body_bytes": length,
-            "body_sha256": crate::encode::hex(&hasher.finalize()),
+            "body_sha256": digest,
         }),
     )
+}
+
+/// Coupa answers XML when a request carries no `Accept`, and when the
+/// `Accept` asks for XML rather than JSON.
+fn answers_xml(headers: &http::HeaderMap) -> bool {
+    let accept: Vec<String> = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .collect();
+    accept.is_empty()
+        || (accept.iter().any(|a| a.contains("xml")) && !accept.iter().any(|a| a.contains("json")))
+}
+
+/// The echo as Coupa-style XML: one parent node.
+fn xml_echo(
+    method: &http::Method,
+    target: &str,
+    headers: &[(String, String)],
+    length: u64,
+    digest: &str,
+) -> Response<FakeBody> {
+    let escape = crate::encode::html;
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<echo><method>{}</method><target>{}</target><headers>",
+        escape(method.as_str()),
+        escape(target)
+    );
+    for (name, value) in headers {
+        xml.push_str(&format!(
+            "<header name=\"{}\">{}</header>",
+            escape(name),
+            escape(value)
+        ));
+    }
+    xml.push_str(&format!(
+        "</headers><body-bytes type=\"integer\">{length}</body-bytes><body-sha256>{digest}</body-sha256></echo>"
+    ));
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(xml))));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/xml; charset=utf-8"),
+    );
+    response
 }
 
 /// Byte `i` of every download is `i % 251`: cheap to produce, easy to check,

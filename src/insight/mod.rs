@@ -30,7 +30,7 @@ use prometheus_client::metrics::MetricType;
 use crate::config::Config;
 pub use resource::{resource_of, Resource};
 pub use usage::{Usage, Via};
-use usage::{ANSWERS, METHODS};
+use usage::{ANSWERS, FORMATS, METHODS};
 
 /// What the view knows of a configured integration.
 struct Configured {
@@ -38,6 +38,8 @@ struct Configured {
     credential: String,
     legacy_key: bool,
     oauth_client_id: Option<String>,
+    /// What its requests without an `Accept` are given.
+    default_accept: String,
 }
 
 /// Every integration's usage, and the clock they are kept on.
@@ -81,6 +83,13 @@ impl Insight {
                 credential: config.credentials[i.credential].name.clone(),
                 legacy_key: i.api_key_sha256.is_some(),
                 oauth_client_id: i.local_client.as_ref().map(|c| c.client_id.clone()),
+                default_accept: i
+                    .accept
+                    .as_ref()
+                    .unwrap_or(&config.coupa.accept)
+                    .to_str()
+                    .unwrap_or("?")
+                    .to_owned(),
             })
             .collect();
         self.configured.store(Arc::new(configured));
@@ -155,6 +164,8 @@ impl Insight {
                     "legacy_key": c.legacy_key,
                     "oauth_client_id": c.oauth_client_id,
                 });
+                view["default_accept"]["given"] = c.default_accept.clone().into();
+                accept_flag(&mut view, &c.default_accept);
                 view
             })
             .collect();
@@ -257,6 +268,13 @@ impl Insight {
             "flags": flags,
             "resources": resources,
             "requests_per_minute": usage.per_minute(now).to_vec(),
+            "default_accept": {
+                "relied_on": FORMATS
+                    .iter()
+                    .zip(usage.defaulted_accepts())
+                    .map(|(format, n)| ((*format).to_owned(), n.into()))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
+            },
         })
     }
 
@@ -359,6 +377,25 @@ impl Collector for InsightCollector {
             }
         }
         Ok(())
+    }
+}
+
+/// Flags an integration whose requests without `Accept` were given JSON:
+/// Coupa answers those XML, so a legacy integration written against that
+/// default breaks on JSON unless it is given `accept = "application/xml"`.
+fn accept_flag(view: &mut serde_json::Value, given: &str) {
+    let json = view["default_accept"]["relied_on"]["json"]
+        .as_u64()
+        .unwrap_or(0);
+    if json == 0 {
+        return;
+    }
+    let message = format!(
+        "{json} requests sent no Accept and were given {given}; Coupa itself answers those in XML: \
+         if this integration was written for that, set accept = \"application/xml\" in its [[integration]] table"
+    );
+    if let Some(flags) = view["flags"].as_array_mut() {
+        flags.push(serde_json::json!({"flag": "default_accept", "message": message}));
     }
 }
 

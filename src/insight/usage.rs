@@ -20,6 +20,26 @@ pub const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
 pub const ANSWERS: [&str; 8] = ["2xx", "3xx", "401", "403", "404", "429", "4xx", "5xx"];
 const FORBIDDEN: usize = 3;
 
+/// The formats a request that stated no `Accept` was given, as the view
+/// shows them.
+pub const FORMATS: [&str; 3] = ["json", "xml", "other"];
+
+/// Which of [`FORMATS`] an `Accept` value asks for.
+pub fn format_index(accept: &http::HeaderValue) -> usize {
+    let text = accept.as_bytes();
+    let has = |needle: &[u8]| {
+        text.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    if has(b"json") {
+        0
+    } else if has(b"xml") {
+        1
+    } else {
+        2
+    }
+}
+
 /// Minutes in the per-minute ring: the last hour.
 pub const MINUTES: usize = 60;
 /// A 403 for one (method, resource) is logged at most this often.
@@ -101,6 +121,9 @@ pub struct Usage {
     last_local_token: AtomicU64,
     /// Answers with status 5xx, or errors the proxy answered itself.
     errors: AtomicU64,
+    /// Requests forwarded with no `Accept` of their own (none, or only
+    /// `*/*`), by the format they were given ([`FORMATS`]).
+    defaulted_accept: [AtomicU64; FORMATS.len()],
     /// Per slot: (minute number << 32) | requests in that minute.
     per_minute: [AtomicU64; MINUTES],
 }
@@ -118,6 +141,7 @@ impl Usage {
             last_legacy_key: AtomicU64::new(0),
             last_local_token: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            defaulted_accept: Default::default(),
             per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -258,6 +282,16 @@ impl Usage {
     }
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// A request that stated no `Accept` was forwarded with `given`.
+    pub fn defaulted_accept(&self, given: &http::HeaderValue) {
+        self.defaulted_accept[format_index(given)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests forwarded on the default `Accept`, per [`FORMATS`].
+    pub fn defaulted_accepts(&self) -> [u64; FORMATS.len()] {
+        std::array::from_fn(|i| self.defaulted_accept[i].load(Ordering::Relaxed))
     }
 }
 

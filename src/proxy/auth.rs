@@ -28,6 +28,9 @@ pub struct IntegrationKey {
     pub usage: Arc<Usage>,
     /// Its cap on requests at Coupa at once.
     pub share: Arc<Share>,
+    /// `Accept` for its requests that state no preference: its own
+    /// `accept`, else `coupa.accept`.
+    pub accept: HeaderValue,
 }
 
 impl IntegrationKey {
@@ -47,8 +50,10 @@ pub struct Integrations {
 impl Integrations {
     /// `previous`: the integrations before a reload; one that stays with
     /// the same cap keeps its share, so requests in flight still count.
+    /// `default_accept` is `coupa.accept`.
     pub fn from_config(
         integrations: &[Integration],
+        default_accept: &HeaderValue,
         insight: &Insight,
         previous: Option<&Integrations>,
     ) -> Self {
@@ -70,6 +75,7 @@ impl Integrations {
                     credential: i.credential,
                     usage: insight.usage(&i.name),
                     share,
+                    accept: i.accept.clone().unwrap_or_else(|| default_accept.clone()),
                 })
             })
             .collect();
@@ -149,6 +155,7 @@ mod tests {
                     local_client: None,
                     credential: 0,
                     max_concurrent: 4,
+                    accept: None,
                 },
                 Integration {
                     name: "suppliers".into(),
@@ -156,6 +163,7 @@ mod tests {
                     local_client: None,
                     credential: 1,
                     max_concurrent: 4,
+                    accept: Some(HeaderValue::from_static("application/xml")),
                 },
                 Integration {
                     name: "snaplogic".into(),
@@ -166,8 +174,10 @@ mod tests {
                     }),
                     credential: 0,
                     max_concurrent: 4,
+                    accept: None,
                 },
             ],
+            &HeaderValue::from_static("application/json"),
             &insight,
             None,
         )

@@ -46,8 +46,6 @@ static APPLICATION_XML: HeaderValue = HeaderValue::from_static("application/xml"
 pub struct RewriteRules {
     /// `Host` for the upstream (the instance's authority).
     pub upstream_host: HeaderValue,
-    /// `coupa.accept`.
-    pub default_accept: HeaderValue,
     /// `X-Forwarded-Proto` of the listener (`http` until inbound TLS).
     pub forwarded_proto: HeaderValue,
 }
@@ -69,17 +67,28 @@ impl ClientInfo {
     }
 }
 
+/// What the rewrite did that the request path reports.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rewritten {
+    /// Fields dropped for a `_` in their name.
+    pub dropped: usize,
+    /// The `Accept` given to a request that expressed no preference.
+    pub defaulted_accept: Option<HeaderValue>,
+}
+
 /// Rewrites a client request's headers for Coupa. `authority` is the
 /// request target's authority (HTTP/2 `:authority`), used for
-/// `X-Forwarded-Host` when there is no `Host` header. Returns how many
-/// fields were dropped for a `_` in their name.
+/// `X-Forwarded-Host` when there is no `Host` header; `default_accept` is
+/// the integration's (or `coupa.accept`) for a request that states no
+/// preference.
 pub fn rewrite_request(
     headers: &mut HeaderMap,
     authority: Option<&http::uri::Authority>,
     rules: &RewriteRules,
+    default_accept: &HeaderValue,
     bearer: HeaderValue,
     client: &ClientInfo,
-) -> usize {
+) -> Rewritten {
     let dropped = drop_underscored(headers);
     strip_hop_by_hop(headers);
     remove_present(headers, &CLIENT_CREDENTIALS);
@@ -92,12 +101,13 @@ pub fn rewrite_request(
         headers.insert(X_FORWARDED_HOST, host);
     }
 
-    if let Some(accept) = choose_accept(
+    let defaulted_accept = choose_accept(
         headers.get_all(ACCEPT),
         headers.get(CONTENT_TYPE),
-        &rules.default_accept,
-    ) {
-        headers.insert(ACCEPT, accept);
+        default_accept,
+    );
+    if let Some(accept) = &defaulted_accept {
+        headers.insert(ACCEPT, accept.clone());
     }
 
     match headers.entry(X_FORWARDED_FOR) {
@@ -112,7 +122,10 @@ pub fn rewrite_request(
     headers.insert(X_FORWARDED_PROTO, rules.forwarded_proto.clone());
 
     headers.insert(AUTHORIZATION, bearer);
-    dropped
+    Rewritten {
+        dropped,
+        defaulted_accept,
+    }
 }
 
 /// Drops fields whose name contains `_` and returns how many. A next hop
@@ -269,7 +282,6 @@ mod tests {
     fn rules() -> RewriteRules {
         RewriteRules {
             upstream_host: HeaderValue::from_static("acme.coupahost.com"),
-            default_accept: HeaderValue::from_static("application/json"),
             forwarded_proto: HeaderValue::from_static("http"),
         }
     }
@@ -295,6 +307,7 @@ mod tests {
             &mut map,
             None,
             &rules(),
+            &APPLICATION_JSON,
             HeaderValue::from_static("Bearer tok"),
             &client(),
         );
@@ -366,6 +379,7 @@ mod tests {
             &mut map,
             Some(&authority),
             &rules(),
+            &APPLICATION_JSON,
             HeaderValue::from_static("Bearer tok"),
             &client(),
         );
@@ -456,14 +470,15 @@ mod tests {
             ("X-Custom", "kept"),
         ]);
         let client = ClientInfo::new("192.0.2.1".parse().unwrap());
-        let dropped = rewrite_request(
+        let rewritten = rewrite_request(
             &mut map,
             None,
             &rules(),
+            &APPLICATION_JSON,
             HeaderValue::from_static("Bearer t"),
             &client,
         );
-        assert_eq!(dropped, 2);
+        assert_eq!(rewritten.dropped, 2);
         assert!(!map.keys().any(|n| n.as_str().contains('_')), "{map:?}");
         assert_eq!(map["x-custom"], "kept");
     }
@@ -537,12 +552,11 @@ mod properties {
             let original = headers.clone();
             let rules = RewriteRules {
                 upstream_host: HeaderValue::from_static("acme.coupahost.com"),
-                default_accept: HeaderValue::from_static("application/json"),
                 forwarded_proto: HeaderValue::from_static("http"),
             };
             let client = ClientInfo::new("192.0.2.1".parse().unwrap());
             let bearer = HeaderValue::from_static("Bearer the-token");
-            rewrite_request(&mut headers, None, &rules, bearer, &client);
+            rewrite_request(&mut headers, None, &rules, &APPLICATION_JSON, bearer, &client);
 
             let auth: Vec<_> = headers.get_all(AUTHORIZATION).iter().cloned().collect();
             prop_assert_eq!(auth, vec![HeaderValue::from_static("Bearer the-token")]);

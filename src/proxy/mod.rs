@@ -98,6 +98,8 @@ struct Inner {
     integrations: ArcSwap<Integrations>,
     client: UpstreamClient,
     rules: RewriteRules,
+    /// `coupa.accept`, for requests of no integration.
+    default_accept: HeaderValue,
     scheme: Scheme,
     authority: Authority,
     /// Path the instance lives under; empty for a normal instance URL.
@@ -150,7 +152,6 @@ impl Proxy {
         let rules = RewriteRules {
             upstream_host: HeaderValue::from_str(coupa.authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
-            default_accept: coupa.accept.clone(),
             forwarded_proto: HeaderValue::from_static(if config.listen.tls.is_some() {
                 "https"
             } else {
@@ -175,11 +176,13 @@ impl Proxy {
                 default_credential: config.default_credential(),
                 integrations: ArcSwap::from_pointee(Integrations::from_config(
                     &config.integrations,
+                    &coupa.accept,
                     &insight,
                     None,
                 )),
                 client,
                 rules,
+                default_accept: coupa.accept.clone(),
                 scheme: coupa.scheme.clone(),
                 authority: coupa.authority.clone(),
                 path_prefix: coupa.path_prefix.clone(),
@@ -218,6 +221,7 @@ impl Proxy {
         let previous = inner.integrations.load();
         inner.integrations.store(Arc::new(Integrations::from_config(
             &config.integrations,
+            &config.coupa.accept,
             &inner.insight,
             Some(&previous),
         )));
@@ -287,7 +291,7 @@ impl Proxy {
             body,
             replay,
         } = self
-            .upstream_request(request, target, &bearer, client)
+            .upstream_request(request, target, &bearer, client, trace)
             .await?;
         let share = self.take_share(trace).await?;
         let mut leased = self

@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use tracing::debug;
 
 use super::body::{self, Replay, UpstreamBody};
-use super::{headers, ClientInfo, Proxy, ProxyError};
+use super::{headers, ClientInfo, Proxy, ProxyError, Trace};
 
 /// The request as it goes to Coupa.
 pub(super) struct Outgoing {
@@ -28,18 +28,33 @@ impl Proxy {
         target: Option<&PathAndQuery>,
         bearer: &HeaderValue,
         client: &ClientInfo,
+        trace: &Trace,
     ) -> Result<Outgoing, ProxyError> {
         let inner = &*self.inner;
         let (mut parts, body) = request.into_parts();
         let target = target.ok_or(ProxyError::BadTarget)?;
         let uri = self.upstream_uri(target)?;
-        let dropped = headers::rewrite_request(
+        let (default_accept, usage) = match &trace.integration {
+            Some(integration) => (&integration.accept, &integration.usage),
+            None => (&inner.default_accept, inner.insight.unnamed()),
+        };
+        let headers::Rewritten {
+            dropped,
+            defaulted_accept,
+        } = headers::rewrite_request(
             &mut parts.headers,
             parts.uri.authority(),
             &inner.rules,
+            default_accept,
             bearer.clone(),
             client,
         );
+        if let Some(given) = defaulted_accept {
+            // The migration view shows who relied on the default, and what
+            // they got: an integration written for Coupa's XML default
+            // that is given JSON breaks.
+            usage.defaulted_accept(&given);
+        }
         if dropped > 0 {
             inner
                 .metrics

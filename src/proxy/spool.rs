@@ -155,29 +155,34 @@ async fn next_frame(body: &mut ResponseBody) -> Result<Bytes, End> {
 
 /// An answer read whole: its pieces, then how it ended.
 pub struct Held {
-    chunks: VecDeque<Bytes>,
+    /// Most answers come in one piece: no allocation for it.
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
     end: Option<End>,
     remaining: u64,
 }
 
 impl Held {
     async fn read_whole(mut body: ResponseBody, size: u64) -> Held {
-        let mut chunks = VecDeque::new();
+        let mut held = Held {
+            first: None,
+            rest: VecDeque::new(),
+            end: None,
+            remaining: size,
+        };
         let end = loop {
             match next_frame(&mut body).await {
-                Ok(data) => chunks.push_back(data),
+                Ok(data) if held.first.is_none() => held.first = Some(data),
+                Ok(data) => held.rest.push_back(data),
                 Err(end) => break end,
             }
         };
-        Held {
-            chunks,
-            end: Some(end),
-            remaining: size,
-        }
+        held.end = Some(end);
+        held
     }
 
     fn next_frame(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
-        if let Some(data) = self.chunks.pop_front() {
+        if let Some(data) = self.first.take().or_else(|| self.rest.pop_front()) {
             self.remaining = self.remaining.saturating_sub(data.len() as u64);
             return Some(Ok(Frame::data(data)));
         }
@@ -185,7 +190,9 @@ impl Held {
     }
 
     fn is_empty(&self) -> bool {
-        self.chunks.is_empty() && matches!(self.end, None | Some(End::Complete(None)))
+        self.first.is_none()
+            && self.rest.is_empty()
+            && matches!(self.end, None | Some(End::Complete(None)))
     }
 }
 

@@ -86,6 +86,7 @@ async fn path_and_query_are_forwarded_byte_for_byte() {
 async fn accept_follows_the_client_then_content_type_then_default() {
     let (_fake, proxy) = start_pair(DAY).await;
     let client = http_client();
+    // config_text sets coupa.accept = "application/json".
     let cases: [(Option<&str>, Option<&str>, &str); 5] = [
         (None, None, "application/json"),
         (Some("*/*"), None, "application/json"),
@@ -111,13 +112,19 @@ async fn accept_follows_the_client_then_content_type_then_default() {
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 200);
-        let echo: serde_json::Value = response.json().await.unwrap();
+        let echo = echo_of(response).await;
         let headers = echoed_headers(&echo);
         assert_eq!(
             header(&headers, "accept"),
             [expected],
             "accept={accept:?} content-type={content_type:?}"
         );
+        let format = if expected.contains("xml") {
+            "xml"
+        } else {
+            "json"
+        };
+        assert_eq!(echo["format"], format, "Coupa answers what Accept asks");
         assert_eq!(echo["body_bytes"], 4);
     }
     proxy.stop().await;

@@ -113,7 +113,8 @@ async fn each_integration_gets_a_token_with_its_own_scopes() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        let echo: serde_json::Value = response.json().await.unwrap();
+        let echo = echo_of(response).await;
+        assert_eq!(echo["format"], "xml", "coupa.accept's default: Coupa's own");
         let token = echoed_token(&echo);
         assert_eq!(fake.state().token_scope(&token).as_deref(), Some(scope));
         assert!(header(&echoed_headers(&echo), "x-coupa-api-key").is_empty());

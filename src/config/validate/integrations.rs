@@ -4,6 +4,7 @@
 use super::super::file::*;
 use super::super::*;
 use crate::encode::parse_sha256;
+use http::HeaderValue;
 
 /// `max_concurrent` when not set: with several integrations, half of
 /// `coupa.max_connections`, so one integration's burst always leaves the
@@ -31,6 +32,7 @@ pub(super) fn validate_integrations(
             oauth_client_secret_sha256,
             credential,
             max_concurrent,
+            accept,
         } = file;
         let key = format!("integration[{i}]");
         if name.trim().is_empty() {
@@ -105,7 +107,11 @@ pub(super) fn validate_integrations(
                 "must be positive (requests of this integration at Coupa at once)",
             ));
         }
+        let accept = accept
+            .map(|accept| media_type(&format!("{key}.accept"), &accept))
+            .transpose()?;
         integrations.push(Integration {
+            accept,
             name,
             api_key_sha256: hash,
             local_client,
@@ -115,6 +121,30 @@ pub(super) fn validate_integrations(
         });
     }
     Ok(integrations)
+}
+
+/// An `Accept` value naming a media type (`type/subtype`, parameters and
+/// several ranges allowed), as `coupa.accept` and `[[integration]] accept`
+/// take it.
+pub(in crate::config) fn media_type(key: &str, value: &str) -> Result<HeaderValue, ConfigError> {
+    let value = value.trim();
+    let first = value
+        .split(',')
+        .next()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    let (kind, subtype) = first.split_once('/').unwrap_or(("", ""));
+    if kind.is_empty() || subtype.is_empty() {
+        return Err(invalid(
+            key,
+            format!("must be a media type such as \"application/xml\" or \"application/json\", got {value:?}"),
+        ));
+    }
+    HeaderValue::from_str(value)
+        .map_err(|_| invalid(key, "must be a valid header value (visible ASCII)"))
 }
 
 /// A tool that fetches its own token from the proxy: its client id and the

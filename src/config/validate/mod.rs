@@ -10,7 +10,6 @@ mod integrations;
 use std::path::{Path, PathBuf};
 
 use http::uri::{Authority, Scheme};
-use http::HeaderValue;
 
 use super::credentials::validate_credentials;
 use super::file::*;
@@ -220,10 +219,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
             (Some(path), roots)
         }
     };
-    let accept = HeaderValue::from_str(accept.trim())
-        .ok()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| invalid("coupa.accept", "must be a non-empty header value"))?;
+    let accept = integrations::media_type("coupa.accept", &accept)?;
     positive(&[
         ("coupa.connect_timeout", connect_timeout),
         ("coupa.response_header_timeout", response_header_timeout),

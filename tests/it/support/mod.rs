@@ -192,6 +192,52 @@ where
     }
 }
 
+/// The fake's echo in either of Coupa's formats, as the JSON shape
+/// (`method`, `target`, `headers` as pairs, `body_bytes`, `body_sha256`),
+/// with `format` set to `json` or `xml`: what the request was given.
+pub async fn echo_of(response: reqwest::Response) -> serde_json::Value {
+    let xml = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|ct| ct.to_str().unwrap_or("").contains("xml"));
+    let text = response.text().await.expect("echo body");
+    if !xml {
+        let mut echo: serde_json::Value = serde_json::from_str(&text).expect("JSON echo");
+        echo["format"] = "json".into();
+        return echo;
+    }
+    let unescape = |s: &str| {
+        s.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&")
+    };
+    let element = |name: &str| -> String {
+        let open = text.find(&format!("<{name}")).expect("element");
+        let start = open + text[open..].find('>').unwrap() + 1;
+        let end = start + text[start..].find(&format!("</{name}>")).unwrap();
+        unescape(&text[start..end])
+    };
+    let headers: Vec<serde_json::Value> = text
+        .split("<header name=\"")
+        .skip(1)
+        .map(|piece| {
+            let (name, rest) = piece.split_once("\">").unwrap();
+            let value = rest.split("</header>").next().unwrap();
+            serde_json::json!([unescape(name), unescape(value)])
+        })
+        .collect();
+    assert!(text.starts_with("<?xml"), "an XML document: {text}");
+    serde_json::json!({
+        "format": "xml",
+        "method": element("method"),
+        "target": element("target"),
+        "headers": headers,
+        "body_bytes": element("body-bytes").parse::<u64>().unwrap(),
+        "body_sha256": element("body-sha256"),
+    })
+}
+
 /// The echo's headers as (name, value) pairs.
 pub fn echoed_headers(echo: &serde_json::Value) -> Vec<(String, String)> {
     echo["headers"]
