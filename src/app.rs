@@ -41,6 +41,8 @@ pub enum AppError {
     ServerTls(#[from] tls::ServerTlsError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("listen.intercept: {0}")]
+    Intercept(#[from] crate::intercept::CaError),
 }
 
 /// The two sockets the proxy serves, bound by the caller (port 0 in tests).
@@ -69,6 +71,7 @@ pub async fn run_with_reload(
 ) -> Result<Drain, AppError> {
     let tls_config = tls::client_config(&config.coupa.extra_roots)?;
     let (inbound_cert, acceptor) = inbound_tls(&config)?;
+    let intercept = intercept(&config)?;
     // Background work stops only after the proxy has drained, so requests
     // finishing during the grace period still see a token.
     let background = Background::new();
@@ -143,7 +146,7 @@ pub async fn run_with_reload(
     );
     let drain = serve_proxy(
         listeners.proxy,
-        acceptor,
+        (acceptor, intercept),
         proxy,
         &config,
         &metrics,
@@ -284,10 +287,33 @@ fn start_token_work(
     Ok((cluster, handles))
 }
 
+/// Forward-proxy mode for the instance, when `[listen.intercept]` is set.
+fn intercept(config: &Config) -> Result<Option<Arc<crate::intercept::Intercept>>, AppError> {
+    let Some(files) = &config.listen.intercept else {
+        return Ok(None);
+    };
+    let ca = crate::intercept::LocalCa::load(&files.ca_cert_file, &files.ca_key_file)?;
+    let authority = &config.coupa.authority;
+    let port = authority
+        .port_u16()
+        .unwrap_or(match config.coupa.scheme.as_str() {
+            "http" => 80,
+            _ => 443,
+        });
+    Ok(Some(Arc::new(crate::intercept::Intercept::new(
+        ca,
+        authority.host(),
+        port,
+    )?)))
+}
+
 /// Serves the proxy listener until `shutdown` and the drain after it.
 async fn serve_proxy(
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    (acceptor, intercept): (
+        Option<TlsAcceptor>,
+        Option<Arc<crate::intercept::Intercept>>,
+    ),
     proxy: Proxy,
     config: &Config,
     metrics: &Metrics,
@@ -321,6 +347,7 @@ async fn serve_proxy(
             max_connections: config.listen.max_connections,
             release_idle_buffers_above: config.listen.release_idle_buffers_above,
             gauges: metrics.client_connections.clone(),
+            intercept,
         },
         shutdown,
         config.listen.shutdown_grace,

@@ -139,6 +139,8 @@ address = "{admin_addr}"
          \nA call its credential has no scope for gets Coupa's 403, counted on the\
          \nstatus page's migration view:\n\
          \n  curl -s -X PUT -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' 'http://{proxy_addr}/api/invoices/1'\n\
+         \nAn integration that can only set a proxy keeps Coupa's https:// URL: see\
+         \n`coupa-auth-proxy ca init` and [listen.intercept] (README: Integrations that cannot change their base URL).\n\
          \nCtrl-C stops the demo.",
         base = fake.base_url(),
     );

@@ -28,6 +28,9 @@
 //! - [`background`]: one lifecycle for work beside the request path
 //!   (spawned with the shutdown token, tracked, awaited after the drain).
 //! - [`tls`]: the rustls configurations, outbound and inbound.
+//! - [`intercept`]: forward-proxy mode for the one instance
+//!   (`[listen.intercept]`): which `CONNECT` is tunnelled, the local CA and
+//!   the leaf it mints; `ca init`.
 //! - [`telemetry`]: log format and filtering.
 //! - [`fake_coupa`]: a fake Coupa instance for tests, benches and the demo.
 //! - [`demo`]: the `demo` subcommand.
@@ -51,6 +54,7 @@ pub mod demo;
 pub mod encode;
 pub mod fake_coupa;
 pub mod insight;
+pub mod intercept;
 pub mod live;
 pub mod local_oauth;
 pub mod metrics;

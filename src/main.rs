@@ -69,6 +69,12 @@ enum Command {
     /// print its SHA-256, for `api_key_sha256` (or
     /// `oauth_client_secret_sha256`) in an `[[integration]]` table.
     HashKey,
+    /// The local CA for `[listen.intercept]` (integrations that can only
+    /// set a proxy) and the name-only recipe.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Start a fake Coupa and the proxy in front of it, on loopback.
     Demo {
         /// Proxy address (a free port is used if this one is taken).
@@ -77,6 +83,21 @@ enum Command {
         /// Admin address (a free port is used if this one is taken).
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new local CA (ca.pem, ca.key mode 0600) into DIR, and with
+    /// --host a certificate for that name signed by it (NAME.pem, NAME.key)
+    /// for [listen.tls]. Never overwrites a file.
+    Init {
+        /// Where to write the files (made if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Also a server certificate for this name (e.g. acme.coupahost.com).
+        #[arg(long)]
+        host: Option<String>,
     },
 }
 
@@ -122,5 +143,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         } => cli::token(&config, credential.as_deref(), json),
         Command::Run(args) => cli::run(args.config),
         Command::Demo { listen, admin } => cli::demo(listen, admin),
+        Command::Ca {
+            command: CaCommand::Init { dir, host },
+        } => cli::ca_init(&dir, host.as_deref()),
     }
 }

@@ -287,6 +287,7 @@ fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
     );
     // The certificate's contents reload live; where it is read from does not.
     differ("listen.tls", l.tls == m.tls);
+    differ("listen.intercept", l.intercept == m.intercept);
 }
 
 fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {

@@ -1,8 +1,9 @@
 //! The subcommands' bodies: what `run`, `check`, `token`, `authorize`,
-//! `hash-key` and `demo` do, their output and their exit codes. The binary
+//! `hash-key`, `ca init` and `demo` do, their output and their exit codes. The binary
 //! (`main.rs`) only parses arguments and dispatches here. This is the
 //! program's edge, so errors are `anyhow` with context from here on out.
 
+mod ca;
 mod check;
 mod consent;
 mod run;
@@ -11,6 +12,7 @@ use anyhow::Context;
 
 use crate::config::{Config, Credential};
 
+pub use ca::ca_init;
 pub use check::{check, hash_key};
 pub use consent::{authorize, token};
 pub use run::{demo, run};

@@ -154,6 +154,15 @@ pub(super) struct ListenFile {
     #[serde(default)]
     pub(super) allow_unauthenticated: bool,
     pub(super) tls: Option<ListenTlsFile>,
+    pub(super) intercept: Option<InterceptFile>,
+}
+
+/// `[listen.intercept]`: forward-proxy mode for the instance.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InterceptFile {
+    pub(super) ca_cert_file: PathBuf,
+    pub(super) ca_key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +190,7 @@ impl Default for ListenFile {
             min_response_rate: default_min_response_rate(),
             allow_unauthenticated: false,
             tls: None,
+            intercept: None,
         }
     }
 }

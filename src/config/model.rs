@@ -157,6 +157,16 @@ pub struct Listen {
     pub allow_unauthenticated: bool,
     /// Inbound TLS; plain HTTP when absent.
     pub tls: Option<ListenTls>,
+    /// Forward-proxy mode for the instance (`CONNECT`); off when absent.
+    pub intercept: Option<ListenIntercept>,
+}
+
+/// `[listen.intercept]`: the local CA the integration hosts trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenIntercept {
+    pub ca_cert_file: PathBuf,
+    /// Mode 0600; its contents are never held in the config.
+    pub ca_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -91,6 +91,17 @@ impl Config {
                 l.allow_unauthenticated.to_string(),
             ),
             (
+                "listen.intercept".into(),
+                match &l.intercept {
+                    None => "off (CONNECT is refused with 405)".into(),
+                    Some(i) => format!(
+                        "CONNECT to the instance only, CA {} (key {}, contents never shown)",
+                        i.ca_cert_file.display(),
+                        i.ca_key_file.display()
+                    ),
+                },
+            ),
+            (
                 "listen.tls".into(),
                 match &l.tls {
                     None => "off (plain HTTP)".into(),

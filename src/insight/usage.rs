@@ -27,6 +27,12 @@ pub const FORMATS: [&str; 3] = ["json", "xml", "other"];
 /// Which of [`FORMATS`] an `Accept` value asks for.
 pub fn format_index(accept: &http::HeaderValue) -> usize {
     let text = accept.as_bytes();
+    // The defaults as configured, compared whole first.
+    match text {
+        b"application/json" => return 0,
+        b"application/xml" => return 1,
+        _ => {}
+    }
     let has = |needle: &[u8]| {
         text.windows(needle.len())
             .any(|w| w.eq_ignore_ascii_case(needle))

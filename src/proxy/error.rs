@@ -30,7 +30,7 @@ pub enum ProxyError {
     InvalidLocalToken,
     #[error("{0} is an OAuth endpoint: this proxy answers POST /oauth2/token itself and forwards no other OAuth path to Coupa")]
     OAuthPathNotForwarded(String),
-    #[error("CONNECT is not supported: this proxy only forwards to its Coupa instance")]
+    #[error("CONNECT is not supported here: this proxy only forwards to its Coupa instance (with [listen.intercept], a CONNECT to the instance must be the first request on its connection)")]
     ConnectMethod,
     #[error("absolute-form target for {0:?}: this proxy only forwards to its Coupa instance")]
     ForeignTarget(String),

@@ -57,8 +57,9 @@ pub enum Answer {
     Held(Held),
     /// Read ahead by a task of its own.
     Spooled(SpoolReader),
-    /// At the client's pace (`coupa.response_buffer = 0`).
-    Streamed(ResponseBody),
+    /// At the client's pace (`coupa.response_buffer = 0`); boxed, so the
+    /// common variants, moved with every response, stay small.
+    Streamed(Box<ResponseBody>),
 }
 
 impl Answer {
@@ -70,7 +71,7 @@ impl Answer {
         settings: &Arc<SpoolSettings>,
     ) -> Result<Answer, BoxError> {
         if settings.memory == 0 {
-            return Ok(Answer::Streamed(body));
+            return Ok(Answer::Streamed(Box::new(body)));
         }
         Ok(match body.size_hint().exact() {
             Some(size) if size <= settings.memory as u64 => {
@@ -98,7 +99,7 @@ impl Body for Answer {
         match self.get_mut() {
             Answer::Held(held) => Poll::Ready(held.next_frame()),
             Answer::Spooled(reader) => reader.poll_next(cx),
-            Answer::Streamed(body) => Pin::new(body).poll_frame(cx),
+            Answer::Streamed(body) => Pin::new(body.as_mut()).poll_frame(cx),
         }
     }
 
@@ -122,16 +123,16 @@ impl Body for Answer {
     }
 }
 
-/// How Coupa's answer ended.
+/// How Coupa's answer ended (trailers are rare: boxed).
 enum End {
-    Complete(Option<HeaderMap>),
+    Complete(Option<Box<HeaderMap>>),
     Failed(BoxError),
 }
 
 impl End {
     fn into_frame(self) -> Option<Result<Frame<Bytes>, BoxError>> {
         match self {
-            End::Complete(trailers) => trailers.map(|t| Ok(Frame::trailers(t))),
+            End::Complete(trailers) => trailers.map(|t| Ok(Frame::trailers(*t))),
             End::Failed(error) => Some(Err(error)),
         }
     }
@@ -147,7 +148,7 @@ async fn next_frame(body: &mut ResponseBody) -> Result<Bytes, End> {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.is_empty() => continue,
                 Ok(data) => return Ok(data),
-                Err(frame) => return Err(End::Complete(frame.into_trailers().ok())),
+                Err(frame) => return Err(End::Complete(frame.into_trailers().ok().map(Box::new))),
             },
         }
     }

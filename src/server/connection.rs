@@ -21,11 +21,12 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::framing::{ConnectionGuard, FramingGuard};
 use super::park;
-use super::{BoxError, ConnectionService, Listener, ResponseBody};
+use super::{tunnel, BoxError, ConnectionService, Listener, ResponseBody};
 
 /// What a plain connection's first bytes say.
 enum Sniffed {
@@ -33,6 +34,8 @@ enum Sniffed {
     Http2,
     /// The preface's request line, then something else.
     BrokenHttp2,
+    /// A `CONNECT` (only looked for with `[listen.intercept]`).
+    Connect,
     Closed,
 }
 
@@ -42,28 +45,46 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// No HTTP/1 request starts with the preface's request line.
 const H2_REQUEST_LINE: usize = b"PRI * HTTP/2.0".len();
 
+/// How a tunnel request starts.
+pub(super) const CONNECT: &[u8] = b"CONNECT ";
+
+/// What `first` (all a client has sent so far) says, or `None` while it
+/// could still be either.
+fn decide(first: &[u8], connect: bool) -> Option<Sniffed> {
+    if first.is_empty() {
+        return Some(Sniffed::Closed);
+    }
+    if connect {
+        let n = first.len().min(CONNECT.len());
+        if first[..n] == CONNECT[..n] {
+            return (n == CONNECT.len()).then_some(Sniffed::Connect);
+        }
+    }
+    let matched = first
+        .iter()
+        .zip(H2_PREFACE)
+        .take_while(|(a, b)| a == b)
+        .count();
+    match first.len() {
+        n if matched < n && matched >= H2_REQUEST_LINE => Some(Sniffed::BrokenHttp2),
+        n if matched < n => Some(Sniffed::Http1),
+        24 => Some(Sniffed::Http2),
+        _ => None,
+    }
+}
+
 /// Peeks until the first bytes decide. Only a client that sent a start of
-/// the preface and paused is peeked again, a few milliseconds apart.
-async fn sniff(stream: &TcpStream, timeout: Duration) -> Result<Sniffed, BoxError> {
+/// the preface (or of `CONNECT`) and paused is peeked again, a few
+/// milliseconds apart.
+async fn sniff(stream: &TcpStream, timeout: Duration, connect: bool) -> Result<Sniffed, BoxError> {
     tokio::time::timeout(timeout, async {
         let mut first = [0u8; 24];
         loop {
             let n = stream.peek(&mut first).await?;
-            let matched = first[..n]
-                .iter()
-                .zip(H2_PREFACE)
-                .take_while(|(a, b)| a == b)
-                .count();
-            return Ok(match n {
-                0 => Sniffed::Closed,
-                _ if matched < n && matched >= H2_REQUEST_LINE => Sniffed::BrokenHttp2,
-                _ if matched < n => Sniffed::Http1,
-                24 => Sniffed::Http2,
-                _ => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                }
-            });
+            if let Some(sniffed) = decide(&first[..n], connect) {
+                return Ok(sniffed);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
@@ -92,16 +113,24 @@ where
         max_head,
         first_byte_timeout,
         send_pace,
+        intercept,
         policy,
         shutdown,
     } = listener;
     let Some(acceptor) = tls else {
         // The other ways are boxed: a connection's task is sized for its
         // largest state, and a parked HTTP/1.1 connection should be small.
+        let sniffed = sniff(&stream, *first_byte_timeout, intercept.is_some()).await?;
+        if let Sniffed::Connect = sniffed {
+            return Box::pin(tunnel::serve_connect(
+                stream, listener, watcher, verdicts, service,
+            ))
+            .await;
+        }
         let io = FramingGuard::new(stream, *max_head, verdicts.clone())
             .with_send_pace(send_pace.as_ref());
-        return match sniff(io.get_ref(), *first_byte_timeout).await? {
-            Sniffed::Closed => Ok(()),
+        return match sniffed {
+            Sniffed::Closed | Sniffed::Connect => Ok(()),
             Sniffed::Http1 => {
                 let io = io.with_head_timeout(*first_byte_timeout);
                 park::serve_http1(io, verdicts, service, &builders.http1, policy, shutdown).await
@@ -131,6 +160,58 @@ where
     S: ConnectionService<B>,
     B: ResponseBody,
 {
+    let first_byte_timeout = listener.first_byte_timeout;
+    let mut stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
+    let mut prefix = Vec::new();
+    if listener.intercept.is_some() && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        // A proxy reached over HTTPS: the session may start with CONNECT.
+        // A TLS stream cannot be peeked: read until the start decides.
+        let mut byte = [0u8; 1];
+        while prefix.len() < CONNECT.len() && CONNECT.starts_with(&prefix) {
+            let read = tokio::time::timeout(first_byte_timeout, stream.read(&mut byte))
+                .await
+                .map_err(|_| "client sent no request within the header-read timeout")??;
+            if read == 0 {
+                return Ok(());
+            }
+            prefix.push(byte[0]);
+        }
+        if prefix == CONNECT {
+            let stream = Rewind::new(Bytes::from(prefix), stream);
+            return Box::pin(tunnel::serve_connect(
+                stream, listener, watcher, verdicts, service,
+            ))
+            .await;
+        }
+    }
+    serve_negotiated(
+        stream,
+        Bytes::from(prefix),
+        listener,
+        watcher,
+        verdicts,
+        service,
+    )
+    .await
+}
+
+/// Serves a connection whose TLS handshake is done, in exactly what ALPN
+/// agreed; `prefix` is what was already read of an HTTP/1.1 session.
+pub(super) async fn serve_negotiated<IO, S, B>(
+    stream: TlsStream<IO>,
+    prefix: Bytes,
+    listener: &Listener,
+    watcher: Watcher,
+    verdicts: Arc<ConnectionGuard>,
+    service: S,
+) -> Result<(), BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnectionService<B>,
+    B: ResponseBody,
+{
     let Listener {
         builders,
         max_head,
@@ -139,11 +220,8 @@ where
         ..
     } = listener;
     let (max_head, first_byte_timeout) = (*max_head, *first_byte_timeout);
-    let stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
-        .await
-        .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
     if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-        let io = FramingGuard::new(stream, max_head, verdicts)
+        let io = FramingGuard::new(Rewind::new(prefix, stream), max_head, verdicts)
             .with_send_pace(send_pace.as_ref())
             .with_first_byte_timeout(first_byte_timeout)
             .with_head_timeout(first_byte_timeout);
@@ -189,18 +267,24 @@ where
         }
         read += n;
     }
-    Ok(Rewind {
-        prefix: Some(Bytes::from_static(H2_PREFACE)),
-        inner: stream,
-    })
+    Ok(Rewind::new(Bytes::from_static(H2_PREFACE), stream))
 }
 
 pin_project_lite::pin_project! {
     /// A stream whose first bytes, already read, are served again.
-    struct Rewind<S> {
+    pub(super) struct Rewind<S> {
         prefix: Option<Bytes>,
         #[pin]
         inner: S,
+    }
+}
+
+impl<S> Rewind<S> {
+    pub(super) fn new(prefix: Bytes, inner: S) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            inner,
+        }
     }
 }
 

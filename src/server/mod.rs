@@ -11,6 +11,7 @@
 mod connection;
 mod park;
 mod send_pace;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,6 +96,9 @@ pub struct Limits {
     pub release_idle_buffers_above: usize,
     /// Open and parked connections, for `/metrics`.
     pub gauges: ConnectionGauges,
+    /// `CONNECT` to the instance is tunnelled (`[listen.intercept]`);
+    /// without it hyper answers `CONNECT` like any other request.
+    pub intercept: Option<Arc<crate::intercept::Intercept>>,
 }
 
 /// Client connections, as `/metrics` shows them.
@@ -119,6 +123,7 @@ impl Default for Limits {
             max_connections: 1024,
             release_idle_buffers_above: 128,
             gauges: ConnectionGauges::default(),
+            intercept: None,
         }
     }
 }
@@ -193,6 +198,7 @@ struct Listener {
     first_byte_timeout: Duration,
     /// What a client must keep up taking answers; none: no minimum.
     send_pace: Option<Arc<send_pace::SendPace>>,
+    intercept: Option<Arc<crate::intercept::Intercept>>,
     policy: ParkPolicy,
     shutdown: CancellationToken,
 }
@@ -225,6 +231,7 @@ where
                 timeouts: limits.gauges.send_timeouts.clone(),
             })
         }),
+        intercept: limits.intercept.clone(),
         policy: ParkPolicy {
             above: i64::try_from(limits.release_idle_buffers_above).unwrap_or(i64::MAX),
             keep_alive: limits.keepalive_timeout,

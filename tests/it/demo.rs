@@ -76,6 +76,10 @@ async fn the_demos_printed_calls_work_and_show_up_in_the_migration_view() {
         .unwrap();
     assert_eq!(legacy.status(), 200);
     assert!(printed.contains("-u demo-tool:demo-tool-secret -d grant_type=client_credentials"));
+    assert!(
+        printed.contains("can only set a proxy") && printed.contains("ca init"),
+        "the demo names the proxy-setting way"
+    );
     let token: serde_json::Value = client
         .post(format!("{proxy}/oauth2/token"))
         .basic_auth("demo-tool", Some("demo-tool-secret"))

@@ -19,6 +19,7 @@ mod idle_buffers;
 mod inbound_tls;
 mod insight;
 mod integrations;
+mod intercept;
 mod interop_clients;
 mod interop_nginx;
 mod layout;

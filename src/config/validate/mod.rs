@@ -121,6 +121,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         min_response_rate,
         allow_unauthenticated,
         tls,
+        intercept,
     } = file;
     let tls = tls.map(|t| {
         let ListenTlsFile {
@@ -169,6 +170,17 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
         min_response_rate,
         allow_unauthenticated,
         tls,
+        intercept: intercept
+            .map(|i| {
+                let intercept = ListenIntercept {
+                    ca_cert_file: base_dir.join(i.ca_cert_file),
+                    ca_key_file: base_dir.join(i.ca_key_file),
+                };
+                crate::intercept::LocalCa::load(&intercept.ca_cert_file, &intercept.ca_key_file)
+                    .map_err(|e| invalid("listen.intercept", e.to_string()))?;
+                Ok::<_, ConfigError>(intercept)
+            })
+            .transpose()?,
     })
 }
 
