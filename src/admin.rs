@@ -92,7 +92,7 @@ impl AdminState {
                 })
                 .collect(),
             upstream: config.coupa.base_url.clone(),
-            config_warnings: config.warnings(),
+            config_warnings: config.warnings_with_env(),
             cluster,
         }
     }

@@ -98,7 +98,7 @@ pub async fn run_with_reload(
             return Err(error);
         }
     };
-    for warning in config.warnings() {
+    for warning in config.warnings_with_env() {
         warn!("{warning}");
     }
 

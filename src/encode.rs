@@ -1,5 +1,6 @@
 //! Small encodings several modules share: hex of digests (key segments,
-//! `api_key_sha256`, local client secrets) and text put into HTML pages.
+//! `api_key_sha256`, local client secrets), text put into HTML pages, and
+//! an error with its causes on one line.
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -30,6 +31,22 @@ pub fn html(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// An error and each of its causes on one line (a cause already in the
+/// text is not repeated), for logs and answers.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 #[cfg(test)]

@@ -28,6 +28,8 @@
 //! - [`background`]: one lifecycle for work beside the request path
 //!   (spawned with the shutdown token, tracked, awaited after the drain).
 //! - [`tls`]: the rustls configurations, outbound and inbound.
+//! - [`egress`]: the corporate egress proxy both hops to Coupa take
+//!   (`[coupa.egress_proxy]`), or none; never the environment's variables.
 //! - [`intercept`]: forward-proxy mode for the one instance
 //!   (`[listen.intercept]`): which `CONNECT` is tunnelled, the local CA and
 //!   the leaf it mints; `ca init`.
@@ -51,6 +53,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod encode;
 pub mod fake_coupa;
 pub mod insight;

@@ -66,7 +66,7 @@ async fn check_credential(
     tokio::time::sleep(credential.oauth.activation_delay).await;
 
     let url = format!("{}{}", config.coupa.base_url, path);
-    let http = match reqwest::Client::builder()
+    let http = match crate::egress::reqwest_builder(config.coupa.egress_proxy.as_ref())
         .use_preconfigured_tls(tls)
         .timeout(Duration::from_secs(30))
         .build()

@@ -79,6 +79,8 @@ pub struct Metrics {
     integration_busy: Family<Vec<(String, String)>, Counter>,
     /// 408 answers for request bodies, by reason (rare).
     client_body_timeouts: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Tunnels through the egress proxy that failed, by cause (rare).
+    egress_failures: Family<[(&'static str, &'static str); 1], Counter>,
     started: SystemTime,
 }
 
@@ -205,6 +207,12 @@ impl Metrics {
             "Request bodies given up on with 408, by reason: idle (listen.body_read_timeout), rate (below listen.min_body_rate after the grace), total (listen.max_body_time)",
             client_body_timeouts.clone(),
         );
+        let egress_failures = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "egress_failures",
+            "Connections to Coupa that the egress proxy ([coupa.egress_proxy]) failed, by cause: proxy_unreachable, login_required, login_rejected, refused, coupa_unreachable, coupa_timeout, broken",
+            egress_failures.clone(),
+        );
         let integration_busy = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "integration_busy",
@@ -227,6 +235,7 @@ impl Metrics {
             local_token_requests,
             integration_busy,
             client_body_timeouts,
+            egress_failures,
             started: SystemTime::now(),
         })
     }
@@ -236,6 +245,13 @@ impl Metrics {
     pub fn client_body_timeout(&self, reason: &'static str) {
         self.client_body_timeouts
             .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// A tunnel through the egress proxy failed, for `cause`.
+    pub fn egress_failure(&self, cause: &'static str) {
+        self.egress_failures
+            .get_or_create(&[("cause", cause)])
             .inc();
     }
 

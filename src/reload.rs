@@ -332,6 +332,7 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
         c.connection_wait_timeout == d.connection_wait_timeout,
     );
     differ("coupa.rate_limit", c.rate_limit == d.rate_limit);
+    differ("coupa.egress_proxy", c.egress_proxy == d.egress_proxy);
 }
 
 fn credential_changes(prefix: &str, o: &OAuth, p: &OAuth, differ: &mut impl FnMut(&str, bool)) {

@@ -16,7 +16,7 @@ pub fn check(path: &Path, live_path: Option<&str>) -> Result<(), Failure> {
     let tls = tls::client_config(&config.coupa.extra_roots).map_err(config_failure)?;
     println!("{}: configuration is valid\n", path.display());
     print!("{}", config.summary());
-    for warning in config.warnings() {
+    for warning in config.warnings_with_env() {
         println!("warning: {warning}");
     }
     // `run` refuses to start without a consent on file; so does `check`.

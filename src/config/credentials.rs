@@ -157,6 +157,8 @@ fn validate_oauth(
         base_url,
     )?;
     Ok(OAuth {
+        // Set from [coupa] once both tables are validated.
+        egress_proxy: None,
         grant,
         client_id,
         client_secret,

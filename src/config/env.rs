@@ -69,9 +69,65 @@ pub fn expand_str(
     Ok(out)
 }
 
+/// The environment variables that would otherwise steer HTTP clients;
+/// every hop to Coupa ignores them (see `crate::egress`).
+pub const PROXY_VARIABLES: [&str; 8] = [
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+];
+
+/// The proxy variables set in the environment, when they would have been
+/// used but are not (no `[coupa.egress_proxy]`): a warning that names the
+/// key to set.
+pub fn ignored_environment(
+    egress: Option<&super::EgressProxy>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    if egress.is_some() {
+        return None;
+    }
+    let set: Vec<&str> = PROXY_VARIABLES
+        .iter()
+        .copied()
+        .filter(|name| env(name).is_some_and(|v| !v.trim().is_empty()))
+        .filter(|name| !name.eq_ignore_ascii_case("no_proxy"))
+        .collect();
+    (!set.is_empty()).then(|| {
+        format!(
+            "{} set in the environment but ignored: every connection to Coupa goes direct; \
+             to go through that proxy, set [coupa.egress_proxy] url (and username, password_file)",
+            set.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_is_named_only_when_it_would_have_mattered() {
+        let env = |name: &str| (name == "HTTPS_PROXY").then(|| "http://corp:3128".to_owned());
+        let warning = ignored_environment(None, env).unwrap();
+        assert!(warning.contains("HTTPS_PROXY"), "{warning}");
+        assert!(warning.contains("[coupa.egress_proxy]"), "{warning}");
+        assert!(ignored_environment(None, |_| None).is_none());
+        let egress = super::super::EgressProxy {
+            url: "http://corp:3128".into(),
+            host: "corp".into(),
+            port: 3128,
+            username: None,
+            password: None,
+            password_file: None,
+        };
+        assert!(ignored_environment(Some(&egress), env).is_none());
+    }
 
     #[test]
     fn expansion_rules() {

@@ -224,6 +224,16 @@ pub(super) struct CoupaFile {
     #[serde(default = "default_connection_wait_timeout", with = "humantime_serde")]
     pub(super) connection_wait_timeout: Duration,
     pub(super) rate_limit: Option<RateLimitFile>,
+    pub(super) egress_proxy: Option<EgressProxyFile>,
+}
+
+/// `[coupa.egress_proxy]`: the corporate proxy every hop to Coupa takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EgressProxyFile {
+    pub(super) url: String,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

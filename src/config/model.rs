@@ -218,6 +218,32 @@ pub struct Coupa {
     pub connection_wait_timeout: Duration,
     /// Outbound shaping to Coupa's rate limit; off when absent.
     pub rate_limit: Option<RateLimit>,
+    /// The egress proxy both hops to Coupa are tunnelled through; none:
+    /// direct (the environment's proxy variables are ignored either way).
+    pub egress_proxy: Option<EgressProxy>,
+}
+
+/// `[coupa.egress_proxy]`, validated.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EgressProxy {
+    /// `http://host:port`, as configured (no credentials in it).
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    /// Read from `password_file`; never shown.
+    pub password: Option<crate::secret::Secret>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressProxy")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// The HTTP version of the hop to Coupa (`coupa.http_version`).
@@ -255,6 +281,9 @@ pub struct RateLimit {
 
 #[derive(Debug, Clone)]
 pub struct OAuth {
+    /// `coupa.egress_proxy`, copied: the token hop takes the same way as
+    /// the API hop.
+    pub egress_proxy: Option<EgressProxy>,
     pub client_id: String,
     /// `None` for a public client (PKCE alone; user grants only).
     pub client_secret: Option<Secret>,
@@ -346,6 +375,17 @@ impl Config {
     /// What is allowed but risky in this configuration, one sentence each
     /// naming the fix: logged at start, printed by `check`, listed in
     /// `/readyz`.
+    /// [`Config::warnings`] and what the process environment adds: proxy
+    /// variables that are set but ignored.
+    pub fn warnings_with_env(&self) -> Vec<String> {
+        let mut warnings = self.warnings();
+        warnings.extend(super::env::ignored_environment(
+            self.coupa.egress_proxy.as_ref(),
+            |name| std::env::var(name).ok(),
+        ));
+        warnings
+    }
+
     pub fn warnings(&self) -> Vec<String> {
         let listen = &self.listen;
         let mut warnings = Vec::new();

@@ -177,6 +177,23 @@ impl Config {
                 d(c.connection_wait_timeout),
             ),
             ("coupa.rate_limit".into(), rate),
+            (
+                "coupa.egress_proxy".into(),
+                match &c.egress_proxy {
+                    None => {
+                        "none: connections to Coupa go direct (HTTP_PROXY/HTTPS_PROXY are ignored)"
+                            .into()
+                    }
+                    Some(p) => format!(
+                        "{}{}, both hops tunnelled with CONNECT",
+                        p.url,
+                        p.username
+                            .as_ref()
+                            .map(|u| format!(" as {u} (password <redacted>)"))
+                            .unwrap_or_default()
+                    ),
+                },
+            ),
         ]
     }
 

@@ -109,6 +109,8 @@ pub struct FakeState {
     scoped_api: std::sync::atomic::AtomicBool,
     /// Every bearer token the API side was sent, live or not.
     seen_bearers: Mutex<Vec<String>>,
+    /// The addresses connections came from.
+    peers: Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
 }
 
 /// The fixed answer of fast mode: a JSON array padded to `kib` KiB.
@@ -154,6 +156,14 @@ impl FakeState {
 
     /// The bearer tokens sent to `/api/*` so far, in order (the first
     /// 1,000; none in fast mode).
+    /// The addresses connections to the fake came from.
+    pub fn peers(&self) -> Vec<std::net::IpAddr> {
+        self.peers
+            .lock()
+            .map(|p| p.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     pub fn seen_bearers(&self) -> Vec<String> {
         self.seen_bearers
             .lock()
@@ -352,6 +362,7 @@ impl FakeCoupa {
             fast_api: std::sync::atomic::AtomicBool::new(false),
             scoped_api: std::sync::atomic::AtomicBool::new(false),
             seen_bearers: Mutex::new(Vec::new()),
+            peers: Mutex::new(std::collections::BTreeSet::new()),
         });
         let shutdown = CancellationToken::new();
         let tls = options.tls.map(TlsAcceptor::from);
@@ -361,7 +372,10 @@ impl FakeCoupa {
         tokio::spawn(crate::server::serve(
             listener,
             tls,
-            move |_peer, _guard| {
+            move |peer: SocketAddr, _guard| {
+                if let Ok(mut peers) = served.peers.lock() {
+                    peers.insert(peer.ip());
+                }
                 let state = served.clone();
                 service_fn(move |request| route(state.clone(), request))
             },

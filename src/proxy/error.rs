@@ -50,6 +50,9 @@ pub enum ProxyError {
     },
     #[error("could not connect to Coupa: {0}")]
     Unreachable(String),
+    /// The egress proxy failed the tunnel (it names itself and the cause).
+    #[error("{0}")]
+    Egress(crate::egress::EgressError),
     #[error("Coupa did not answer in time: {0}")]
     Timeout(String),
     #[error("forwarding to Coupa failed: {0}")]
@@ -72,6 +75,8 @@ impl ProxyError {
             ProxyError::OAuthPathNotForwarded(_) => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unreachable(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Egress(e) if e.is_timeout() => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Egress(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -93,6 +98,7 @@ impl ProxyError {
             ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::IntegrationBusy { .. } => "integration_busy",
             ProxyError::Unreachable(_) => "upstream_unreachable",
+            ProxyError::Egress(_) => "egress_proxy_error",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
         }

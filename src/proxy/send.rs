@@ -49,6 +49,9 @@ impl From<SendFailure> for ProxyError {
             }
             SendFailure::Busy(waited) => ProxyError::UpstreamBusy(waited),
             SendFailure::Client(error) => {
+                if let Some(egress) = crate::egress::EgressError::find(&error) {
+                    return ProxyError::Egress(egress.clone());
+                }
                 let message = error_chain(&error);
                 if timed_out(&error) {
                     ProxyError::Timeout(message)
@@ -113,6 +116,11 @@ impl Proxy {
                 Ok(leased) => return Ok(leased),
                 Err(failure) => failure,
             };
+            if let SendFailure::Client(error) = &failure {
+                if let Some(egress) = crate::egress::EgressError::find(error) {
+                    metrics.egress_failure(egress.cause());
+                }
+            }
             if let Some(why) = replay.client_stalled() {
                 metrics.client_body_timeout(why.reason());
                 return Err(ProxyError::ClientBodyTimeout(why));

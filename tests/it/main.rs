@@ -14,6 +14,7 @@ mod cluster;
 mod consent;
 mod demo;
 mod deploy;
+mod egress;
 mod forwarding;
 mod idle_buffers;
 mod inbound_tls;

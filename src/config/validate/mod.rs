@@ -43,7 +43,10 @@ impl FileConfig {
         } = admin;
         let listen = validate_listen(listen, base_dir)?;
         let coupa = validate_coupa(coupa, base_dir)?;
-        let credentials = validate_credentials(&oauth, base_dir, &coupa.base_url)?;
+        let mut credentials = validate_credentials(&oauth, base_dir, &coupa.base_url)?;
+        for credential in &mut credentials {
+            credential.oauth.egress_proxy = coupa.egress_proxy.clone();
+        }
         let integrations = validate_integrations(integration, &credentials, coupa.max_connections)?;
         if integrations.is_empty() {
             if !credentials.iter().any(|c| c.name == DEFAULT_CREDENTIAL) && credentials.len() > 1 {
@@ -202,6 +205,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         max_connections,
         connection_wait_timeout,
         rate_limit,
+        egress_proxy,
     } = file;
     let base = parse_endpoint("coupa.base_url", &base_url)?;
     if base.query().is_some() || base.fragment().is_some() {
@@ -261,6 +265,84 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         max_connections,
         connection_wait_timeout,
         rate_limit: rate_limit.map(validate_rate_limit).transpose()?,
+        egress_proxy: egress_proxy
+            .map(|file| validate_egress_proxy(file, base_dir))
+            .transpose()?,
+    })
+}
+
+/// `[coupa.egress_proxy]`: an `http://host:port` proxy, and a login given
+/// whole (username and password file) or not at all.
+fn validate_egress_proxy(
+    file: EgressProxyFile,
+    base_dir: &Path,
+) -> Result<EgressProxy, ConfigError> {
+    let EgressProxyFile {
+        url,
+        username,
+        password_file,
+    } = file;
+    let key = "coupa.egress_proxy.url";
+    let parsed = url::Url::parse(url.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("not a URL ({e}); e.g. http://proxy.corp.example:3128"),
+        )
+    })?;
+    if parsed.scheme() != "http" {
+        return Err(invalid(
+            key,
+            format!("{} is not supported: give the proxy's http:// address (requests to Coupa stay TLS end to end inside the tunnel)", parsed.scheme()),
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(invalid(
+            key,
+            "must not carry a login: set coupa.egress_proxy.username and password_file",
+        ));
+    }
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| invalid(key, "has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = parsed.port().unwrap_or(80);
+    let password = match (&username, password_file.as_ref()) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "coupa.egress_proxy.password_file",
+                "is needed with username",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "coupa.egress_proxy.username",
+                "is needed with password_file",
+            ))
+        }
+        (Some(_), Some(path)) => {
+            let path = base_dir.join(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "coupa.egress_proxy.password_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(crate::secret::Secret::new(
+                text.trim_end_matches(['\r', '\n']),
+            ))
+        }
+    };
+    Ok(EgressProxy {
+        url: format!("http://{}:{port}", parsed.host_str().unwrap_or(&host)),
+        host,
+        port,
+        username,
+        password,
+        password_file: password_file.map(|p| base_dir.join(p)),
     })
 }
 

@@ -51,7 +51,7 @@ pub use response::{IdleTimeout, ResponseBody};
 use crate::metrics::UpstreamMetrics;
 
 use crate::BoxError;
-type Connector = Counting<HttpsConnector<HttpConnector>>;
+type Connector = Counting<HttpsConnector<crate::egress::EgressConnector>>;
 type Io = Counted<hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>;
 
 /// Why a request could not be carried to Coupa.
@@ -147,6 +147,7 @@ pub fn build(
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(coupa.connect_timeout));
+    let tcp = crate::egress::EgressConnector::new(tcp, coupa.egress_proxy.as_ref());
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();

@@ -8,6 +8,9 @@ use std::time::Duration;
 pub enum FetchError {
     #[error("token endpoint unreachable: {0}")]
     Network(String),
+    /// The egress proxy failed the tunnel to the token endpoint.
+    #[error("token endpoint unreachable: {0}")]
+    Egress(crate::egress::EgressError),
     #[error("token endpoint did not answer within {0:?}")]
     Timeout(Duration),
     #[error("token endpoint refused the request: HTTP {status}, OAuth error `{code}`{}", description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
@@ -141,6 +144,7 @@ impl FetchError {
     pub fn outcome(&self) -> &str {
         match self {
             FetchError::Network(_) | FetchError::Timeout(_) => "network",
+            FetchError::Egress(_) => "egress_proxy",
             FetchError::OAuth { code, .. } => code,
             FetchError::Http { .. } => "http_error",
             FetchError::Redirected { .. } => "redirect",
@@ -161,16 +165,4 @@ impl FetchError {
 }
 
 /// An error with its causes, e.g. "error sending request: connection refused".
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
+pub(crate) use crate::encode::error_chain;

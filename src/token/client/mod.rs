@@ -123,6 +123,9 @@ impl From<&OAuth> for ClientParams {
 #[derive(Debug, Clone)]
 pub struct TokenClient {
     http: reqwest::Client,
+    /// The egress proxy the client goes through, to ask it why a tunnel
+    /// failed.
+    egress: Option<crate::config::EgressProxy>,
     /// Swappable: a reload may bring a new secret, scopes or client.
     params: Arc<ArcSwap<ClientParams>>,
     timeout: Duration,
@@ -130,7 +133,7 @@ pub struct TokenClient {
 
 impl TokenClient {
     pub fn new(oauth: &OAuth, tls: rustls::ClientConfig) -> Result<Self, FetchError> {
-        let http = reqwest::Client::builder()
+        let http = crate::egress::reqwest_builder(oauth.egress_proxy.as_ref())
             .use_preconfigured_tls(tls)
             .redirect(reqwest::redirect::Policy::none())
             .timeout(oauth.request_timeout)
@@ -139,6 +142,7 @@ impl TokenClient {
             .map_err(|e| FetchError::Network(error_chain(&e)))?;
         Ok(Self {
             http,
+            egress: oauth.egress_proxy.clone(),
             params: Arc::new(ArcSwap::from_pointee(ClientParams::from(oauth))),
             timeout: oauth.request_timeout,
         })
@@ -190,12 +194,15 @@ impl TokenClient {
                 request = request.header(http::header::AUTHORIZATION, value);
             }
         }
-        let response = request
+        let response = match request
             .header(http::header::ACCEPT, "application/json")
             .form(&form)
             .send()
             .await
-            .map_err(|e| self.transport_error(e))?;
+        {
+            Ok(response) => response,
+            Err(e) => return Err(self.send_error(e, url).await),
+        };
         let status = response.status();
         if status.is_redirection() {
             return Err(FetchError::Redirected {
@@ -273,6 +280,21 @@ impl TokenClient {
             requested_at_wall,
         };
         Ok((token, Secret::new(String::from_utf8_lossy(&body))))
+    }
+
+    /// A request that got no answer. Through an egress proxy, the HTTP
+    /// client only says the tunnel failed: one tunnel of our own asks the
+    /// proxy why, so the error names the hop (proxy down, login, refusal,
+    /// Coupa unreachable behind it).
+    async fn send_error(&self, e: reqwest::Error, url: &str) -> FetchError {
+        if !e.is_timeout() {
+            if let Some(egress) = &self.egress {
+                if let Some(why) = crate::egress::diagnose(egress, url).await {
+                    return FetchError::Egress(why);
+                }
+            }
+        }
+        self.transport_error(e)
     }
 
     fn transport_error(&self, e: reqwest::Error) -> FetchError {

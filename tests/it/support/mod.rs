@@ -12,6 +12,7 @@ use std::time::Duration;
 pub mod consent;
 pub mod doorkeeper;
 pub mod real;
+pub mod tinyproxy;
 
 use bytes::Bytes;
 use coupa_auth_proxy::app::{self, Listeners};
