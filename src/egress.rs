@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use http::{HeaderValue, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -106,15 +107,21 @@ struct Route {
 #[derive(Clone)]
 pub struct EgressConnector {
     tcp: HttpConnector,
-    route: Option<Arc<Route>>,
+    /// Swapped when a reload brings a new login.
+    route: Arc<ArcSwapOption<Route>>,
 }
 
 impl EgressConnector {
     pub fn new(tcp: HttpConnector, egress: Option<&EgressProxy>) -> Self {
         Self {
             tcp,
-            route: egress.map(|egress| Arc::new(route(egress))),
+            route: Arc::new(ArcSwapOption::from(egress.map(|e| Arc::new(route(e))))),
         }
+    }
+
+    /// New connections go this way from now on; open ones stay.
+    pub fn set(&self, egress: Option<&EgressProxy>) {
+        self.route.store(egress.map(|e| Arc::new(route(e))));
     }
 }
 
@@ -151,7 +158,7 @@ impl Service<Uri> for EgressConnector {
 
     fn call(&mut self, destination: Uri) -> Self::Future {
         let mut tcp = self.tcp.clone();
-        match self.route.clone() {
+        match self.route.load_full() {
             None => Box::pin(async move { tcp.call(destination).await.map_err(Into::into) }),
             Some(route) => Box::pin(async move {
                 let default_port = if destination.scheme_str() == Some("http") {
@@ -264,19 +271,29 @@ pub async fn diagnose(egress: &EgressProxy, url: &str) -> Option<EgressError> {
 /// A `reqwest` client builder that follows the one rule: the egress proxy
 /// when configured, else direct, and never the environment's variables.
 pub fn reqwest_builder(egress: Option<&EgressProxy>) -> reqwest::ClientBuilder {
+    let egress = egress.cloned();
+    reqwest_builder_with(egress.is_some(), move || egress.clone())
+}
+
+/// [`reqwest_builder`] with the egress proxy read at each new connection
+/// (`current`), so a reloaded password applies without a new client.
+pub fn reqwest_builder_with(
+    configured: bool,
+    current: impl Fn() -> Option<EgressProxy> + Send + Sync + 'static,
+) -> reqwest::ClientBuilder {
     let builder = reqwest::Client::builder().no_proxy();
-    let Some(egress) = egress else {
+    if !configured {
         return builder;
-    };
-    let proxy = match reqwest::Proxy::all(egress.url.as_str()) {
-        Ok(proxy) => proxy,
-        Err(_) => return builder,
-    };
-    let proxy = match (&egress.username, &egress.password) {
-        (Some(user), Some(password)) => proxy.basic_auth(user, password.expose()),
-        _ => proxy,
-    };
-    builder.proxy(proxy)
+    }
+    builder.proxy(reqwest::Proxy::custom(move |_| {
+        let egress = current()?;
+        let mut url = url::Url::parse(&egress.url).ok()?;
+        if let (Some(user), Some(password)) = (&egress.username, &egress.password) {
+            url.set_username(user).ok()?;
+            url.set_password(Some(password.expose())).ok()?;
+        }
+        Some(url)
+    }))
 }
 
 #[cfg(test)]

@@ -103,8 +103,8 @@ impl Reloader {
         }
     }
 
-    /// Modification time and size of the config, secret and certificate
-    /// files.
+    /// Modification time and size of the config, secret (client secrets,
+    /// the egress proxy's password) and certificate files.
     fn stamps(&self, config: &Config) -> Vec<Stamp> {
         let stamp = |path: &Path| -> Stamp {
             let meta = std::fs::metadata(path).ok()?;
@@ -117,8 +117,14 @@ impl Reloader {
                 SecretSource::File(path) => Some(path.as_path()),
                 SecretSource::Inline | SecretSource::None => None,
             });
+        let egress_password = config
+            .coupa
+            .egress_proxy
+            .as_ref()
+            .and_then(|e| e.password_file.as_deref());
         std::iter::once(self.path.as_path())
             .chain(secret_files)
+            .chain(egress_password)
             .chain(self.cert.iter().flat_map(|c| c.files()))
             .map(stamp)
             .collect()
@@ -188,8 +194,10 @@ impl Reloader {
                     "token request changed; fetching a new token now, the current one serves until it is active"
                 );
                 store.renew_soon();
-            } else {
+            } else if old.secret != fresh.secret {
                 info!(credential = %credential.name, "client secret changed; the next token fetch uses it");
+            } else {
+                info!(credential = %credential.name, "egress proxy login changed; new connections use it");
             }
         }
         self.proxy.reconfigure(&new);
@@ -332,7 +340,15 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
         c.connection_wait_timeout == d.connection_wait_timeout,
     );
     differ("coupa.rate_limit", c.rate_limit == d.rate_limit);
-    differ("coupa.egress_proxy", c.egress_proxy == d.egress_proxy);
+    // Its password file is re-read and applied live; where it points is not.
+    let route = |e: &Option<crate::config::EgressProxy>| {
+        e.as_ref()
+            .map(|e| (e.url.clone(), e.username.clone(), e.password_file.clone()))
+    };
+    differ(
+        "coupa.egress_proxy",
+        route(&c.egress_proxy) == route(&d.egress_proxy),
+    );
 }
 
 fn credential_changes(prefix: &str, o: &OAuth, p: &OAuth, differ: &mut impl FnMut(&str, bool)) {

@@ -33,6 +33,8 @@ pub struct Intercept {
     port: u16,
     ca: LocalCa,
     current: ArcSwap<Minted>,
+    /// A leaf is renewed after this much of its life.
+    renew_after: Duration,
     /// One renewal at a time.
     renewing: Mutex<()>,
 }
@@ -64,16 +66,26 @@ pub enum Refusal {
 impl Intercept {
     /// For the instance at `host` (a name or an address) and `port`.
     pub fn new(ca: LocalCa, host: &str, port: u16) -> Result<Self, CaError> {
+        Self::renewed_after(ca, host, port, LEAF_RENEW_AFTER)
+    }
+
+    fn renewed_after(
+        ca: LocalCa,
+        host: &str,
+        port: u16,
+        renew_after: Duration,
+    ) -> Result<Self, CaError> {
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_ascii_lowercase();
-        let current = ArcSwap::from_pointee(mint(&ca, &host)?);
+        let current = ArcSwap::from_pointee(mint(&ca, &host, renew_after)?);
         Ok(Self {
             host,
             port,
             ca,
             current,
+            renew_after,
             renewing: Mutex::new(()),
         })
     }
@@ -110,7 +122,7 @@ impl Intercept {
             return current.acceptor.clone();
         }
         if let Ok(_one) = self.renewing.try_lock() {
-            match mint(&self.ca, &self.host) {
+            match mint(&self.ca, &self.host, self.renew_after) {
                 Ok(minted) => {
                     tracing::info!(instance = %self.instance(), "minted a new tunnel certificate from the local CA");
                     self.current.store(Arc::new(minted));
@@ -125,7 +137,7 @@ impl Intercept {
     }
 }
 
-fn mint(ca: &LocalCa, host: &str) -> Result<Minted, CaError> {
+fn mint(ca: &LocalCa, host: &str, renew_after: Duration) -> Result<Minted, CaError> {
     let leaf = ca.issue(host, LEAF_LIFETIME)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -138,7 +150,7 @@ fn mint(ca: &LocalCa, host: &str) -> Result<Minted, CaError> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Minted {
         acceptor: TlsAcceptor::from(Arc::new(config)),
-        renew_at: Instant::now() + LEAF_RENEW_AFTER,
+        renew_at: Instant::now() + renew_after,
     })
 }
 
@@ -158,14 +170,32 @@ fn split_authority(target: &str) -> Option<(&str, u16)> {
 mod tests {
     use super::*;
 
-    fn intercept(host: &str, port: u16) -> Intercept {
-        let dir =
-            std::env::temp_dir().join(format!("intercept-{}-{host}-{port}", std::process::id()));
+    fn local_ca(tag: &str) -> LocalCa {
+        let dir = std::env::temp_dir().join(format!("intercept-ca-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let written = ca::init(&dir, None).unwrap();
         let ca = LocalCa::load(&written.ca_cert, &written.ca_key).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        Intercept::new(ca, host, port).unwrap()
+        ca
+    }
+
+    #[test]
+    fn a_leaf_due_for_renewal_is_replaced_without_a_restart() {
+        let due =
+            Intercept::renewed_after(local_ca("due"), "acme.coupahost.com", 443, Duration::ZERO)
+                .unwrap();
+        let first = due.acceptor();
+        let second = due.acceptor();
+        assert!(!Arc::ptr_eq(first.config(), second.config()), "a new leaf");
+        let fresh = Intercept::new(local_ca("fresh"), "acme.coupahost.com", 443).unwrap();
+        assert!(Arc::ptr_eq(
+            fresh.acceptor().config(),
+            fresh.acceptor().config()
+        ));
+    }
+
+    fn intercept(host: &str, port: u16) -> Intercept {
+        Intercept::new(local_ca(&format!("{host}-{port}")), host, port).unwrap()
     }
 
     #[test]

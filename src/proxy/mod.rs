@@ -218,6 +218,9 @@ impl Proxy {
     pub fn reconfigure(&self, config: &Config) {
         let inner = &*self.inner;
         inner.insight.configure(config);
+        // Only the login can change without a restart (reload compares
+        // the rest).
+        inner.client.set_egress(config.coupa.egress_proxy.as_ref());
         let previous = inner.integrations.load();
         inner.integrations.store(Arc::new(Integrations::from_config(
             &config.integrations,

@@ -212,6 +212,18 @@ async fn a_wrong_proxy_password_is_named_and_the_proxy_is_not_ready() {
     assert!(report.contains("rejected the login"), "{report}");
     assert!(!report.contains("not-the-password"), "{report}");
     assert_eq!(fake.state().token_requests(), 0, "nothing reached Coupa");
+
+    // The password file is fixed and re-read on reload: no restart.
+    std::fs::write(dir.path().join("proxy-password"), PROXY_PASSWORD).unwrap();
+    proxy.hangup();
+    proxy.wait_ready().await;
+    let answer = http_client()
+        .get(proxy.url("/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(!proxy.logs().contains(PROXY_PASSWORD));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,8 @@ const SPEAKS_H2: u8 = 2;
 
 struct Pool {
     connector: Connector,
+    /// The same connector's egress route, swapped on reload.
+    egress: crate::egress::EgressConnector,
     scheme: Scheme,
     authority: Authority,
     version: HttpVersion,
@@ -147,7 +149,8 @@ pub fn build(
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
     tcp.set_connect_timeout(Some(coupa.connect_timeout));
-    let tcp = crate::egress::EgressConnector::new(tcp, coupa.egress_proxy.as_ref());
+    let egress = crate::egress::EgressConnector::new(tcp, coupa.egress_proxy.as_ref());
+    let tcp = egress.clone();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
@@ -159,6 +162,7 @@ pub fn build(
     };
     let pool = Arc::new(Pool {
         connector: Counting::new(connector, metrics.open.clone()),
+        egress,
         scheme: coupa.scheme.clone(),
         authority: coupa.authority.clone(),
         version: coupa.http_version,
@@ -236,6 +240,11 @@ enum Route {
 }
 
 impl UpstreamClient {
+    /// The egress proxy new connections take (a reload's new login).
+    pub fn set_egress(&self, egress: Option<&crate::config::EgressProxy>) {
+        self.pool.egress.set(egress);
+    }
+
     /// Sends `request` (its URI in origin form: the instance's path and
     /// query) on a pooled connection, or a new one. A request a connection
     /// could not take before sending anything moves on to another.

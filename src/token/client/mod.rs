@@ -104,6 +104,9 @@ pub struct ClientParams {
     pub scope: String,
     pub auth: ClientAuth,
     pub grant: GrantKind,
+    /// The egress proxy the requests tunnel through; its password may
+    /// change on reload.
+    pub egress: Option<crate::config::EgressProxy>,
 }
 
 impl From<&OAuth> for ClientParams {
@@ -115,6 +118,7 @@ impl From<&OAuth> for ClientParams {
             scope: oauth.scopes.join(" "),
             auth: oauth.client_auth,
             grant: oauth.grant.kind(),
+            egress: oauth.egress_proxy.clone(),
         }
     }
 }
@@ -123,9 +127,6 @@ impl From<&OAuth> for ClientParams {
 #[derive(Debug, Clone)]
 pub struct TokenClient {
     http: reqwest::Client,
-    /// The egress proxy the client goes through, to ask it why a tunnel
-    /// failed.
-    egress: Option<crate::config::EgressProxy>,
     /// Swappable: a reload may bring a new secret, scopes or client.
     params: Arc<ArcSwap<ClientParams>>,
     timeout: Duration,
@@ -133,17 +134,20 @@ pub struct TokenClient {
 
 impl TokenClient {
     pub fn new(oauth: &OAuth, tls: rustls::ClientConfig) -> Result<Self, FetchError> {
-        let http = crate::egress::reqwest_builder(oauth.egress_proxy.as_ref())
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(oauth.request_timeout)
-            .user_agent(concat!("coupa-auth-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| FetchError::Network(error_chain(&e)))?;
+        let params = Arc::new(ArcSwap::from_pointee(ClientParams::from(oauth)));
+        let live = params.clone();
+        let http = crate::egress::reqwest_builder_with(oauth.egress_proxy.is_some(), move || {
+            live.load().egress.clone()
+        })
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(oauth.request_timeout)
+        .user_agent(concat!("coupa-auth-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| FetchError::Network(error_chain(&e)))?;
         Ok(Self {
             http,
-            egress: oauth.egress_proxy.clone(),
-            params: Arc::new(ArcSwap::from_pointee(ClientParams::from(oauth))),
+            params,
             timeout: oauth.request_timeout,
         })
     }
@@ -288,7 +292,7 @@ impl TokenClient {
     /// Coupa unreachable behind it).
     async fn send_error(&self, e: reqwest::Error, url: &str) -> FetchError {
         if !e.is_timeout() {
-            if let Some(egress) = &self.egress {
+            if let Some(egress) = &self.params.load().egress {
                 if let Some(why) = crate::egress::diagnose(egress, url).await {
                     return FetchError::Egress(why);
                 }
