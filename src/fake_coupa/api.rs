@@ -366,9 +366,18 @@ pub struct PatternBody {
 
 impl PatternBody {
     pub fn new(size: u64) -> Self {
-        let source: Vec<u8> = (0..(CHUNK + 251) as u64).map(pattern_byte).collect();
+        // Made once: hundreds of large downloads at once (the slow-read
+        // tests) should cost the fake nothing but the sending.
+        static SOURCE: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+        let source = SOURCE.get_or_init(|| {
+            Bytes::from(
+                (0..(CHUNK + 251) as u64)
+                    .map(pattern_byte)
+                    .collect::<Vec<u8>>(),
+            )
+        });
         Self {
-            source: Bytes::from(source),
+            source: source.clone(),
             offset: 0,
             remaining: size,
         }

@@ -410,6 +410,11 @@ impl FakeCoupa {
         &self.state
     }
 
+    /// Cancelled when the fake is dropped (a runtime of its own can end).
+    pub fn stopped(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// Connections open to the fake now (the proxy's upstream ones).
     pub fn open_connections(&self) -> i64 {
         self.connections.open.get()

@@ -31,6 +31,7 @@ impl Proxy {
             request_id = handled.id.to_str().unwrap_or(""),
             status = status.as_u16(),
             duration_ms = handled.started.elapsed().as_secs_f64() * 1000.0,
+            upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
             "request"
         );
         inner

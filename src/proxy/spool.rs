@@ -285,17 +285,21 @@ impl Spool {
         Poll::Pending
     }
 
-    /// Writes `data` at the end of the temp file, making it first if need
+    /// Writes `batch` at the end of the temp file, making it first if need
     /// be; false if that failed (the answer then stays in memory).
-    async fn spill(&self, data: Bytes, file: Option<Arc<File>>, offset: u64) -> bool {
+    async fn spill(&self, batch: Vec<Bytes>, file: Option<Arc<File>>, offset: u64) -> bool {
         let dir = self.settings.dir.clone();
-        let len = data.len() as u64;
+        let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
         let written = tokio::task::spawn_blocking(move || -> io::Result<Arc<File>> {
             let file = match file {
                 Some(file) => file,
                 None => Arc::new(tempfile::tempfile_in(&dir)?),
             };
-            file.write_all_at(&data, offset)?;
+            let mut at = offset;
+            for data in &batch {
+                file.write_all_at(data, at)?;
+                at += data.len() as u64;
+            }
             Ok(file)
         })
         .await
@@ -327,11 +331,17 @@ impl Spool {
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        let state = self.state();
+        let mut state = self.state();
         let metrics = &self.settings.metrics;
         metrics.memory_bytes.dec_by(state.in_memory as i64);
-        if state.file.is_some() {
+        if let Some(file) = state.file.take() {
             metrics.files.dec();
+            // Closing the last handle frees the file's blocks: a journal
+            // write that can take milliseconds, which must not stall the
+            // worker serving everyone else.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn_blocking(move || drop(file));
+            }
         }
     }
 }
@@ -345,24 +355,61 @@ enum Placed {
     },
 }
 
+/// Bytes gathered for one write to the temp file, so a large answer costs
+/// a few blocking writes, not one per frame.
+const SPILL_BATCH: usize = 256 * 1024;
+
 /// Reads Coupa's answer into the spool until it ends or the client is gone.
 async fn pump(mut body: ResponseBody, spool: Arc<Spool>) {
+    use futures_util::FutureExt;
+    // A frame read while gathering that did not fit the batch.
+    let mut carried: Option<Bytes> = None;
+    let mut ended: Option<End> = None;
     loop {
-        let data = match next_frame(&mut body).await {
-            Ok(data) => data,
-            Err(end) => return spool.end(end),
+        let data = match carried.take() {
+            Some(data) => data,
+            None => match ended.take() {
+                Some(end) => return spool.end(end),
+                None => match next_frame(&mut body).await {
+                    Ok(data) => data,
+                    Err(end) => return spool.end(end),
+                },
+            },
         };
-        loop {
-            match std::future::poll_fn(|cx| spool.place(&data, cx)).await {
-                Placed::Memory => break,
-                Placed::File { file, offset } => {
-                    let len = data.len();
-                    if spool.spill(data.clone(), file, offset).await {
-                        spool.settings.metrics.spooled_bytes.inc_by(len as u64);
-                        spool.push(Segment::File { offset, len });
+        let (file, offset) = match std::future::poll_fn(|cx| spool.place(&data, cx)).await {
+            Placed::Memory => continue,
+            Placed::File { file, offset } => (file, offset),
+        };
+        // Bound for the file: what arrives at once joins this write.
+        let mut batch = vec![data];
+        let mut len = batch[0].len();
+        while len < SPILL_BATCH {
+            match next_frame(&mut body).now_or_never() {
+                None => break,
+                Some(Err(end)) => {
+                    ended = Some(end);
+                    break;
+                }
+                Some(Ok(more)) => {
+                    if offset + (len + more.len()) as u64 > spool.settings.file_limit {
+                        carried = Some(more);
                         break;
                     }
+                    len += more.len();
+                    batch.push(more);
                 }
+            }
+        }
+        if spool.spill(batch.clone(), file, offset).await {
+            spool.settings.metrics.spooled_bytes.inc_by(len as u64);
+            spool.push(Segment::File { offset, len });
+            continue;
+        }
+        // No temp file from now on: the batch waits for room in memory,
+        // in order (Coupa's answer then goes at the client's pace).
+        for data in batch {
+            while let Placed::File { .. } = std::future::poll_fn(|cx| spool.place(&data, cx)).await
+            {
             }
         }
     }
