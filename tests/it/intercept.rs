@@ -126,27 +126,30 @@ async fn direct(setup: &Setup, target: &str, accept: &str) -> serde_json::Value 
 
 const TARGET: &str = "/api/invoices?limit=1&offset=0";
 
+/// curl's call of the instance's https:// URL with the legacy key, going
+/// the way `proxy_args` set, trusting the local CA; its echo.
+async fn curl_through(curl: &Path, setup: &Setup, proxy_args: &[String]) -> serde_json::Value {
+    let mut args = vec!["-sS".to_owned()];
+    args.extend_from_slice(proxy_args);
+    args.extend([
+        "--cacert".to_owned(),
+        setup.ca.display().to_string(),
+        "-H".to_owned(),
+        format!("X-COUPA-API-KEY: {KEY}"),
+        "-H".to_owned(),
+        "Accept: application/json".to_owned(),
+        format!("https://{}{TARGET}", setup.instance),
+    ]);
+    let output = run(curl.to_owned(), args).await;
+    serde_json::from_str(&stdout_of(&output)).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_the_proxy_setting_gets_what_the_base_url_gets() {
     let Some(curl) = tool("curl") else { return };
     let setup = setup("").await;
-    let via_proxy = run(
-        curl.clone(),
-        vec![
-            "-sS".into(),
-            "-x".into(),
-            format!("http://{}", setup.proxy.addr),
-            "--cacert".into(),
-            setup.ca.display().to_string(),
-            "-H".into(),
-            format!("X-COUPA-API-KEY: {KEY}"),
-            "-H".into(),
-            "Accept: application/json".into(),
-            format!("https://{}{TARGET}", setup.instance),
-        ],
-    )
-    .await;
-    let echo: serde_json::Value = serde_json::from_str(&stdout_of(&via_proxy)).unwrap();
+    let proxy_setting = ["-x".to_owned(), format!("http://{}", setup.proxy.addr)];
+    let echo = curl_through(&curl, &setup, &proxy_setting).await;
     let base_url = direct(&setup, TARGET, "application/json").await;
     assert_eq!(essentials(&echo), essentials(&base_url));
     assert!(essentials(&echo).2[0].starts_with("Bearer "));
@@ -418,25 +421,13 @@ async fn a_proxy_reached_over_https_tunnels_too_and_the_name_only_recipe_works()
     let proxy_port = setup.proxy.addr.port();
 
     // HTTPS to the proxy, CONNECT inside, TLS to the "instance" inside that.
-    let tunnelled = run(
-        curl.clone(),
-        vec![
-            "-sS".into(),
-            "--proxy".into(),
-            format!("https://localhost:{proxy_port}"),
-            "--proxy-cacert".into(),
-            listener_ca.clone(),
-            "--cacert".into(),
-            setup.ca.display().to_string(),
-            "-H".into(),
-            format!("X-COUPA-API-KEY: {KEY}"),
-            "-H".into(),
-            "Accept: application/json".into(),
-            format!("https://{}{TARGET}", setup.instance),
-        ],
-    )
-    .await;
-    let echo: serde_json::Value = serde_json::from_str(&stdout_of(&tunnelled)).unwrap();
+    let https_proxy = [
+        "--proxy".to_owned(),
+        format!("https://localhost:{proxy_port}"),
+        "--proxy-cacert".to_owned(),
+        listener_ca.clone(),
+    ];
+    let echo = curl_through(&curl, &setup, &https_proxy).await;
     assert!(essentials(&echo).2[0].starts_with("Bearer "));
 
     // The name-only recipe: the instance's name resolves to the proxy,

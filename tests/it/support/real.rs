@@ -61,6 +61,20 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
     Some(python)
 }
 
+/// Waits until something listens on `port` of loopback; on timeout the
+/// failure shows `log` of the server named `what`.
+pub fn wait_listening(port: u16, what: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + super::DEADLINE;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {port}: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
@@ -171,16 +185,7 @@ http {{
     }
 
     fn wait_listening(&self) {
-        let deadline = Instant::now() + super::DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen on {}: {}",
-                self.port,
-                self.error_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(self.port, "nginx", || self.error_log());
     }
 
     pub fn base_url(&self) -> String {

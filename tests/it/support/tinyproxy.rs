@@ -5,9 +5,8 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use super::real::{free_port, tool};
+use super::real::{free_port, tool, wait_listening};
 use super::tempdir::Dir;
 
 /// Where the proxy's own outgoing connections come from.
@@ -81,16 +80,7 @@ impl Tinyproxy {
     }
 
     fn wait_listening(&self) {
-        let deadline = Instant::now() + super::DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tinyproxy did not listen on {}: {}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(self.port, "tinyproxy", || self.log());
     }
 }
 
