@@ -75,13 +75,7 @@ impl Answer {
         }
         Ok(match body.size_hint().exact() {
             Some(size) if size <= settings.memory as u64 => {
-                let mut held = Held::read_whole(body, size).await;
-                if let Some(End::Failed(_)) = held.end {
-                    if let Some(End::Failed(error)) = held.end.take() {
-                        return Err(error);
-                    }
-                }
-                Answer::Held(held)
+                Answer::Held(Held::read_whole(body, size).await?)
             }
             _ => Answer::Spooled(SpoolReader::spawn(body, settings.clone())),
         })
@@ -154,32 +148,35 @@ async fn next_frame(body: &mut ResponseBody) -> Result<Bytes, End> {
     }
 }
 
-/// An answer read whole: its pieces, then how it ended.
+/// An answer read whole: its pieces, then its trailers, if any.
 pub struct Held {
     /// Most answers come in one piece: no allocation for it.
     first: Option<Bytes>,
     rest: VecDeque<Bytes>,
-    end: Option<End>,
+    trailers: Option<Box<HeaderMap>>,
     remaining: u64,
 }
 
 impl Held {
-    async fn read_whole(mut body: ResponseBody, size: u64) -> Held {
+    /// The whole answer, or why it broke off.
+    async fn read_whole(mut body: ResponseBody, size: u64) -> Result<Held, BoxError> {
         let mut held = Held {
             first: None,
             rest: VecDeque::new(),
-            end: None,
+            trailers: None,
             remaining: size,
         };
-        let end = loop {
+        loop {
             match next_frame(&mut body).await {
                 Ok(data) if held.first.is_none() => held.first = Some(data),
                 Ok(data) => held.rest.push_back(data),
-                Err(end) => break end,
+                Err(End::Complete(trailers)) => {
+                    held.trailers = trailers;
+                    return Ok(held);
+                }
+                Err(End::Failed(error)) => return Err(error),
             }
-        };
-        held.end = Some(end);
-        held
+        }
     }
 
     fn next_frame(&mut self) -> Option<Result<Frame<Bytes>, BoxError>> {
@@ -187,13 +184,11 @@ impl Held {
             self.remaining = self.remaining.saturating_sub(data.len() as u64);
             return Some(Ok(Frame::data(data)));
         }
-        self.end.take()?.into_frame()
+        self.trailers.take().map(|t| Ok(Frame::trailers(*t)))
     }
 
     fn is_empty(&self) -> bool {
-        self.first.is_none()
-            && self.rest.is_empty()
-            && matches!(self.end, None | Some(End::Complete(None)))
+        self.first.is_none() && self.rest.is_empty() && self.trailers.is_none()
     }
 }
 
@@ -227,6 +222,23 @@ struct State {
     overflowed: bool,
 }
 
+impl State {
+    /// Queues `segment` and wakes the client's body.
+    fn push(&mut self, segment: Segment) {
+        // The file only grows, so a file piece after a file piece is its
+        // continuation.
+        match (self.queue.back_mut(), segment) {
+            (Some(Segment::File { len, .. }), Segment::File { len: more, .. }) => {
+                *len += more;
+            }
+            (_, segment) => self.queue.push_back(segment),
+        }
+        if let Some(reader) = self.reader.take() {
+            reader.wake();
+        }
+    }
+}
+
 impl Spool {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while the lock was held leaves nothing half-done that
@@ -237,18 +249,7 @@ impl Spool {
     }
 
     fn push(&self, segment: Segment) {
-        let mut state = self.state();
-        // The file only grows, so a file piece after a file piece is its
-        // continuation.
-        match (state.queue.back_mut(), segment) {
-            (Some(Segment::File { len, .. }), Segment::File { len: more, .. }) => {
-                *len += more;
-            }
-            (_, segment) => state.queue.push_back(segment),
-        }
-        if let Some(reader) = state.reader.take() {
-            reader.wake();
-        }
+        self.state().push(segment);
     }
 
     fn end(&self, end: End) {
@@ -267,8 +268,7 @@ impl Spool {
         if state.in_memory == 0 || state.in_memory + len <= settings.memory {
             state.in_memory += len;
             settings.metrics.memory_bytes.inc_by(len as i64);
-            drop(state);
-            self.push(Segment::Memory(data.clone()));
+            state.push(Segment::Memory(data.clone()));
             return Poll::Ready(Placed::Memory);
         }
         if !state.file_failed && state.spilled + len as u64 <= settings.file_limit {
@@ -405,12 +405,11 @@ async fn pump(mut body: ResponseBody, spool: Arc<Spool>) {
             spool.push(Segment::File { offset, len });
             continue;
         }
-        // No temp file from now on: the batch waits for room in memory,
-        // in order (Coupa's answer then goes at the client's pace).
+        // No temp file from now on (`place` knows): the batch waits for
+        // room in memory, in order, and Coupa's answer goes at the
+        // client's pace.
         for data in batch {
-            while let Placed::File { .. } = std::future::poll_fn(|cx| spool.place(&data, cx)).await
-            {
-            }
+            std::future::poll_fn(|cx| spool.place(&data, cx)).await;
         }
     }
 }

@@ -134,6 +134,26 @@ async fn both_hops_tunnel_through_the_egress_proxy_and_nothing_goes_direct() {
         .unwrap();
     assert!(!status.contains(PROXY_PASSWORD));
 
+    // `token` takes the same way.
+    let before = tinyproxy.connects().len();
+    let path = dir.path().join("token.toml");
+    std::fs::write(&path, &text).unwrap();
+    let (code, token, stderr) = run_binary(
+        &["token", "--config", path.to_str().unwrap()],
+        &[("TEST_CLIENT_SECRET", CLIENT_SECRET)],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(token.starts_with("fake."), "{token}");
+    assert!(
+        tinyproxy.connects().len() > before,
+        "the token CLI tunnelled"
+    );
+    assert_eq!(
+        fake.state().peers(),
+        vec![outgoing()],
+        "nothing went direct"
+    );
+
     // `check --live` through the proxy reports what it reports direct.
     let (through_code, through, _) = live_report(&text, dir.path());
     let direct_text = config(&fake, &ca, dir.path(), "http_version = \"auto\"", None);
@@ -144,6 +164,30 @@ async fn both_hops_tunnel_through_the_egress_proxy_and_nothing_goes_direct() {
         "{through}\n{direct}"
     );
     assert_eq!(through, direct);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coupa_unreachable_behind_the_egress_proxy_is_named_as_such() {
+    let Some(tinyproxy) = Tinyproxy::start(None) else {
+        return;
+    };
+    // Nothing listens where the instance is said to be.
+    let port = crate::support::real::free_port();
+    let text = config_text(&format!("https://localhost:{port}"), "", "")
+        + &format!("\n[coupa.egress_proxy]\nurl = \"{}\"\n", tinyproxy.url());
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    eventually("readyz names the hop behind the proxy", || async {
+        let (status, ready) = readyz(&proxy).await;
+        let text = ready.to_string();
+        status == 503 && text.contains("could not reach Coupa") && text.contains(&tinyproxy.url())
+    })
+    .await;
+    let answer = http_client()
+        .get(proxy.url("/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 503, "no token, so nothing is forwarded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,17 +39,26 @@ fn ca_init(dir: &Path, host: Option<&str>) -> String {
     stdout
 }
 
-/// A proxy for an instance named `localhost` (the fake), in forward mode.
-async fn setup(listen_extra: &str) -> Setup {
+/// A proxy for an instance named `localhost` (the fake), in forward mode;
+/// `listen_tables` adds tables below `[listen]` (e.g. `[listen.tls]`).
+async fn setup(listen_tables: &str) -> Setup {
+    setup_with("", listen_tables).await
+}
+
+/// [`setup`] with `listen_keys` in `[listen]` itself.
+async fn setup_with(listen_keys: &str, listen_tables: &str) -> Setup {
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let dir = tempdir::Dir::new("intercept");
     let ca_dir = dir.path().join("ca");
     ca_init(&ca_dir, None);
     let instance = format!("localhost:{}", fake.addr().port());
     let text = format!(
-        "{}\n[listen.intercept]\nca_cert_file = \"{}\"\nca_key_file = \"{}\"\n{listen_extra}\n\
+        "{}\n[listen.intercept]\nca_cert_file = \"{}\"\nca_key_file = \"{}\"\n{listen_tables}\n\
          [[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n",
-        config_text(&format!("http://{instance}"), "", ""),
+        config_text(&format!("http://{instance}"), "", "").replace(
+            "shutdown_grace = \"10s\"",
+            &format!("shutdown_grace = \"10s\"\n{listen_keys}"),
+        ),
         ca_dir.join("ca.pem").display(),
         ca_dir.join("ca.key").display(),
         hash_key(KEY),
@@ -392,6 +401,25 @@ async fn only_the_instance_is_tunnelled_and_garbage_is_closed_cleanly() {
             assert!(!text.contains(line), "the CA key is in {what}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_never_starts_tls_is_closed_at_the_header_read_timeout() {
+    let setup = setup_with("header_read_timeout = \"1s\"", "").await;
+    let mut stream = tokio::net::TcpStream::connect(setup.proxy.addr)
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", setup.instance).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 39];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 Connection Established\r\n\r\n");
+    // Silence after the 200: the same bound as any connection's start.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle tunnel is closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,3 +183,28 @@ async fn a_client_that_does_not_take_its_answer_is_cut_off_at_the_minimum_rate()
     assert_eq!(other.status(), 200);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_usable_spool_dir_the_answer_still_arrives_whole() {
+    let spool = tempdir::Dir::new("spool-gone");
+    let (_fake, proxy) = proxy_with(
+        "min_response_rate = 0",
+        &format!("spool_dir = \"{}\"", spool.path().display()),
+    )
+    .await;
+    // The directory goes away after start: the temp file cannot be made.
+    std::fs::remove_dir_all(spool.path()).unwrap();
+    let mut slow = slow_reader(&proxy).await;
+    eventually("the answer waits for its client instead", || async {
+        metric(
+            &metrics(&proxy).await,
+            "coupa_proxy_response_spool_overflows_total",
+            &[],
+        ) == 1.0
+    })
+    .await;
+    read_all_of_it(&mut slow).await;
+    drop(slow);
+    spool_back_to_idle(&proxy).await;
+    proxy.stop().await;
+}
