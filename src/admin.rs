@@ -374,6 +374,13 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
             },
         );
     }
+    if let Some(slots) = i["budget"]["slots_last_hour"].as_u64() {
+        let share = i["budget"]["share_last_hour"].as_f64().unwrap_or(0.0) * 100.0;
+        let _ = write!(
+            html,
+            "<p>Coupa's budget in the last hour: {slots} slots, {share:.1} % of it</p>"
+        );
+    }
     for flag in i["flags"].as_array().into_iter().flatten() {
         let _ = write!(
             html,

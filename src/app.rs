@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::insight::Insight;
 use crate::local_oauth::LocalTokens;
 use crate::metrics::Metrics;
-use crate::proxy::ratelimit::{Limiter, RateLimiter, SharedBudget};
+use crate::proxy::ratelimit::{Limiter, SharedBudget};
 use crate::proxy::{self, ClientInfo, Proxy};
 use crate::reload::Reloader;
 use crate::server::{self, Drain};
@@ -202,8 +202,11 @@ fn build_proxy(
     );
     let token_stores: Vec<_> = stores.iter().map(|(_, store)| store.clone()).collect();
     let rate_limiter = config.coupa.rate_limit.map(|limit| match &cluster {
-        Some(cluster) => Limiter::Shared(SharedBudget::new(cluster.clone(), limit, background)),
-        None => Limiter::Local(RateLimiter::new(limit)),
+        Some(cluster) => {
+            let budget = SharedBudget::new(cluster.clone(), limit, background);
+            Limiter::shared(&limit, budget, metrics.rate.clone(), background)
+        }
+        None => Limiter::local(&limit, metrics.rate.clone(), background),
     });
     Proxy::new(
         config,

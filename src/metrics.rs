@@ -49,6 +49,85 @@ pub struct SpoolMetrics {
     pub overflowed: Counter,
 }
 
+/// The rate limit's queues, by integration (`proxy::ratelimit`): made
+/// here, each integration's handles taken once by its lane.
+#[derive(Debug, Clone)]
+pub struct RateMetrics {
+    depth: Family<ByIntegration, Gauge>,
+    slots: Family<ByIntegration, Counter>,
+    waits: Family<ByIntegration, Histogram, fn() -> Histogram>,
+    refused: Family<ByIntegration, Counter>,
+}
+
+type ByIntegration = Vec<(String, String)>;
+
+impl Default for RateMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One integration's handles in [`RateMetrics`].
+#[derive(Debug, Clone)]
+pub struct LaneMetrics {
+    /// Its requests waiting for a slot now.
+    pub depth: Gauge,
+    /// Slots of Coupa's budget it was given.
+    pub slots: Counter,
+    /// How long its requests that waited waited.
+    pub waits: Histogram,
+    /// Its requests answered 429 because its queue was full.
+    pub refused: Counter,
+}
+
+impl RateMetrics {
+    pub fn new() -> Self {
+        fn wait_buckets() -> Histogram {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        }
+        Self {
+            depth: Family::default(),
+            slots: Family::default(),
+            waits: Family::new_with_constructor(wait_buckets),
+            refused: Family::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "rate_queue_depth",
+            "Requests waiting for a slot of Coupa's budget ([coupa.rate_limit]), by integration",
+            self.depth.clone(),
+        );
+        registry.register(
+            "rate_slots",
+            "Slots of Coupa's budget given to requests, by integration",
+            self.slots.clone(),
+        );
+        registry.register(
+            "rate_wait_seconds",
+            "How long requests that had to wait for a slot of Coupa's budget waited, by integration",
+            self.waits.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests answered 429 rate_limited because their integration's queue was full, by integration",
+            self.refused.clone(),
+        );
+    }
+
+    /// An integration's handles (`"(none)"`: requests of no integration).
+    pub fn lane(&self, integration: &str) -> LaneMetrics {
+        let label = vec![("integration".to_owned(), integration.to_owned())];
+        LaneMetrics {
+            depth: self.depth.get_or_create(&label).clone(),
+            slots: self.slots.get_or_create(&label).clone(),
+            waits: self.waits.get_or_create(&label).clone(),
+            refused: self.refused.get_or_create(&label).clone(),
+        }
+    }
+}
+
 /// Token stores by credential name.
 pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
 
@@ -73,6 +152,8 @@ pub struct Metrics {
     pub dropped_underscore_fields: Counter,
     /// Handed to the cluster state, when `[cluster]` is set.
     pub cluster: crate::cluster::ClusterMetrics,
+    /// Handed to the rate limit, when `[coupa.rate_limit]` is set.
+    pub rate: RateMetrics,
     /// Answers of the proxy's own `/oauth2/token`, by outcome.
     local_token_requests: Vec<(&'static str, Counter)>,
     /// 503 integration_busy answers, by integration (rare: a lookup each).
@@ -219,8 +300,11 @@ impl Metrics {
             "Requests answered 503 integration_busy: the integration had [[integration]] max_concurrent requests at Coupa for all of coupa.connection_wait_timeout",
             integration_busy.clone(),
         );
+        let rate = RateMetrics::new();
+        rate.register(&mut registry);
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
+            rate,
             registry,
             upstream_seconds,
             overhead_seconds,

@@ -98,6 +98,12 @@ pub(super) struct IntegrationFile {
     /// `Accept` for its requests that state no preference (else
     /// `coupa.accept`).
     pub(super) accept: Option<String>,
+    /// Its part of Coupa's budget against other waiting integrations.
+    pub(super) weight: Option<u32>,
+    /// Its own bound on requests waiting for a slot (else the global one).
+    pub(super) max_queue: Option<usize>,
+    /// A hard ceiling on its requests per second.
+    pub(super) max_per_second: Option<f64>,
 }
 
 /// `[insight]`: what the migration view flags.

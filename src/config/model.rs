@@ -88,6 +88,30 @@ pub struct Integration {
     /// `Accept` sent for its requests that state no preference; `None`:
     /// `coupa.accept`.
     pub accept: Option<HeaderValue>,
+    /// Its place in the rate limit's queues.
+    pub rate: RatePolicy,
+}
+
+/// How one integration waits for Coupa's budget (`[[integration]]`
+/// `weight`, `max_queue`, `max_per_second`; defaults without them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RatePolicy {
+    /// Slots dealt to it per turn while others wait too.
+    pub weight: u32,
+    /// Its own queue bound; `None`: `coupa.rate_limit.max_queue`.
+    pub max_queue: Option<usize>,
+    /// Its ceiling, whatever the budget has free.
+    pub max_per_second: Option<f64>,
+}
+
+impl Default for RatePolicy {
+    fn default() -> Self {
+        Self {
+            weight: 1,
+            max_queue: None,
+            max_per_second: None,
+        }
+    }
 }
 
 /// A local OAuth client: known to the proxy only, never to Coupa.

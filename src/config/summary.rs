@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use super::{
-    ClientAuth, Config, Credential, Grant, RuntimeFlavor, SecretSource, DEFAULT_CREDENTIAL,
+    ClientAuth, Config, Credential, Grant, RatePolicy, RuntimeFlavor, SecretSource,
+    DEFAULT_CREDENTIAL,
 };
 
 impl Config {
@@ -288,7 +289,7 @@ impl Config {
                 (
                     format!("integration {:?}", integration.name),
                     format!(
-                        "credential {}, max_concurrent {}, Accept when it sends none: {}{}{}",
+                        "credential {}, max_concurrent {}, Accept when it sends none: {}{}{}{}",
                         self.credentials[integration.credential].name,
                         integration.max_concurrent,
                         match &integration.accept {
@@ -310,10 +311,27 @@ impl Config {
                             ),
                             None => String::new(),
                         },
+                        self.rate_share_text(&integration.rate),
                     ),
                 )
             })
             .collect()
+    }
+
+    /// An integration's place in the rate limit's queues, when shaped.
+    fn rate_share_text(&self, rate: &RatePolicy) -> String {
+        let Some(limit) = &self.coupa.rate_limit else {
+            return String::new();
+        };
+        let mut text = format!(
+            ", rate weight {}, max_queue {}",
+            rate.weight,
+            rate.max_queue.unwrap_or(limit.max_queue)
+        );
+        if let Some(ceiling) = rate.max_per_second {
+            text.push_str(&format!(", max_per_second {ceiling}"));
+        }
+        text
     }
 
     fn cluster_rows(&self) -> Vec<(String, String)> {

@@ -52,6 +52,8 @@ pub struct Insight {
     usages: RwLock<Vec<Arc<Usage>>>,
     configured: ArcSwap<Vec<Configured>>,
     unnamed: Arc<Usage>,
+    /// Slots of Coupa's budget in an hour (`[coupa.rate_limit]`), if shaped.
+    budget_per_hour: RwLock<Option<f64>>,
 }
 
 impl Insight {
@@ -64,6 +66,7 @@ impl Insight {
             usages: RwLock::new(vec![unnamed.clone()]),
             configured: ArcSwap::from_pointee(Vec::new()),
             unnamed,
+            budget_per_hour: RwLock::new(None),
         });
         insight.configure(config);
         insight
@@ -74,6 +77,9 @@ impl Insight {
     pub fn configure(&self, config: &Config) {
         if let Ok(mut idle) = self.idle_warning.write() {
             *idle = config.insight.idle_warning;
+        }
+        if let Ok(mut budget) = self.budget_per_hour.write() {
+            *budget = config.coupa.rate_limit.map(|r| r.per_second * 3600.0);
         }
         let configured = config
             .integrations
@@ -135,6 +141,11 @@ impl Insight {
         refused: bool,
     ) -> bool {
         usage.record(self.now(), via, method, resource_of(path), status, refused)
+    }
+
+    /// Counts a slot of Coupa's budget given to `usage`'s integration.
+    pub fn count_slot(&self, usage: &Usage) {
+        usage.count_slot(self.now());
     }
 
     fn wall(&self, at: Duration) -> SystemTime {
@@ -255,7 +266,20 @@ impl Insight {
             }));
         });
         let errors = usage.errors();
+        let budget = self
+            .budget_per_hour
+            .read()
+            .ok()
+            .and_then(|b| *b)
+            .map(|per_hour| {
+                let slots = usage.slots_last_hour(now);
+                serde_json::json!({
+                    "slots_last_hour": slots,
+                    "share_last_hour": slots as f64 / per_hour,
+                })
+            });
         serde_json::json!({
+            "budget": budget,
             "integration": if usage.name.is_empty() { "(none)" } else { &usage.name },
             "requests": requests,
             "errors": errors,
@@ -499,5 +523,28 @@ mod tests {
         assert_eq!(view.len(), 1);
         assert_eq!(view[0]["integration"], "erp");
         assert!(view[0]["credential"].is_null());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_integration_shows_its_share_of_the_budget_over_the_last_hour() {
+        let shaped = format!(
+            "{MINIMAL}\n[coupa.rate_limit]\nper_second = 10.0\n\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n",
+            "1".repeat(64)
+        );
+        let insight = Insight::new(&load(&shaped).unwrap());
+        let erp = insight.usage("erp");
+        for _ in 0..360 {
+            insight.count_slot(&erp);
+        }
+        let view = insight.snapshot();
+        assert_eq!(view[0]["budget"]["slots_last_hour"], 360);
+        // 10/s is 36,000 slots an hour.
+        assert_eq!(view[0]["budget"]["share_last_hour"], 0.01);
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        assert_eq!(insight.snapshot()[0]["budget"]["slots_last_hour"], 0);
+        // Without a rate limit there is no budget to share.
+        let unshaped = shaped.replace("[coupa.rate_limit]\nper_second = 10.0\n", "");
+        insight.configure(&load(&unshaped).unwrap());
+        assert!(insight.snapshot()[0]["budget"].is_null());
     }
 }

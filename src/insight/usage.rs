@@ -76,6 +76,40 @@ pub fn answer_index(status: StatusCode) -> usize {
     }
 }
 
+/// Adds one to the current minute of a last-hour ring.
+fn count_minute(ring: &[AtomicU64; MINUTES], now: Duration) {
+    let minute = now.as_secs() / 60 + 1;
+    let slot = &ring[(minute % MINUTES as u64) as usize];
+    let mut current = slot.load(Ordering::Relaxed);
+    loop {
+        let next = if current >> 32 == minute {
+            current + 1
+        } else {
+            (minute << 32) | 1
+        };
+        match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// A last-hour ring's counts, oldest minute first.
+fn last_hour(ring: &[AtomicU64; MINUTES], now: Duration) -> [u64; MINUTES] {
+    let this_minute = now.as_secs() / 60 + 1;
+    let mut series = [0; MINUTES];
+    for (age, value) in series.iter_mut().rev().enumerate() {
+        let Some(minute) = this_minute.checked_sub(age as u64) else {
+            break;
+        };
+        let packed = ring[(minute % MINUTES as u64) as usize].load(Ordering::Relaxed);
+        if packed >> 32 == minute {
+            *value = packed & 0xffff_ffff;
+        }
+    }
+    series
+}
+
 /// How a request was identified.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Via {
@@ -132,6 +166,9 @@ pub struct Usage {
     defaulted_accept: [AtomicU64; FORMATS.len()],
     /// Per slot: (minute number << 32) | requests in that minute.
     per_minute: [AtomicU64; MINUTES],
+    /// The same for slots of Coupa's budget (`[coupa.rate_limit]`) it
+    /// was given: one per attempt sent.
+    slots_per_minute: [AtomicU64; MINUTES],
 }
 
 impl Usage {
@@ -149,6 +186,7 @@ impl Usage {
             errors: AtomicU64::new(0),
             defaulted_accept: Default::default(),
             per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
+            slots_per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -180,7 +218,7 @@ impl Usage {
         if refused || status.is_server_error() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.count_minute(now);
+        count_minute(&self.per_minute, now);
         let (m, a) = (method_index(method), answer_index(status));
         self.with_resource(resource, |usage| {
             usage.counts[m][a].fetch_add(1, Ordering::Relaxed);
@@ -225,39 +263,20 @@ impl Usage {
         f(&added)
     }
 
-    fn count_minute(&self, now: Duration) {
-        let minute = now.as_secs() / 60 + 1;
-        let slot = &self.per_minute[(minute % MINUTES as u64) as usize];
-        let mut current = slot.load(Ordering::Relaxed);
-        loop {
-            let next = if current >> 32 == minute {
-                current + 1
-            } else {
-                (minute << 32) | 1
-            };
-            match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return,
-                Err(actual) => current = actual,
-            }
-        }
-    }
-
     /// Requests per minute over the last hour, oldest first; the last
     /// entry is the current minute.
     pub fn per_minute(&self, now: Duration) -> [u64; MINUTES] {
-        let this_minute = now.as_secs() / 60 + 1;
-        let mut series = [0; MINUTES];
-        for (age, value) in series.iter_mut().rev().enumerate() {
-            let Some(minute) = this_minute.checked_sub(age as u64) else {
-                break;
-            };
-            let packed =
-                self.per_minute[(minute % MINUTES as u64) as usize].load(Ordering::Relaxed);
-            if packed >> 32 == minute {
-                *value = packed & 0xffff_ffff;
-            }
-        }
-        series
+        last_hour(&self.per_minute, now)
+    }
+
+    /// Counts one slot of Coupa's budget given to it at `now`.
+    pub fn count_slot(&self, now: Duration) {
+        count_minute(&self.slots_per_minute, now);
+    }
+
+    /// Slots of Coupa's budget it was given in the last hour.
+    pub fn slots_last_hour(&self, now: Duration) -> u64 {
+        last_hour(&self.slots_per_minute, now).iter().sum()
     }
 
     /// The named resources, in order of first use.

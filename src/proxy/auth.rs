@@ -11,6 +11,7 @@ use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::ratelimit::{Lane, Limiter};
 use super::share::Share;
 use crate::config::Integration;
 use crate::insight::{Insight, Usage};
@@ -31,6 +32,8 @@ pub struct IntegrationKey {
     /// `Accept` for its requests that state no preference: its own
     /// `accept`, else `coupa.accept`.
     pub accept: HeaderValue,
+    /// Its queue for Coupa's budget, with `[coupa.rate_limit]`.
+    pub lane: Option<Arc<Lane>>,
 }
 
 impl IntegrationKey {
@@ -55,6 +58,7 @@ impl Integrations {
         integrations: &[Integration],
         default_accept: &HeaderValue,
         insight: &Insight,
+        limiter: Option<&Limiter>,
         previous: Option<&Integrations>,
     ) -> Self {
         let keys: Vec<_> = integrations
@@ -76,6 +80,7 @@ impl Integrations {
                     usage: insight.usage(&i.name),
                     share,
                     accept: i.accept.clone().unwrap_or_else(|| default_accept.clone()),
+                    lane: limiter.map(|limiter| limiter.lane(&i.name, &i.rate)),
                 })
             })
             .collect();
@@ -156,6 +161,7 @@ mod tests {
                     credential: 0,
                     max_concurrent: 4,
                     accept: None,
+                    rate: Default::default(),
                 },
                 Integration {
                     name: "suppliers".into(),
@@ -164,6 +170,7 @@ mod tests {
                     credential: 1,
                     max_concurrent: 4,
                     accept: Some(HeaderValue::from_static("application/xml")),
+                    rate: Default::default(),
                 },
                 Integration {
                     name: "snaplogic".into(),
@@ -175,10 +182,12 @@ mod tests {
                     credential: 0,
                     max_concurrent: 4,
                     accept: None,
+                    rate: Default::default(),
                 },
             ],
             &HeaderValue::from_static("application/json"),
             &insight,
+            None,
             None,
         )
     }

@@ -178,6 +178,7 @@ impl Proxy {
                     &config.integrations,
                     &coupa.accept,
                     &insight,
+                    rate_limiter.as_ref(),
                     None,
                 )),
                 client,
@@ -226,6 +227,7 @@ impl Proxy {
             &config.integrations,
             &config.coupa.accept,
             &inner.insight,
+            inner.rate_limiter.as_ref(),
             Some(&previous),
         )));
     }

@@ -160,7 +160,20 @@ impl Proxy {
     ) -> Result<Leased, SendFailure> {
         let inner = &*self.inner;
         if let Some(limiter) = &inner.rate_limiter {
-            limiter.acquire().await.map_err(SendFailure::RateLimited)?;
+            let lane = trace
+                .integration
+                .as_ref()
+                .and_then(|i| i.lane.as_ref())
+                .unwrap_or(limiter.unnamed());
+            limiter
+                .acquire(lane)
+                .await
+                .map_err(SendFailure::RateLimited)?;
+            let usage = match &trace.integration {
+                Some(integration) => &integration.usage,
+                None => inner.insight.unnamed(),
+            };
+            inner.insight.count_slot(usage);
         }
         let sent = StdInstant::now();
         let result =

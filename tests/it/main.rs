@@ -15,6 +15,7 @@ mod consent;
 mod demo;
 mod deploy;
 mod egress;
+mod fairness;
 mod forwarding;
 mod idle_buffers;
 mod inbound_tls;

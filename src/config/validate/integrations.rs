@@ -21,6 +21,7 @@ pub(super) fn validate_integrations(
     files: Vec<IntegrationFile>,
     credentials: &[Credential],
     max_connections: usize,
+    rate_limit: Option<&RateLimit>,
 ) -> Result<Vec<Integration>, ConfigError> {
     let count = files.len();
     let mut integrations: Vec<Integration> = Vec::with_capacity(count);
@@ -33,6 +34,9 @@ pub(super) fn validate_integrations(
             credential,
             max_concurrent,
             accept,
+            weight,
+            max_queue,
+            max_per_second,
         } = file;
         let key = format!("integration[{i}]");
         if name.trim().is_empty() {
@@ -110,7 +114,9 @@ pub(super) fn validate_integrations(
         let accept = accept
             .map(|accept| media_type(&format!("{key}.accept"), &accept))
             .transpose()?;
+        let rate = rate_policy(&key, weight, max_queue, max_per_second, rate_limit)?;
         integrations.push(Integration {
+            rate,
             accept,
             name,
             api_key_sha256: hash,
@@ -121,6 +127,49 @@ pub(super) fn validate_integrations(
         });
     }
     Ok(integrations)
+}
+
+/// `weight`, `max_queue` and `max_per_second`: only with a
+/// `[coupa.rate_limit]` to share out.
+fn rate_policy(
+    key: &str,
+    weight: Option<u32>,
+    max_queue: Option<usize>,
+    max_per_second: Option<f64>,
+    rate_limit: Option<&RateLimit>,
+) -> Result<RatePolicy, ConfigError> {
+    let given = [
+        ("weight", weight.is_some()),
+        ("max_queue", max_queue.is_some()),
+        ("max_per_second", max_per_second.is_some()),
+    ];
+    if rate_limit.is_none() {
+        if let Some((name, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                format!("{key}.{name}"),
+                "shares out Coupa's budget, so it needs a [coupa.rate_limit] table",
+            ));
+        }
+    }
+    if weight == Some(0) {
+        return Err(invalid(
+            format!("{key}.weight"),
+            "must be at least 1 (slots per turn while other integrations wait too)",
+        ));
+    }
+    if let Some(ceiling) = max_per_second {
+        if !(ceiling.is_finite() && ceiling > 0.0) {
+            return Err(invalid(
+                format!("{key}.max_per_second"),
+                format!("must be a positive number, got {ceiling}"),
+            ));
+        }
+    }
+    Ok(RatePolicy {
+        weight: weight.unwrap_or(1),
+        max_queue,
+        max_per_second,
+    })
 }
 
 /// An `Accept` value naming a media type (`type/subtype`, parameters and

@@ -47,7 +47,12 @@ impl FileConfig {
         for credential in &mut credentials {
             credential.oauth.egress_proxy = coupa.egress_proxy.clone();
         }
-        let integrations = validate_integrations(integration, &credentials, coupa.max_connections)?;
+        let integrations = validate_integrations(
+            integration,
+            &credentials,
+            coupa.max_connections,
+            coupa.rate_limit.as_ref(),
+        )?;
         if integrations.is_empty() {
             if !credentials.iter().any(|c| c.name == DEFAULT_CREDENTIAL) && credentials.len() > 1 {
                 return Err(invalid(
@@ -476,5 +481,55 @@ mod tests {
         // A single named credential without integrations serves everyone.
         let config = load(&named).unwrap();
         assert_eq!(config.credentials[config.default_credential()].name, "main");
+    }
+
+    #[test]
+    fn an_integrations_share_of_the_budget_is_checked() {
+        let integration = |extra: &str| {
+            format!(
+                "\n[[integration]]\nname = \"batch\"\napi_key_sha256 = \"{}\"\n{extra}\n",
+                "1".repeat(64)
+            )
+        };
+        let shaped = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[coupa.rate_limit]\nper_second = 25.0\n{}",
+                integration(extra)
+            )
+        };
+        let config = load(&shaped("weight = 3\nmax_queue = 500\nmax_per_second = 10")).unwrap();
+        let rate = config.integrations[0].rate;
+        assert_eq!(
+            (rate.weight, rate.max_queue, rate.max_per_second),
+            (3, Some(500), Some(10.0))
+        );
+        assert_eq!(
+            load(&shaped("")).unwrap().integrations[0].rate,
+            crate::config::RatePolicy::default()
+        );
+        let cases: [(String, &[&str]); 4] = [
+            (
+                shaped("weight = 0"),
+                &["integration[0].weight", "at least 1"],
+            ),
+            (
+                shaped("max_per_second = -1.0"),
+                &["integration[0].max_per_second", "positive"],
+            ),
+            (
+                format!("{MINIMAL}{}", integration("weight = 2")),
+                &["integration[0].weight", "[coupa.rate_limit]"],
+            ),
+            (
+                format!("{MINIMAL}{}", integration("max_per_second = 5.0")),
+                &["integration[0].max_per_second", "[coupa.rate_limit]"],
+            ),
+        ];
+        for (text, fragments) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            for fragment in fragments {
+                assert!(err.contains(fragment), "{err}");
+            }
+        }
     }
 }

@@ -1,86 +1,63 @@
 //! The budget of one process: GCRA (the "virtual scheduling" form of a
 //! token bucket). One timestamp, the theoretical arrival time, says when
 //! the next request may go, so admission is O(1) with no background refill
-//! task.
+//! task. The same shape serves an integration's own ceiling
+//! (`max_per_second`, burst 1).
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::QueueFull;
-use crate::config::RateLimit;
-
-#[derive(Debug)]
-pub struct RateLimiter {
+#[derive(Debug, Clone)]
+pub struct Gcra {
     /// Time between requests at the sustained rate.
     interval: Duration,
     /// How far ahead of schedule a request may run: the burst.
     tolerance: Duration,
-    max_queue: usize,
-    state: Mutex<State>,
-}
-
-#[derive(Debug)]
-struct State {
     /// Theoretical arrival time of the next request at the sustained rate.
     tat: Instant,
-    /// Requests admitted but waiting for their slot.
-    queued: usize,
 }
 
-/// Holds a queue place while a request waits; gives it back when dropped,
-/// including when the client goes away while waiting.
-struct QueuePlace<'a>(&'a RateLimiter);
-
-impl Drop for QueuePlace<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut state) = self.0.state.lock() {
-            state.queued = state.queued.saturating_sub(1);
-        }
-    }
-}
-
-impl RateLimiter {
-    pub fn new(limit: RateLimit) -> Self {
-        let interval = Duration::from_secs_f64(1.0 / limit.per_second);
+impl Gcra {
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        let interval = Duration::from_secs_f64(1.0 / per_second);
         Self {
             interval,
-            tolerance: interval * limit.burst.saturating_sub(1),
-            max_queue: limit.max_queue,
-            state: Mutex::new(State {
-                tat: Instant::now(),
-                queued: 0,
-            }),
+            tolerance: interval * burst.saturating_sub(1),
+            tat: Instant::now(),
         }
     }
 
-    /// Waits for this request's slot, or says the queue is full.
-    pub async fn acquire(&self) -> Result<(), QueueFull> {
-        let now = Instant::now();
-        let slot = {
-            let Ok(mut state) = self.state.lock() else {
-                return Ok(());
-            };
-            let tat = state.tat.max(now);
-            let allowed_at = tat.checked_sub(self.tolerance).unwrap_or(now);
-            if allowed_at <= now {
-                state.tat = tat + self.interval;
-                return Ok(());
-            }
-            if state.queued >= self.max_queue {
-                let wait = allowed_at - now;
-                return Err(QueueFull {
-                    retry_after: wait.max(Duration::from_secs(1)),
-                });
-            }
-            state.tat = tat + self.interval;
-            state.queued += 1;
-            allowed_at
-        };
-        let _place = QueuePlace(self);
-        tokio::time::sleep_until(slot).await;
-        Ok(())
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// When the next request may go: `now` or later.
+    pub fn ready_at(&self, now: Instant) -> Instant {
+        let tat = self.tat.max(now);
+        tat.checked_sub(self.tolerance).unwrap_or(now).max(now)
+    }
+
+    /// Takes a slot if one is free at `now`.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        if self.ready_at(now) > now {
+            return false;
+        }
+        self.tat = self.tat.max(now) + self.interval;
+        true
+    }
+
+    /// Takes the next slot, whenever it is: the instant it may be used.
+    pub fn reserve(&mut self, now: Instant) -> Instant {
+        let at = self.ready_at(now);
+        self.tat = self.tat.max(now) + self.interval;
+        at
+    }
+
+    /// Gives back the slot taken last (a request that did not go after
+    /// all), so it is not counted against the rate.
+    pub fn give_back(&mut self) {
+        self.tat = self.tat.checked_sub(self.interval).unwrap_or(self.tat);
     }
 }
 
@@ -88,62 +65,38 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    fn coupa() -> RateLimiter {
-        RateLimiter::new(RateLimit {
-            per_second: 25.0,
-            burst: 20,
-            max_queue: 10,
-        })
-    }
-
     #[tokio::test(start_paused = true)]
-    async fn burst_passes_then_requests_queue_at_the_rate_then_overflow() {
-        let limiter = std::sync::Arc::new(coupa());
+    async fn burst_then_the_rate() {
+        let mut coupa = Gcra::new(25.0, 20);
         let start = Instant::now();
         for _ in 0..20 {
-            limiter.acquire().await.unwrap();
+            assert!(coupa.try_take(start), "the burst must not wait");
         }
-        assert_eq!(Instant::now(), start, "the burst must not wait");
-
-        // The next ten queue; the eleventh finds the queue full.
-        let mut waiting = Vec::new();
-        for _ in 0..10 {
-            let l = limiter.clone();
-            waiting.push(tokio::spawn(async move { l.acquire().await }));
-        }
-        tokio::task::yield_now().await;
-        let full = limiter.acquire().await.unwrap_err();
-        assert!(full.retry_after >= Duration::from_secs(1));
-
-        for w in waiting {
-            w.await.unwrap().unwrap();
-        }
-        // Ten more requests at 25/s take 400 ms.
-        let waited = Instant::now() - start;
-        assert!(
-            waited >= Duration::from_millis(399) && waited <= Duration::from_millis(401),
-            "{waited:?}"
-        );
-        // The queue emptied: a request is admitted again.
-        limiter.acquire().await.unwrap();
+        assert!(!coupa.try_take(start));
+        // Ten more, reserved, come 40 ms apart after the burst.
+        let slots: Vec<_> = (0..10).map(|_| coupa.reserve(start)).collect();
+        assert_eq!(slots[0], start + Duration::from_millis(40));
+        assert_eq!(slots[9], start + Duration::from_millis(400));
+        // Given back, the last slot is free again.
+        coupa.give_back();
+        assert_eq!(coupa.reserve(start), start + Duration::from_millis(400));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_client_that_gives_up_frees_its_queue_place() {
-        let limiter = RateLimiter::new(RateLimit {
-            per_second: 1.0,
-            burst: 1,
-            max_queue: 1,
-        });
-        limiter.acquire().await.unwrap();
-        {
-            let waiting = limiter.acquire();
-            tokio::pin!(waiting);
-            assert!(futures_util::poll!(waiting.as_mut()).is_pending());
-            // Dropped here, like a request whose client disconnected.
-        }
-        let again = limiter.acquire();
-        tokio::pin!(again);
-        assert!(futures_util::poll!(again.as_mut()).is_pending());
+    async fn a_ceiling_of_burst_one_spaces_every_request() {
+        let mut ceiling = Gcra::new(10.0, 1);
+        let start = Instant::now();
+        assert!(ceiling.try_take(start));
+        assert_eq!(ceiling.ready_at(start), start + Duration::from_millis(100));
+        assert!(!ceiling.try_take(start + Duration::from_millis(99)));
+        assert!(ceiling.try_take(start + Duration::from_millis(100)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_budget_does_not_bank_more_than_its_burst() {
+        let mut coupa = Gcra::new(25.0, 20);
+        let later = Instant::now() + Duration::from_secs(60);
+        let taken = (0..100).take_while(|_| coupa.try_take(later)).count();
+        assert_eq!(taken, 20);
     }
 }

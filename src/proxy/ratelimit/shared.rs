@@ -10,7 +10,10 @@
 //! task ([`crate::background`]) that writes it, so its answer never waits
 //! on Redis; 429s arriving while a write is under way fold into one.
 //! While Redis is away each process shapes alone to `fallback_share` of
-//! the budget.
+//! the budget (the caller's [`Admission::Away`]).
+//!
+//! Which of a process's waiting requests gets a slot is not decided here
+//! but by [`super::fair`]: this is only the source of slots.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +22,6 @@ use redis::Script;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{QueueFull, RateLimiter};
 use crate::background::Background;
 use crate::cluster::Cluster;
 use crate::config::RateLimit;
@@ -58,6 +60,17 @@ redis.call('SET', KEYS[1], tostring(untl), 'PX', tonumber(ARGV[1]) + 1000)
 return 1
 "#;
 
+/// What the shared budget said to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// A slot, usable after this long (zero: at once).
+    After(Duration),
+    /// No slot within the longest wait asked for; the next is this far off.
+    Full(Duration),
+    /// Redis did not answer: shape alone (`cluster.fallback_share`).
+    Away,
+}
+
 #[derive(Clone)]
 pub struct SharedBudget {
     inner: Arc<Budget>,
@@ -67,13 +80,10 @@ struct Budget {
     cluster: Arc<Cluster>,
     interval_ms: f64,
     tolerance_ms: f64,
-    longest_wait_ms: f64,
     admit: Script,
     /// The longest hold-off asked for since the last write, for the task
     /// that writes it.
     hold_off: Arc<HoldOff>,
-    /// Used while Redis is away: `fallback_share` of the budget.
-    alone: RateLimiter,
 }
 
 impl std::fmt::Debug for SharedBudget {
@@ -88,12 +98,6 @@ impl SharedBudget {
     /// The budget, and its pause writer started in `background`.
     pub fn new(cluster: Arc<Cluster>, limit: RateLimit, background: &Background) -> Self {
         let interval_ms = 1000.0 / limit.per_second;
-        let share = cluster.fallback_share;
-        let alone = RateLimiter::new(RateLimit {
-            per_second: limit.per_second * share,
-            burst: ((f64::from(limit.burst) * share).round() as u32).max(1),
-            max_queue: limit.max_queue,
-        });
         let hold_off = Arc::new(HoldOff::default());
         let pauses = Pauses {
             cluster: cluster.clone(),
@@ -106,18 +110,20 @@ impl SharedBudget {
                 cluster,
                 interval_ms,
                 tolerance_ms: interval_ms * f64::from(limit.burst.saturating_sub(1)),
-                // The local limiter's queue bound, as time: max_queue slots.
-                longest_wait_ms: interval_ms * limit.max_queue as f64,
                 admit: Script::new(ADMIT),
                 hold_off,
-                alone,
             }),
         }
     }
 
-    /// Waits for this request's slot in the instance's budget, or says the
-    /// queue is full; shapes alone while Redis is away.
-    pub async fn acquire(&self) -> Result<(), QueueFull> {
+    /// The share of the budget one process uses while Redis is away.
+    pub fn fallback_share(&self) -> f64 {
+        self.inner.cluster.fallback_share
+    }
+
+    /// Takes the next slot in the instance's budget if it comes within
+    /// `longest`: one atomic round trip to Redis.
+    pub async fn admit(&self, longest: Duration) -> Admission {
         let budget = &*self.inner;
         let keys = &budget.cluster.keys;
         let mut invocation = budget.admit.prepare_invoke();
@@ -126,18 +132,16 @@ impl SharedBudget {
             .key(keys.pause())
             .arg(budget.interval_ms)
             .arg(budget.tolerance_ms)
-            .arg(budget.longest_wait_ms);
+            .arg(longest.as_secs_f64() * 1000.0);
         match budget.cluster.script::<(i64, u64)>(&invocation).await {
-            Ok((1, 0)) => Ok(()),
             Ok((1, wait_ms)) => {
-                budget.cluster.metrics.budget_waits.inc();
-                tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-                Ok(())
+                if wait_ms > 0 {
+                    budget.cluster.metrics.budget_waits.inc();
+                }
+                Admission::After(Duration::from_millis(wait_ms))
             }
-            Ok((_, wait_ms)) => Err(QueueFull {
-                retry_after: Duration::from_millis(wait_ms).max(Duration::from_secs(1)),
-            }),
-            Err(_) => budget.alone.acquire().await,
+            Ok((_, wait_ms)) => Admission::Full(Duration::from_millis(wait_ms)),
+            Err(_) => Admission::Away,
         }
     }
 
