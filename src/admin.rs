@@ -306,6 +306,18 @@ fn status_page(status: &serde_json::Value) -> String {
             cell(&cluster["redis"]),
             cell(&cluster["this_process"]),
         );
+        let connection = cluster
+            .get("connection")
+            .unwrap_or(&serde_json::Value::Null);
+        if connection["sentinel"] == true {
+            let _ = write!(
+                html,
+                "<p>primary {} (named by Sentinel) since {} · failovers followed: {}</p>",
+                cell(&connection["primary"]),
+                cell(&connection["primary_since"]),
+                cell(&connection["failovers_followed"]),
+            );
+        }
         for process in cluster["processes_seen"].as_array().into_iter().flatten() {
             let _ = write!(html, "<tr><td>{}</td></tr>", cell(process));
         }

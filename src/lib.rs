@@ -11,7 +11,8 @@
 //!   one fetch across processes ([`token::shared`]); a user's consent, its
 //!   `authorize` subcommand and state file ([`token::consent`]).
 //! - [`cluster`]: the storage shared with the other proxies of one instance
-//!   in Redis/Valkey (connection, keys, locks, sealed values) — a leaf the
+//!   in Redis/Valkey (connection, the primary through Sentinel failovers,
+//!   keys, locks, sealed values) — a leaf the
 //!   shared budget and token fetch call; untouched without `[cluster]`.
 //! - [`basic_auth`]: HTTP Basic client authentication as RFC 6749 encodes it.
 //! - [`proxy`]: the per-request path as named phases — filter, rewrite,

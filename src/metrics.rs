@@ -482,13 +482,18 @@ fn register_cluster(registry: &mut Registry, clustered: bool) -> crate::cluster:
         );
         registry.register(
             "cluster_budget_waits",
-            "Requests that waited for their slot in the instance-wide rate budget",
+            "Slots of the instance-wide rate budget this process had to wait for",
             cluster.budget_waits.clone(),
         );
         registry.register(
             "cluster_budget_pauses",
             "Coupa answered 429 and every process was told to hold off",
             cluster.pauses.clone(),
+        );
+        registry.register(
+            "cluster_primary_changes",
+            "Times the Redis primary moved and this process followed it (a Sentinel failover; only with redis+sentinel://)",
+            cluster.primary_changes.clone(),
         );
         registry.register(
             "cluster_fetching",

@@ -412,7 +412,8 @@ fn cluster_changes(a: Option<&Cluster>, b: Option<&Cluster>, differ: &mut impl F
         (Some(a), Some(b)) => {
             differ(
                 "cluster.redis_url",
-                (&a.redis_url, &a.password) == (&b.redis_url, &b.password),
+                (&a.redis_url, &a.password, &a.sentinel)
+                    == (&b.redis_url, &b.password, &b.sentinel),
             );
             differ("cluster.key_prefix", a.key_prefix == b.key_prefix);
             differ(

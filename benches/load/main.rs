@@ -5,7 +5,8 @@
 //!
 //! Run: `bench/install-tools.sh` once, then `cargo bench --bench load`.
 //! Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4),
-//! BENCH_SCENARIOS (comma-separated names, default all), BENCH_TARGETS
+//! BENCH_SCENARIOS (comma-separated names, default all; `fair-flood` is
+//! the fairness row of [`fairness`]), BENCH_TARGETS
 //! (default all), BENCH_SOAK_SECONDS (0: off; else a soak of a fresh proxy
 //! at 50 connections sampling its RSS every 10 s), BENCH_JSON (summary path), BENCH_PERF
 //! (a file: `perf record` the proxy during its h1-c50-1k runs),
@@ -29,11 +30,13 @@
 //! share core 1.
 //!
 //! Files: [`targets`] (what is measured), [`drive`] (wrk/h2load, CPU and RSS
-//! readings), [`stats`], [`report`] (table and JSON), [`profile`] (callgrind).
+//! readings), [`stats`], [`report`] (table and JSON), [`profile`] (callgrind),
+//! [`fairness`] (a steady integration's wait while another floods).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench that cannot run should stop loudly
 
 mod drive;
+mod fairness;
 mod idle;
 mod profile;
 mod report;
@@ -241,7 +244,14 @@ fn main() {
         soak_run(&fresh, soak, &work)
     });
 
-    let (table, summary) = report::report(&scenarios, &targets, &variants, &results, soak_rss);
+    let (mut table, mut summary) =
+        report::report(&scenarios, &targets, &variants, &results, soak_rss);
+    if wanted("BENCH_SCENARIOS", "fair-flood") {
+        let rows = fairness::fair_flood(upstream, &token, &work);
+        let (fair_table, fair_json) = fairness::report(&rows);
+        table.push_str(&fair_table);
+        summary["fair_flood"] = fair_json;
+    }
     println!("{table}");
     let json_path = std::env::var("BENCH_JSON")
         .map(PathBuf::from)

@@ -634,7 +634,7 @@ pub fn start_tls_upstream(fake: u16, work: &Path) -> (Target, Upstream) {
 /// What every nginx here starts its configuration with: one worker in the
 /// foreground, its files in `dir`, no access log; the `http` block is left
 /// open for the caller's upstreams and servers.
-fn nginx_prelude(dir: &Path) -> String {
+pub fn nginx_prelude(dir: &Path) -> String {
     let d = dir.display();
     format!(
         r#"
@@ -654,7 +654,7 @@ http {{
 }
 
 /// Starts nginx with `config` on `core` and waits until it listens on `port`.
-fn spawn_nginx(core: &str, dir: &Path, config: &Path, port: u16, what: &str) -> Child {
+pub fn spawn_nginx(core: &str, dir: &Path, config: &Path, port: u16, what: &str) -> Child {
     let child = pinned(core, "nginx")
         .args(["-p"])
         .arg(dir)

@@ -50,13 +50,13 @@ pub(super) async fn listen_for_tokens(
         let Some(strong) = cluster.upgrade() else {
             return;
         };
-        let client = strong.client.clone();
+        let client = strong.primary().await.map(|primary| primary.client.clone());
         let channel = strong.keys.events();
         drop(strong);
         let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = client?.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            redis::RedisResult::Ok(pubsub)
+            Ok::<_, ClusterError>(pubsub)
         };
         let pubsub = tokio::select! {
             _ = shutdown.cancelled() => return,

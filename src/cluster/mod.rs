@@ -25,11 +25,15 @@
 //!   refresh token), renewed under the same lock;
 //! - `:procs`: processes seen recently (a sorted set by last heartbeat);
 //! - `:events`: pub/sub channel announcing new tokens.
+//!
+//! The server is one fixed address, or the primary the sentinels name,
+//! followed through failovers ([`primary`]).
 
 mod announce;
 mod keys;
 mod locks;
 mod presence;
+mod primary;
 pub mod seal;
 mod sealed;
 
@@ -40,7 +44,6 @@ use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, IntoConnectionInfo};
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -48,13 +51,16 @@ use tracing::{info, warn};
 use crate::background::Background;
 use crate::config;
 pub use keys::{short_digest, Keys};
+use primary::Link;
 use seal::Sealer;
 pub use sealed::ReadError;
 
 /// Longest any one Redis call may take before the caller works alone.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Opening a connection may take longer than one call (TLS, a loaded host).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a write that must survive a failover waits for a replica.
+const REPLICA_WAIT: Duration = Duration::from_millis(250);
 /// How often a process says it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Processes not heard from for this long are no longer listed.
@@ -76,6 +82,14 @@ pub enum ClusterError {
     /// Not tried: Redis was away at the last probe.
     #[error("Redis is unavailable (next probe within a second)")]
     Away,
+    #[error("no Redis primary known yet: the sentinels ({0}) have not named one")]
+    NoPrimary(String),
+}
+
+impl From<redis::RedisError> for ClusterError {
+    fn from(error: redis::RedisError) -> Self {
+        ClusterError::Redis(error.to_string())
+    }
 }
 
 /// What `/metrics` shows of the cluster.
@@ -89,13 +103,17 @@ pub struct ClusterMetrics {
     pub budget_waits: Counter,
     /// Coupa answered 429 and every process was told to hold off.
     pub pauses: Counter,
+    /// With Sentinel: times the primary moved (a failover followed).
+    pub primary_changes: Counter,
     /// 1 while this process holds a credential's fetch lock.
     pub fetching: prometheus_client::metrics::family::Family<[(&'static str, String); 1], Gauge>,
 }
 
 pub struct Cluster {
-    connection: ConnectionManager,
-    client: redis::Client,
+    /// The primary, fixed or followed through Sentinel.
+    link: Link,
+    /// With Sentinel: when the primary last moved, and to where.
+    primary_moved: Mutex<Option<(SystemTime, String)>>,
     pub keys: Keys,
     pub sealer: Sealer,
     /// This process in the cluster view: host, pid and a random suffix.
@@ -132,28 +150,26 @@ impl Cluster {
     ) -> Result<Arc<Self>, ClusterError> {
         // redis' TLS set-up uses the process-wide rustls provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut info = config
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| ClusterError::Url(e.to_string()))?;
-        if let Some(password) = &config.password {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_password(password.expose());
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info).map_err(|e| ClusterError::Url(e.to_string()))?;
-        let connection = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(CALL_TIMEOUT))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(1)),
-        )
-        .map_err(|e| ClusterError::Redis(e.to_string()))?;
+        let link = match &config.sentinel {
+            Some(sentinel) => Link::sentinel(sentinel, config.password.as_ref())?,
+            None => {
+                let mut info = config
+                    .redis_url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| ClusterError::Url(e.to_string()))?;
+                if let Some(password) = &config.password {
+                    let settings = info
+                        .redis_settings()
+                        .clone()
+                        .set_password(password.expose());
+                    info = info.set_redis_settings(settings);
+                }
+                Link::fixed(
+                    redis::Client::open(info).map_err(|e| ClusterError::Url(e.to_string()))?,
+                )?
+            }
+        };
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".to_owned());
         let process = format!(
             "{host}-{}-{:04x}",
@@ -161,8 +177,8 @@ impl Cluster {
             rand::random::<u16>()
         );
         let cluster = Arc::new(Self {
-            connection,
-            client,
+            link,
+            primary_moved: Mutex::new(None),
             keys: Keys::new(&config.key_prefix, base_url),
             sealer: Sealer::new(&config.encryption_key)?,
             process,
@@ -178,14 +194,22 @@ impl Cluster {
         background.spawn(|stop| presence::heartbeat(weak, stop));
         let weak = Arc::downgrade(&cluster);
         background.spawn(|stop| announce::listen_for_tokens(weak, stop));
+        if cluster.link.follows_failovers() {
+            let weak = Arc::downgrade(&cluster);
+            background.spawn(|stop| primary::follow(weak, stop));
+            let weak = Arc::downgrade(&cluster);
+            background.spawn(|stop| primary::watch_sentinels(weak, stop));
+        }
         Ok(cluster)
     }
 
     /// Runs one Redis command, bounded in time, keeping the health current.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ClusterError> {
-        let mut connection = self.connection.clone();
-        self.observe(async move { cmd.query_async(&mut connection).await })
-            .await
+        self.observe(async move {
+            let mut connection = self.primary().await?.connection.clone();
+            Ok(cmd.query_async(&mut connection).await?)
+        })
+        .await
     }
 
     /// Runs a Lua script (EVALSHA, loading it on first use).
@@ -193,14 +217,16 @@ impl Cluster {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        let mut connection = self.connection.clone();
-        self.observe(async move { invocation.invoke_async(&mut connection).await })
-            .await
+        self.observe(async move {
+            let mut connection = self.primary().await?.connection.clone();
+            Ok(invocation.invoke_async(&mut connection).await?)
+        })
+        .await
     }
 
     async fn observe<T>(
         &self,
-        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+        call: impl std::future::Future<Output = Result<T, ClusterError>>,
     ) -> Result<T, ClusterError> {
         let started = StdInstant::now();
         if let Ok(mut next_probe) = self.next_probe.lock() {
@@ -212,7 +238,7 @@ impl Cluster {
         }
         let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(ClusterError::Redis(error.to_string())),
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(ClusterError::Timeout(CALL_TIMEOUT)),
         };
         if let Some(histogram) = &self.metrics.round_trip {
@@ -220,9 +246,83 @@ impl Cluster {
         }
         match &result {
             Ok(_) => self.mark_available(),
-            Err(error) => self.mark_unavailable(error),
+            Err(error) => {
+                self.link.suspect();
+                self.mark_unavailable(error);
+            }
         }
         result
+    }
+
+    /// The primary; with Sentinel and none known yet (at start), asks the
+    /// sentinels first, so the first calls do not fail for want of a
+    /// look-up the follower has not made yet.
+    async fn primary(&self) -> Result<Arc<primary::Primary>, ClusterError> {
+        if let Ok(primary) = self.link.primary() {
+            return Ok(primary);
+        }
+        if self.link.follows_failovers() {
+            self.locate().await?;
+        }
+        self.link.primary()
+    }
+
+    /// Asks the sentinels where the primary is, and follows it there.
+    async fn locate(&self) -> Result<(), ClusterError> {
+        if let Some(address) = self.link.locate().await? {
+            self.primary_moved(&address);
+        }
+        Ok(())
+    }
+
+    /// With Sentinel: waits (up to [`REPLICA_WAIT`]) until a replica has
+    /// every write so far (`WAIT 1`), so a failover cannot lose them.
+    /// Without Sentinel there is no replica to wait for.
+    pub async fn wait_for_replica(&self) {
+        if self.link.follows_failovers() {
+            let _: Result<i64, _> = self
+                .query(
+                    redis::cmd("WAIT")
+                        .arg(1)
+                        .arg(REPLICA_WAIT.as_millis() as u64),
+                )
+                .await;
+        }
+    }
+
+    /// The sentinels named a new primary (or the first one).
+    fn primary_moved(&self, address: &str) {
+        let Ok(mut moved) = self.primary_moved.lock() else {
+            return;
+        };
+        if let Some((_, previous)) = moved.as_ref() {
+            self.metrics.primary_changes.inc();
+            warn!(
+                from = %previous,
+                to = %address,
+                "the Redis primary moved (a Sentinel failover); following it"
+            );
+        } else {
+            info!(primary = %address, "the Redis sentinels named the primary");
+        }
+        *moved = Some((SystemTime::now(), address.to_owned()));
+        // The new primary may answer at once: let the next call try it.
+        if let Ok(mut next_probe) = self.next_probe.lock() {
+            if next_probe.is_some() {
+                *next_probe = Some(StdInstant::now());
+            }
+        }
+    }
+
+    /// The primary in use and, with Sentinel, when it last moved.
+    pub fn primary_view(&self) -> serde_json::Value {
+        let moved = self.primary_moved.lock().ok().and_then(|m| m.clone());
+        serde_json::json!({
+            "primary": self.link.address(),
+            "sentinel": self.link.follows_failovers(),
+            "primary_since": moved.map(|(at, _)| humantime::format_rfc3339_seconds(at).to_string()),
+            "failovers_followed": self.metrics.primary_changes.get(),
+        })
     }
 
     fn mark_available(&self) {

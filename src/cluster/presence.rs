@@ -40,6 +40,7 @@ impl Cluster {
                 ),
             },
             "this_process": self.process,
+            "connection": self.primary_view(),
             "processes_seen": processes,
             "fetching_now": fetchers,
         })

@@ -42,6 +42,9 @@ pub(super) struct ClusterFile {
     #[serde(default = "default_key_prefix")]
     pub(super) key_prefix: String,
     pub(super) password_file: Option<PathBuf>,
+    /// With a `redis+sentinel://` URL: the sentinels' own login.
+    pub(super) sentinel_username: Option<String>,
+    pub(super) sentinel_password_file: Option<PathBuf>,
     pub(super) encryption_key_file: Option<PathBuf>,
     #[serde(default = "default_fallback_share")]
     pub(super) fallback_share: f64,

@@ -39,10 +39,13 @@ pub struct Config {
 /// `[cluster]`, validated.
 #[derive(Clone)]
 pub struct Cluster {
-    /// `redis://` or `rediss://`, with any password taken out (it is in
-    /// `password`).
+    /// `redis://`, `rediss://`, `redis+sentinel://` or `rediss+sentinel://`,
+    /// with any password taken out (it is in `password`).
     pub redis_url: String,
+    /// The data nodes' password.
     pub password: Option<Secret>,
+    /// With a `redis+sentinel://` URL: where to ask for the primary.
+    pub sentinel: Option<Sentinel>,
     pub key_prefix: String,
     /// The 32-byte key that seals tokens stored in Redis.
     pub encryption_key: Secret,
@@ -58,6 +61,38 @@ impl fmt::Debug for Cluster {
             .field("key_prefix", &self.key_prefix)
             .field("encryption_key_file", &self.encryption_key_file)
             .field("fallback_share", &self.fallback_share)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER_NAME[/DB]`,
+/// parsed: the primary is whichever node the sentinels name.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sentinel {
+    /// The sentinels' addresses, in the order given.
+    pub nodes: Vec<(String, u16)>,
+    /// The monitored master's name.
+    pub master: String,
+    pub db: i64,
+    /// `rediss+sentinel://`: TLS to the sentinels and the data nodes.
+    pub tls: bool,
+    /// ACL user on the data nodes (the URL's user).
+    pub username: Option<String>,
+    /// The sentinels' own login (`cluster.sentinel_username`,
+    /// `cluster.sentinel_password_file`).
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<Secret>,
+}
+
+impl fmt::Debug for Sentinel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sentinel")
+            .field("nodes", &self.nodes)
+            .field("master", &self.master)
+            .field("db", &self.db)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("sentinel_username", &self.sentinel_username)
             .finish_non_exhaustive()
     }
 }
@@ -414,22 +449,32 @@ impl Config {
         let listen = &self.listen;
         let mut warnings = Vec::new();
         if let Some(cluster) = &self.cluster {
+            let is_loopback = |host: &str| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            };
             // redis:// is not a special scheme to `url`: its host comes back
             // as an opaque name, so an IP address is parsed here.
-            let to_loopback = url::Url::parse(&cluster.redis_url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_owned))
-                .is_some_and(|host| {
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    host.eq_ignore_ascii_case("localhost")
-                        || host
-                            .parse::<std::net::IpAddr>()
-                            .is_ok_and(|ip| ip.is_loopback())
-                });
-            if cluster.redis_url.starts_with("redis://") && !to_loopback {
+            let (plain, to_loopback) = match &cluster.sentinel {
+                Some(sentinel) => (
+                    !sentinel.tls,
+                    sentinel.nodes.iter().all(|(host, _)| is_loopback(host)),
+                ),
+                None => (
+                    cluster.redis_url.starts_with("redis://"),
+                    url::Url::parse(&cluster.redis_url)
+                        .ok()
+                        .and_then(|u| u.host_str().map(is_loopback))
+                        .unwrap_or(false),
+                ),
+            };
+            if plain && !to_loopback {
                 warnings.push(
-                    "cluster.redis_url uses redis:// to another machine: its password and the sealed \
-                     tokens cross the network unencrypted; use rediss:// (TLS)"
+                    "cluster.redis_url uses redis:// (or redis+sentinel://) to another machine: its password and the sealed \
+                     tokens cross the network unencrypted; use rediss:// (rediss+sentinel://, TLS)"
                         .to_owned(),
                 );
             }

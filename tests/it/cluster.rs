@@ -517,3 +517,106 @@ async fn a_local_token_issued_by_one_proxy_serves_at_the_others() {
         proxy.stop().await;
     }
 }
+
+/// A failover to a replica that had not received the last write brings
+/// back an older consent: its refresh token is already dead at Coupa. The
+/// process holding the newer one notices on its next read, writes its own
+/// back, and refreshes with it: no `invalid_grant`, no new consent needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consent_write_lost_by_redis_is_written_back_not_refreshed_from() {
+    use crate::support::consent::{code_for, exchange, start_user_fake, user_config};
+    use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
+
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_user_fake().await;
+    fake.state().set_token_lifetime(Duration::from_secs(3));
+    let dir = tempdir::Dir::new("cluster-lost-consent");
+    let redirect = "http://127.0.0.1:9/callback";
+    let verifier = "w".repeat(64);
+    let code = code_for(&fake, &verifier, redirect).await;
+    let (status, answer) = exchange(&fake, &code, &verifier, redirect).await;
+    assert_eq!(status, 200, "{answer}");
+    let state_path = dir.path().join("grant.json");
+    state_file::save(
+        &state_path,
+        &GrantState {
+            client_id: crate::support::consent::USER_CLIENT.to_owned(),
+            scope: answer["scope"].as_str().unwrap().to_owned(),
+            refresh_token: coupa_auth_proxy::secret::Secret::new(
+                answer["refresh_token"].as_str().unwrap(),
+            ),
+            refresh_token_issued_at: std::time::SystemTime::now(),
+            access_token: None,
+            access_token_expires_at: None,
+        },
+    )
+    .unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let text = user_config(&fake.base_url(), "device_code", &state_path)
+        + &format!(
+            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            key_file.display()
+        );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let mut connection = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let consent_key = || {
+        let mut connection = connection.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*:consent:*")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert_eq!(keys.len(), 1, "{keys:?}");
+            keys[0].clone()
+        }
+    };
+    let key = consent_key().await;
+
+    // A rotation; what Redis holds then is the state a lagging replica has.
+    let grants = fake.state().refresh_grants();
+    eventually("a rotation", || async {
+        fake.state().refresh_grants() > grants
+    })
+    .await;
+    let stale: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    // The next rotation's write is the one the failover loses.
+    let grants = fake.state().refresh_grants();
+    eventually("the next rotation", || async {
+        fake.state().refresh_grants() > grants
+    })
+    .await;
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&stale)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    let grants = fake.state().refresh_grants();
+    eventually("two more rotations", || async {
+        fake.state().refresh_grants() >= grants + 2
+    })
+    .await;
+    assert_eq!(get(proxy.url("/api/invoices")).await.status(), 200);
+    let logs = proxy.logs();
+    assert!(!logs.contains("invalid_grant"), "{logs}");
+    assert!(logs.contains("writing ours back"), "{logs}");
+    let now: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_ne!(now, stale, "Redis holds the live consent again");
+}

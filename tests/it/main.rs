@@ -33,6 +33,7 @@ mod reload;
 mod resilience;
 mod rotation;
 mod secrets;
+mod sentinel;
 mod shutdown;
 mod slow_clients;
 mod slow_readers;

@@ -343,6 +343,19 @@ impl UserGrantSource {
         held: &mut Held,
     ) -> Result<bool, FetchError> {
         match shared.read().await.map_err(shared_error)? {
+            Some(stored) if lost_in_redis(held.state.as_ref(), &stored) => {
+                // Redis holds a consent older than ours: our write of the
+                // rotated refresh token was lost (a failover to a replica
+                // that had not received it). Ours is the live one.
+                if let Some(state) = &held.state {
+                    warn!(
+                        credential = %self.credential,
+                        "the cluster state holds an older refresh token than this process (a Redis failover lost a write?); writing ours back"
+                    );
+                    shared.write(state).await.map_err(shared_error)?;
+                }
+                Ok(false)
+            }
             Some(stored) if held.state.as_ref() != Some(&stored) => {
                 if stored.client_id != self.client_id {
                     return Err(FetchError::SharedState(format!(
@@ -436,4 +449,21 @@ impl TokenSource for UserGrantSource {
     fn requested_scope(&self) -> String {
         self.client.requested_scope()
     }
+}
+/// Whether `stored` is an earlier state of the same consent than `held`:
+/// its refresh token was issued before ours (whole seconds, as stored).
+fn lost_in_redis(held: Option<&GrantState>, stored: &GrantState) -> bool {
+    let Some(held) = held else {
+        return false;
+    };
+    let seconds = |state: &GrantState| {
+        state
+            .refresh_token_issued_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    held.client_id == stored.client_id
+        && held.refresh_token != stored.refresh_token
+        && seconds(stored) < seconds(held)
 }

@@ -74,6 +74,10 @@ impl SharedConsent {
         self.cluster
             .write_sealed(&self.key(), &state_file::encode(state), None)
             .await?;
+        // With replicas (Sentinel), the rotated refresh token should be on
+        // one before its access token is used: a failover right after
+        // would otherwise lose it.
+        self.cluster.wait_for_replica().await;
         let _ = self.cluster.announce(&self.digest).await;
         Ok(())
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 pub mod consent;
 pub mod doorkeeper;
 pub mod real;
+pub mod sentinel;
 pub mod tinyproxy;
 
 use bytes::Bytes;

@@ -317,26 +317,34 @@ impl Redis {
 
     /// Runs one command with `redis-cli`-free raw RESP and returns the reply.
     pub fn command(&self, args: &[&str]) -> String {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream.write_all(request.as_bytes()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let mut reply = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = stream.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            reply.extend_from_slice(&chunk[..n]);
-        }
-        String::from_utf8_lossy(&reply).into_owned()
+        redis_command(self.port, args)
     }
+}
+
+/// One command to the Redis-protocol server on `port` (a data node or a
+/// sentinel), in raw RESP; the reply as text ("" when it does not answer).
+pub fn redis_command(port: u16, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    if stream.write_all(request.as_bytes()).is_err() {
+        return String::new();
+    }
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(300)));
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&reply).into_owned()
 }
 
 impl Drop for Redis {
