@@ -620,3 +620,74 @@ async fn a_consent_write_lost_by_redis_is_written_back_not_refreshed_from() {
         .unwrap();
     assert_ne!(now, stale, "Redis holds the live consent again");
 }
+
+/// Fairness across processes: a flood through one proxy does not hold up
+/// another integration's calls through the other, though both share one
+/// budget — each process keeps at most one reservation in it at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_through_one_proxy_does_not_delay_calls_through_another() {
+    use coupa_auth_proxy::proxy::auth::hash_key;
+    let Some(redis) = Redis::start() else { return };
+    let fake = start_fake(Duration::from_secs(86_400)).await;
+    let dir = tempdir::Dir::new("cluster-fair");
+    let text = clustered(
+        &fake,
+        &redis,
+        &dir,
+        KEY,
+        "[coupa.rate_limit]\nper_second = 10\nburst = 1\nmax_queue = 100",
+    ) + &format!(
+        "\n[[integration]]\nname = \"batch\"\napi_key_sha256 = \"{}\"\nmax_concurrent = 100\n\
+         \n[[integration]]\nname = \"approvals\"\napi_key_sha256 = \"{}\"\n",
+        hash_key("batch-key-0123456789abcdef0123456789"),
+        hash_key("approvals-key-0123456789abcdef012345"),
+    );
+    let proxies = start_proxies(&text, 2).await;
+    let client = http_client();
+    let call = |proxy: &TestProxy, key: &'static str| {
+        let (client, url) = (client.clone(), proxy.url("/api/invoices"));
+        async move {
+            client
+                .get(url)
+                .header("X-COUPA-API-KEY", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // Four seconds of the shared budget, queued in the first proxy.
+    let flood: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(call(&proxies[0], "batch-key-0123456789abcdef0123456789")))
+        .collect();
+    let metrics_url = proxies[0].admin_url("/metrics");
+    eventually("the flood is queued", || {
+        let (client, url) = (client.clone(), metrics_url.clone());
+        async move {
+            let text = client.get(url).send().await.unwrap().text().await.unwrap();
+            metric(&text, "coupa_proxy_rate_queue_depth", &[("integration", "batch")]) >= 20.0
+        }
+    })
+    .await;
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let status = call(&proxies[1], "approvals-key-0123456789abcdef012345").await;
+        assert_eq!(status, 200);
+        waits.push(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let worst = *waits.iter().max().unwrap();
+    eprintln!("calls through the other proxy while the flood queued: {waits:?}");
+    assert!(
+        worst < Duration::from_secs(1),
+        "calls through the other proxy waited {worst:?} behind the flood ({waits:?})"
+    );
+    for call in flood {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+}
