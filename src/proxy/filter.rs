@@ -27,15 +27,36 @@ pub(super) enum Admitted<'a> {
 }
 
 impl Proxy {
-    /// Takes the request by reference except on the rare path that
-    /// answers it here: the request is not moved through this phase's
-    /// future and back on every forwarded call.
+    /// Phase 1 without an await — the common case: a target this proxy
+    /// serves, an integration known by its legacy key (or none
+    /// configured), a token held. `None`: the request needs
+    /// [`Self::request_filter`] (the proxy's own token endpoint, or a local
+    /// token to look up), so a forwarded call builds no future here.
+    pub(super) fn request_filter_now(
+        &self,
+        request: &Request<Incoming>,
+        trace: &mut Trace,
+    ) -> Option<Result<Admitted<'_>, ProxyError>> {
+        if let Err(refused) = self.check_target(request) {
+            return Some(Err(refused));
+        }
+        if local_oauth::is_oauth_path(request.uri().path()) {
+            return None;
+        }
+        match self.identify_now(request.headers(), trace)? {
+            Ok(credential) => Some(self.admit(credential)),
+            Err(refused) => Some(Err(refused)),
+        }
+    }
+
+    /// Phase 1 whole, for what [`Self::request_filter_now`] leaves: takes
+    /// the request by reference except on the rare path that answers it
+    /// here.
     pub(super) async fn request_filter(
         &self,
         request: &mut Option<Request<Incoming>>,
         trace: &mut Trace,
     ) -> Result<Admitted<'_>, ProxyError> {
-        let inner = &*self.inner;
         let Some(incoming) = request.as_ref() else {
             return Err(ProxyError::BadTarget);
         };
@@ -52,10 +73,21 @@ impl Proxy {
                 self.answer_token_request(incoming, trace).await?,
             )));
         }
-        let credential = match self.identify(incoming.headers(), trace).await? {
-            Some(credential) => &inner.credentials[credential],
-            None => &inner.credentials[inner.default_credential],
+        let credential = match self.identify_now(incoming.headers(), trace) {
+            Some(identified) => identified?,
+            None => {
+                self.identify_by_local_token(incoming.headers(), trace)
+                    .await?
+            }
         };
+        self.admit(credential)
+    }
+
+    /// Forwarded with `credential`'s token (`None`: the default
+    /// credential's), if one is held.
+    fn admit(&self, credential: Option<usize>) -> Result<Admitted<'_>, ProxyError> {
+        let inner = &*self.inner;
+        let credential = &inner.credentials[credential.unwrap_or(inner.default_credential)];
         let bearer = credential
             .store
             .bearer(tokio::time::Instant::now())
@@ -63,37 +95,50 @@ impl Proxy {
         Ok(Admitted::Forward { credential, bearer })
     }
 
-    /// Which integration sent the request, by its legacy key or its local
-    /// token, and so which credential's token it gets; `None`: no
-    /// integrations are configured, everyone gets the default credential.
-    async fn identify(
+    /// Which integration sent the request, by its legacy key, and so which
+    /// credential's token it gets (`Ok(None)`: no integrations are
+    /// configured, everyone gets the default credential). `None`: it
+    /// carries no legacy key but may carry a local token, which takes a
+    /// lookup ([`Self::identify_by_local_token`]).
+    fn identify_now(
         &self,
         headers: &http::HeaderMap,
         trace: &mut Trace,
-    ) -> Result<Option<usize>, ProxyError> {
+    ) -> Option<Result<Option<usize>, ProxyError>> {
         let inner = &*self.inner;
         let integrations = inner.integrations.load();
         if integrations.is_empty() {
             if headers.contains_key(headers::X_COUPA_API_KEY) {
                 trace.via = Via::LegacyKey;
             }
-            return Ok(None);
+            return Some(Ok(None));
         }
         if let Some(key) = headers.get(headers::X_COUPA_API_KEY) {
-            let found = integrations
-                .identify(key)
-                .ok_or(ProxyError::UnknownApiKey)?;
+            let Some(found) = integrations.identify(key) else {
+                return Some(Err(ProxyError::UnknownApiKey));
+            };
             trace.via = Via::LegacyKey;
             trace.integration = Some(found.clone());
-            return Ok(Some(found.credential));
+            return Some(Ok(Some(found.credential)));
         }
-        let token = match headers.get(http::header::AUTHORIZATION) {
-            Some(value) if integrations.has_local_clients() => {
-                local_oauth::bearer_of(value.as_bytes()).ok_or(ProxyError::UnknownApiKey)?
-            }
-            _ => return Err(ProxyError::UnknownApiKey),
-        };
-        drop(integrations);
+        match headers.get(http::header::AUTHORIZATION) {
+            Some(_) if integrations.has_local_clients() => None,
+            _ => Some(Err(ProxyError::UnknownApiKey)),
+        }
+    }
+
+    /// The integration of a request carrying a token from the proxy's own
+    /// `/oauth2/token`, and so its credential.
+    async fn identify_by_local_token(
+        &self,
+        headers: &http::HeaderMap,
+        trace: &mut Trace,
+    ) -> Result<Option<usize>, ProxyError> {
+        let inner = &*self.inner;
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| local_oauth::bearer_of(value.as_bytes()))
+            .ok_or(ProxyError::UnknownApiKey)?;
         let grant = inner
             .local_tokens
             .lookup(token)

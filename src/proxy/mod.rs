@@ -7,8 +7,10 @@
 //!    integration known by its legacy key or local token ([`auth`]), and a
 //!    valid token; if not, an error answer and nothing is forwarded.
 //!    `POST /oauth2/token` is answered by the proxy itself ([`local_token`]).
+//!    Its common case (`request_filter_now`) needs no await.
 //! 2. `upstream_request` ([`rewrite`]): target URI and header rewrite
-//!    ([`headers`]); the body is wrapped so it can be replayed ([`body`]).
+//!    ([`headers`]); then `client_body`: a body, if any, wrapped so it can
+//!    be replayed ([`body`]).
 //! 3. `send_with_retries` ([`send`]): rate limit ([`ratelimit`]), pooled
 //!    client ([`upstream`]), response-header timeout. Sent again on another
 //!    connection when the server provably did not process it (any method,
@@ -57,9 +59,11 @@ use crate::metrics::Metrics;
 use crate::token::TokenStore;
 use arc_swap::ArcSwap;
 use auth::{IntegrationKey, Integrations};
+use body::{Replay, UpstreamBody};
 pub use error::ProxyError;
 use filter::Admitted;
 pub use headers::{ClientInfo, RewriteRules};
+use http_body::Body as _;
 use log::Handled;
 use ratelimit::Limiter;
 use rewrite::Outgoing;
@@ -283,21 +287,34 @@ impl Proxy {
         client: &ClientInfo,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let mut request = Some(request);
-        let (credential, bearer) = match self.request_filter(&mut request, trace).await? {
+        let (request, admitted) = match self.request_filter_now(&request, trace) {
+            Some(admitted) => (request, admitted?),
+            None => {
+                let mut request = Some(request);
+                match self.request_filter(&mut request, trace).await? {
+                    // The proxy's own token endpoint took the request.
+                    Admitted::Answered(response) => return Ok(*response),
+                    admitted => (request.ok_or(ProxyError::BadTarget)?, admitted),
+                }
+            }
+        };
+        let (credential, bearer) = match admitted {
             Admitted::Answered(response) => return Ok(*response),
             Admitted::Forward { credential, bearer } => (credential, bearer),
         };
-        let request = request.ok_or(ProxyError::BadTarget)?;
-        let Outgoing {
-            method,
-            uri,
-            headers,
+        let (
+            Outgoing {
+                method,
+                uri,
+                headers,
+            },
             body,
-            replay,
-        } = self
-            .upstream_request(request, target, &bearer, client, trace)
-            .await?;
+        ) = self.upstream_request(request, target, &bearer, client, trace)?;
+        let (body, replay) = if body.is_end_stream() {
+            (UpstreamBody::Empty, Replay::Empty)
+        } else {
+            self.client_body(body).await?
+        };
         let share = self.take_share(trace).await?;
         let mut leased = self
             .send_with_retries(&method, &uri, &headers, body, &replay, trace)

@@ -1,6 +1,7 @@
-//! Phase 2, `upstream_request`: the target URI on the instance, the
-//! header rewrite ([`super::headers`]), and the body wrapped so it can be
-//! replayed ([`super::body`]).
+//! Phase 2, `upstream_request`: the target URI on the instance and the
+//! header rewrite ([`super::headers`]), then `client_body`: the body
+//! wrapped so it can be replayed ([`super::body`]). The head needs no
+//! await; the body only when there is one, so a GET builds no future here.
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
@@ -11,25 +12,23 @@ use tracing::debug;
 use super::body::{self, Replay, UpstreamBody};
 use super::{headers, ClientInfo, Proxy, ProxyError, Trace};
 
-/// The request as it goes to Coupa.
+/// The request's head as it goes to Coupa.
 pub(super) struct Outgoing {
     pub method: Method,
     pub uri: Uri,
     pub headers: HeaderMap,
-    pub body: UpstreamBody,
-    /// The body again for a retry or a 401 replay, if it was kept whole.
-    pub replay: Replay,
 }
 
 impl Proxy {
-    pub(super) async fn upstream_request(
+    /// The head for Coupa, and the client's body still unread.
+    pub(super) fn upstream_request(
         &self,
         request: Request<Incoming>,
         target: Option<&PathAndQuery>,
         bearer: &HeaderValue,
         client: &ClientInfo,
         trace: &Trace,
-    ) -> Result<Outgoing, ProxyError> {
+    ) -> Result<(Outgoing, Incoming), ProxyError> {
         let inner = &*self.inner;
         let (mut parts, body) = request.into_parts();
         let target = target.ok_or(ProxyError::BadTarget)?;
@@ -65,7 +64,24 @@ impl Proxy {
                 "dropped request header fields with '_' in their name"
             );
         }
-        let (body, replay) = UpstreamBody::from_client(
+        Ok((
+            Outgoing {
+                method: parts.method,
+                uri,
+                headers: parts.headers,
+            },
+            body,
+        ))
+    }
+
+    /// The client's body, wrapped so it can be sent again: read whole when
+    /// it fits in `coupa.replay_body_limit` (see [`UpstreamBody::from_client`]).
+    pub(super) async fn client_body(
+        &self,
+        body: Incoming,
+    ) -> Result<(UpstreamBody, Replay), ProxyError> {
+        let inner = &*self.inner;
+        UpstreamBody::from_client(
             body,
             inner.replay_body_limit,
             inner.body_read_timeout,
@@ -78,13 +94,6 @@ impl Proxy {
                 ProxyError::ClientBodyTimeout(why)
             }
             body::ClientBodyError::Malformed(e) => ProxyError::BadBody(e.to_string()),
-        })?;
-        Ok(Outgoing {
-            method: parts.method,
-            uri,
-            headers: parts.headers,
-            body,
-            replay,
         })
     }
 

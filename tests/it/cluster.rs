@@ -666,7 +666,11 @@ async fn a_flood_through_one_proxy_does_not_delay_calls_through_another() {
         let (client, url) = (client.clone(), metrics_url.clone());
         async move {
             let text = client.get(url).send().await.unwrap().text().await.unwrap();
-            metric(&text, "coupa_proxy_rate_queue_depth", &[("integration", "batch")]) >= 20.0
+            metric(
+                &text,
+                "coupa_proxy_rate_queue_depth",
+                &[("integration", "batch")],
+            ) >= 20.0
         }
     })
     .await;
