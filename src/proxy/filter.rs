@@ -108,9 +108,8 @@ impl Proxy {
         let inner = &*self.inner;
         let integrations = inner.integrations.load();
         if integrations.is_empty() {
-            if headers.contains_key(headers::X_COUPA_API_KEY) {
-                trace.via = Via::LegacyKey;
-            }
+            // A legacy key then identifies nobody; `upstream_request` notes
+            // one for the migration view as it removes it.
             return Some(Ok(None));
         }
         if let Some(key) = headers.get(headers::X_COUPA_API_KEY) {

@@ -74,6 +74,8 @@ pub struct Rewritten {
     pub dropped: usize,
     /// The `Accept` given to a request that expressed no preference.
     pub defaulted_accept: Option<HeaderValue>,
+    /// It carried `X-COUPA-API-KEY` (removed).
+    pub sent_legacy_key: bool,
 }
 
 /// Rewrites a client request's headers for Coupa. `authority` is the
@@ -91,7 +93,9 @@ pub fn rewrite_request(
 ) -> Rewritten {
     let dropped = drop_underscored(headers);
     strip_hop_by_hop(headers);
-    remove_present(headers, &CLIENT_CREDENTIALS);
+    // The legacy key's presence is learned here, in the scan that removes
+    // it, rather than by a lookup of its own.
+    let [sent_legacy_key, ..] = remove_present(headers, &CLIENT_CREDENTIALS);
 
     // One hashed lookup per field: `insert` hands back what it replaced.
     let original_host = headers
@@ -125,6 +129,7 @@ pub fn rewrite_request(
     Rewritten {
         dropped,
         defaulted_accept,
+        sent_legacy_key,
     }
 }
 
@@ -202,13 +207,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    remove_present(headers, &HOP_BY_HOP);
+    let _ = remove_present(headers, &HOP_BY_HOP);
 }
 
 /// Removes every field named in `names`. Most requests carry none of them
 /// (or one, the legacy key): one walk over the few fields present costs
 /// far less than a hashed `remove` per name.
-fn remove_present<const N: usize>(headers: &mut HeaderMap, names: &[HeaderName; N]) {
+/// Removes each of `names` that is present; which were.
+fn remove_present<const N: usize>(headers: &mut HeaderMap, names: &[HeaderName; N]) -> [bool; N] {
     let mut present = [false; N];
     let mut any = false;
     for key in headers.keys() {
@@ -222,6 +228,7 @@ fn remove_present<const N: usize>(headers: &mut HeaderMap, names: &[HeaderName; 
             headers.remove(name);
         }
     }
+    present
 }
 
 /// The `Accept` to send, or `None` to keep the client's own.
@@ -481,6 +488,32 @@ mod tests {
         assert_eq!(rewritten.dropped, 2);
         assert!(!map.keys().any(|n| n.as_str().contains('_')), "{map:?}");
         assert_eq!(map["x-custom"], "kept");
+        // An underscored look-alike is not the legacy key.
+        assert!(!rewritten.sent_legacy_key);
+    }
+
+    #[test]
+    fn the_legacy_key_is_noted_as_it_is_removed() {
+        let client = ClientInfo::new("192.0.2.1".parse().unwrap());
+        for (sent, fields) in [
+            (
+                true,
+                &[("X-COUPA-API-KEY", "legacy"), ("Accept", "*/*")][..],
+            ),
+            (false, &[("Accept", "*/*")][..]),
+        ] {
+            let mut map = headers(fields);
+            let rewritten = rewrite_request(
+                &mut map,
+                None,
+                &rules(),
+                &APPLICATION_JSON,
+                HeaderValue::from_static("Bearer t"),
+                &client,
+            );
+            assert_eq!(rewritten.sent_legacy_key, sent, "{fields:?}");
+            assert!(!map.contains_key(X_COUPA_API_KEY));
+        }
     }
 
     #[test]

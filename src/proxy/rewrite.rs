@@ -11,6 +11,7 @@ use tracing::debug;
 
 use super::body::{self, Replay, UpstreamBody};
 use super::{headers, ClientInfo, Proxy, ProxyError, Trace};
+use crate::insight::Via;
 
 /// The request's head as it goes to Coupa.
 pub(super) struct Outgoing {
@@ -27,7 +28,7 @@ impl Proxy {
         target: Option<&PathAndQuery>,
         bearer: &HeaderValue,
         client: &ClientInfo,
-        trace: &Trace,
+        trace: &mut Trace,
     ) -> Result<(Outgoing, Incoming), ProxyError> {
         let inner = &*self.inner;
         let (mut parts, body) = request.into_parts();
@@ -40,6 +41,7 @@ impl Proxy {
         let headers::Rewritten {
             dropped,
             defaulted_accept,
+            sent_legacy_key,
         } = headers::rewrite_request(
             &mut parts.headers,
             parts.uri.authority(),
@@ -48,6 +50,11 @@ impl Proxy {
             bearer.clone(),
             client,
         );
+        if sent_legacy_key && trace.via == Via::Nothing {
+            // Without integrations the key identifies nobody, but the
+            // migration view still shows who sends one.
+            trace.via = Via::LegacyKey;
+        }
         if let Some(given) = defaulted_accept {
             // The migration view shows who relied on the default, and what
             // they got: an integration written for Coupa's XML default

@@ -2,8 +2,9 @@
 //! redis-server and redis-sentinel: three proxies under load follow a
 //! failover — the primary SIGKILLed, the replica promoted — without a
 //! failed request, keep Coupa within its budget outside the failover,
-//! share again within seconds, and notice nothing when the old primary
-//! comes back as a replica.
+//! share again within seconds, notice nothing when the old primary
+//! comes back as a replica, and follow a planned failover in which the
+//! demoted primary stays up answering `READONLY`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -141,6 +142,31 @@ async fn three_proxies_follow_a_sentinel_failover_without_a_failed_request() {
     // The old primary comes back as a replica: nothing changes for anyone.
     redis.bring_back(old).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    for proxy in &proxies {
+        assert_eq!(
+            cluster_view(proxy).await["connection"]["primary"],
+            format!("127.0.0.1:{promoted}")
+        );
+    }
+
+    // A failover with the primary alive: it is demoted and answers
+    // READONLY; the proxies move to the promoted one.
+    let planned_at = Instant::now();
+    redis.manual_failover().await;
+    let back = redis
+        .wait_for_promotion(promoted, Duration::from_secs(30))
+        .await;
+    assert_eq!(back, old);
+    for proxy in &proxies {
+        eventually("each proxy follows the planned failover", || async {
+            let view = cluster_view(proxy).await;
+            view["redis"] == "available"
+                && view["connection"]["primary"] == format!("127.0.0.1:{old}")
+        })
+        .await;
+    }
+    let planned_done = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     running.store(false, Ordering::Relaxed);
     for caller in callers {
         caller.await.unwrap();
@@ -167,7 +193,8 @@ async fn three_proxies_follow_a_sentinel_failover_without_a_failed_request() {
         else {
             break;
         };
-        let overlaps_failover = *to > killed_at && *from < resumed_at;
+        let overlaps_failover =
+            (*to > killed_at && *from < resumed_at) || (*to > planned_at && *from < planned_done);
         if overlaps_failover {
             continue;
         }
@@ -187,13 +214,13 @@ async fn three_proxies_follow_a_sentinel_failover_without_a_failed_request() {
         let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
         assert_eq!(
             metric(&metrics, "coupa_proxy_cluster_primary_changes_total", &[]),
-            1.0
+            2.0
         );
         assert_eq!(metric(&metrics, "coupa_proxy_cluster_up", &[]), 1.0);
         let page = get(proxy.admin_url("/")).await.text().await.unwrap();
         assert!(
-            page.contains(&format!("primary 127.0.0.1:{promoted} (named by Sentinel)"))
-                && page.contains("failovers followed: 1"),
+            page.contains(&format!("primary 127.0.0.1:{old} (named by Sentinel)"))
+                && page.contains("failovers followed: 2"),
             "{page}"
         );
     }

@@ -118,6 +118,35 @@ impl Replicated {
         }
     }
 
+    /// Asks the sentinels for a failover while the primary is alive (as
+    /// an operator does for maintenance): the primary is demoted and keeps
+    /// running, answering `READONLY` to writes. Retried until a replica is
+    /// eligible (sentinels learn of a new replica within ~10 s).
+    pub async fn manual_failover(&self) {
+        let deadline = Instant::now() + super::DEADLINE;
+        loop {
+            let asked = async {
+                let port = self.sentinels[0].0;
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg(MASTER)
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .ok()
+            };
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), asked).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels refused a failover"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Waits up to `deadline` for the sentinels to name a primary other
     /// than `old`; its port.
     pub async fn wait_for_promotion(&self, old: u16, deadline: Duration) -> u16 {
