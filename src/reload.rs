@@ -318,6 +318,7 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
         "coupa.pool_idle_timeout",
         c.pool_idle_timeout == d.pool_idle_timeout,
     );
+    differ("coupa.keep_warm", c.keep_warm == d.keep_warm);
     differ(
         "coupa.replay_body_limit",
         c.replay_body_limit == d.replay_body_limit,

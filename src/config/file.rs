@@ -215,6 +215,10 @@ pub(super) struct CoupaFile {
     pub(super) connect_timeout: Duration,
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub(super) pool_idle_timeout: Duration,
+    /// Keep one connection to the instance open (opened at start, again
+    /// when the last one closed).
+    #[serde(default = "default_true")]
+    pub(super) keep_warm: bool,
     #[serde(default = "default_response_header_timeout", with = "humantime_serde")]
     pub(super) response_header_timeout: Duration,
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
@@ -394,6 +398,10 @@ fn default_accept() -> String {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_pool_idle_timeout() -> Duration {
     Duration::from_secs(90)
 }

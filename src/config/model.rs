@@ -253,6 +253,9 @@ pub struct Coupa {
     pub accept: HeaderValue,
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// One connection kept open, so a call after start-up or an idle
+    /// period does not pay the handshakes.
+    pub keep_warm: bool,
     /// Coupa must start answering (status and headers) within this.
     pub response_header_timeout: Duration,
     /// A response body that stalls this long is aborted.

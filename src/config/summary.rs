@@ -150,6 +150,7 @@ impl Config {
             ),
             ("coupa.idle_timeout".into(), d(c.idle_timeout)),
             ("coupa.pool_idle_timeout".into(), d(c.pool_idle_timeout)),
+            ("coupa.keep_warm".into(), c.keep_warm.to_string()),
             (
                 "coupa.replay_body_limit".into(),
                 format!("{} bytes", c.replay_body_limit),

@@ -208,6 +208,56 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_connection_is_open_before_the_first_call() {
+    let (upstream, counts) = counting_upstream().await;
+    let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}"), "keep_warm = true").await;
+    // Opened while the token was fetched: no request has been made.
+    eventually("a warm connection is open", || async {
+        counts.opened() == 1
+    })
+    .await;
+    let response = get(proxy.url("/api/invoices")).await;
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    assert_eq!(
+        counts.opened(),
+        1,
+        "the first call took the warm connection"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_connection_is_opened_again_after_an_idle_close() {
+    let (upstream, counts) = counting_upstream().await;
+    let (_fake, proxy) = proxy_in_front_of(
+        &format!("http://{upstream}"),
+        "keep_warm = true\npool_idle_timeout = \"300ms\"",
+    )
+    .await;
+    eventually(
+        "the idle warm connection closed and another opened",
+        || async { counts.closed() >= 1 && counts.opened() >= 2 },
+    )
+    .await;
+    let response = get(proxy.url("/api/invoices")).await;
+    assert_eq!(response.status(), 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keep_warm_nothing_is_opened_before_a_call() {
+    let (upstream, counts) = counting_upstream().await;
+    let (_fake, proxy) =
+        proxy_in_front_of(&format!("http://{upstream}"), "keep_warm = false").await;
+    assert_eq!(counts.opened(), 0);
+    let response = get(proxy.url("/api/invoices")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(counts.opened(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_url_path_is_prepended_in_origin_form() {
     let (upstream, _counts) = counting_upstream().await;
     let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}/coupa"), "").await;

@@ -177,13 +177,27 @@ pub fn build(
         metrics,
     });
     let weak = Arc::downgrade(&pool);
-    background.spawn(|stop| reap_idle(weak, coupa.pool_idle_timeout, stop));
-    UpstreamClient { pool }
+    let keep_warm = coupa.keep_warm;
+    background.spawn(|stop| reap_idle(weak, coupa.pool_idle_timeout, keep_warm, stop));
+    let client = UpstreamClient { pool };
+    if keep_warm {
+        // Opened while the first token is fetched (same host), so the
+        // first call after start-up finds a connection.
+        let warming = client.clone();
+        background.spawn(|_stop| async move { warming.warm().await });
+    }
+    client
 }
 
-/// Closes connections idle for longer than the idle timeout; ends when the
-/// pool is dropped or the proxy stops.
-async fn reap_idle(pool: Weak<Pool>, idle_timeout: Duration, stop: CancellationToken) {
+/// Closes connections idle for longer than the idle timeout; with
+/// `keep_warm`, opens one again when none is left. Ends when the pool is
+/// dropped or the proxy stops.
+async fn reap_idle(
+    pool: Weak<Pool>,
+    idle_timeout: Duration,
+    keep_warm: bool,
+    stop: CancellationToken,
+) {
     let every = (idle_timeout / 2).max(Duration::from_millis(100));
     loop {
         tokio::select! {
@@ -196,6 +210,9 @@ async fn reap_idle(pool: Weak<Pool>, idle_timeout: Duration, stop: CancellationT
         let now = Instant::now();
         pool.h1.prune(now);
         pool.h2.prune(now);
+        if keep_warm && pool.metrics.open.get() == 0 {
+            UpstreamClient { pool }.warm().await;
+        }
     }
 }
 
@@ -240,6 +257,19 @@ enum Route {
 }
 
 impl UpstreamClient {
+    /// Opens a connection now unless the pool has one, and leaves it idle
+    /// in the pool: the next request skips the TCP and TLS handshakes (two
+    /// round trips to a distant instance). A failure is only logged: the
+    /// next request connects as usual and reports it.
+    pub async fn warm(&self) {
+        match self.pool.route().await {
+            Ok(Route::H1 { conn, .. }) => self.pool.h1.put(conn),
+            // The connection stays shared; the stream's place is freed.
+            Ok(Route::H2(stream)) => drop(stream),
+            Err(error) => debug!(%error, "could not open a warm connection to Coupa"),
+        }
+    }
+
     /// The egress proxy new connections take (a reload's new login).
     pub fn set_egress(&self, egress: Option<&crate::config::EgressProxy>) {
         self.pool.egress.set(egress);

@@ -58,6 +58,13 @@ pub async fn start_fake(lifetime: Duration) -> FakeCoupa {
 /// A config for `base_url` with test-friendly timings; `extra` is appended
 /// to the `[oauth]` table, `coupa_extra` to `[coupa]`.
 pub fn config_text(base_url: &str, coupa_extra: &str, oauth_extra: &str) -> String {
+    // Tests count upstream connections: the warm connection (on by
+    // default) only where a test asks for it (tests/it/pool.rs).
+    let keep_warm = if coupa_extra.contains("keep_warm") {
+        ""
+    } else {
+        "keep_warm = false"
+    };
     format!(
         r#"
 [listen]
@@ -67,6 +74,7 @@ shutdown_grace = "10s"
 [coupa]
 base_url = "{base_url}"
 accept = "application/json"
+{keep_warm}
 {coupa_extra}
 
 [oauth]
