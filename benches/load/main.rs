@@ -6,7 +6,9 @@
 //! Run: `bench/install-tools.sh` once, then `cargo bench --bench load`.
 //! Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4),
 //! BENCH_SCENARIOS (comma-separated names, default all; `fair-flood` is
-//! the fairness row of [`fairness`]), BENCH_TARGETS
+//! the fairness row of [`fairness`], `net-legacy`, `net-keepalive` and
+//! `net-cold` the rows over a real network of [`network`]),
+//! BENCH_DELAY_MS (one-way delay of those, 20), BENCH_TARGETS
 //! (default all), BENCH_SOAK_SECONDS (0: off; else a soak of a fresh proxy
 //! at 50 connections sampling its RSS every 10 s), BENCH_JSON (summary path), BENCH_PERF
 //! (a file: `perf record` the proxy during its h1-c50-1k runs),
@@ -31,13 +33,15 @@
 //!
 //! Files: [`targets`] (what is measured), [`drive`] (wrk/h2load, CPU and RSS
 //! readings), [`stats`], [`report`] (table and JSON), [`profile`] (callgrind),
-//! [`fairness`] (a steady integration's wait while another floods).
+//! [`fairness`] (a steady integration's wait while another floods),
+//! [`network`] (latency over a delayed TLS link, cold start).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench that cannot run should stop loudly
 
 mod drive;
 mod fairness;
 mod idle;
+mod network;
 mod profile;
 mod report;
 mod stats;
@@ -251,6 +255,11 @@ fn main() {
         let (fair_table, fair_json) = fairness::report(&rows);
         table.push_str(&fair_table);
         summary["fair_flood"] = fair_json;
+    }
+    if network::wanted_any() {
+        let (network_table, network_json) = network::run(upstream, &token, &work);
+        table.push_str(&network_table);
+        summary["network"] = network_json;
     }
     println!("{table}");
     let json_path = std::env::var("BENCH_JSON")
