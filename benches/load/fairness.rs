@@ -11,12 +11,14 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use coupa_auth_proxy::proxy::auth::hash_key;
 
-use crate::targets::{answers_200, free_port, nginx_prelude, pinned, spawn_nginx, wait_for_port};
+use crate::targets::{
+    free_port, nginx_prelude, spawn_nginx, spawn_proxy, wait_for_port, wait_ready,
+};
 use crate::{CLIENT_ID, CLIENT_SECRET, PROXY_CORE};
 
 const BATCH_KEY: &str = "batch-key-0123456789abcdef0123456789abcdef01";
@@ -192,19 +194,9 @@ api_key_sha256 = "{approvals}"
         ),
     )
     .unwrap();
-    let child = pinned(PROXY_CORE, env!("CARGO_BIN_EXE_coupa-auth-proxy"))
-        .args(["--log-level", "warn", "run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
-        .spawn()
-        .expect("proxy starts");
+    let child = spawn_proxy(&config, &dir.join("proxy.log"), false, &[]);
     wait_for_port(port, "fair-flood proxy");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !answers_200(admin, "/readyz") {
-        assert!(Instant::now() < deadline, "fair-flood proxy not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(admin, "fair-flood proxy");
     (child, port)
 }
 

@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,9 +25,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::stats::median;
 use crate::targets::{
-    answers_200, free_port, pinned, start_nginx, start_proxy, start_tls_upstream, Upstream, PROXY,
+    answers_200, free_port, spawn_proxy, start_nginx, start_proxy, start_tls_upstream, Upstream,
+    PROXY,
 };
-use crate::{env_or, wanted, CLIENT_ID, CLIENT_SECRET, LEGACY_KEY, PROXY_CORE};
+use crate::{env_or, wanted, CLIENT_ID, CLIENT_SECRET, LEGACY_KEY};
 
 /// Calls per target and row.
 const CALLS: usize = 40;
@@ -285,13 +286,7 @@ address = "127.0.0.1:{admin}"
     )
     .unwrap();
     let spawned = Instant::now();
-    let mut child: Child = pinned(PROXY_CORE, env!("CARGO_BIN_EXE_coupa-auth-proxy"))
-        .args(["--log-level", "warn", "run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
-        .spawn()
-        .expect("proxy starts");
+    let mut child: Child = spawn_proxy(&config, &dir.join("proxy.log"), false, &[]);
     let ready = runtime.block_on(async {
         let deadline = spawned + Duration::from_secs(30);
         while !answers_200(admin, "/readyz") {

@@ -387,34 +387,9 @@ flavor = "{flavor}"
         ),
     )
     .unwrap();
-    let binary = env!("CARGO_BIN_EXE_coupa-auth-proxy");
-    let log_file = std::fs::File::create(dir.join("proxy.log")).unwrap();
-    let mut command = match wrapper.split_first() {
-        Some((program, args)) => {
-            let mut command = pinned(PROXY_CORE, program);
-            command.args(args).arg(binary);
-            command
-        }
-        None => pinned(PROXY_CORE, binary),
-    };
-    let child = command
-        .args([
-            "--log-level",
-            if log { "info" } else { "warn" },
-            "run",
-            "--config",
-        ])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("proxy starts");
+    let child = spawn_proxy(&config, &dir.join("proxy.log"), log, wrapper);
     wait_for_port(port, "proxy");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !answers_200(admin, "/readyz") {
-        assert!(Instant::now() < deadline, "proxy not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_ready(admin, "proxy");
     Target {
         name,
         port,
@@ -423,6 +398,42 @@ flavor = "{flavor}"
         child: Some(child),
         headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
         _dir: Some(dir),
+    }
+}
+
+/// The proxy binary on [`PROXY_CORE`] with `config`, its log to `log_file`
+/// (access lines with `log`), run through `wrapper` (e.g. valgrind) if one
+/// is given. Returns at once.
+pub fn spawn_proxy(config: &Path, log_file: &Path, log: bool, wrapper: &[&str]) -> Child {
+    let binary = env!("CARGO_BIN_EXE_coupa-auth-proxy");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = pinned(PROXY_CORE, program);
+            command.args(args).arg(binary);
+            command
+        }
+        None => pinned(PROXY_CORE, binary),
+    };
+    command
+        .args([
+            "--log-level",
+            if log { "info" } else { "warn" },
+            "run",
+            "--config",
+        ])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log_file).unwrap())
+        .spawn()
+        .expect("proxy starts")
+}
+
+/// Waits until the admin listener on `admin` says ready (a token held).
+pub fn wait_ready(admin: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !answers_200(admin, "/readyz") {
+        assert!(Instant::now() < deadline, "{what} not ready");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

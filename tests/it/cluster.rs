@@ -347,31 +347,15 @@ async fn entries_that_do_not_open_are_refused_clearly() {
 /// keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_consent_across_rotations() {
-    use crate::support::consent::{code_for, exchange, start_user_fake, user_config};
-    use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
+    use crate::support::consent::{consent_saved, start_user_fake, user_config};
+    use coupa_auth_proxy::token::consent::state_file;
 
     let Some(redis) = Redis::start() else { return };
     let fake = start_user_fake().await;
     // 3 s tokens: renewed about every 2.5 s by whichever process is due.
     fake.state().set_token_lifetime(Duration::from_secs(3));
     let dir = tempdir::Dir::new("cluster-consent");
-    let redirect = "http://127.0.0.1:9/callback";
-    let verifier = "v".repeat(64);
-    let code = code_for(&fake, &verifier, redirect).await;
-    let (status, answer) = exchange(&fake, &code, &verifier, redirect).await;
-    assert_eq!(status, 200, "{answer}");
-    let state_path = dir.path().join("grant.json");
-    let consented = GrantState {
-        client_id: crate::support::consent::USER_CLIENT.to_owned(),
-        scope: answer["scope"].as_str().unwrap().to_owned(),
-        refresh_token: coupa_auth_proxy::secret::Secret::new(
-            answer["refresh_token"].as_str().unwrap(),
-        ),
-        refresh_token_issued_at: std::time::SystemTime::now(),
-        access_token: None,
-        access_token_expires_at: None,
-    };
-    state_file::save(&state_path, &consented).unwrap();
+    let (state_path, consented) = consent_saved(&fake, dir.path()).await;
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, KEY).unwrap();
     let text = user_config(&fake.base_url(), "device_code", &state_path)
@@ -524,33 +508,13 @@ async fn a_local_token_issued_by_one_proxy_serves_at_the_others() {
 /// back, and refreshes with it: no `invalid_grant`, no new consent needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consent_write_lost_by_redis_is_written_back_not_refreshed_from() {
-    use crate::support::consent::{code_for, exchange, start_user_fake, user_config};
-    use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
+    use crate::support::consent::{consent_saved, start_user_fake, user_config};
 
     let Some(redis) = Redis::start() else { return };
     let fake = start_user_fake().await;
     fake.state().set_token_lifetime(Duration::from_secs(3));
     let dir = tempdir::Dir::new("cluster-lost-consent");
-    let redirect = "http://127.0.0.1:9/callback";
-    let verifier = "w".repeat(64);
-    let code = code_for(&fake, &verifier, redirect).await;
-    let (status, answer) = exchange(&fake, &code, &verifier, redirect).await;
-    assert_eq!(status, 200, "{answer}");
-    let state_path = dir.path().join("grant.json");
-    state_file::save(
-        &state_path,
-        &GrantState {
-            client_id: crate::support::consent::USER_CLIENT.to_owned(),
-            scope: answer["scope"].as_str().unwrap().to_owned(),
-            refresh_token: coupa_auth_proxy::secret::Secret::new(
-                answer["refresh_token"].as_str().unwrap(),
-            ),
-            refresh_token_issued_at: std::time::SystemTime::now(),
-            access_token: None,
-            access_token_expires_at: None,
-        },
-    )
-    .unwrap();
+    let (state_path, _) = consent_saved(&fake, dir.path()).await;
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, KEY).unwrap();
     let text = user_config(&fake.base_url(), "device_code", &state_path)

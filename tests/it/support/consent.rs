@@ -14,6 +14,36 @@ use super::{binary, eventually, http_client, DEADLINE};
 
 pub const USER_CLIENT: &str = "user-client";
 
+/// A consent made at `fake` by hand (code, PKCE, exchange) and saved as a
+/// state file in `dir`: its path, and the state as saved.
+pub async fn consent_saved(
+    fake: &FakeCoupa,
+    dir: &Path,
+) -> (
+    std::path::PathBuf,
+    coupa_auth_proxy::token::consent::state_file::GrantState,
+) {
+    use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
+    let redirect = "http://127.0.0.1:9/callback";
+    let verifier = "v".repeat(64);
+    let code = code_for(fake, &verifier, redirect).await;
+    let (status, answer) = exchange(fake, &code, &verifier, redirect).await;
+    assert_eq!(status, 200, "{answer}");
+    let state = GrantState {
+        client_id: USER_CLIENT.to_owned(),
+        scope: answer["scope"].as_str().unwrap().to_owned(),
+        refresh_token: coupa_auth_proxy::secret::Secret::new(
+            answer["refresh_token"].as_str().unwrap(),
+        ),
+        refresh_token_issued_at: std::time::SystemTime::now(),
+        access_token: None,
+        access_token_expires_at: None,
+    };
+    let path = dir.join("grant.json");
+    state_file::save(&path, &state).unwrap();
+    (path, state)
+}
+
 pub async fn start_user_fake() -> FakeCoupa {
     FakeCoupa::start(FakeCoupaOptions {
         clients: vec![FakeClient {
