@@ -31,6 +31,34 @@ fn clustered(
         )
 }
 
+/// A fake whose user tokens live 3 s (renewed about every 2.5 s), a
+/// consent made there and saved in `dir`, and the config of a credential
+/// using it with `[cluster]` on `redis`: the fake, the config, the state
+/// file and the state.
+async fn consented_cluster(
+    redis: &Redis,
+    dir: &tempdir::Dir,
+) -> (
+    FakeCoupa,
+    String,
+    std::path::PathBuf,
+    coupa_auth_proxy::token::consent::state_file::GrantState,
+) {
+    use crate::support::consent::{consent_saved, start_user_fake, user_config};
+    let fake = start_user_fake().await;
+    fake.state().set_token_lifetime(Duration::from_secs(3));
+    let (state_path, consented) = consent_saved(&fake, dir.path()).await;
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let text = user_config(&fake.base_url(), "device_code", &state_path)
+        + &format!(
+            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            key_file.display()
+        );
+    (fake, text, state_path, consented)
+}
+
 async fn start_proxies(text: &str, n: usize) -> Vec<TestProxy> {
     let mut proxies = Vec::new();
     for _ in 0..n {
@@ -347,23 +375,11 @@ async fn entries_that_do_not_open_are_refused_clearly() {
 /// keep serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_share_one_consent_across_rotations() {
-    use crate::support::consent::{consent_saved, start_user_fake, user_config};
     use coupa_auth_proxy::token::consent::state_file;
 
     let Some(redis) = Redis::start() else { return };
-    let fake = start_user_fake().await;
-    // 3 s tokens: renewed about every 2.5 s by whichever process is due.
-    fake.state().set_token_lifetime(Duration::from_secs(3));
     let dir = tempdir::Dir::new("cluster-consent");
-    let (state_path, consented) = consent_saved(&fake, dir.path()).await;
-    let key_file = dir.path().join("key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let text = user_config(&fake.base_url(), "device_code", &state_path)
-        + &format!(
-            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
-            redis.url(),
-            key_file.display()
-        );
+    let (fake, text, state_path, consented) = consented_cluster(&redis, &dir).await;
     let proxies: Vec<ProxyProcess> = (0..2)
         .map(|_| ProxyProcess::start(&text, &[], &[]))
         .collect();
@@ -508,21 +524,9 @@ async fn a_local_token_issued_by_one_proxy_serves_at_the_others() {
 /// back, and refreshes with it: no `invalid_grant`, no new consent needed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consent_write_lost_by_redis_is_written_back_not_refreshed_from() {
-    use crate::support::consent::{consent_saved, start_user_fake, user_config};
-
     let Some(redis) = Redis::start() else { return };
-    let fake = start_user_fake().await;
-    fake.state().set_token_lifetime(Duration::from_secs(3));
     let dir = tempdir::Dir::new("cluster-lost-consent");
-    let (state_path, _) = consent_saved(&fake, dir.path()).await;
-    let key_file = dir.path().join("key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let text = user_config(&fake.base_url(), "device_code", &state_path)
-        + &format!(
-            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
-            redis.url(),
-            key_file.display()
-        );
+    let (fake, text, _, _) = consented_cluster(&redis, &dir).await;
     let proxy = ProxyProcess::start(&text, &[], &[]);
     proxy.wait_ready().await;
     let mut connection = redis::Client::open(redis.url())
@@ -543,24 +547,34 @@ async fn a_consent_write_lost_by_redis_is_written_back_not_refreshed_from() {
         }
     };
     let key = consent_key().await;
+    let stored = || {
+        let (mut connection, key) = (connection.clone(), key.clone());
+        async move {
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<String>(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    // Coupa rotates first, the proxy writes after: a rotation counts once
+    // its state is in Redis.
+    let fake = &fake;
+    let stored = &stored;
+    let rotated_from = |before: String| async move {
+        let grants = fake.state().refresh_grants();
+        eventually("a rotation", || async {
+            fake.state().refresh_grants() > grants
+        })
+        .await;
+        eventually("its state written", || async { stored().await != before }).await;
+        stored().await
+    };
 
     // A rotation; what Redis holds then is the state a lagging replica has.
-    let grants = fake.state().refresh_grants();
-    eventually("a rotation", || async {
-        fake.state().refresh_grants() > grants
-    })
-    .await;
-    let stale: String = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
+    let stale = rotated_from(stored().await).await;
     // The next rotation's write is the one the failover loses.
-    let grants = fake.state().refresh_grants();
-    eventually("the next rotation", || async {
-        fake.state().refresh_grants() > grants
-    })
-    .await;
+    rotated_from(stale.clone()).await;
     let _: () = redis::cmd("SET")
         .arg(&key)
         .arg(&stale)
