@@ -210,12 +210,20 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_connection_is_open_before_the_first_call() {
     let (upstream, counts) = counting_upstream().await;
-    let (_fake, proxy) = proxy_in_front_of(&format!("http://{upstream}"), "keep_warm = true").await;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(
+        &format!("http://{upstream}"),
+        "keep_warm = true",
+        &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
+    );
+    let proxy = ProxyProcess::start(&text, &["--log-level", "info,coupa_auth_proxy=debug"], &[]);
+    proxy.wait_ready().await;
     // Opened while the token was fetched: no request has been made.
-    eventually("a warm connection is open", || async {
-        counts.opened() == 1
+    eventually("a warm connection is in the pool", || async {
+        proxy.logs().contains("a warm connection to Coupa is open")
     })
     .await;
+    assert_eq!(counts.opened(), 1);
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
@@ -224,7 +232,6 @@ async fn a_warm_connection_is_open_before_the_first_call() {
         1,
         "the first call took the warm connection"
     );
-    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

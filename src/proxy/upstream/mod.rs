@@ -184,7 +184,12 @@ pub fn build(
         // Opened while the first token is fetched (same host), so the
         // first call after start-up finds a connection.
         let warming = client.clone();
-        background.spawn(|_stop| async move { warming.warm().await });
+        background.spawn(|stop| async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = warming.warm() => {}
+            }
+        });
     }
     client
 }
@@ -211,7 +216,11 @@ async fn reap_idle(
         pool.h1.prune(now);
         pool.h2.prune(now);
         if keep_warm && pool.metrics.open.get() == 0 {
-            UpstreamClient { pool }.warm().await;
+            let client = UpstreamClient { pool };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = client.warm() => {}
+            }
         }
     }
 }
@@ -263,9 +272,17 @@ impl UpstreamClient {
     /// next request connects as usual and reports it.
     pub async fn warm(&self) {
         match self.pool.route().await {
-            Ok(Route::H1 { conn, .. }) => self.pool.h1.put(conn),
+            Ok(Route::H1 { conn, reused }) => {
+                self.pool.h1.put(conn);
+                if !reused {
+                    debug!("a warm connection to Coupa is open (HTTP/1.1)");
+                }
+            }
             // The connection stays shared; the stream's place is freed.
-            Ok(Route::H2(stream)) => drop(stream),
+            Ok(Route::H2(stream)) => {
+                drop(stream);
+                debug!("a warm connection to Coupa is open (HTTP/2)");
+            }
             Err(error) => debug!(%error, "could not open a warm connection to Coupa"),
         }
     }
