@@ -26,6 +26,15 @@ pub(super) enum Admitted<'a> {
     },
 }
 
+/// A refused request still shows in the migration view as sending a
+/// legacy key (a forwarded one is noted by `upstream_request`, which
+/// removes the key anyway; only the rare refusal pays a lookup).
+fn note_legacy_key(headers: &http::HeaderMap, trace: &mut Trace) {
+    if trace.via == Via::Nothing && headers.contains_key(headers::X_COUPA_API_KEY) {
+        trace.via = Via::LegacyKey;
+    }
+}
+
 impl Proxy {
     /// Phase 1 without an await — the common case: a target this proxy
     /// serves, an integration known by its legacy key (or none
@@ -38,15 +47,20 @@ impl Proxy {
         trace: &mut Trace,
     ) -> Option<Result<Admitted<'_>, ProxyError>> {
         if let Err(refused) = self.check_target(request) {
+            note_legacy_key(request.headers(), trace);
             return Some(Err(refused));
         }
         if local_oauth::is_oauth_path(request.uri().path()) {
             return None;
         }
-        match self.identify_now(request.headers(), trace)? {
-            Ok(credential) => Some(self.admit(credential)),
-            Err(refused) => Some(Err(refused)),
+        let admitted = match self.identify_now(request.headers(), trace)? {
+            Ok(credential) => self.admit(credential),
+            Err(refused) => Err(refused),
+        };
+        if admitted.is_err() {
+            note_legacy_key(request.headers(), trace);
         }
+        Some(admitted)
     }
 
     /// Phase 1 whole, for what [`Self::request_filter_now`] leaves: takes

@@ -210,3 +210,40 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
         assert!(!logs.contains(secret), "the logs hold {secret:?}");
     }
 }
+
+/// Without integrations a legacy key identifies nobody, but the view still
+/// shows that one is sent — also by requests the proxy refuses before
+/// forwarding (here: no token yet), which never reach the header rewrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_key_is_seen_without_integrations_even_on_refused_requests() {
+    let fake = start_fake(DAY).await;
+    fake.state().set_token_failure(Some(
+        coupa_auth_proxy::fake_coupa::TokenFailure::ServerError,
+    ));
+    let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
+    let client = http_client();
+    let refused = client
+        .get(proxy.url("/api/invoices"))
+        .header("x-coupa-api-key", "a-legacy-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let status: serde_json::Value = client
+        .get(proxy.admin_url("/status.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let unnamed = status["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["integration"] == "(none)")
+        .cloned()
+        .unwrap_or_default();
+    assert!(unnamed["last_legacy_key"].is_string(), "{status}");
+    proxy.stop().await;
+}
