@@ -16,10 +16,8 @@ use std::time::{Duration, Instant};
 
 use coupa_auth_proxy::proxy::auth::hash_key;
 
-use crate::targets::{
-    free_port, nginx_prelude, spawn_nginx, spawn_proxy, wait_for_port, wait_ready,
-};
-use crate::{CLIENT_ID, CLIENT_SECRET, PROXY_CORE};
+use crate::targets::{free_port, spawn_proxy, start_rate_limited_nginx, wait_for_port, wait_ready};
+use crate::{CLIENT_ID, CLIENT_SECRET};
 
 const BATCH_KEY: &str = "batch-key-0123456789abcdef0123456789abcdef01";
 const APPROVALS_KEY: &str = "approvals-key-0123456789abcdef0123456789abcd";
@@ -47,7 +45,8 @@ pub fn fair_flood(upstream: u16, token: &str, work: &Path) -> Vec<Row> {
     rows.push(drive("proxy", port));
     let _ = proxy.kill();
     let _ = proxy.wait();
-    let (mut nginx, port) = start_limited_nginx(upstream, token, &dir);
+    // Room for every request in nginx's queue: it delays, it does not refuse.
+    let (mut nginx, port) = start_rate_limited_nginx(upstream, token, &dir, RATE, FLOOD + STEADY);
     rows.push(drive("nginx limit_req", port));
     let _ = nginx.kill();
     let _ = nginx.wait();
@@ -198,44 +197,4 @@ api_key_sha256 = "{approvals}"
     wait_for_port(port, "fair-flood proxy");
     wait_ready(admin, "fair-flood proxy");
     (child, port)
-}
-
-fn start_limited_nginx(upstream: u16, token: &str, dir: &Path) -> (Child, u16) {
-    let port = free_port();
-    let config = dir.join("nginx.conf");
-    std::fs::write(
-        &config,
-        format!(
-            r#"{prelude}
-    limit_req_zone $server_port zone=coupa:1m rate={RATE}r/s;
-    limit_req_status 429;
-    upstream coupa {{
-        server 127.0.0.1:{upstream};
-        keepalive 128;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            limit_req zone=coupa burst={queue};
-            proxy_pass http://coupa;
-            proxy_http_version 1.1;
-            proxy_read_timeout 120s;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer {token}";
-            proxy_set_header Accept "application/json";
-            proxy_set_header X-COUPA-API-KEY "";
-        }}
-    }}
-}}
-"#,
-            prelude = nginx_prelude(dir),
-            // Room for every request: nginx delays, it does not refuse.
-            queue = FLOOD + STEADY,
-        ),
-    )
-    .unwrap();
-    (
-        spawn_nginx(PROXY_CORE, dir, &config, port, "fair-flood nginx"),
-        port,
-    )
 }

@@ -7,7 +7,8 @@
 //! Knobs (environment): BENCH_ROUNDS (5), BENCH_SECONDS (4),
 //! BENCH_SCENARIOS (comma-separated names, default all; `fair-flood` is
 //! the fairness row of [`fairness`], `net-legacy`, `net-keepalive` and
-//! `net-cold` the rows over a real network of [`network`]),
+//! `net-cold` the rows over a real network of [`network`], `coupa-budget`
+//! Coupa's own 25/s under bursty load of [`budget`]),
 //! BENCH_DELAY_MS (one-way delay of those, 20), BENCH_TARGETS
 //! (default all), BENCH_SOAK_SECONDS (0: off; else a soak of a fresh proxy
 //! at 50 connections sampling its RSS every 10 s), BENCH_JSON (summary path), BENCH_PERF
@@ -34,10 +35,12 @@
 //! Files: [`targets`] (what is measured), [`drive`] (wrk/h2load, CPU and RSS
 //! readings), [`stats`], [`report`] (table and JSON), [`profile`] (callgrind),
 //! [`fairness`] (a steady integration's wait while another floods),
-//! [`network`] (latency over a delayed TLS link, cold start).
+//! [`network`] (latency over a delayed TLS link, cold start), [`budget`]
+//! (Coupa's 429s and goodput under bursts).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench that cannot run should stop loudly
 
+mod budget;
 mod drive;
 mod fairness;
 mod idle;
@@ -130,7 +133,7 @@ fn main() {
         .status();
     let work = std::env::temp_dir().join(format!("coupa-proxy-load-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
-    let (upstream, token) = start_upstream();
+    let (upstream, token, fake_state) = start_upstream();
 
     if let Ok(connections) = std::env::var("BENCH_IDLE") {
         idle::idle(
@@ -256,6 +259,12 @@ fn main() {
         table.push_str(&fair_table);
         summary["fair_flood"] = fair_json;
     }
+    if wanted("BENCH_SCENARIOS", "coupa-budget") {
+        let (budget_table, budget_json) =
+            budget::coupa_budget(&fake_state, upstream, &token, &work);
+        table.push_str(&budget_table);
+        summary["coupa_budget"] = budget_json;
+    }
     if network::wanted_any() {
         let (network_table, network_json) = network::run(upstream, &token, &work);
         table.push_str(&network_table);
@@ -294,7 +303,11 @@ fn wanted(var: &str, name: &str) -> bool {
 /// The fake Coupa in fast mode, served from a thread of its own runtime
 /// (this thread drives the measurements and blocks on child processes).
 /// Returns its port and a token for the targets that inject one themselves.
-fn start_upstream() -> (u16, String) {
+fn start_upstream() -> (
+    u16,
+    String,
+    std::sync::Arc<coupa_auth_proxy::fake_coupa::FakeState>,
+) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -313,6 +326,7 @@ fn start_upstream() -> (u16, String) {
     });
     fake.state().set_fast_api(true);
     let upstream = fake.addr().port();
+    let state = fake.shared_state();
     let token = runtime.block_on(async {
         let answer: serde_json::Value = reqwest::Client::new()
             .post(format!("{}/oauth2/token", fake.base_url()))
@@ -334,5 +348,5 @@ fn start_upstream() -> (u16, String) {
         let _fake = fake;
         runtime.block_on(std::future::pending::<()>());
     });
-    (upstream, token)
+    (upstream, token, state)
 }

@@ -261,6 +261,13 @@ pub const VARIANTS: [Variant; 5] = [
 /// Starts the redis-server the shared-budget variant uses (on the load
 /// core, like the upstream). The child is left to the caller.
 pub fn start_redis(work: &Path) -> Child {
+    let (child, port) = start_redis_on(work);
+    let _ = REDIS_PORT.set(port);
+    child
+}
+
+/// A redis-server of its own on a free port: the process and its port.
+pub fn start_redis_on(work: &Path) -> (Child, u16) {
     let port = free_port();
     let child = pinned(LOAD_CORE_FOR_REDIS, "redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -271,8 +278,7 @@ pub fn start_redis(work: &Path) -> Child {
         .spawn()
         .expect("redis-server starts");
     wait_for_port(port, "redis-server");
-    let _ = REDIS_PORT.set(port);
-    child
+    (child, port)
 }
 
 const LOAD_CORE_FOR_REDIS: &str = crate::LOAD_CORE;
@@ -512,6 +518,55 @@ pub fn start_nginx(upstream: &Upstream, token: &str, work: &Path) -> Target {
         headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
         _dir: Some(dir),
     }
+}
+
+/// nginx doing what an API gateway does in front of one upstream: the
+/// bearer injected, and `limit_req` at `rate` per second with a delaying
+/// queue of `queue` (requests wait their turn in one queue; past it, 429).
+/// Its files in `dir`; returns the process and its port.
+pub fn start_rate_limited_nginx(
+    upstream: u16,
+    token: &str,
+    dir: &Path,
+    rate: f64,
+    queue: usize,
+) -> (Child, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let config = dir.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{prelude}
+    limit_req_zone $server_port zone=coupa:1m rate={rate}r/s;
+    limit_req_status 429;
+    upstream coupa {{
+        server 127.0.0.1:{upstream};
+        keepalive 128;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            limit_req zone=coupa burst={queue};
+            proxy_pass http://coupa;
+            proxy_http_version 1.1;
+            proxy_read_timeout 120s;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {token}";
+            proxy_set_header Accept "application/json";
+            proxy_set_header X-COUPA-API-KEY "";
+        }}
+    }}
+}}
+"#,
+            prelude = nginx_prelude(dir),
+        ),
+    )
+    .unwrap();
+    (
+        spawn_nginx(PROXY_CORE, dir, &config, port, "rate-limited nginx"),
+        port,
+    )
 }
 
 pub fn start_haproxy(upstream: u16, token: &str, work: &Path) -> Target {

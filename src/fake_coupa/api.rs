@@ -44,6 +44,17 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
             serde_json::json!({"errors": {"authorization": [reason]}}),
         );
     }
+    if !state.within_rate_limit() {
+        state.throttled.fetch_add(1, Ordering::SeqCst);
+        let mut response = json(
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({"errors": {"rate_limit": ["Too many requests"]}}),
+        );
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
     state.api_requests.fetch_add(1, Ordering::SeqCst);
     if state.fast_api.load(Ordering::Relaxed) {
         let body = match request.uri().query() {

@@ -17,6 +17,7 @@
 //! token requests and any use of an expired token.
 
 mod api;
+mod limit;
 mod oauth;
 
 use api::FaultyBody;
@@ -107,6 +108,10 @@ pub struct FakeState {
     fast_api: std::sync::atomic::AtomicBool,
     /// Coupa-like mode: resources need their scope, `/api/suppliers` lists.
     scoped_api: std::sync::atomic::AtomicBool,
+    /// Coupa's rate limit, when played: API requests past it get 429.
+    rate_limit: Mutex<Option<limit::Bucket>>,
+    /// API requests answered 429 by that limit.
+    throttled: AtomicU64,
     /// Every bearer token the API side was sent, live or not.
     seen_bearers: Mutex<Vec<String>>,
     /// The addresses connections came from.
@@ -138,6 +143,30 @@ impl FakeState {
     /// upstream costs as little as possible.
     pub fn set_fast_api(&self, fast: bool) {
         self.fast_api.store(fast, Ordering::SeqCst);
+    }
+
+    /// Plays Coupa's per-instance rate limit (`Some((per_second, burst))`,
+    /// Coupa: 25 and 20): API requests past it are answered 429 with
+    /// `Retry-After: 1`. `None`: no limit.
+    pub fn set_rate_limit(&self, limit: Option<(f64, u32)>) {
+        if let Ok(mut current) = self.rate_limit.lock() {
+            *current = limit.map(|(per_second, burst)| limit::Bucket::new(per_second, burst));
+        }
+    }
+
+    /// API requests answered 429 by [`Self::set_rate_limit`]'s limit.
+    pub fn throttled_requests(&self) -> u64 {
+        self.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Whether the played rate limit lets a request through now.
+    fn within_rate_limit(&self) -> bool {
+        match self.rate_limit.lock() {
+            Ok(mut limit) => limit
+                .as_mut()
+                .is_none_or(|bucket| bucket.admit(std::time::Instant::now())),
+            Err(_) => true,
+        }
     }
 
     fn oauth(&self) -> std::sync::MutexGuard<'_, oauth::OAuthState> {
@@ -360,6 +389,8 @@ impl FakeCoupa {
             oauth: Mutex::new(oauth::OAuthState::default()),
             base_url: base_url(addr, options.tls.is_some()),
             fast_api: std::sync::atomic::AtomicBool::new(false),
+            rate_limit: Mutex::new(None),
+            throttled: AtomicU64::new(0),
             scoped_api: std::sync::atomic::AtomicBool::new(false),
             seen_bearers: Mutex::new(Vec::new()),
             peers: Mutex::new(std::collections::BTreeSet::new()),
@@ -408,6 +439,11 @@ impl FakeCoupa {
 
     pub fn state(&self) -> &FakeState {
         &self.state
+    }
+
+    /// The state, to keep after the fake is handed to a thread of its own.
+    pub fn shared_state(&self) -> Arc<FakeState> {
+        self.state.clone()
     }
 
     /// Cancelled when the fake is dropped (a runtime of its own can end).
