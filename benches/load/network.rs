@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use coupa_auth_proxy::fake_coupa::relay::DelayRelay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::stats::median;
 use crate::targets::{
@@ -69,10 +70,12 @@ pub fn run(fake: u16, token: &str, work: &Path) -> (String, serde_json::Value) {
         .build()
         .unwrap();
     let (upstream_tls, tls) = start_tls_upstream(fake, &work);
-    let relay = runtime.block_on(start_relay(
-        SocketAddr::from(([127, 0, 0, 1], tls.port)),
-        delay,
-    ));
+    let relay = runtime
+        .block_on(DelayRelay::start(
+            SocketAddr::from(([127, 0, 0, 1], tls.port)),
+            delay,
+        ))
+        .unwrap();
     let far = Upstream {
         port: relay.port(),
         ca_file: tls.ca_file.clone(),
@@ -332,85 +335,4 @@ async fn raw_get(port: u16) -> Option<u16> {
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.ok()?;
     std::str::from_utf8(answer.get(9..12)?).ok()?.parse().ok()
-}
-
-/// A TCP relay to `target` that delays every chunk by `delay`, each way,
-/// and opens each connection one round trip late (the TCP handshake).
-struct Relay {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    fn port(&self) -> u16 {
-        self.port
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn start_relay(target: SocketAddr, delay: Duration) -> Relay {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let task = tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                // The kernel completes the handshake with the relay at
-                // once; a distant server's takes a round trip, before
-                // which the client's first bytes cannot leave.
-                tokio::time::sleep(delay * 2).await;
-                let Ok(server) = TcpStream::connect(target).await else {
-                    return;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                tokio::join!(
-                    delayed(client_read, server_write, delay),
-                    delayed(server_read, client_write, delay)
-                );
-            });
-        }
-    });
-    Relay { port, task }
-}
-
-/// Copies `from` to `to`, each chunk written `delay` after it was read;
-/// order kept, reading never waits for the delay (a link, not a stall).
-async fn delayed(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    let (queue, mut due) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    let reader = async move {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let at = tokio::time::Instant::now() + delay;
-                    if queue.send((at, buffer[..n].to_vec())).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    };
-    let writer = async move {
-        while let Some((at, chunk)) = due.recv().await {
-            tokio::time::sleep_until(at).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-        let _ = to.shutdown().await;
-    };
-    tokio::join!(reader, writer);
 }

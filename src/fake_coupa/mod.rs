@@ -19,6 +19,7 @@
 mod api;
 mod limit;
 mod oauth;
+pub mod relay;
 
 use api::FaultyBody;
 pub use api::{pattern_byte, pattern_sha256, PatternBody};
