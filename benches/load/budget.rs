@@ -21,9 +21,10 @@ use coupa_auth_proxy::fake_coupa::FakeState;
 
 use crate::stats::median;
 use crate::targets::{
-    free_port, spawn_proxy, start_rate_limited_nginx, start_redis_on, wait_for_port, wait_ready,
+    free_port, proxy_config, spawn_proxy, start_rate_limited_nginx, start_redis_on, wait_for_port,
+    wait_ready,
 };
-use crate::{CLIENT_ID, CLIENT_SECRET, LEGACY_KEY};
+use crate::LEGACY_KEY;
 
 const CLIENTS: usize = 4;
 const PER_CLIENT: usize = 100;
@@ -235,28 +236,17 @@ fn start_proxy(upstream: u16, dir: &Path, burst: u32, shared: Option<u16>) -> (C
         String::new()
     };
     let config = dir.join("proxy.toml");
+    let limit = format!(
+        "[coupa.rate_limit]\nper_second = {RATE}\nburst = {burst}\nmax_queue = 10000\n{cluster}"
+    );
     std::fs::write(
         &config,
-        format!(
-            r#"
-[listen]
-address = "127.0.0.1:{port}"
-[coupa]
-base_url = "http://127.0.0.1:{upstream}"
-accept = "application/json"
-max_connections = 128
-[coupa.rate_limit]
-per_second = {RATE}
-burst = {burst}
-max_queue = 10000
-[oauth]
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-scopes = ["core.common.read"]
-activation_delay = "0s"
-[admin]
-address = "127.0.0.1:{admin}"
-{cluster}"#
+        proxy_config(
+            port,
+            admin,
+            &format!("http://127.0.0.1:{upstream}"),
+            "max_connections = 128",
+            &limit,
         ),
     )
     .unwrap();

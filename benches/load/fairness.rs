@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use coupa_auth_proxy::proxy::auth::hash_key;
 
-use crate::targets::{free_port, spawn_proxy, start_rate_limited_nginx, wait_for_port, wait_ready};
-use crate::{CLIENT_ID, CLIENT_SECRET};
+use crate::targets::{
+    free_port, proxy_config, spawn_proxy, start_rate_limited_nginx, wait_for_port, wait_ready,
+};
 
 const BATCH_KEY: &str = "batch-key-0123456789abcdef0123456789abcdef01";
 const APPROVALS_KEY: &str = "approvals-key-0123456789abcdef0123456789abcd";
@@ -159,37 +160,21 @@ fn start_fair_proxy(upstream: u16, dir: &Path) -> (Child, u16) {
     let port = free_port();
     let admin = free_port();
     let config = dir.join("proxy.toml");
+    let tables = format!(
+        "[coupa.rate_limit]\nper_second = {RATE}\nburst = 20\nmax_queue = 1000\n\
+         [[integration]]\nname = \"batch\"\napi_key_sha256 = \"{}\"\nmax_concurrent = {FLOOD}\n\
+         [[integration]]\nname = \"approvals\"\napi_key_sha256 = \"{}\"\n",
+        hash_key(BATCH_KEY),
+        hash_key(APPROVALS_KEY),
+    );
     std::fs::write(
         &config,
-        format!(
-            r#"
-[listen]
-address = "127.0.0.1:{port}"
-[coupa]
-base_url = "http://127.0.0.1:{upstream}"
-accept = "application/json"
-max_connections = 128
-[coupa.rate_limit]
-per_second = {RATE}
-burst = 20
-max_queue = 1000
-[oauth]
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-scopes = ["core.common.read"]
-activation_delay = "0s"
-[admin]
-address = "127.0.0.1:{admin}"
-[[integration]]
-name = "batch"
-api_key_sha256 = "{batch}"
-max_concurrent = {FLOOD}
-[[integration]]
-name = "approvals"
-api_key_sha256 = "{approvals}"
-"#,
-            batch = hash_key(BATCH_KEY),
-            approvals = hash_key(APPROVALS_KEY),
+        proxy_config(
+            port,
+            admin,
+            &format!("http://127.0.0.1:{upstream}"),
+            "max_connections = 128",
+            &tables,
         ),
     )
     .unwrap();

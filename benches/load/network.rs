@@ -26,10 +26,10 @@ use tokio::net::TcpStream;
 
 use crate::stats::median;
 use crate::targets::{
-    answers_200, free_port, spawn_proxy, start_nginx, start_proxy, start_tls_upstream, Upstream,
-    PROXY,
+    answers_200, free_port, proxy_config, spawn_proxy, start_nginx, start_proxy,
+    start_tls_upstream, Upstream, PROXY,
 };
-use crate::{env_or, wanted, CLIENT_ID, CLIENT_SECRET, LEGACY_KEY};
+use crate::{env_or, wanted, LEGACY_KEY};
 
 /// Calls per target and row.
 const CALLS: usize = 40;
@@ -263,28 +263,18 @@ fn cold_start(
     let dir = work.join(format!("cold-{keep_warm}"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("proxy.toml");
+    let coupa = format!(
+        "ca_file = \"{}\"\npool_idle_timeout = \"1s\"\nkeep_warm = {keep_warm}",
+        far.ca_file.as_ref().unwrap().display()
+    );
     std::fs::write(
         &config,
-        format!(
-            r#"
-[listen]
-address = "127.0.0.1:{port}"
-[coupa]
-base_url = "https://localhost:{relay}"
-ca_file = "{ca}"
-accept = "application/json"
-pool_idle_timeout = "1s"
-keep_warm = {keep_warm}
-[oauth]
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-scopes = ["core.common.read"]
-activation_delay = "0s"
-[admin]
-address = "127.0.0.1:{admin}"
-"#,
-            relay = far.port,
-            ca = far.ca_file.as_ref().unwrap().display(),
+        proxy_config(
+            port,
+            admin,
+            &format!("https://localhost:{}", far.port),
+            &coupa,
+            "",
         ),
     )
     .unwrap();

@@ -356,41 +356,26 @@ pub fn start_proxy_with(
     let admin = free_port();
     let dir = upstream.dir(work, name);
     std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = upstream
+        .ca_file
+        .as_ref()
+        .map(|ca| format!("ca_file = \"{}\"\n", ca.display()))
+        .unwrap_or_default();
+    // As many upstream connections as the load needs, like the nginx and
+    // HAProxy targets (the default cap of 32 would queue the 50- and
+    // 64-connection rows).
+    let coupa = format!(
+        "{ca_file}max_connections = 128\n{}",
+        if stream { "response_buffer = 0\n" } else { "" }
+    );
+    let tail = format!(
+        "[reload]\nwatch_interval = \"0s\"\n[runtime]\nflavor = \"{flavor}\"\n{}",
+        budget_config(budget, &dir)
+    );
     let config = dir.join("proxy.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[listen]
-address = "127.0.0.1:{port}"
-[coupa]
-base_url = "{base_url}"
-accept = "application/json"
-{ca_file}# As many upstream connections as the load needs, like the nginx and
-# HAProxy targets (the default cap of 32 would queue the 50- and
-# 64-connection rows).
-max_connections = 128
-{stream}[oauth]
-client_id = "{CLIENT_ID}"
-client_secret = "{CLIENT_SECRET}"
-scopes = ["core.common.read"]
-activation_delay = "0s"
-[admin]
-address = "127.0.0.1:{admin}"
-[reload]
-watch_interval = "0s"
-[runtime]
-flavor = "{flavor}"
-{budget}"#,
-            budget = budget_config(budget, &dir),
-            stream = if stream { "response_buffer = 0\n" } else { "" },
-            base_url = upstream.base_url(),
-            ca_file = upstream
-                .ca_file
-                .as_ref()
-                .map(|ca| format!("ca_file = \"{}\"\n", ca.display()))
-                .unwrap_or_default(),
-        ),
+        proxy_config(port, admin, &upstream.base_url(), &coupa, &tail),
     )
     .unwrap();
     let child = spawn_proxy(&config, &dir.join("proxy.log"), log, wrapper);
@@ -405,6 +390,29 @@ flavor = "{flavor}"
         headers: vec![("X-COUPA-API-KEY".into(), LEGACY_KEY.into())],
         _dir: Some(dir),
     }
+}
+
+/// A proxy config for the bench: listening on `port`, admin on `admin`,
+/// Coupa at `base_url` with `coupa` added to its table, the bench's OAuth
+/// client, then `tail` (further tables).
+pub fn proxy_config(port: u16, admin: u16, base_url: &str, coupa: &str, tail: &str) -> String {
+    format!(
+        r#"
+[listen]
+address = "127.0.0.1:{port}"
+[coupa]
+base_url = "{base_url}"
+accept = "application/json"
+{coupa}
+[oauth]
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+scopes = ["core.common.read"]
+activation_delay = "0s"
+[admin]
+address = "127.0.0.1:{admin}"
+{tail}"#
+    )
 }
 
 /// The proxy binary on [`PROXY_CORE`] with `config`, its log to `log_file`
