@@ -637,6 +637,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reload_changes_a_lanes_policy_and_keeps_its_queue() {
+        let (fair, _stop) = budget(1.0, 1, 100);
+        let before = Arc::new(fair.lane("batch", &policy(1, None, None)));
+        fair.acquire(&before).await.unwrap();
+        let _waiting = flood(&fair, &before, 2);
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert_eq!(fair.queued(&before), 2);
+        // The reloaded config gives it weight 3 and a queue bound of 2.
+        let after = fair.lane("batch", &policy(3, Some(2), Some(0.5)));
+        assert_eq!(fair.queued(&after), 2, "the same lane, its queue kept");
+        {
+            let queues = fair.queues();
+            let lane = &queues.lanes[after.id];
+            assert_eq!((lane.weight, lane.max_queue), (3, Some(2)));
+            assert!(lane.ceiling.is_some());
+        }
+        assert!(fair.acquire(&after).await.is_err(), "its new bound holds");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn stopping_lets_every_waiting_request_go() {
         let (fair, stop) = budget(1.0, 1, 100);
         let lane = Arc::new(fair.lane("one", &policy(1, None, None)));
