@@ -40,8 +40,9 @@ pub(super) struct Primary {
 pub(super) struct Link {
     current: ArcSwapOption<Primary>,
     sentinel: Option<Sentinels>,
-    /// A call failed in a way a failover explains: look again.
-    suspect: Notify,
+    /// A call failed in a way a failover explains: look again. Shared with
+    /// the follower, which must not hold the cluster while it waits.
+    suspect: Arc<Notify>,
 }
 
 struct Sentinels {
@@ -79,7 +80,7 @@ impl Link {
         Ok(Self {
             current: ArcSwapOption::from_pointee(Primary::open(client)?),
             sentinel: None,
-            suspect: Notify::new(),
+            suspect: Arc::new(Notify::new()),
         })
     }
 
@@ -139,7 +140,7 @@ impl Link {
                 master: sentinel.master.clone(),
                 described,
             }),
-            suspect: Notify::new(),
+            suspect: Arc::new(Notify::new()),
         })
     }
 
@@ -217,12 +218,12 @@ pub(super) async fn follow(cluster: std::sync::Weak<Cluster>, shutdown: Cancella
         } else {
             RECHECK
         };
-        let link = strong.clone();
+        let suspect = strong.link.suspect.clone();
         drop(strong);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
-            _ = link.link.suspect.notified() => {
+            _ = suspect.notified() => {
                 // Many failing calls ask at once: one look-up answers them.
                 let spacing = LOOKUP_SPACING.saturating_sub(looked.elapsed());
                 tokio::time::sleep(spacing).await;

@@ -639,19 +639,7 @@ async fn a_flood_through_one_proxy_does_not_delay_calls_through_another() {
     let flood: Vec<_> = (0..40)
         .map(|_| tokio::spawn(call(&proxies[0], "batch-key-0123456789abcdef0123456789")))
         .collect();
-    let metrics_url = proxies[0].admin_url("/metrics");
-    eventually("the flood is queued", || {
-        let (client, url) = (client.clone(), metrics_url.clone());
-        async move {
-            let text = client.get(url).send().await.unwrap().text().await.unwrap();
-            metric(
-                &text,
-                "coupa_proxy_rate_queue_depth",
-                &[("integration", "batch")],
-            ) >= 20.0
-        }
-    })
-    .await;
+    wait_queued(&proxies[0].admin_url("/metrics"), "batch", 20.0).await;
     let mut waits = Vec::new();
     for _ in 0..5 {
         let asked = Instant::now();

@@ -45,18 +45,7 @@ async fn a_flooding_integration_does_not_delay_a_steady_one() {
     // 60 calls at once: six seconds of the budget.
     let flood: Vec<_> = (0..60).map(|_| tokio::spawn(call(BATCH_KEY))).collect();
     let metrics_url = proxy.admin_url("/metrics");
-    eventually("the flood is queued", || {
-        let (client, url) = (client.clone(), metrics_url.clone());
-        async move {
-            let text = client.get(url).send().await.unwrap().text().await.unwrap();
-            metric(
-                &text,
-                "coupa_proxy_rate_queue_depth",
-                &[("integration", "batch")],
-            ) >= 30.0
-        }
-    })
-    .await;
+    wait_queued(&metrics_url, "batch", 30.0).await;
 
     // Behind a FIFO queue each of these would wait for the flood: 3 s and
     // more. In its own lane, about one slot interval (100 ms).
@@ -73,14 +62,7 @@ async fn a_flooding_integration_does_not_delay_a_steady_one() {
         "the steady integration waited {worst:?} behind the flood ({waits:?})"
     );
 
-    let text = client
-        .get(&metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&metrics_url).await;
     assert!(
         metric(
             &text,
@@ -101,14 +83,7 @@ async fn a_flooding_integration_does_not_delay_a_steady_one() {
     for call in flood {
         assert_eq!(call.await.unwrap(), 200, "the whole flood goes through");
     }
-    let text = client
-        .get(&metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&metrics_url).await;
     assert_eq!(
         metric(
             &text,

@@ -505,6 +505,14 @@ mod tests {
             (rate.weight, rate.max_queue, rate.max_per_second),
             (3, Some(500), Some(10.0))
         );
+        // `check` shows the integration's share.
+        assert!(
+            config
+                .summary()
+                .contains("rate weight 3, max_queue 500, max_per_second 10"),
+            "{}",
+            config.summary()
+        );
         assert_eq!(
             load(&shaped("")).unwrap().integrations[0].rate,
             crate::config::RatePolicy::default()

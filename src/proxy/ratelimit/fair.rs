@@ -607,6 +607,7 @@ mod tests {
         assert_eq!(fair.queued(&batch), 3);
         let full = fair.acquire(&batch).await.unwrap_err();
         assert!(full.retry_after >= Duration::from_secs(3), "{full:?}");
+        assert_eq!(batch.metrics.refused.get(), 1, "counted as its 429");
         // The other integration still waits its turn, not a 429.
         let asked = Instant::now();
         fair.acquire(&other).await.unwrap();

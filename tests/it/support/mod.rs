@@ -693,6 +693,32 @@ pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .expect("request completes")
 }
 
+/// The text an admin listener's `/metrics` answers.
+pub async fn scrape(metrics_url: &str) -> String {
+    get(metrics_url)
+        .await
+        .text()
+        .await
+        .expect("metrics are text")
+}
+
+/// Waits until `integration` has at least `depth` requests waiting for a
+/// slot of Coupa's budget, as `/metrics` at `metrics_url` says.
+pub async fn wait_queued(metrics_url: &str, integration: &str, depth: f64) {
+    eventually(
+        &format!("{integration} has {depth} requests queued"),
+        || async {
+            let text = scrape(metrics_url).await;
+            metric(
+                &text,
+                "coupa_proxy_rate_queue_depth",
+                &[("integration", integration)],
+            ) >= depth
+        },
+    )
+    .await;
+}
+
 /// The sum of the samples of `name` with `labels` in a `/metrics` text.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
