@@ -6,6 +6,10 @@
 # address), so the image has no HEALTHCHECK.
 
 FROM rust:1.95-slim-bookworm AS build
+# make: jemalloc (the proxy's allocator) is built from source by its crate.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -16,7 +16,14 @@ pub enum TlsError {
     Setup(#[from] rustls::Error),
 }
 
-/// Public web roots plus `extra_roots`, with ring as the crypto provider.
+/// The crypto every TLS endpoint of the process uses (outbound to Coupa,
+/// inbound listener, the intercepting CA, Redis): chosen in one place so a
+/// change of provider is one line and the bench's TLS row measures it.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Public web roots plus `extra_roots`, with [`crypto_provider`].
 pub fn client_config(
     extra_roots: &[CertificateDer<'static>],
 ) -> Result<rustls::ClientConfig, TlsError> {
@@ -27,11 +34,12 @@ pub fn client_config(
             .add(cert.clone())
             .map_err(|source| TlsError::BadRoot { index, source })?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -155,7 +163,7 @@ pub fn server_config(
     cert: Arc<ReloadingCert>,
     client_ca_file: Option<&Path>,
 ) -> Result<rustls::ServerConfig, ServerTlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crypto_provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ServerTlsError::Invalid {

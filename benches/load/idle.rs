@@ -2,7 +2,8 @@
 //! connection. A fresh proxy and a fresh nginx each get N client
 //! connections that send one request and then idle; the resident memory
 //! of each target is read before, while the N connections are held, and
-//! after they are closed.
+//! after they are closed (once settled, and again 15 s later). With
+//! BENCH_PROXY_B the other build is measured too (`proxy-b`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,7 +11,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::targets::{start_nginx, start_proxy, status_kib, Target, Upstream, Variant, PROXY};
+use crate::targets::{
+    proxy_b, start_nginx, start_proxy, status_kib, Target, Upstream, Variant, PROXY,
+};
+
+/// How long after the spike the last RSS reading is taken.
+const LATE: Duration = Duration::from_secs(15);
 
 /// Resident memory of the target's processes (nginx: master + worker).
 fn rss_kib(target: &Target) -> u64 {
@@ -89,8 +95,12 @@ pub fn idle(upstream: u16, token: &str, work: &Path, connections: usize) {
         },
     );
     let nginx = start_nginx(&upstream, token, work);
+    let proxy_b = proxy_b().map(|variant| start_proxy(&upstream, work, variant));
     println!("idle keep-alive client connections: {connections}, one request each, then idle");
-    for target in [&proxy, &nginx] {
+    for target in [Some(&proxy), proxy_b.as_ref(), Some(&nginx)]
+        .into_iter()
+        .flatten()
+    {
         // Warm: the upstream pool and the first allocations are made.
         drop((0..50).map(|_| one_request(target)).collect::<Vec<_>>());
         let start = settled_rss(target);
@@ -98,13 +108,19 @@ pub fn idle(upstream: u16, token: &str, work: &Path, connections: usize) {
         let holding = settled_rss(target);
         drop(held);
         let after = settled_rss(target);
+        // An allocator that gives memory back may do it over seconds
+        // (jemalloc's decay is 10 s by default), not at once.
+        std::thread::sleep(LATE);
+        let late = rss_kib(target);
         println!(
-            "{:>6}: RSS {:.1} MiB at start, {:.1} MiB holding them ({:.1} KiB per connection), {:.1} MiB after they closed",
+            "{:>7}: RSS {:.1} MiB at start, {:.1} MiB holding them ({:.1} KiB per connection), {:.1} MiB after they closed, {:.1} MiB {} s later",
             target.name,
             start as f64 / 1024.0,
             holding as f64 / 1024.0,
             holding.saturating_sub(start) as f64 / connections as f64,
             after as f64 / 1024.0,
+            late as f64 / 1024.0,
+            LATE.as_secs(),
         );
     }
 }

@@ -17,8 +17,12 @@
 //! callgrind, user-space instructions per request at 16 connections; a
 //! stable figure on a noisy machine for comparing two builds; the profile
 //! stays in target/load-bench/ for callgrind_annotate; allocations per
-//! request too), BENCH_IDLE=N (instead of the table: memory per idle
-//! keep-alive client connection, proxy against nginx, N connections).
+//! request too; BENCH_CALLGRIND=tls: the same with Coupa reached over
+//! HTTPS, as in `h1-c50-1k-tls`), BENCH_IDLE=N (instead of the table: memory per idle
+//! keep-alive client connection, proxy against nginx, N connections),
+//! BENCH_PROXY_B (path of another build of the proxy: target `proxy-b`
+//! runs it beside `proxy` in every row, for a lever that is a build
+//! choice, e.g. the crypto provider or the allocator).
 //!
 //! Targets: `direct`, `proxy`, `nginx`, `haproxy`, and in the
 //! 50-connection scenario variants of the proxy with one lever turned:
@@ -145,8 +149,13 @@ fn main() {
         let _ = std::fs::remove_dir_all(&work);
         std::process::exit(0);
     }
-    if std::env::var("BENCH_CALLGRIND").is_ok() {
-        profile::callgrind(upstream, &work);
+    if let Ok(mode) = std::env::var("BENCH_CALLGRIND") {
+        if mode == "tls" {
+            let (_nginx, over_tls) = start_tls_upstream(upstream, &work);
+            profile::callgrind(&over_tls, &work);
+        } else {
+            profile::callgrind(&Upstream::plain(upstream), &work);
+        }
         let _ = std::fs::remove_dir_all(&work);
         std::process::exit(0);
     }
@@ -157,6 +166,10 @@ fn main() {
     }
     if wanted("BENCH_TARGETS", "proxy") {
         targets.push(start_proxy(&plain, &work, PROXY));
+    }
+    let proxy_b = targets::proxy_b();
+    if let Some(variant) = proxy_b {
+        targets.push(start_proxy(&plain, &work, variant));
     }
     if wanted("BENCH_TARGETS", "nginx") {
         targets.push(start_nginx(&plain, &token, &work));
@@ -169,6 +182,9 @@ fn main() {
         tls_upstream = Some(nginx);
         if wanted("BENCH_TARGETS", "proxy") {
             tls_targets.push(start_proxy(&over_tls, &work, PROXY));
+        }
+        if let Some(variant) = proxy_b {
+            tls_targets.push(start_proxy(&over_tls, &work, variant));
         }
         if wanted("BENCH_TARGETS", "nginx") {
             tls_targets.push(start_nginx(&over_tls, &token, &work));

@@ -9,7 +9,8 @@
 //!   request: 3 round trips) against through nginx and through the proxy,
 //!   both keeping their connections to Coupa (1 round trip is the floor).
 //! - `net-keepalive`: a client that keeps its connection: what each target
-//!   adds over calling Coupa directly.
+//!   adds over calling Coupa directly, beside what a bare TCP hop that
+//!   does no work adds on this machine (the floor for any proxy).
 //! - `net-cold`: process start to the first answered call, and the first
 //!   call after an idle period longer than `coupa.pool_idle_timeout`, with
 //!   `coupa.keep_warm` on and off.
@@ -32,7 +33,7 @@ use crate::targets::{
 use crate::{env_or, wanted, LEGACY_KEY};
 
 /// Calls per target and row.
-const CALLS: usize = 40;
+const CALLS: usize = 200;
 
 pub fn wanted_any() -> bool {
     ["net-legacy", "net-keepalive", "net-cold"]
@@ -122,7 +123,7 @@ pub fn run(fake: u16, token: &str, work: &Path) -> (String, serde_json::Value) {
                 fresh,
             ))
         };
-        let rows = [
+        let mut rows = vec![
             Latency {
                 target: "direct",
                 ms: direct,
@@ -136,6 +137,23 @@ pub fn run(fake: u16, token: &str, work: &Path) -> (String, serde_json::Value) {
                 ms: through(proxy.port),
             },
         ];
+        if !fresh {
+            // What one more loopback hop costs on this machine with no work
+            // at all: the floor under what any proxy adds.
+            let hop = bare_hop(relay.port());
+            rows.push(Latency {
+                target: "bare TCP hop (no work)",
+                ms: runtime.block_on(calls(
+                    &format!("https://localhost:{hop}/api/invoices"),
+                    Some((&ca_file, hop)),
+                    &[
+                        ("Authorization", format!("Bearer {token}")),
+                        ("Accept", "application/json".into()),
+                    ],
+                    fresh,
+                )),
+            });
+        }
         report_row(&mut table, &mut json, row, fresh, &rows);
     }
     drop(targets);
@@ -303,6 +321,34 @@ fn cold_start(
     let _ = child.kill();
     let _ = child.wait();
     Cold { ready, first, idle }
+}
+
+/// A TCP forwarder to `target` on a thread of its own that does nothing
+/// but copy bytes; its port. It lives as long as the bench.
+fn bare_hop(target: u16) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+    });
+    port
 }
 
 /// Cold-start figures of one proxy, ms.

@@ -5,33 +5,39 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::drive::load;
-use crate::targets::{start_proxy_with, Upstream, Variant, PROXY};
+use crate::targets::{proxy_b, start_proxy_with, Upstream, Variant, PROXY};
 use crate::{Protocol, Scenario};
 
 /// Instructions the proxy executes per request, from callgrind: counting
 /// starts after start-up and a warm-up, so only the request path counts.
-pub fn callgrind(upstream: u16, work: &Path) {
-    // Kept after the run, for callgrind_annotate.
-    let keep = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/load-bench");
-    std::fs::create_dir_all(&keep).unwrap();
-    for old in std::fs::read_dir(&keep).unwrap().flatten() {
-        if old
-            .file_name()
-            .to_string_lossy()
-            .starts_with("callgrind.out")
-        {
-            let _ = std::fs::remove_file(old.path());
-        }
+/// With `BENCH_PROXY_B` the other build is measured the same way after it.
+pub fn callgrind(upstream: &Upstream, work: &Path) {
+    let callgrind = Variant {
+        name: "proxy-callgrind",
+        ..PROXY
+    };
+    let other = proxy_b().map(|variant| Variant {
+        name: "proxy-b-callgrind",
+        ..variant
+    });
+    for variant in std::iter::once(callgrind).chain(other) {
+        measure(upstream, work, variant);
     }
+}
+
+fn measure(upstream: &Upstream, work: &Path, variant: Variant) {
+    // Kept after the run, for callgrind_annotate.
+    let keep = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/load-bench")
+        .join(variant.name);
+    let _ = std::fs::remove_dir_all(&keep);
+    std::fs::create_dir_all(&keep).unwrap();
     let out = keep.join("callgrind.out");
     let out_arg = format!("--callgrind-out-file={}", out.display());
     let proxy = start_proxy_with(
-        &Upstream::plain(upstream),
+        upstream,
         work,
-        Variant {
-            name: "proxy-callgrind",
-            ..PROXY
-        },
+        variant,
         &[
             "valgrind",
             "--tool=callgrind",
@@ -45,7 +51,7 @@ pub fn callgrind(upstream: u16, work: &Path) {
         protocol: Protocol::H1,
         concurrency: 16,
         kib: 1,
-        tls_upstream: false,
+        tls_upstream: upstream.ca_file.is_some(),
     };
     load(&proxy, &scenario, 2, work);
     let control = |args: &[&str]| {
@@ -60,15 +66,13 @@ pub fn callgrind(upstream: u16, work: &Path) {
     let sample = load(&proxy, &scenario, 10, work);
     control(&["--dump"]);
     control(&["--instr=off"]);
-    let dumps: Vec<PathBuf> = std::fs::read_dir(&keep)
+    let dumps: Vec<String> = std::fs::read_dir(&keep)
         .unwrap()
         .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains("callgrind.out"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .collect();
     let instructions: u64 = dumps
         .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
         .filter_map(|text| {
             text.lines()
                 .find_map(|l| {
@@ -81,13 +85,13 @@ pub fn callgrind(upstream: u16, work: &Path) {
         .unwrap_or(0);
     let allocations: u64 = dumps
         .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .map(|text| allocation_calls(&text))
+        .map(|text| allocation_calls(text))
         .max()
         .unwrap_or(0);
     let requests = sample.requests.max(1) as f64;
     println!(
-        "callgrind: {} requests, {:.0} user-space instructions and {:.1} allocations (malloc, calloc, realloc) per request ({} dumps in {})",
+        "callgrind {}: {} requests, {:.0} user-space instructions and {:.1} allocations per request ({} dumps in {})",
+        variant.name,
         sample.requests,
         instructions as f64 / requests,
         allocations as f64 / requests,
@@ -97,9 +101,19 @@ pub fn callgrind(upstream: u16, work: &Path) {
 }
 
 /// Calls to the allocator in a callgrind dump: every call edge into
-/// `malloc`, `calloc` or `realloc`, summed (callgrind names a function by
-/// `(id) name` once, then by `(id)` alone).
+/// `malloc`, `calloc` or `realloc` (glibc) or jemalloc's own entry points,
+/// summed (callgrind names a function by `(id) name` once, then by `(id)`
+/// alone).
 fn allocation_calls(dump: &str) -> u64 {
+    const ALLOCATORS: [&str; 7] = [
+        "malloc",
+        "calloc",
+        "realloc",
+        "_rjem_malloc",
+        "_rjem_mallocx",
+        "_rjem_calloc",
+        "_rjem_rallocx",
+    ];
     let mut names = std::collections::HashMap::new();
     let mut callee_allocates = false;
     let mut total = 0;
@@ -115,7 +129,7 @@ fn allocation_calls(dump: &str) -> u64 {
             callee_allocates = line.starts_with("cfn=")
                 && names
                     .get(id)
-                    .is_some_and(|n| matches!(n.as_str(), "malloc" | "calloc" | "realloc"));
+                    .is_some_and(|n| ALLOCATORS.contains(&n.as_str()));
         } else if let Some(calls) = line.strip_prefix("calls=") {
             if callee_allocates {
                 total += calls

@@ -183,9 +183,9 @@ pub fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-pub fn pinned(core: &str, program: &str) -> Command {
+pub fn pinned(core: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new("taskset");
-    command.args(["-c", core, program]);
+    command.args(["-c", core]).arg(program);
     command
 }
 
@@ -206,6 +206,9 @@ pub struct Variant {
     pub stream: bool,
     /// The scenario a variant is compared in.
     pub scenario: &'static str,
+    /// Runs the other build named by `BENCH_PROXY_B` instead of this one,
+    /// to weigh a lever that is a build choice (allocator, crypto).
+    pub other_build: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -226,7 +229,17 @@ pub const PROXY: Variant = Variant {
     budget: Budget::Off,
     stream: false,
     scenario: "h1-c50-1k",
+    other_build: false,
 };
+
+/// [`PROXY`] built the other way (`BENCH_PROXY_B`), when that is set.
+pub fn proxy_b() -> Option<Variant> {
+    std::env::var_os("BENCH_PROXY_B").map(|_| Variant {
+        name: "proxy-b",
+        other_build: true,
+        ..PROXY
+    })
+}
 
 /// Each compared in its own scenario only.
 pub const VARIANTS: [Variant; 5] = [
@@ -351,6 +364,7 @@ pub fn start_proxy_with(
         budget,
         stream,
         scenario: _,
+        other_build,
     } = variant;
     let port = free_port();
     let admin = free_port();
@@ -378,7 +392,13 @@ pub fn start_proxy_with(
         proxy_config(port, admin, &upstream.base_url(), &coupa, &tail),
     )
     .unwrap();
-    let child = spawn_proxy(&config, &dir.join("proxy.log"), log, wrapper);
+    let binary = match other_build {
+        true => std::env::var_os("BENCH_PROXY_B")
+            .expect("BENCH_PROXY_B names the other build")
+            .into(),
+        false => PathBuf::from(env!("CARGO_BIN_EXE_coupa-auth-proxy")),
+    };
+    let child = spawn_binary(&binary, &config, &dir.join("proxy.log"), log, wrapper);
     wait_for_port(port, "proxy");
     wait_ready(admin, "proxy");
     Target {
@@ -419,7 +439,17 @@ address = "127.0.0.1:{admin}"
 /// (access lines with `log`), run through `wrapper` (e.g. valgrind) if one
 /// is given. Returns at once.
 pub fn spawn_proxy(config: &Path, log_file: &Path, log: bool, wrapper: &[&str]) -> Child {
-    let binary = env!("CARGO_BIN_EXE_coupa-auth-proxy");
+    let binary = Path::new(env!("CARGO_BIN_EXE_coupa-auth-proxy"));
+    spawn_binary(binary, config, log_file, log, wrapper)
+}
+
+fn spawn_binary(
+    binary: &Path,
+    config: &Path,
+    log_file: &Path,
+    log: bool,
+    wrapper: &[&str],
+) -> Child {
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
             let mut command = pinned(PROXY_CORE, program);

@@ -149,7 +149,9 @@ impl Cluster {
         background: &Background,
     ) -> Result<Arc<Self>, ClusterError> {
         // redis' TLS set-up uses the process-wide rustls provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::CryptoProvider::install_default(
+            crate::tls::crypto_provider().as_ref().clone(),
+        );
         let link = match &config.sentinel {
             Some(sentinel) => Link::sentinel(sentinel, config.password.as_ref())?,
             None => {

@@ -116,7 +116,7 @@ impl LocalCa {
             what: "CA certificate (PEM)",
             reason: e.to_string(),
         })?;
-        let provider = rustls::crypto::ring::default_provider();
+        let provider = crate::tls::crypto_provider();
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &end_entity,
             &roots,

@@ -139,14 +139,12 @@ impl Intercept {
 
 fn mint(ca: &LocalCa, host: &str, renew_after: Duration) -> Result<Minted, CaError> {
     let leaf = ca.issue(host, LEAF_LIFETIME)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| CaError::Mint(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(leaf.chain, leaf.key)
-    .map_err(|e| CaError::Mint(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CaError::Mint(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(leaf.chain, leaf.key)
+        .map_err(|e| CaError::Mint(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Minted {
         acceptor: TlsAcceptor::from(Arc::new(config)),

@@ -405,6 +405,20 @@ mod tests {
 
     use crate::config::test_support::*;
 
+    /// An empty `[coupa.rate_limit]` is Coupa's rate with a burst four
+    /// under Coupa's own 20 (the slack network jitter needs; README, What
+    /// integrations feel).
+    #[test]
+    fn rate_limit_defaults_keep_slack_under_coupas_burst() {
+        let config = load(&format!("{MINIMAL}\n[coupa.rate_limit]\n")).unwrap();
+        let limit = config.coupa.rate_limit.expect("the table turns shaping on");
+        assert_eq!(
+            (limit.per_second, limit.burst, limit.max_queue),
+            (25.0, 16, 100)
+        );
+        assert!(config.summary().contains("25/s, burst 16, queue 100"));
+    }
+
     /// Each (change to MINIMAL) gives an error naming all the fragments.
     #[test]
     fn errors_name_the_key_and_the_cause() {
