@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use coupa_auth_proxy::cli::{self, Failure, EXIT_CONFIG};
+use coupa_auth_proxy::config::CONFIG_ENV;
+use coupa_auth_proxy::telemetry::{self, LogFormat};
 
 /// jemalloc with its background thread: after a spike (thousands of
 /// connections, then quiet) the freed heap goes back to the system within
@@ -13,10 +16,6 @@ use clap::{Args, Parser, Subcommand};
 /// steady load measured the same (README, levers: the allocator).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-use coupa_auth_proxy::cli::{self, Failure, EXIT_CONFIG};
-use coupa_auth_proxy::config::CONFIG_ENV;
-use coupa_auth_proxy::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "coupa-auth-proxy", version, about)]
