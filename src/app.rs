@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::proxy::ratelimit::{Limiter, SharedBudget};
 use crate::proxy::{self, ClientInfo, Proxy};
 use crate::reload::Reloader;
+use crate::server::framing::Refusal;
 use crate::server::{self, Drain};
 use crate::tls;
 use crate::token::client::ClientParams;
@@ -334,7 +335,15 @@ async fn serve_proxy(
                 let guard = guard.clone();
                 async move {
                     let response = match guard.refusal() {
-                        Some(refusal) => refusal.map(Either::Right),
+                        Some((refusal, answer)) => {
+                            proxy.log_refused(
+                                &request,
+                                refusal.reason(),
+                                refusal == Refusal::AmbiguousFraming,
+                                answer.status(),
+                            );
+                            answer.map(Either::Right)
+                        }
                         None => proxy.handle(request, &client).await,
                     };
                     Ok::<_, Infallible>(server::answered(response, &guard))

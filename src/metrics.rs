@@ -162,6 +162,8 @@ pub struct Metrics {
     client_body_timeouts: Family<[(&'static str, &'static str); 1], Counter>,
     /// Tunnels through the egress proxy that failed, by cause (rare).
     egress_failures: Family<[(&'static str, &'static str); 1], Counter>,
+    /// Requests the server refused before any phase ran, by reason (rare).
+    refused_requests: Family<[(&'static str, &'static str); 1], Counter>,
     started: SystemTime,
 }
 
@@ -294,6 +296,12 @@ impl Metrics {
             "Connections to Coupa that the egress proxy ([coupa.egress_proxy]) failed, by cause: proxy_unreachable, login_required, login_rejected, refused, coupa_unreachable, coupa_timeout, broken",
             egress_failures.clone(),
         );
+        let refused_requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        registry.register(
+            "refused_requests",
+            "Requests answered 400 by the server before any phase ran, by reason: ambiguous_framing, malformed_request_line, malformed_head",
+            refused_requests.clone(),
+        );
         let integration_busy = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "integration_busy",
@@ -320,6 +328,7 @@ impl Metrics {
             integration_busy,
             client_body_timeouts,
             egress_failures,
+            refused_requests,
             started: SystemTime::now(),
         })
     }
@@ -328,6 +337,13 @@ impl Metrics {
     /// (`idle`, `rate`, `total`).
     pub fn client_body_timeout(&self, reason: &'static str) {
         self.client_body_timeouts
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// The server refused a request before any phase ran, for `reason`.
+    pub fn refused_request(&self, reason: &'static str) {
+        self.refused_requests
             .get_or_create(&[("reason", reason)])
             .inc();
     }

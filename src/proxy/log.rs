@@ -51,6 +51,36 @@ impl Proxy {
         }
     }
 
+    /// A request the server refused before any phase ran (the framing
+    /// guard's verdict): its access line, with the refusal's `reason`, and
+    /// its count. A malformed head was never parsed: it has no method or
+    /// path to name.
+    pub fn log_refused(
+        &self,
+        request: &http::Request<hyper::body::Incoming>,
+        reason: &'static str,
+        parsed: bool,
+        status: StatusCode,
+    ) {
+        let (method, path) = if parsed {
+            (request.method().as_str(), request.uri().path())
+        } else {
+            ("", "")
+        };
+        info!(
+            target: "coupa_auth_proxy::access",
+            method,
+            path,
+            integration = "",
+            request_id = "",
+            status = status.as_u16(),
+            duration_ms = 0.0,
+            reason,
+            "request"
+        );
+        self.inner.metrics.refused_request(reason);
+    }
+
     /// Coupa's 403, once per (integration, method, resource) an hour: the
     /// credential most likely lacks a scope for the resource.
     fn log_forbidden(&self, trace: &Trace, method: &Method, path: &str) {

@@ -267,11 +267,7 @@ async fn redis_down_fails_no_request_and_sharing_resumes_after() {
         fake.state().api_requests() >= 30
     })
     .await;
-    let view: serde_json::Value = get(proxies[0].admin_url("/status.json"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let view = proxies[0].status_json().await;
     assert_eq!(view["cluster"]["redis"], "available", "{view}");
     assert_eq!(
         view["cluster"]["processes_seen"].as_array().map(Vec::len),
@@ -281,11 +277,7 @@ async fn redis_down_fails_no_request_and_sharing_resumes_after() {
     redis.kill();
     let statuses = load.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    let status: serde_json::Value = get(proxies[0].admin_url("/status.json"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let status = proxies[0].status_json().await;
     assert!(
         status["cluster"]["redis"]
             .as_str()

@@ -109,14 +109,7 @@ async fn a_flooding_integration_does_not_delay_a_steady_one() {
     );
 
     // The migration view: each integration's share of the budget.
-    let status: serde_json::Value = client
-        .get(proxy.admin_url("/status.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = proxy.status_json().await;
     let integrations = status["integrations"].as_array().unwrap();
     let budget_of = |name: &str| {
         integrations

@@ -229,14 +229,7 @@ async fn a_legacy_key_is_seen_without_integrations_even_on_refused_requests() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 503);
-    let status: serde_json::Value = client
-        .get(proxy.admin_url("/status.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = proxy.status_json().await;
     let unnamed = status["integrations"]
         .as_array()
         .unwrap()

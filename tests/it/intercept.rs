@@ -135,6 +135,14 @@ async fn direct(setup: &Setup, target: &str, accept: &str) -> serde_json::Value 
 
 const TARGET: &str = "/api/invoices?limit=1&offset=0";
 
+/// Coupa's `fields` syntax as its documentation writes it.
+const FIELDS: &str = r#"/api/invoices?fields=["id",{"supplier":["name"]}]"#;
+
+/// [`FIELDS`] as Coupa receives it: the quotes percent-encoded (Coupa
+/// decodes `%22` and `"` alike), every other byte as sent.
+const FIELDS_AS_COUPA_GETS_THEM: &str =
+    "/api/invoices?fields=[%22id%22,{%22supplier%22:[%22name%22]}]";
+
 /// curl's call of the instance's https:// URL with the legacy key, going
 /// the way `proxy_args` set, trusting the local CA; its echo.
 async fn curl_through(curl: &Path, setup: &Setup, proxy_args: &[String]) -> serde_json::Value {
@@ -223,12 +231,15 @@ import java.net.HttpURLConnection;
 import java.net.URL;
 
 public class Client {
+    // args: the legacy key, then URLs; prints each answer's status and body.
     public static void main(String[] args) throws Exception {
-        HttpURLConnection connection = (HttpURLConnection) new URL(args[0]).openConnection();
-        connection.setRequestProperty("X-COUPA-API-KEY", args[1]);
-        System.out.println(connection.getResponseCode());
-        try (InputStream in = connection.getInputStream()) {
-            System.out.print(new String(in.readAllBytes(), "UTF-8"));
+        for (int i = 1; i < args.length; i++) {
+            HttpURLConnection connection = (HttpURLConnection) new URL(args[i]).openConnection();
+            connection.setRequestProperty("X-COUPA-API-KEY", args[0]);
+            System.out.println(connection.getResponseCode());
+            try (InputStream in = connection.getInputStream()) {
+                System.out.println(new String(in.readAllBytes(), "UTF-8"));
+            }
         }
     }
 }
@@ -277,25 +288,42 @@ public class Client {
             "-cp".into(),
             dir,
             "Client".into(),
-            format!("https://{}{TARGET}", setup.instance),
             KEY.into(),
+            format!("https://{}{TARGET}", setup.instance),
+            // Coupa's documented `fields` syntax, which `new URL` sends
+            // unencoded: through the intercept and to the base URL.
+            format!("https://{}{FIELDS}", setup.instance),
+            setup.proxy.url(FIELDS),
         ],
     )
     .await;
     let out = stdout_of(&output);
-    let (status, body) = out.split_once('\n').unwrap();
-    assert_eq!(status, "200", "{out}");
-    let echo: serde_json::Value = serde_json::from_str(body).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "{out}");
+    let echoes: Vec<serde_json::Value> = lines
+        .chunks(2)
+        .map(|answer| {
+            assert_eq!(answer[0], "200", "{out}");
+            serde_json::from_str(answer[1]).unwrap()
+        })
+        .collect();
+    for fields in &echoes[1..] {
+        assert_eq!(
+            fields["target"], FIELDS_AS_COUPA_GETS_THEM,
+            "the bytes hyper's URI type refuses are percent-encoded, the rest as sent"
+        );
+    }
+    let echo = &echoes[0];
     // Java's own Accept ("text/html, image/gif, image/jpeg, *; q=.2,
     // */*; q=.2" before JDK 17's "*/*; q=0.2") is passed on as it is.
-    let java_accept = essentials(&echo).3;
+    let java_accept = essentials(echo).3;
     assert_eq!(java_accept.len(), 1);
     assert!(
         java_accept[0].starts_with("text/html, image/gif, image/jpeg, "),
         "{java_accept:?}"
     );
     let base_url = direct(&setup, TARGET, &java_accept[0]).await;
-    assert_eq!(essentials(&echo), essentials(&base_url));
+    assert_eq!(essentials(echo), essentials(&base_url));
 }
 
 /// Sends a raw `CONNECT` and returns the answer's head and body.

@@ -113,11 +113,7 @@ async fn an_oauth_client_library_pages_through_coupa_with_a_local_token() {
     assert_eq!(fake.state().rejected_api_requests(), 0);
     assert_eq!(fake.state().token_requests(), coupa_token_requests);
 
-    let status: serde_json::Value = get(proxy.admin_url("/status.json"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let status = proxy.status_json().await;
     let flows = &status["integrations"][0];
     assert_eq!(flows["integration"], "snaplogic-flows");
     assert_eq!(flows["identified_by"]["oauth_client_id"], LOCAL_ID);

@@ -39,5 +39,6 @@ mod slow_clients;
 mod slow_readers;
 mod slowhttptest;
 mod streaming;
+mod targets;
 mod tls;
 mod token_cli;

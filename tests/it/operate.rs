@@ -88,11 +88,7 @@ async fn metrics_move_with_traffic_and_token_events() {
 async fn status_page_and_json_show_credentials_and_integrations_without_secrets() {
     let (_fake, proxy) = start_pair(Duration::from_secs(86_399)).await;
     let _ = get(proxy.url("/api/invoices")).await;
-    let status: serde_json::Value = get(proxy.admin_url("/status.json"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let status = proxy.status_json().await;
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
     assert!(status["uptime_seconds"].is_u64());
     let credential = &status["credentials"][0];

@@ -19,15 +19,7 @@ const BURST: f64 = 5.0;
 
 /// The whole cluster view of one proxy, from `/status.json`.
 async fn cluster_view(proxy: &TestProxy) -> serde_json::Value {
-    let status: serde_json::Value = http_client()
-        .get(proxy.admin_url("/status.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    status["cluster"].clone()
+    proxy.status_json().await["cluster"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,12 +11,22 @@
 //! [`FramingGuard`] (in `guard`) sits between the socket and hyper and
 //! follows the request stream's framing just far enough to find each
 //! request head (the pure `scan`: heads parsed with `httparse`, as hyper
-//! does; bodies skipped by length or by chunk size lines). It never delays
-//! or changes a byte: it only reads along. A head with both fields marks
-//! that request in the connection's [`ConnectionGuard`]; the server answers
-//! it 400 itself ([`ConnectionGuard::refusal`]) before the service sees it,
-//! and closes the connection after it. Anything the guard does not understand it leaves to hyper, which is
-//! stricter than the guard, and stops inspecting that connection.
+//! does; bodies skipped by length or by chunk size lines). Bytes pass
+//! through as read, except that a head split across reads is held back
+//! until it is whole, and two kinds of head are changed before hyper
+//! reads them:
+//! - a request target with bytes lenient servers accept but hyper's URI
+//!   type refuses (`"` in a query, `<`, `>`): those bytes are
+//!   percent-encoded (`target`), so Coupa decodes what the client sent;
+//! - a malformed head (a control character in the target, a bad header
+//!   line): replaced by a stand-in request that the server answers 400
+//!   with the reason, the connection read no further.
+//!
+//! A head with both fields, or a malformed one, marks that request in the
+//! connection's [`ConnectionGuard`]; the server answers it 400 itself
+//! ([`ConnectionGuard::refusal`]) before the service sees it, and closes
+//! the connection after it. Anything else the guard does not understand
+//! it leaves to hyper, and stops inspecting that connection.
 //!
 //! Following the framing also tells when an HTTP/1 connection rests between
 //! requests, which the server uses to give an idle connection's buffers
@@ -24,8 +34,9 @@
 
 mod guard;
 mod scan;
+mod target;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE};
@@ -35,8 +46,65 @@ use tracing::warn;
 
 pub use guard::FramingGuard;
 
-/// Body of the answer to a request with ambiguous framing.
-const AMBIGUOUS_FRAMING: &str = r#"{"error":"ambiguous_framing","message":"the request has both Content-Length and Transfer-Encoding (possible request smuggling)","source":"coupa-auth-proxy"}"#;
+/// Why the server refused a request before any phase ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Refusal {
+    /// Both `Content-Length` and `Transfer-Encoding`.
+    AmbiguousFraming = 1,
+    /// A method or target with a byte no server accepts there (a control
+    /// character, a space inside the target), or a version other than 1.x.
+    MalformedRequestLine = 2,
+    /// A header line that is not `name: value` (a space in the name, an
+    /// obs-fold continuation, a control character), or a bad line end.
+    MalformedHead = 3,
+}
+
+impl Refusal {
+    /// The stable name access lines and metrics use.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::AmbiguousFraming => "ambiguous_framing",
+            Self::MalformedRequestLine => "malformed_request_line",
+            Self::MalformedHead => "malformed_head",
+        }
+    }
+
+    /// The refusal's JSON body.
+    fn body(self) -> &'static str {
+        match self {
+            Self::AmbiguousFraming => {
+                r#"{"error":"ambiguous_framing","message":"the request has both Content-Length and Transfer-Encoding (possible request smuggling)","source":"coupa-auth-proxy"}"#
+            }
+            Self::MalformedRequestLine => {
+                r#"{"error":"malformed_request_line","message":"the request line is malformed: the method or target holds a byte no HTTP server accepts there (a space, a control character; percent-encode it), or the version is not HTTP/1.x","source":"coupa-auth-proxy"}"#
+            }
+            Self::MalformedHead => {
+                r#"{"error":"malformed_head","message":"a header line is malformed: not 'name: value' (a space or control character in the name, an obs-fold continuation line, a control character in the value) or a bad line end","source":"coupa-auth-proxy"}"#
+            }
+        }
+    }
+
+    /// A head `httparse` refused: which refusal, or `None` where hyper's
+    /// own answer is the right one (431 for too many headers).
+    fn of_malformed(error: httparse::Error) -> Option<Self> {
+        match error {
+            httparse::Error::Token | httparse::Error::Version => Some(Self::MalformedRequestLine),
+            httparse::Error::HeaderName
+            | httparse::Error::HeaderValue
+            | httparse::Error::NewLine => Some(Self::MalformedHead),
+            httparse::Error::TooManyHeaders | httparse::Error::Status => None,
+        }
+    }
+
+    fn from_u8(value: u8) -> Self {
+        match value {
+            2 => Self::MalformedRequestLine,
+            3 => Self::MalformedHead,
+            _ => Self::AmbiguousFraming,
+        }
+    }
+}
 
 /// Per-connection verdicts, shared by the guard (writer) and the service
 /// (reader). Requests on one HTTP/1 connection are handled in order, so
@@ -48,8 +116,11 @@ const AMBIGUOUS_FRAMING: &str = r#"{"error":"ambiguous_framing","message":"the r
 #[derive(Debug)]
 pub struct ConnectionGuard {
     next_request: AtomicU64,
-    /// Index of the first request with ambiguous framing; `u64::MAX` for none.
-    ambiguous: AtomicU64,
+    /// Index of the first refused request; `u64::MAX` for none.
+    refused_from: AtomicU64,
+    /// Its [`Refusal`], as `u8`. Only one is ever set: no head is read
+    /// after a refused one.
+    refusal: AtomicU8,
     /// Request heads the guard has read whole.
     heads: AtomicU64,
     /// Responses written to their end (hyper dropped their body).
@@ -67,7 +138,8 @@ impl Default for ConnectionGuard {
     fn default() -> Self {
         Self {
             next_request: AtomicU64::new(0),
-            ambiguous: AtomicU64::new(u64::MAX),
+            refused_from: AtomicU64::new(u64::MAX),
+            refusal: AtomicU8::new(0),
             heads: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             between_requests: AtomicBool::new(true),
@@ -79,19 +151,24 @@ impl Default for ConnectionGuard {
 
 impl ConnectionGuard {
     /// Called once per request, in order: the server's own answer if this
-    /// request's framing is ambiguous. Nothing of it may be served, and the
-    /// connection cannot be trusted after it, so the answer closes it.
+    /// request was refused (ambiguous framing, a malformed head). Nothing
+    /// of it may be served, and the connection cannot be trusted after it,
+    /// so the answer closes it.
     #[inline]
-    pub fn refusal(&self) -> Option<Response<Full<Bytes>>> {
+    pub fn refusal(&self) -> Option<(Refusal, Response<Full<Bytes>>)> {
         let index = self.next_request.fetch_add(1, Ordering::Relaxed);
-        if index < self.ambiguous.load(Ordering::Acquire) {
+        if index < self.refused_from.load(Ordering::Acquire) {
             return None;
         }
-        Some(ambiguous_framing_answer())
+        let refusal = Refusal::from_u8(self.refusal.load(Ordering::Relaxed));
+        Some((refusal, refusal_answer(refusal)))
     }
 
-    fn mark_ambiguous(&self, index: u64) {
-        self.ambiguous.fetch_min(index, Ordering::AcqRel);
+    fn refuse(&self, index: u64, refusal: Refusal) {
+        if index < self.refused_from.load(Ordering::Relaxed) {
+            self.refusal.store(refusal as u8, Ordering::Relaxed);
+            self.refused_from.store(index, Ordering::Release);
+        }
     }
 
     /// A response was written to its end.
@@ -118,9 +195,11 @@ impl ConnectionGuard {
 
 /// The refusal itself, out of the per-request path.
 #[cold]
-fn ambiguous_framing_answer() -> Response<Full<Bytes>> {
-    warn!("request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed");
-    let mut response = Response::new(Full::new(Bytes::from_static(AMBIGUOUS_FRAMING.as_bytes())));
+fn refusal_answer(refusal: Refusal) -> Response<Full<Bytes>> {
+    if refusal == Refusal::AmbiguousFraming {
+        warn!("request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed");
+    }
+    let mut response = Response::new(Full::new(Bytes::from_static(refusal.body().as_bytes())));
     *response.status_mut() = StatusCode::BAD_REQUEST;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -1,8 +1,83 @@
 //! The pure half of the guard: follows a request stream's framing byte by
-//! byte (heads with `httparse`, bodies by length or chunk size lines) and
-//! flags a head with both `Content-Length` and `Transfer-Encoding`.
+//! byte (heads with `httparse`, bodies by length or chunk size lines),
+//! flags a head with both `Content-Length` and `Transfer-Encoding`, and
+//! says which heads the guard must change before hyper reads them: a
+//! target to percent-encode ([`super::target`]), or a malformed head to
+//! replace by a stand-in the server answers with its reason.
 
-use super::ConnectionGuard;
+use std::ops::Range;
+
+use super::{target, ConnectionGuard, Refusal};
+
+/// What became of a head the parser refused.
+enum Reparsed {
+    /// Refused only for its target's latin-1 bytes: with those encoded it
+    /// parses; `sent_len` is its length as sent.
+    Head {
+        target: Range<usize>,
+        sent_len: usize,
+        framing: Phase,
+    },
+    /// As above, but not whole yet.
+    Partial,
+    /// Malformed: refused with its reason (recorded in `verdicts`).
+    Refused,
+    /// Hyper's own answer is the right one (431 for too many headers).
+    LeftToHyper,
+}
+
+/// A head `httparse` refused with `error`: parsed again with a latin-1
+/// target encoded, or refused with the reason hyper's bare 400 would not
+/// give (rare: off the common path).
+#[cold]
+fn reparse_malformed(
+    error: httparse::Error,
+    rest: &[u8],
+    max_head: usize,
+    heads_seen: &mut u64,
+    verdicts: &ConnectionGuard,
+) -> Reparsed {
+    let reparsed = match error {
+        httparse::Error::Token => target::with_target_encoded(rest),
+        _ => None,
+    };
+    let refusal = match reparsed {
+        Some((target, copy)) => {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&copy) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let index = *heads_seen;
+                    *heads_seen += 1;
+                    return Reparsed::Head {
+                        target,
+                        // The head as sent is shorter than the copy.
+                        sent_len: len - (copy.len() - rest.len()),
+                        framing: framing_of(request.headers, index, verdicts),
+                    };
+                }
+                Ok(httparse::Status::Partial) if rest.len() <= max_head => {
+                    return Reparsed::Partial
+                }
+                Ok(httparse::Status::Partial) => return Reparsed::LeftToHyper,
+                Err(error) => Refusal::of_malformed(error),
+            }
+        }
+        None => Refusal::of_malformed(error),
+    };
+    let Some(refusal) = refusal else {
+        return Reparsed::LeftToHyper;
+    };
+    verdicts.refuse(*heads_seen, refusal);
+    *heads_seen += 1;
+    Reparsed::Refused
+}
+
+/// Whether `rest` starts as HTTP/2's preface does (or is a start of it).
+fn could_be_h2_preface(rest: &[u8]) -> bool {
+    let n = rest.len().min(H2_PREFACE_LINE.len());
+    rest[..n] == H2_PREFACE_LINE[..n]
+}
 
 /// Where in the request stream the guard is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +90,27 @@ pub(super) enum Phase {
     Chunk(Chunk),
     /// Not inspecting (HTTP/2, or something hyper will reject anyway).
     Passthrough,
+    /// A malformed head was refused: nothing after it is read.
+    Refused,
 }
+
+/// A change the guard makes to the bytes of one scan before hyper reads
+/// them; ranges index the scanned data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Edit {
+    /// A request target with bytes hyper's URI type refuses.
+    EncodeTarget(Range<usize>),
+    /// A malformed head, from its first byte to the end of the data:
+    /// replaced by [`STAND_IN`], the connection read no further.
+    Refuse(usize),
+}
+
+/// What hyper reads in place of a refused head: a request it parses, which
+/// the server answers with the refusal (and closes) before any phase runs.
+pub(super) const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n";
+
+/// HTTP/2's preface starts like a request line; hyper tells it apart.
+const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Chunk {
@@ -43,18 +138,20 @@ pub(super) enum Chunk {
 const MAX_HEADERS: usize = 128;
 
 /// Scans `data` from `phase`, returning how many bytes it is done with:
-/// all of them, unless `data` ends inside a request head.
+/// all of them, unless `data` ends inside a request head. What must change
+/// in those bytes is pushed to `edits`, in order.
 pub(super) fn scan(
     data: &[u8],
     phase: &mut Phase,
     max_head: usize,
     heads_seen: &mut u64,
     verdicts: &ConnectionGuard,
+    edits: &mut Vec<Edit>,
 ) -> usize {
     let mut pos = 0;
     while pos < data.len() {
         match *phase {
-            Phase::Passthrough => return data.len(),
+            Phase::Passthrough | Phase::Refused => return data.len(),
             Phase::Head => {
                 let rest = &data[pos..];
                 // hyper ignores empty lines before a request line.
@@ -74,11 +171,39 @@ pub(super) fn scan(
                     Ok(httparse::Status::Complete(len)) => {
                         let index = *heads_seen;
                         *heads_seen += 1;
+                        if let Some(path) = request.path {
+                            if target::needs_encoding(path.as_bytes()) {
+                                // The path is a slice of `rest`.
+                                let start = pos + (path.as_ptr() as usize - rest.as_ptr() as usize);
+                                edits.push(Edit::EncodeTarget(start..start + path.len()));
+                            }
+                        }
                         *phase = framing_of(request.headers, index, verdicts);
                         pos += len;
                     }
                     Ok(httparse::Status::Partial) if rest.len() <= max_head => return pos,
-                    // Malformed, HTTP/2's preface, too large: hyper decides.
+                    Err(error) if !could_be_h2_preface(rest) => {
+                        match reparse_malformed(error, rest, max_head, heads_seen, verdicts) {
+                            Reparsed::Head {
+                                target,
+                                sent_len,
+                                framing,
+                            } => {
+                                edits
+                                    .push(Edit::EncodeTarget(pos + target.start..pos + target.end));
+                                *phase = framing;
+                                pos += sent_len;
+                            }
+                            Reparsed::Partial => return pos,
+                            Reparsed::Refused => {
+                                edits.push(Edit::Refuse(pos));
+                                *phase = Phase::Refused;
+                            }
+                            Reparsed::LeftToHyper => *phase = Phase::Passthrough,
+                        }
+                    }
+                    // HTTP/2's preface, too many headers, too large: hyper
+                    // decides.
                     _ => *phase = Phase::Passthrough,
                 }
             }
@@ -136,7 +261,7 @@ fn framing_of(headers: &[httparse::Header<'_>], index: u64, verdicts: &Connectio
     }
     match (transfer_encoding, length) {
         (true, Some(_)) => {
-            verdicts.mark_ambiguous(index);
+            verdicts.refuse(index, Refusal::AmbiguousFraming);
             // hyper closes the connection after this request.
             Phase::Passthrough
         }
@@ -224,16 +349,37 @@ mod tests {
     /// scan does not release, as the guard does; returns the index of the
     /// first ambiguous request, if any, and the final phase.
     fn run(stream: &[u8], step: usize) -> (Option<u64>, Phase) {
+        let (refused, phase, _) = run_with_edits(stream, step);
+        (refused, phase)
+    }
+
+    /// [`run`], also returning the edits with ranges into `stream`.
+    fn run_with_edits(stream: &[u8], step: usize) -> (Option<u64>, Phase, Vec<Edit>) {
         let verdicts = ConnectionGuard::default();
         let (mut phase, mut heads) = (Phase::Head, 0);
         let mut pending: Vec<u8> = Vec::new();
+        let mut offset = 0;
+        let mut all = Vec::new();
         for piece in stream.chunks(step) {
             pending.extend_from_slice(piece);
-            let released = scan(&pending, &mut phase, 64 * 1024, &mut heads, &verdicts);
+            let mut edits = Vec::new();
+            let released = scan(
+                &pending,
+                &mut phase,
+                64 * 1024,
+                &mut heads,
+                &verdicts,
+                &mut edits,
+            );
+            all.extend(edits.into_iter().map(|edit| match edit {
+                Edit::EncodeTarget(r) => Edit::EncodeTarget(r.start + offset..r.end + offset),
+                Edit::Refuse(at) => Edit::Refuse(at + offset),
+            }));
             pending.drain(..released);
+            offset += released;
         }
-        let first = verdicts.ambiguous.load(Ordering::Acquire);
-        ((first != u64::MAX).then_some(first), phase)
+        let first = verdicts.refused_from.load(Ordering::Acquire);
+        ((first != u64::MAX).then_some(first), phase, all)
     }
 
     #[test]
@@ -275,10 +421,73 @@ mod tests {
     }
 
     #[test]
-    fn http2_preface_and_garbage_switch_to_passthrough() {
+    fn http2_preface_and_too_many_headers_switch_to_passthrough() {
         let (_, phase) = run(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 4);
         assert_eq!(phase, Phase::Passthrough);
-        let (_, phase) = run(b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 4);
-        assert_eq!(phase, Phase::Passthrough);
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "X: 1\r\n".repeat(MAX_HEADERS + 1)
+        );
+        let (refused, phase) = run(many.as_bytes(), 64);
+        assert_eq!((refused, phase), (None, Phase::Passthrough));
+    }
+
+    #[test]
+    fn a_malformed_head_is_refused_where_it_starts_in_any_split() {
+        let stream =
+            b"GET /ok HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nBad Header\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        for step in [1, 5, stream.len()] {
+            let (refused, phase, edits) = run_with_edits(stream, step);
+            assert_eq!(refused, Some(1), "step {step}");
+            assert_eq!(phase, Phase::Refused);
+            assert_eq!(edits, [Edit::Refuse(20)], "step {step}");
+        }
+        let verdicts = ConnectionGuard::default();
+        let (mut phase, mut heads, mut edits) = (Phase::Head, 0, Vec::new());
+        scan(
+            b"GET /a\x01b HTTP/1.1\r\n\r\n",
+            &mut phase,
+            1024,
+            &mut heads,
+            &verdicts,
+            &mut edits,
+        );
+        assert_eq!(verdicts.refused_from.load(Ordering::Acquire), 0);
+        assert!(matches!(
+            verdicts.refusal(),
+            Some((Refusal::MalformedRequestLine, _))
+        ));
+    }
+
+    #[test]
+    fn a_latin1_target_is_parsed_again_encoded_and_its_body_followed() {
+        let stream =
+            b"POST /M\xfcller HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET /x HTTP/1.1\r\n\r\n";
+        for step in [1, 3, stream.len()] {
+            let (refused, phase, edits) = run_with_edits(stream, step);
+            assert_eq!((refused, phase), (None, Phase::Head), "step {step}");
+            assert_eq!(edits, [Edit::EncodeTarget(5..12)], "step {step}");
+        }
+    }
+
+    #[test]
+    fn targets_hyper_refuses_are_marked_for_encoding_in_pipelined_heads() {
+        let stream = b"GET /a?f=[\"id\"] HTTP/1.1\r\n\r\nGET /plain HTTP/1.1\r\n\r\nGET /b<c> HTTP/1.1\r\n\r\n";
+        for step in [1, 7, stream.len()] {
+            let (refused, phase, edits) = run_with_edits(stream, step);
+            assert_eq!((refused, phase), (None, Phase::Head));
+            let targets: Vec<&[u8]> = edits
+                .iter()
+                .map(|edit| match edit {
+                    Edit::EncodeTarget(r) => &stream[r.clone()],
+                    Edit::Refuse(_) => panic!("{edit:?}"),
+                })
+                .collect();
+            assert_eq!(
+                targets,
+                [b"/a?f=[\"id\"]".as_slice(), b"/b<c>"],
+                "step {step}"
+            );
+        }
     }
 }

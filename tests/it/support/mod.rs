@@ -136,6 +136,15 @@ impl TestProxy {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// What the admin listener's `/status.json` answers.
+    pub async fn status_json(&self) -> serde_json::Value {
+        get(self.admin_url("/status.json"))
+            .await
+            .json()
+            .await
+            .expect("/status.json is JSON")
+    }
+
     /// Waits until `/readyz` says a token is held.
     pub async fn wait_ready(&self) {
         let client = http_client();

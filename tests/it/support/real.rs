@@ -178,6 +178,51 @@ http {{
         Some(nginx)
     }
 
+    /// nginx over plain HTTP answering every request `200` with its raw
+    /// request target (`$request_uri`): the oracle of what a lenient
+    /// front accepts, as Coupa's own edge would.
+    pub fn start_echoing_targets() -> Option<Self> {
+        let nginx = tool("nginx")?;
+        let dir = Dir::new("nginx-targets");
+        let d = dir.path().display().to_string();
+        let port = free_port();
+        let config = format!(
+            r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        default_type text/plain;
+        location / {{
+            return 200 "$request_uri";
+        }}
+    }}
+}}
+"#
+        );
+        std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
+        let child = spawn(&nginx, &dir);
+        let nginx = Self {
+            child,
+            binary: nginx,
+            port,
+            ca_file: dir.path().join("no-tls"),
+            dir,
+        };
+        nginx.wait_listening();
+        Some(nginx)
+    }
+
     /// Starts nginx again (after [`Nginx::kill`]) on the same port.
     pub fn restart(&mut self) {
         self.child = spawn(&self.binary, &self.dir);
