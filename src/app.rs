@@ -119,6 +119,12 @@ pub async fn run_with_reload(
         cluster.clone(),
     ));
     serve_admin(listeners.admin, admin_state, &background);
+    crate::lifecycle::notify::spawn(
+        &background,
+        stores.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
 
     let proxy = build_proxy(
         &config,
@@ -143,6 +149,7 @@ pub async fn run_with_reload(
         listen = %proxy_addr,
         admin = %admin_addr,
         upstream = %config.coupa.base_url,
+        pid = std::process::id(),
         "coupa-auth-proxy started"
     );
     let drain = serve_proxy(
@@ -151,7 +158,7 @@ pub async fn run_with_reload(
         proxy,
         &config,
         &metrics,
-        shutdown,
+        drain_after_delay(&shutdown, config.listen.drain_delay),
     )
     .await;
     match drain {
@@ -163,6 +170,31 @@ pub async fn run_with_reload(
     }
     background.stop().await;
     Ok(drain)
+}
+
+/// The proxy's own shutdown: `listen.drain_delay` after `shutdown`.
+/// Meanwhile `/readyz` already says draining (it watches `shutdown`) and
+/// the listener still accepts and serves, so connections a load balancer
+/// sends before it has taken the process out are served, not refused.
+fn drain_after_delay(
+    shutdown: &CancellationToken,
+    delay: std::time::Duration,
+) -> CancellationToken {
+    if delay.is_zero() {
+        return shutdown.clone();
+    }
+    let drain = CancellationToken::new();
+    let (signal, start) = (shutdown.clone(), drain.clone());
+    tokio::spawn(async move {
+        signal.cancelled().await;
+        info!(
+            drain_delay = ?delay,
+            "still accepting for listen.drain_delay while load balancers take this process out"
+        );
+        tokio::time::sleep(delay).await;
+        start.cancel();
+    });
+    drain
 }
 
 /// The admin listener answers (`/readyz` says "draining") until the proxy
@@ -323,18 +355,22 @@ async fn serve_proxy(
     metrics: &Metrics,
     shutdown: CancellationToken,
 ) -> Drain {
+    let draining = shutdown.clone();
     server::serve(
         listener,
         acceptor,
         move |peer, guard| {
             let proxy = proxy.clone();
             let client = Arc::new(ClientInfo::new(peer.ip()));
+            let draining = draining.clone();
             service_fn(move |request| {
                 let proxy = proxy.clone();
                 let client = client.clone();
                 let guard = guard.clone();
+                let draining = draining.clone();
                 async move {
-                    let response = match guard.refusal() {
+                    let http1 = request.version() <= http::Version::HTTP_11;
+                    let mut response = match guard.refusal() {
                         Some((refusal, answer)) => {
                             proxy.log_refused(
                                 &request,
@@ -346,6 +382,14 @@ async fn serve_proxy(
                         }
                         None => proxy.handle(request, &client).await,
                     };
+                    if http1 && draining.is_cancelled() {
+                        // The client opens its next connection elsewhere
+                        // (or to the process that takes over).
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
                     Ok::<_, Infallible>(server::answered(response, &guard))
                 }
             })

@@ -26,6 +26,9 @@
 //!   their own token, and the local tokens it issues.
 //! - [`reload`]: SIGHUP and file-change reload of secrets and integrations.
 //! - [`app`]: wires the above together for `run`.
+//! - [`lifecycle`]: the process beside its supervisor — listening sockets
+//!   handed over (systemd socket activation, in-place upgrade), `sd_notify`,
+//!   `SIGUSR2`'s in-place upgrade.
 //! - [`background`]: one lifecycle for work beside the request path
 //!   (spawned with the shutdown token, tracked, awaited after the drain).
 //! - [`tls`]: the rustls configurations, outbound and inbound.
@@ -59,6 +62,7 @@ pub mod encode;
 pub mod fake_coupa;
 pub mod insight;
 pub mod intercept;
+pub mod lifecycle;
 pub mod live;
 pub mod local_oauth;
 pub mod metrics;

@@ -95,10 +95,12 @@ impl Reloader {
                     info!(path = %self.path.display(), "configuration or secret file changed: reloading");
                 }
             }
+            crate::lifecycle::notify::reloading();
             self.reload_cert();
             if let Some(applied) = self.reload() {
                 current_files = applied;
             }
+            crate::lifecycle::notify::reloaded();
             stamps = self.stamps(&current_files);
         }
     }
@@ -256,6 +258,7 @@ fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
         "listen.shutdown_grace",
         l.shutdown_grace == m.shutdown_grace,
     );
+    differ("listen.drain_delay", l.drain_delay == m.drain_delay);
     differ(
         "listen.header_read_timeout",
         l.header_read_timeout == m.header_read_timeout,
@@ -339,6 +342,10 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
     differ(
         "coupa.connection_wait_timeout",
         c.connection_wait_timeout == d.connection_wait_timeout,
+    );
+    differ(
+        "coupa.token_wait_timeout",
+        c.token_wait_timeout == d.token_wait_timeout,
     );
     differ("coupa.rate_limit", c.rate_limit == d.rate_limit);
     // Its password file is re-read and applied live; where it points is not.

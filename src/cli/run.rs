@@ -11,12 +11,16 @@ use tokio_util::sync::CancellationToken;
 use super::{config_failure, Failure};
 use crate::app::{self, Listeners};
 use crate::config::{Config, RuntimeFlavor};
+use crate::lifecycle::sockets::{self, Inherited};
+use crate::lifecycle::upgrade::Upgrade;
 use crate::token::source::SourceError;
 
 /// `run`: the proxy with the configuration at `path`, reloaded from it.
 pub fn run(path: PathBuf) -> Result<(), Failure> {
+    // Before any thread starts: taking them clears their variables.
+    let inherited = sockets::take_from_env().map_err(config_failure)?;
     let config = Config::load(&path).map_err(config_failure)?;
-    proxy_runtime(&config.runtime)?.block_on(serve(config, path))
+    proxy_runtime(&config.runtime)?.block_on(serve(config, path, inherited))
 }
 
 /// `demo`: a fake Coupa and the proxy in front of it.
@@ -55,22 +59,44 @@ fn proxy_runtime(settings: &crate::config::Runtime) -> Result<tokio::runtime::Ru
     Ok(runtime)
 }
 
-async fn serve(config: Config, path: PathBuf) -> Result<(), Failure> {
-    let proxy = TcpListener::bind(config.listen.address)
-        .await
-        .with_context(|| format!("listen.address: cannot bind {}", config.listen.address))
-        .map_err(config_failure)?;
-    let admin = TcpListener::bind(config.admin.address)
-        .await
-        .with_context(|| format!("admin.address: cannot bind {}", config.admin.address))
-        .map_err(config_failure)?;
+async fn serve(config: Config, path: PathBuf, inherited: Inherited) -> Result<(), Failure> {
+    let proxy = listener(inherited.proxy, "listen.address", config.listen.address).await?;
+    let admin = listener(inherited.admin, "admin.address", config.admin.address).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match Upgrade::prepare(&proxy, &admin) {
+        Ok(upgrade) => upgrade.spawn(shutdown.clone()),
+        Err(error) => tracing::warn!(%error, "in-place upgrades (SIGUSR2) are off"),
+    }
     match app::run_with_reload(config, Some(path), Listeners { proxy, admin }, shutdown).await {
         Ok(_) => Ok(()),
         // A missing or unusable consent is fixed by the user, like a config error.
         Err(e @ app::AppError::TokenSource(SourceError::Consent(_))) => Err(config_failure(e)),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The socket handed over for `key`'s listener, or `address` bound.
+async fn listener(
+    handed: Option<std::net::TcpListener>,
+    key: &str,
+    address: SocketAddr,
+) -> Result<TcpListener, Failure> {
+    match handed {
+        Some(socket) => {
+            let local = socket.local_addr().ok();
+            let listener = socket
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(socket))
+                .with_context(|| format!("{key}: cannot use the socket handed over"))
+                .map_err(config_failure)?;
+            tracing::info!(key, address = ?local, "listening on a socket handed over (socket activation or upgrade)");
+            Ok(listener)
+        }
+        None => Ok(TcpListener::bind(address)
+            .await
+            .with_context(|| format!("{key}: cannot bind {address}"))
+            .map_err(config_failure)?),
     }
 }
 

@@ -140,6 +140,8 @@ pub(super) struct ListenFile {
     pub(super) address: SocketAddr,
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub(super) shutdown_grace: Duration,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) drain_delay: Duration,
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub(super) header_read_timeout: Duration,
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
@@ -187,6 +189,7 @@ impl Default for ListenFile {
         Self {
             address: default_listen_address(),
             shutdown_grace: default_shutdown_grace(),
+            drain_delay: Duration::ZERO,
             header_read_timeout: default_header_read_timeout(),
             keepalive_timeout: default_keepalive_timeout(),
             max_header_bytes: default_max_header_bytes(),
@@ -236,6 +239,8 @@ pub(super) struct CoupaFile {
     pub(super) max_connections: usize,
     #[serde(default = "default_connection_wait_timeout", with = "humantime_serde")]
     pub(super) connection_wait_timeout: Duration,
+    #[serde(default = "default_token_wait_timeout", with = "humantime_serde")]
+    pub(super) token_wait_timeout: Duration,
     pub(super) rate_limit: Option<RateLimitFile>,
     pub(super) egress_proxy: Option<EgressProxyFile>,
 }
@@ -357,6 +362,12 @@ fn default_upstream_max_connections() -> usize {
     // Coupa takes 25 requests/s per instance: more connections than this
     // would only carry requests it answers 429.
     32
+}
+fn default_token_wait_timeout() -> Duration {
+    // A first token takes one round trip to the token endpoint; a retry
+    // after a failed one comes within seconds. Well under the 30-60 s
+    // timeouts integrations use, so a client still gets the 503's reason.
+    Duration::from_secs(10)
 }
 fn default_connection_wait_timeout() -> Duration {
     // Coupa answers most calls within a second or two: a request that has

@@ -185,6 +185,10 @@ pub struct Listen {
     pub address: SocketAddr,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// After a shutdown signal, how long the listener keeps accepting
+    /// (while `/readyz` says draining) before the drain proper: load
+    /// balancers still route to the process for a moment.
+    pub drain_delay: Duration,
     /// A client must send a whole request head within this from its first
     /// byte (slowloris), and its first byte within this of connecting.
     pub header_read_timeout: Duration,
@@ -278,6 +282,10 @@ pub struct Coupa {
     /// How long a request may wait for a free connection (or for its
     /// integration's `max_concurrent`) before it gets 503.
     pub connection_wait_timeout: Duration,
+    /// How long a request may wait for a token when its credential holds
+    /// none (start-up, or expired without renewal) before it gets 503;
+    /// zero answers 503 at once.
+    pub token_wait_timeout: Duration,
     /// Outbound shaping to Coupa's rate limit; off when absent.
     pub rate_limit: Option<RateLimit>,
     /// The egress proxy both hops to Coupa are tunnelled through; none:

@@ -54,6 +54,7 @@ impl Config {
         vec![
             ("listen.address".into(), l.address.to_string()),
             ("listen.shutdown_grace".into(), d(l.shutdown_grace)),
+            ("listen.drain_delay".into(), d(l.drain_delay)),
             (
                 "listen.header_read_timeout".into(),
                 d(l.header_read_timeout),
@@ -178,6 +179,7 @@ impl Config {
                 "coupa.connection_wait_timeout".into(),
                 d(c.connection_wait_timeout),
             ),
+            ("coupa.token_wait_timeout".into(), d(c.token_wait_timeout)),
             ("coupa.rate_limit".into(), rate),
             (
                 "coupa.egress_proxy".into(),

@@ -96,6 +96,8 @@ pub struct FakeState {
     /// Extra characters appended to issued tokens (Coupa's JWTs grow with
     /// their scopes; tests need multi-kilobyte ones).
     token_padding: AtomicU64,
+    /// Milliseconds every token answer is held back (a slow endpoint).
+    token_delay_ms: AtomicU64,
     /// While set, every token is treated as revoked, even new ones.
     reject_all: std::sync::atomic::AtomicBool,
     token_requests: AtomicU64,
@@ -281,6 +283,12 @@ impl FakeState {
         }
     }
 
+    /// Holds every token answer back for `delay` (a slow token endpoint).
+    pub fn set_token_delay(&self, delay: Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.token_delay_ms.store(millis, Ordering::SeqCst);
+    }
+
     /// Makes tokens issued from now on `extra` characters longer.
     pub fn set_token_padding(&self, extra: usize) {
         self.token_padding.store(extra as u64, Ordering::SeqCst);
@@ -381,6 +389,7 @@ impl FakeCoupa {
             failure: Mutex::new(None),
             tokens: Mutex::new(HashMap::new()),
             token_padding: AtomicU64::new(0),
+            token_delay_ms: AtomicU64::new(0),
             reject_all: std::sync::atomic::AtomicBool::new(false),
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),

@@ -24,12 +24,16 @@ pub(super) enum Admitted<'a> {
         credential: &'a CredentialSlot,
         bearer: HeaderValue,
     },
+    /// To be forwarded once `credential` holds a token (none yet at
+    /// start-up, or it expired without renewal): the request waits rather
+    /// than failing, up to `coupa.token_wait_timeout`.
+    AwaitToken(&'a CredentialSlot),
 }
 
 /// A refused request still shows in the migration view as sending a
 /// legacy key (a forwarded one is noted by `upstream_request`, which
 /// removes the key anyway; only the rare refusal pays a lookup).
-fn note_legacy_key(headers: &http::HeaderMap, trace: &mut Trace) {
+pub(super) fn note_legacy_key(headers: &http::HeaderMap, trace: &mut Trace) {
     if trace.via == Via::Nothing && headers.contains_key(headers::X_COUPA_API_KEY) {
         trace.via = Via::LegacyKey;
     }
@@ -102,11 +106,27 @@ impl Proxy {
     fn admit(&self, credential: Option<usize>) -> Result<Admitted<'_>, ProxyError> {
         let inner = &*self.inner;
         let credential = &inner.credentials[credential.unwrap_or(inner.default_credential)];
+        match credential.store.bearer(tokio::time::Instant::now()) {
+            Some(bearer) => Ok(Admitted::Forward { credential, bearer }),
+            None if inner.token_wait_timeout.is_zero() => Err(self.no_token(credential)),
+            None => Ok(Admitted::AwaitToken(credential)),
+        }
+    }
+
+    /// Waits for `credential`'s token, up to `coupa.token_wait_timeout`;
+    /// past it, the 503 naming why there is none.
+    pub(super) async fn await_token(
+        &self,
+        credential: &CredentialSlot,
+        trace: &mut Trace,
+    ) -> Result<HeaderValue, ProxyError> {
+        let started = tokio::time::Instant::now();
         let bearer = credential
             .store
-            .bearer(tokio::time::Instant::now())
-            .ok_or_else(|| self.no_token(credential))?;
-        Ok(Admitted::Forward { credential, bearer })
+            .wait_for_token(self.inner.token_wait_timeout)
+            .await;
+        trace.token_wait = Some(started.elapsed());
+        bearer.ok_or_else(|| self.no_token(credential))
     }
 
     /// Which integration sent the request, by its legacy key, and so which

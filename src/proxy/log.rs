@@ -32,6 +32,7 @@ impl Proxy {
             status = status.as_u16(),
             duration_ms = handled.started.elapsed().as_secs_f64() * 1000.0,
             upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
+            token_wait_ms = trace.token_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0),
             "request"
         );
         inner

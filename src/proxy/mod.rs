@@ -111,6 +111,8 @@ struct Inner {
     response_header_timeout: Duration,
     /// How long a request waits for its integration's share.
     connection_wait_timeout: Duration,
+    /// How long a request waits for a token when none is held.
+    token_wait_timeout: Duration,
     idle_timeout: Duration,
     body_read_timeout: Duration,
     /// What a whole request body must keep up.
@@ -137,6 +139,8 @@ struct Trace {
     via: Via,
     /// Time spent waiting for Coupa's response headers (all attempts).
     upstream: Option<Duration>,
+    /// Time spent waiting for a token (none held when the request came).
+    token_wait: Option<Duration>,
 }
 
 impl Proxy {
@@ -193,6 +197,7 @@ impl Proxy {
                 path_prefix: coupa.path_prefix.clone(),
                 response_header_timeout: coupa.response_header_timeout,
                 connection_wait_timeout: coupa.connection_wait_timeout,
+                token_wait_timeout: coupa.token_wait_timeout,
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
                 body_pace: stall::Pace {
@@ -301,6 +306,13 @@ impl Proxy {
         let (credential, bearer) = match admitted {
             Admitted::Answered(response) => return Ok(*response),
             Admitted::Forward { credential, bearer } => (credential, bearer),
+            Admitted::AwaitToken(credential) => match self.await_token(credential, trace).await {
+                Ok(bearer) => (credential, bearer),
+                Err(refused) => {
+                    filter::note_legacy_key(request.headers(), trace);
+                    return Err(refused);
+                }
+            },
         };
         let (
             Outgoing {

@@ -104,6 +104,10 @@ where
     }
 }
 
+/// How long an idle HTTP/1.1 connection is still served after shutdown
+/// began, so requests already on their way are answered, not cut off.
+pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
+
 /// The socket, what hyper read but did not use, and the service, handed
 /// back by a session that ended between requests.
 type Returned<S> = (FramingGuard<TcpStream>, bytes::Bytes, S);
@@ -128,18 +132,30 @@ where
     let mut stopping = false;
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
+    // At shutdown an idle connection is not closed at once: a request may
+    // be on its way (a client that just connected, a keep-alive client
+    // between calls), and closing under it fails the call. For
+    // `SHUTDOWN_LINGER` its requests are served, each answer saying
+    // `Connection: close` (the service adds it while draining), then it
+    // closes.
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
-        if !stopping && cancelled.as_mut().poll(cx).is_ready() {
-            // hyper closes an idle connection now, a busy one after its
-            // response (which says `Connection: close` if not yet sent).
-            stopping = true;
-            Pin::new(&mut session).graceful_shutdown();
+        if !stopping && linger.is_none() && cancelled.as_mut().poll(cx).is_ready() {
+            linger = Some(Box::pin(tokio::time::sleep(SHUTDOWN_LINGER)));
+        }
+        if let Some(waited) = linger.as_mut() {
+            if !stopping && waited.as_mut().poll(cx).is_ready() {
+                // hyper closes an idle connection now, a busy one after
+                // its response.
+                stopping = true;
+                Pin::new(&mut session).graceful_shutdown();
+            }
         }
         if let Poll::Ready(done) = Pin::new(&mut session).poll(cx) {
             return Poll::Ready(done);
         }
         // hyper waits (for the client, the service or Coupa's body).
-        if !ending && !stopping && verdicts.is_idle() && policy.crowded() {
+        if !ending && !stopping && linger.is_none() && verdicts.is_idle() && policy.crowded() {
             ending = true;
             verdicts.end_session(true);
             return Pin::new(&mut session).poll(cx);

@@ -315,6 +315,33 @@ impl TokenStore {
         }
     }
 
+    /// Waits up to `timeout` for a valid token (the first, or one after an
+    /// expiry without renewal); failed fetches meanwhile do not end the
+    /// wait, since the refresher tries again within it.
+    pub async fn wait_for_token(&self, timeout: Duration) -> Option<HeaderValue> {
+        let mut installs = self.installed.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(bearer) = self.bearer(Instant::now()) {
+                return Some(bearer);
+            }
+            match tokio::time::timeout_at(deadline, installs.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Resolves once a valid token is held.
+    pub async fn ready(&self) {
+        let mut installs = self.installed.subscribe();
+        while !self.is_ready() {
+            if installs.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Resolves when a request asked for an out-of-schedule fetch.
     pub(crate) async fn refresh_requested(&self) {
         self.refresh_now.notified().await;

@@ -213,14 +213,16 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
 
 /// Without integrations a legacy key identifies nobody, but the view still
 /// shows that one is sent — also by requests the proxy refuses before
-/// forwarding (here: no token yet), which never reach the header rewrite.
+/// forwarding (here: no token within the wait for one), which never reach
+/// the header rewrite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_legacy_key_is_seen_without_integrations_even_on_refused_requests() {
     let fake = start_fake(DAY).await;
     fake.state().set_token_failure(Some(
         coupa_auth_proxy::fake_coupa::TokenFailure::ServerError,
     ));
-    let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
+    let text = config_text(&fake.base_url(), "token_wait_timeout = \"200ms\"", "");
+    let proxy = TestProxy::start(parse_config(&text)).await;
     let client = http_client();
     let refused = client
         .get(proxy.url("/api/invoices"))

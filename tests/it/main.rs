@@ -31,6 +31,7 @@ mod pool;
 mod real_oauth;
 mod reload;
 mod resilience;
+mod restarts;
 mod rotation;
 mod secrets;
 mod sentinel;

@@ -117,6 +117,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
     let ListenFile {
         address,
         shutdown_grace,
+        drain_delay,
         header_read_timeout,
         keepalive_timeout,
         max_header_bytes,
@@ -166,6 +167,7 @@ fn validate_listen(file: ListenFile, base_dir: &Path) -> Result<Listen, ConfigEr
     Ok(Listen {
         address,
         shutdown_grace,
+        drain_delay,
         header_read_timeout,
         keepalive_timeout,
         max_header_bytes,
@@ -210,6 +212,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         http_version,
         max_connections,
         connection_wait_timeout,
+        token_wait_timeout,
         rate_limit,
         egress_proxy,
     } = file;
@@ -271,6 +274,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         http_version,
         max_connections,
         connection_wait_timeout,
+        token_wait_timeout,
         rate_limit: rate_limit.map(validate_rate_limit).transpose()?,
         egress_proxy: egress_proxy
             .map(|file| validate_egress_proxy(file, base_dir))

@@ -208,6 +208,10 @@ pub(super) async fn token_endpoint(
     request: Request<Incoming>,
 ) -> Response<FakeBody> {
     state.token_requests.fetch_add(1, Ordering::SeqCst);
+    let delay = state.token_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let failure = state.failure.lock().ok().and_then(|f| f.clone());
     match failure {
         Some(TokenFailure::ServerError) => {

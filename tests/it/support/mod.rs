@@ -348,11 +348,38 @@ impl ProxyProcess {
     /// Starts `coupa-auth-proxy [args] run --config <file>` with `config`
     /// written to a temp file and waits for its listen addresses.
     pub fn start(config: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_handing(config, args, env, Vec::new())
+    }
+
+    /// [`ProxyProcess::start`] with listening sockets handed over as
+    /// systemd hands them (from fd 3, `LISTEN_FDS`, `LISTEN_FDNAMES`;
+    /// `LISTEN_PID` empty: the child's pid is not known before it runs).
+    pub fn start_handing(
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        sockets: Vec<(std::os::fd::OwnedFd, &str)>,
+    ) -> Self {
+        Self::start_program(&binary(), &[], config, args, env, sockets)
+    }
+
+    /// [`ProxyProcess::start_handing`] running `program` with `pre_args`
+    /// (another copy of the binary, or a launcher such as
+    /// `systemd-socket-activate` followed by the binary).
+    pub fn start_program(
+        program: &Path,
+        pre_args: &[&str],
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        sockets: Vec<(std::os::fd::OwnedFd, &str)>,
+    ) -> Self {
         let dir = tempdir::Dir::new("run");
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(binary());
+        let mut command = Command::new(program);
         command
+            .args(pre_args)
             .args(["--log-format", "json"])
             .args(args)
             .arg("run")
@@ -365,6 +392,23 @@ impl ProxyProcess {
             .stderr(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
+        }
+        if !sockets.is_empty() {
+            use command_fds::{CommandFdExt, FdMapping};
+            let names: Vec<&str> = sockets.iter().map(|(_, name)| *name).collect();
+            command
+                .env("LISTEN_FDS", sockets.len().to_string())
+                .env("LISTEN_FDNAMES", names.join(":"))
+                .env("LISTEN_PID", "");
+            let mappings = sockets
+                .into_iter()
+                .zip(3..)
+                .map(|((parent_fd, _), child_fd)| FdMapping {
+                    parent_fd,
+                    child_fd,
+                })
+                .collect();
+            command.fd_mappings(mappings).unwrap();
         }
         let mut child = command.spawn().expect("binary starts");
         let stderr = child.stderr.take().unwrap();
@@ -446,6 +490,15 @@ impl ProxyProcess {
             async move { matches!(client.get(&url).send().await, Ok(r) if r.status() == 200) }
         })
         .await;
+    }
+
+    /// Sends `signal` (`-USR2`, `-INT`, …).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
     }
 
     /// Sends SIGTERM.

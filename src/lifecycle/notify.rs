@@ -1,0 +1,95 @@
+//! `sd_notify`: tells the supervisor (systemd with `Type=notify`, or the
+//! process that started this one on an in-place upgrade) where the process
+//! is in its life. Every call is a no-op without `NOTIFY_SOCKET`, and a
+//! failed send is logged at debug: the supervisor's view is never worth a
+//! failed request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::background::Background;
+use crate::metrics::Metrics;
+use crate::token::TokenStore;
+
+/// How often `STATUS=` is refreshed when no watchdog asks for more.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+fn send(states: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::debug!(%error, "sd_notify failed");
+    }
+}
+
+/// A reload begins (`RELOADING=1` with the monotonic time systemd wants).
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+/// A reload ended, applied or not: serving as before.
+pub fn reloaded() {
+    send(&[NotifyState::Ready]);
+}
+
+/// One line on the supervisor's status (`systemctl status`).
+fn status(stores: &[(String, Arc<TokenStore>)], metrics: &Metrics) -> String {
+    let held = stores.iter().filter(|(_, s)| s.is_ready()).count();
+    format!(
+        "tokens held {held} of {}; {} client connections open",
+        stores.len(),
+        metrics.client_connections.open.get()
+    )
+}
+
+/// Sends `READY=1` once every credential holds a token, then keeps
+/// `STATUS=` (and the watchdog, when `WATCHDOG_USEC` asks) fresh until
+/// `signal` (the shutdown signal), when it sends `STOPPING=1`.
+pub fn spawn(
+    background: &Background,
+    stores: Arc<Vec<(String, Arc<TokenStore>)>>,
+    metrics: Arc<Metrics>,
+    signal: CancellationToken,
+) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    background.spawn(move |stop| async move {
+        let all_ready = async {
+            for (_, store) in stores.iter() {
+                store.ready().await;
+            }
+        };
+        tokio::select! {
+            _ = all_ready => send(&[NotifyState::Ready, NotifyState::Status(&status(&stores, &metrics))]),
+            _ = signal.cancelled() => {}
+            _ = stop.cancelled() => return,
+        }
+        let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+        loop {
+            tokio::select! {
+                _ = signal.cancelled() => {
+                    send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+                    return;
+                }
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {
+                    let line = status(&stores, &metrics);
+                    if watchdog.is_some() {
+                        send(&[NotifyState::Watchdog, NotifyState::Status(&line)]);
+                    } else {
+                        send(&[NotifyState::Status(&line)]);
+                    }
+                }
+            }
+        }
+    });
+}
