@@ -130,21 +130,11 @@ impl Nginx {
             keepalive_requests,
             max_concurrent_streams,
         } = options;
+        let prelude = prelude(&d);
         let config = format!(
-            r#"
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
+            r#"{prelude}
     log_format conns '$connection $connection_requests $server_protocol $status $request_method';
     access_log {d}/access.log conns;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
     server {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {d}/cert.pem;
@@ -165,17 +155,7 @@ http {{
 }}
 "#
         );
-        std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
-        let child = spawn(&nginx, &dir);
-        let nginx = Self {
-            child,
-            binary: nginx,
-            port,
-            dir,
-            ca_file,
-        };
-        nginx.wait_listening();
-        Some(nginx)
+        Some(Self::launch(nginx, dir, port, ca_file, &config))
     }
 
     /// nginx over plain HTTP answering every request `200` with its raw
@@ -184,22 +164,11 @@ http {{
     pub fn start_echoing_targets() -> Option<Self> {
         let nginx = tool("nginx")?;
         let dir = Dir::new("nginx-targets");
-        let d = dir.path().display().to_string();
+        let prelude = prelude(&dir.path().display().to_string());
         let port = free_port();
         let config = format!(
-            r#"
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 256; }}
-http {{
+            r#"{prelude}
     access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
     server {{
         listen 127.0.0.1:{port};
         default_type text/plain;
@@ -210,17 +179,23 @@ http {{
 }}
 "#
         );
+        let ca_file = dir.path().join("no-tls");
+        Some(Self::launch(nginx, dir, port, ca_file, &config))
+    }
+
+    /// Writes `config`, starts nginx on it and waits until it listens.
+    fn launch(binary: PathBuf, dir: Dir, port: u16, ca_file: PathBuf, config: &str) -> Self {
         std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
-        let child = spawn(&nginx, &dir);
+        let child = spawn(&binary, &dir);
         let nginx = Self {
             child,
-            binary: nginx,
+            binary,
             port,
-            ca_file: dir.path().join("no-tls"),
             dir,
+            ca_file,
         };
         nginx.wait_listening();
-        Some(nginx)
+        nginx
     }
 
     /// Starts nginx again (after [`Nginx::kill`]) on the same port.
@@ -283,6 +258,25 @@ impl Drop for Nginx {
             self.kill();
         }
     }
+}
+
+/// One worker in the foreground with its files in `d`; the `http` block
+/// is left open for the caller's logs and servers.
+fn prelude(d: &str) -> String {
+    format!(
+        r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;"#
+    )
 }
 
 fn spawn(nginx: &PathBuf, dir: &Dir) -> Child {
