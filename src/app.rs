@@ -158,7 +158,7 @@ pub async fn run_with_reload(
         proxy,
         &config,
         &metrics,
-        drain_after_delay(&shutdown, config.listen.drain_delay),
+        drain_after_delay(&shutdown, config.listen.drain_delay, &background),
     )
     .await;
     match drain {
@@ -179,14 +179,18 @@ pub async fn run_with_reload(
 fn drain_after_delay(
     shutdown: &CancellationToken,
     delay: std::time::Duration,
+    background: &Background,
 ) -> CancellationToken {
     if delay.is_zero() {
         return shutdown.clone();
     }
     let drain = CancellationToken::new();
     let (signal, start) = (shutdown.clone(), drain.clone());
-    tokio::spawn(async move {
-        signal.cancelled().await;
+    background.spawn(move |stop| async move {
+        tokio::select! {
+            _ = signal.cancelled() => {}
+            _ = stop.cancelled() => return,
+        }
         info!(
             drain_delay = ?delay,
             "still accepting for listen.drain_delay while load balancers take this process out"
@@ -355,7 +359,9 @@ async fn serve_proxy(
     metrics: &Metrics,
     shutdown: CancellationToken,
 ) -> Drain {
-    let draining = shutdown.clone();
+    // Behind an Arc: cloning a CancellationToken takes a lock, and this is
+    // cloned per request.
+    let draining = Arc::new(shutdown.clone());
     server::serve(
         listener,
         acceptor,

@@ -444,10 +444,19 @@ fn running(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
-fn kill(pid: u64) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+/// Processes the test started without being their parent (the upgraded
+/// ones), stopped when the test ends, failed or not.
+#[derive(Default)]
+struct Orphans(Vec<u64>);
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        for pid in self.0.iter().filter(|pid| running(**pid)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,6 +485,8 @@ async fn sigusr2_upgrades_in_place_twice_and_a_failed_upgrade_keeps_the_old_proc
     let pids = started_pids(&old.logs());
     assert_eq!(pids.len(), 2, "{}", old.logs());
     let new_pid = pids[1];
+    let mut orphans = Orphans::default();
+    orphans.0.push(new_pid);
     assert_ne!(new_pid, old_pid);
     wait_for_calls(&tally, 40).await;
 
@@ -488,6 +499,7 @@ async fn sigusr2_upgrades_in_place_twice_and_a_failed_upgrade_keeps_the_old_proc
     })
     .await;
     let third_pid = started_pids(&old.logs())[2];
+    orphans.0.push(third_pid);
     wait_for_calls(&tally, 40).await;
 
     // A broken build: the upgrade fails and the running process stays.
@@ -514,5 +526,4 @@ async fn sigusr2_upgrades_in_place_twice_and_a_failed_upgrade_keeps_the_old_proc
 
     finish(&fake, stop, tally, tasks).await;
     assert_eq!(fake.state().token_requests(), 3, "one token per process");
-    kill(third_pid);
 }

@@ -238,22 +238,22 @@ async fn a_malformed_head_is_refused_with_its_reason_in_the_body_the_log_and_the
     let text = config_text(&fake.base_url(), "", "");
     let proxy = ProxyProcess::start(&text, &[], &[]);
     proxy.wait_ready().await;
-    let (status, body) = exchange(
-        proxy.addr,
-        b"GET /api/a\x01b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status, 400);
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["error"], "malformed_request_line", "{body}");
-    let (status, body) = exchange(
-        proxy.addr,
-        b"GET /api/a HTTP/1.1\r\nHost: h\r\nBad Header: 1\r\n\r\n",
-    )
-    .await;
-    assert_eq!(status, 400);
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["error"], "malformed_head", "{body}");
+    let refused: [(&[u8], &str); 2] = [
+        (
+            b"GET /api/a\x01b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            "malformed_request_line",
+        ),
+        (
+            b"GET /api/a HTTP/1.1\r\nHost: h\r\nBad Header: 1\r\n\r\n",
+            "malformed_head",
+        ),
+    ];
+    for (request, reason) in refused {
+        let (status, body) = exchange(proxy.addr, request).await;
+        assert_eq!(status, 400);
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], reason, "{body}");
+    }
     assert_eq!(fake.state().api_requests(), 0, "nothing reached Coupa");
 
     let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
