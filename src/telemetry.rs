@@ -34,7 +34,12 @@ pub fn init(format: LogFormat, filter: Option<&str>) -> Result<(), LogFilterErro
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        // A line that cannot be written (stderr's reader has gone) is lost
+        // quietly: reporting it would `eprintln!` to the same dead stderr,
+        // which panics the task that logged — such as the one that turns
+        // SIGTERM into the drain, leaving the process unable to stop.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

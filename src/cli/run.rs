@@ -122,6 +122,7 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = ctrl_c => {}
         _ = terminate => {}
     }
-    tracing::info!("shutdown signal received; no new connections, draining");
+    // Cancelled before anything that could fail: logging included.
     shutdown.cancel();
+    tracing::info!("shutdown signal received; no new connections, draining");
 }

@@ -526,4 +526,13 @@ async fn sigusr2_upgrades_in_place_twice_and_a_failed_upgrade_keeps_the_old_proc
 
     finish(&fake, stop, tally, tasks).await;
     assert_eq!(fake.state().token_requests(), 3, "one token per process");
+
+    // The upgraded process stops on SIGTERM like any other.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &third_pid.to_string()])
+        .status();
+    eventually("the last process exits on SIGTERM", || async {
+        !running(third_pid)
+    })
+    .await;
 }

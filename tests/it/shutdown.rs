@@ -111,3 +111,45 @@ async fn readiness_turns_503_while_draining() {
     assert_eq!(slow.await.unwrap().status(), 200);
     proxy.task.await.unwrap();
 }
+
+/// A process whose stderr reader has gone (its supervisor's log pipe
+/// closed, a `| tee` killed) still stops on SIGTERM: a log line that cannot
+/// be written is lost, it does not take the signal handling down with it.
+/// (It used to stay up: the logger's own error report panicked the task
+/// that starts the drain.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_process_whose_stderr_reader_has_gone() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let dir = tempdir::Dir::new("dead-stderr");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config_text(&fake.base_url(), "", "")).unwrap();
+    let mut child = Command::new(binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|line| line.contains("coupa-auth-proxy started"));
+    assert!(started);
+    drop(lines);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("the process exits after SIGTERM", || {
+        let exited = child.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+}
