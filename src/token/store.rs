@@ -519,6 +519,22 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_the_first_token_and_not_past_its_bound() {
+        let store = std::sync::Arc::new(TokenStore::new());
+        assert_eq!(store.wait_for_token(Duration::from_secs(2)).await, None);
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_for_token(Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!waiting.is_finished(), "no token yet: still waiting");
+        store.install(token("first", Instant::now(), Duration::from_secs(60)));
+        let bearer = waiting.await.unwrap().expect("the token, once installed");
+        assert_eq!(bearer, HeaderValue::from_static("Bearer first"));
+        store.ready().await;
+    }
+
     #[test]
     fn debug_hides_token() {
         let t = token("very-secret-token", Instant::now(), Duration::from_secs(1));
