@@ -37,6 +37,9 @@ pub struct AdminState {
     /// Cancelled when the proxy starts draining: from then on `/readyz`
     /// says 503 so load balancers stop sending new requests.
     draining: tokio_util::sync::CancellationToken,
+    /// `true` once the first warm connection to Coupa was tried: ready
+    /// means the first calls skip the handshakes too.
+    first_warm: tokio::sync::watch::Receiver<bool>,
     stores: Stores,
     metrics: Arc<Metrics>,
     insight: Arc<Insight>,
@@ -62,7 +65,10 @@ impl AdminState {
         stores: Stores,
         metrics: Arc<Metrics>,
         insight: Arc<Insight>,
-        draining: tokio_util::sync::CancellationToken,
+        (draining, first_warm): (
+            tokio_util::sync::CancellationToken,
+            tokio::sync::watch::Receiver<bool>,
+        ),
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
         let cluster = cluster.map(|cluster| {
@@ -79,6 +85,7 @@ impl AdminState {
         });
         Self {
             draining,
+            first_warm,
             stores,
             metrics,
             insight,
@@ -171,13 +178,16 @@ fn credentials(state: &AdminState) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Ready when every credential holds a valid token. The top-level fields
+/// Ready when every credential holds a valid token and the first warm
+/// connection to Coupa has been tried (opened or failed: a connection that
+/// cannot be opened does not hold readiness). The top-level fields
 /// describe the first credential not ready (or the first one), so a
 /// single-credential set-up reads simply.
 fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
     let credentials = credentials(state);
     let draining = state.draining.is_cancelled();
-    let ready = !draining && credentials.iter().all(|c| c["ready"] == true);
+    let warm = *state.first_warm.borrow();
+    let ready = !draining && warm && credentials.iter().all(|c| c["ready"] == true);
     let headline = credentials
         .iter()
         .find(|c| c["ready"] != true)
@@ -201,6 +211,7 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
     let body = serde_json::json!({
         "ready": ready,
         "draining": draining,
+        "warm_connection_tried": warm,
         "warnings": warnings,
         "token_expires_in_seconds": headline["token_expires_in_seconds"],
         "last_token_error": headline["last_token_error"],

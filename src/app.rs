@@ -110,30 +110,29 @@ pub async fn run_with_reload(
     };
     let proxy_addr = local(&listeners.proxy);
     let admin_addr = local(&listeners.admin);
-    let admin_state = Arc::new(AdminState::new(
-        &config,
-        stores.clone(),
-        metrics.clone(),
-        insight.clone(),
-        shutdown.clone(),
-        cluster.clone(),
-    ));
-    serve_admin(listeners.admin, admin_state, &background);
-    crate::lifecycle::notify::spawn(
-        &background,
-        stores.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    );
-
     let proxy = build_proxy(
         &config,
         tls_config,
         &stores,
         &metrics,
-        insight,
-        cluster,
+        insight.clone(),
+        cluster.clone(),
         &background,
+    );
+    let admin_state = Arc::new(AdminState::new(
+        &config,
+        stores.clone(),
+        metrics.clone(),
+        insight,
+        (shutdown.clone(), proxy.first_warm()),
+        cluster,
+    ));
+    serve_admin(listeners.admin, admin_state, &background);
+    crate::lifecycle::notify::spawn(
+        &background,
+        (stores.clone(), proxy.first_warm()),
+        metrics.clone(),
+        shutdown.clone(),
     );
     if let Some(path) = config_path {
         let reloader = Reloader {

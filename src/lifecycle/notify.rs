@@ -14,6 +14,9 @@ use crate::background::Background;
 use crate::metrics::Metrics;
 use crate::token::TokenStore;
 
+/// Each credential's token store, by name.
+type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
+
 /// How often `STATUS=` is refreshed when no watchdog asks for more.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
@@ -49,12 +52,13 @@ fn status(stores: &[(String, Arc<TokenStore>)], metrics: &Metrics) -> String {
     )
 }
 
-/// Sends `READY=1` once every credential holds a token, then keeps
+/// Sends `READY=1` once every credential holds a token and the first warm
+/// connection to Coupa has been tried, then keeps
 /// `STATUS=` (and the watchdog, when `WATCHDOG_USEC` asks) fresh until
 /// `signal` (the shutdown signal), when it sends `STOPPING=1`.
 pub fn spawn(
     background: &Background,
-    stores: Arc<Vec<(String, Arc<TokenStore>)>>,
+    (stores, mut first_warm): (Stores, tokio::sync::watch::Receiver<bool>),
     metrics: Arc<Metrics>,
     signal: CancellationToken,
 ) {
@@ -63,10 +67,12 @@ pub fn spawn(
     }
     let watchdog = sd_notify::watchdog_enabled();
     background.spawn(move |stop| async move {
+        // As `/readyz`: every token held, the first warm connection tried.
         let all_ready = async {
             for (_, store) in stores.iter() {
                 store.ready().await;
             }
+            let _ = first_warm.wait_for(|tried| *tried).await;
         };
         tokio::select! {
             _ = all_ready => send(&[NotifyState::Ready, NotifyState::Status(&status(&stores, &metrics))]),

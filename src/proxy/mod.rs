@@ -222,6 +222,12 @@ impl Proxy {
         }
     }
 
+    /// Whether the first warm connection to Coupa has been tried; see
+    /// [`upstream::UpstreamClient::first_warm`].
+    pub fn first_warm(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.client.first_warm()
+    }
+
     /// Takes the integrations of a reloaded config; requests already past
     /// identification keep the answer they got, and the migration view
     /// keeps the counts of integrations that stay.

@@ -234,6 +234,43 @@ async fn a_warm_connection_is_open_before_the_first_call() {
     );
 }
 
+/// Ready means warm: `/readyz` (and `READY=1`, and so an upgrade's
+/// hand-over) waits for the warm connection, not only for the token, so
+/// the first calls after a start skip the handshakes. The instance is a
+/// TLS nginx behind a relay that adds 300 ms each way (the TLS handshake
+/// takes seconds); the token endpoint is not behind it, so the token alone
+/// is held long before the warm connection is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_warm_connection() {
+    let Some(nginx) = crate::support::real::Nginx::start(Default::default()) else {
+        return;
+    };
+    let nginx_addr = format!("127.0.0.1:{}", nginx.port).parse().unwrap();
+    let relay = coupa_auth_proxy::fake_coupa::relay::DelayRelay::start(
+        nginx_addr,
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(
+        &format!("https://127.0.0.1:{}", relay.port()),
+        &format!(
+            "keep_warm = true\nca_file = \"{}\"",
+            nginx.ca_file.display()
+        ),
+        &format!("token_url = \"{}/oauth2/token\"", fake.base_url()),
+    );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    assert_eq!(
+        metric(&metrics, "coupa_proxy_upstream_connections", &[]),
+        1.0,
+        "the warm connection is open once the proxy says ready"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_warm_connection_is_opened_again_after_an_idle_close() {
     let (upstream, counts) = counting_upstream().await;

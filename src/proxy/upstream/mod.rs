@@ -135,6 +135,10 @@ struct Pool {
     h1: Arc<h1::Stack>,
     h2: Arc<h2::Shared>,
     metrics: UpstreamMetrics,
+    /// `true` once the first warm connection was tried (opened or failed),
+    /// or at once without `keep_warm`: readiness waits for it, so the
+    /// first calls after a start or an upgrade find the connection open.
+    first_warm: tokio::sync::watch::Sender<bool>,
 }
 
 /// Builds the client. Must be called inside the runtime: it starts the
@@ -175,6 +179,7 @@ pub fn build(
         ),
         h2: h2::Shared::new(coupa.pool_idle_timeout),
         metrics,
+        first_warm: tokio::sync::watch::Sender::new(!coupa.keep_warm),
     });
     let weak = Arc::downgrade(&pool);
     let keep_warm = coupa.keep_warm;
@@ -189,6 +194,7 @@ pub fn build(
                 _ = stop.cancelled() => {}
                 _ = warming.warm() => {}
             }
+            warming.pool.first_warm.send_replace(true);
         });
     }
     client
@@ -285,6 +291,12 @@ impl UpstreamClient {
             }
             Err(error) => debug!(%error, "could not open a warm connection to Coupa"),
         }
+    }
+
+    /// Whether the first warm connection has been tried (always, without
+    /// `coupa.keep_warm`); readiness waits for it.
+    pub fn first_warm(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.pool.first_warm.subscribe()
     }
 
     /// The egress proxy new connections take (a reload's new login).
