@@ -128,12 +128,6 @@ pub async fn run_with_reload(
         cluster,
     ));
     serve_admin(listeners.admin, admin_state, &background);
-    crate::lifecycle::notify::spawn(
-        &background,
-        (stores.clone(), proxy.first_warm()),
-        metrics.clone(),
-        shutdown.clone(),
-    );
     if let Some(path) = config_path {
         let reloader = Reloader {
             path,
@@ -144,6 +138,15 @@ pub async fn run_with_reload(
         };
         reloader.spawn(&background);
     }
+    // After the reloader has claimed SIGHUP: once the supervisor reads
+    // READY=1 it may reload at once, and an unclaimed SIGHUP would end
+    // the process.
+    crate::lifecycle::notify::spawn(
+        &background,
+        (stores.clone(), proxy.first_warm()),
+        metrics.clone(),
+        shutdown.clone(),
+    );
     info!(
         listen = %proxy_addr,
         admin = %admin_addr,

@@ -75,13 +75,18 @@ pub fn spawn(
             let _ = first_warm.wait_for(|tried| *tried).await;
         };
         tokio::select! {
-            _ = all_ready => send(&[NotifyState::Ready, NotifyState::Status(&status(&stores, &metrics))]),
+            biased;
             _ = signal.cancelled() => {}
+            _ = all_ready => send(&[NotifyState::Ready, NotifyState::Status(&status(&stores, &metrics))]),
             _ = stop.cancelled() => return,
         }
         let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
         loop {
             tokio::select! {
+                // Checked first: a drain with nothing in flight ends (and
+                // `stop` fires) before this task may have run again, and
+                // the supervisor must still hear STOPPING=1.
+                biased;
                 _ = signal.cancelled() => {
                     send(&[NotifyState::Stopping, NotifyState::Status("draining")]);
                     return;
