@@ -147,8 +147,17 @@ async fn sigterm_stops_a_process_whose_stderr_reader_has_gone() {
         .status()
         .unwrap();
     assert!(status.success());
+    // Killed if it never exits, so a failure leaves no process behind.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(child);
     eventually("the process exits after SIGTERM", || {
-        let exited = child.try_wait().unwrap().is_some();
+        let exited = child.0.try_wait().unwrap().is_some();
         async move { exited }
     })
     .await;
