@@ -4,6 +4,7 @@
 //! failed send is logged at debug: the supervisor's view is never worth a
 //! failed request.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +21,36 @@ type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
 /// How often `STATUS=` is refreshed when no watchdog asks for more.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
+/// Set once the notify socket is gone: an upgraded process was told
+/// `READY=1` over its parent's private socket, which closes when the
+/// parent exits; nobody listens there any more.
+static NOBODY_LISTENS: AtomicBool = AtomicBool::new(false);
+
 fn send(states: &[NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    if let Err(error) = sd_notify::notify(states) {
-        tracing::debug!(%error, "sd_notify failed");
+    deliver(&NOBODY_LISTENS, || sd_notify::notify(states));
+}
+
+/// Runs `notify` unless nobody listens; a socket that no longer exists (or
+/// refuses) ends the notifications for the process's life.
+fn deliver(nobody_listens: &AtomicBool, notify: impl FnOnce() -> std::io::Result<()>) {
+    if nobody_listens.load(Ordering::Relaxed) {
+        return;
+    }
+    match notify() {
+        Ok(()) => {}
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            nobody_listens.store(true, Ordering::Relaxed);
+            tracing::debug!(%error, "the notify socket is gone; no more sd_notify messages");
+        }
+        Err(error) => tracing::debug!(%error, "sd_notify failed"),
     }
 }
 
@@ -103,4 +128,31 @@ pub fn spawn(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_that_is_gone_ends_the_notifications() {
+        let nobody_listens = AtomicBool::new(false);
+        let mut tries = 0;
+        deliver(&nobody_listens, || {
+            tries += 1;
+            Err(std::io::Error::other("a passing fault"))
+        });
+        deliver(&nobody_listens, || {
+            tries += 1;
+            Err(std::io::ErrorKind::NotFound.into())
+        });
+        deliver(&nobody_listens, || {
+            tries += 1;
+            Ok(())
+        });
+        assert_eq!(
+            tries, 2,
+            "a passing fault keeps notifying; a gone socket stops it"
+        );
+    }
 }

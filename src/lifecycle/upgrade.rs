@@ -7,7 +7,8 @@
 //! close, so no connection is refused: until the old process stops
 //! accepting, the kernel hands connections to either. A new process that
 //! exits, or is not ready within [`READY_WITHIN`], is stopped, and the old
-//! one keeps serving; the log says why.
+//! one keeps serving; the log says why. The notify socket is the old
+//! process's own and goes with it; the new one then stops notifying.
 //!
 //! Under systemd, restart with the socket unit instead: systemd follows
 //! one main process, and the new one would not be it.

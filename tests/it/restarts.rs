@@ -116,6 +116,7 @@ async fn finish(
         ok + failed.len() as u64
     );
     assert!(ok >= 100, "only {ok} calls made");
+    eprintln!("{ok} calls answered 200, {} failed", failed.len());
     assert_eq!(fake.state().api_requests(), ok, "Coupa saw each call once");
 }
 
@@ -535,4 +536,148 @@ async fn sigusr2_upgrades_in_place_twice_and_a_failed_upgrade_keeps_the_old_proc
         !running(third_pid)
     })
     .await;
+}
+
+/// Sends SIGUSR2 to `pid` and waits until the process it starts (the next
+/// "started" line in `first`'s log, which every upgraded process shares)
+/// is ready and `pid` has exited; returns the new process's pid.
+async fn upgrade(first: &ProxyProcess, pid: u64, orphans: &mut Orphans) -> u64 {
+    let starts = started_pids(&first.logs()).len();
+    let signalled = std::time::Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status();
+    eventually("the new process is ready and the old one gone", || async {
+        started_pids(&first.logs()).len() > starts && !running(pid)
+    })
+    .await;
+    let new_pid = started_pids(&first.logs())[starts];
+    eprintln!(
+        "upgrade: the new process served and the old one was gone {:?} after SIGUSR2",
+        signalled.elapsed()
+    );
+    orphans.0.push(new_pid);
+    new_pid
+}
+
+/// The config file now fails validation: the new process exits naming the
+/// field, and the running one keeps serving every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_a_config_that_no_longer_validates_keeps_the_old_process() {
+    let fake = start_fake(DAY).await;
+    let text = config(&fake, "");
+    let old = ProxyProcess::start(&text, &[], &[]);
+    old.wait_ready().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = start_load(old.addr, stop.clone());
+    wait_for_calls(&tally, 40).await;
+
+    let broken = text.replace(
+        &format!("base_url = \"{}\"", fake.base_url()),
+        "base_url = \"ftp://coupa.example\"",
+    );
+    assert_ne!(broken, text);
+    std::fs::write(old.config_path(), broken).unwrap();
+    old.signal("-USR2");
+    eventually("the failed upgrade is logged", || async {
+        old.logs()
+            .contains("upgrade failed; this process keeps serving")
+    })
+    .await;
+    let logs = old.logs();
+    assert!(logs.contains("exited before it was ready"), "{logs}");
+    assert!(
+        logs.contains("coupa.base_url"),
+        "the cause is named: {logs}"
+    );
+    assert_eq!(started_pids(&logs).len(), 1, "{logs}");
+    wait_for_calls(&tally, 40).await;
+    finish(&fake, stop, tally, tasks).await;
+    assert!(
+        running(u64::from(old.child.id())),
+        "the old process still runs"
+    );
+}
+
+/// A user's consent in a state file survives an upgrade: the new process
+/// takes the access token and the refresh token the old one last saved
+/// (the fake rotates refresh tokens on every use), so it asks Coupa for
+/// nothing and the consent still renews.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_keeps_a_users_consent_from_the_state_file() {
+    use crate::support::consent::{consent_saved, start_user_fake, user_config};
+    let fake = start_user_fake().await;
+    let dir = tempdir::Dir::new("upgrade-consent");
+    let (state_path, _) = consent_saved(&fake, dir.path()).await;
+    let text = no_activation_delay(&user_config(&fake.base_url(), "device_code", &state_path));
+    let first = ProxyProcess::start(&text, &[], &[]);
+    first.wait_ready().await;
+    let grants_at_start = fake.state().refresh_grants();
+    assert!(
+        grants_at_start >= 1,
+        "the old process used the refresh token"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = start_load(first.addr, stop.clone());
+    wait_for_calls(&tally, 40).await;
+
+    let mut orphans = Orphans::default();
+    let old_pid = u64::from(first.child.id());
+    let new_pid = upgrade(&first, old_pid, &mut orphans).await;
+    wait_for_calls(&tally, 40).await;
+    finish(&fake, stop, tally, tasks).await;
+    let logs = first.logs();
+    assert!(!logs.contains("invalid_grant"), "{logs}");
+    assert_eq!(
+        fake.state().refresh_grants(),
+        grants_at_start,
+        "the new process took the access token the state file holds"
+    );
+    let saved = coupa_auth_proxy::token::consent::state_file::load(&state_path).unwrap();
+    assert!(
+        fake.state()
+            .refresh_token_is_live(saved.refresh_token.expose()),
+        "the refresh token the new process holds still renews"
+    );
+    assert!(running(new_pid));
+}
+
+/// With `[cluster]`, the new process takes the token the old one shared:
+/// an upgrade costs Coupa no token request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_with_cluster_takes_the_shared_token() {
+    let Some(redis) = crate::support::real::Redis::start() else {
+        return;
+    };
+    let fake = start_fake(DAY).await;
+    let dir = tempdir::Dir::new("upgrade-cluster");
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+    let text = config(&fake, "")
+        + &format!(
+            "\n[cluster]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            key_file.display()
+        );
+    let first = ProxyProcess::start(&text, &[], &[]);
+    first.wait_ready().await;
+    assert_eq!(fake.state().token_requests(), 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tally, tasks) = start_load(first.addr, stop.clone());
+    wait_for_calls(&tally, 40).await;
+
+    let mut orphans = Orphans::default();
+    let old_pid = u64::from(first.child.id());
+    let second = upgrade(&first, old_pid, &mut orphans).await;
+    wait_for_calls(&tally, 40).await;
+    let third = upgrade(&first, second, &mut orphans).await;
+    wait_for_calls(&tally, 40).await;
+    finish(&fake, stop, tally, tasks).await;
+    assert_eq!(
+        fake.state().token_requests(),
+        1,
+        "each new process took the shared token: {}",
+        first.logs()
+    );
+    assert!(running(third));
 }
