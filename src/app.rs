@@ -19,11 +19,12 @@ use crate::admin::AdminState;
 use crate::background::Background;
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::guesses::Guesses;
 use crate::insight::Insight;
 use crate::local_oauth::LocalTokens;
 use crate::metrics::Metrics;
 use crate::proxy::ratelimit::{Limiter, SharedBudget};
-use crate::proxy::{self, ClientInfo, Proxy};
+use crate::proxy::{self, ClientInfo, Proxy, Shared};
 use crate::reload::Reloader;
 use crate::server::framing::Refusal;
 use crate::server::{self, Drain};
@@ -110,20 +111,25 @@ pub async fn run_with_reload(
     };
     let proxy_addr = local(&listeners.proxy);
     let admin_addr = local(&listeners.admin);
+    let guesses = Arc::new(Guesses::new(metrics.guesses.clone(), shutdown.clone()));
     let proxy = build_proxy(
         &config,
         tls_config,
         &stores,
         &metrics,
-        insight.clone(),
+        Shared {
+            insight: insight.clone(),
+            guesses: guesses.clone(),
+        },
         cluster.clone(),
         &background,
     );
     let admin_state = Arc::new(AdminState::new(
         &config,
+        listeners.admin.local_addr().ok(),
         stores.clone(),
         metrics.clone(),
-        insight,
+        Shared { insight, guesses },
         (shutdown.clone(), proxy.first_warm()),
         cluster,
     ));
@@ -210,9 +216,9 @@ fn serve_admin(listener: TcpListener, state: Arc<AdminState>, background: &Backg
         server::serve(
             listener,
             None,
-            move |_peer, _guard| {
+            move |peer, _guard| {
                 let state = state.clone();
-                service_fn(move |request| crate::admin::handle(request, state.clone()))
+                service_fn(move |request| crate::admin::handle(request, state.clone(), peer.ip()))
             },
             server::Limits::default(),
             stop,
@@ -229,7 +235,7 @@ fn build_proxy(
     tls_config: rustls::ClientConfig,
     stores: &[(String, Arc<TokenStore>)],
     metrics: &Arc<Metrics>,
-    insight: Arc<Insight>,
+    shared: Shared,
     cluster: Option<Arc<Cluster>>,
     background: &Background,
 ) -> Proxy {
@@ -252,7 +258,7 @@ fn build_proxy(
         &token_stores,
         upstream,
         metrics.clone(),
-        insight,
+        shared,
         rate_limiter,
         LocalTokens::new(cluster),
     )

@@ -60,6 +60,7 @@ pub mod demo;
 pub mod egress;
 pub mod encode;
 pub mod fake_coupa;
+pub mod guesses;
 pub mod insight;
 pub mod intercept;
 pub mod lifecycle;

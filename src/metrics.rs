@@ -154,6 +154,8 @@ pub struct Metrics {
     pub cluster: crate::cluster::ClusterMetrics,
     /// Handed to the rate limit, when `[coupa.rate_limit]` is set.
     pub rate: RateMetrics,
+    /// Handed to the guessing accounts ([`crate::guesses`]).
+    pub guesses: crate::guesses::GuessMetrics,
     /// Answers of the proxy's own `/oauth2/token`, by outcome.
     local_token_requests: Vec<(&'static str, Counter)>,
     /// 503 integration_busy answers, by integration (rare: a lookup each).
@@ -310,9 +312,12 @@ impl Metrics {
         );
         let rate = RateMetrics::new();
         rate.register(&mut registry);
+        let guesses = crate::guesses::GuessMetrics::default();
+        guesses.register(&mut registry);
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
             rate,
+            guesses,
             registry,
             upstream_seconds,
             overhead_seconds,

@@ -244,6 +244,10 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
     );
     differ("admin.address", running.admin.address == new.admin.address);
     differ(
+        "admin.status_password_sha256",
+        running.admin.status_password_sha256 == new.admin.status_password_sha256,
+    );
+    differ(
         "reload.watch_interval",
         running.watch_interval == new.watch_interval,
     );

@@ -302,12 +302,15 @@ pub(super) struct OAuthFile {
 pub(super) struct AdminFile {
     #[serde(default = "default_admin_address")]
     pub(super) address: SocketAddr,
+    #[serde(default)]
+    pub(super) status_password_sha256: Option<String>,
 }
 
 impl Default for AdminFile {
     fn default() -> Self {
         Self {
             address: default_admin_address(),
+            status_password_sha256: None,
         }
     }
 }

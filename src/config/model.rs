@@ -436,9 +436,26 @@ impl fmt::Display for SecretSource {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Admin {
     pub address: SocketAddr,
+    /// SHA-256 of the status page's password (HTTP Basic, any user name),
+    /// asked for when the admin listener is not on loopback.
+    pub status_password_sha256: Option<[u8; 32]>,
+}
+
+/// The password's digest stays out of `Debug`: a weak password can be
+/// found from it.
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("address", &self.address)
+            .field(
+                "status_password_sha256",
+                &self.status_password_sha256.map(|_| "[redacted]"),
+            )
+            .finish()
+    }
 }
 
 impl Config {
@@ -459,6 +476,14 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let listen = &self.listen;
         let mut warnings = Vec::new();
+        if !self.admin.address.ip().is_loopback() && self.admin.status_password_sha256.is_none() {
+            warnings.push(format!(
+                "admin.address {} is not loopback and admin.status_password_sha256 is not set: the status page and \
+                 /status.json answer 401 (probes and /metrics stay open); set it to what `coupa-auth-proxy hash-key` \
+                 prints for a password",
+                self.admin.address
+            ));
+        }
         if let Some(cluster) = &self.cluster {
             let is_loopback = |host: &str| {
                 let host = host.trim_start_matches('[').trim_end_matches(']');

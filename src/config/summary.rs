@@ -29,6 +29,14 @@ impl Config {
         rows.push(("insight.idle_warning".into(), d(self.insight.idle_warning)));
         rows.push(("admin.address".into(), self.admin.address.to_string()));
         rows.push((
+            "admin.status_password_sha256".into(),
+            if self.admin.status_password_sha256.is_some() {
+                "set: off loopback the status page asks for it (HTTP Basic)".into()
+            } else {
+                "not set: off loopback the status page is closed".into()
+            },
+        ));
+        rows.push((
             "reload.watch_interval".into(),
             self.watch_interval
                 .map(d)

@@ -54,6 +54,9 @@ impl Proxy {
                 (StatusCode::OK, answer)
             }
             Err(error) => {
+                if error == OAuthError::InvalidClient {
+                    trace.failed_credential = Some(crate::guesses::Guess::LocalClientSecret);
+                }
                 inner.metrics.local_token_outcome(error.code());
                 info!(integration, error = %error, "local token refused");
                 (error.status(), error.body())

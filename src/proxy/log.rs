@@ -33,11 +33,14 @@ impl Proxy {
             duration_ms = handled.started.elapsed().as_secs_f64() * 1000.0,
             upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
             token_wait_ms = trace.token_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0),
+            guess_delay_ms = trace.guess_delay.as_secs_f64() * 1000.0,
             "request"
         );
-        inner
-            .metrics
-            .record(handled.started.elapsed(), trace.upstream);
+        // A failed credential held back is not the proxy's own time.
+        inner.metrics.record(
+            handled.started.elapsed().saturating_sub(trace.guess_delay),
+            trace.upstream,
+        );
         let usage = match &trace.integration {
             Some(integration) => &integration.usage,
             None => inner.insight.unnamed(),

@@ -53,6 +53,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
 use crate::config::Config;
+use crate::guesses::{Guess, Guesses};
 use crate::insight::{Insight, Via};
 use crate::local_oauth::LocalTokens;
 use crate::metrics::Metrics;
@@ -123,6 +124,8 @@ struct Inner {
     rate_limiter: Option<Limiter>,
     metrics: Arc<Metrics>,
     insight: Arc<Insight>,
+    /// Failed credentials per source, answered late past a budget.
+    guesses: Arc<Guesses>,
     local_tokens: LocalTokens,
     /// The instance URL, for hints in log lines.
     base_url: String,
@@ -132,6 +135,14 @@ struct Inner {
 
 /// What the request path learns about a request, for its log line and
 /// metrics.
+/// What the request path shares with the admin listener.
+pub struct Shared {
+    /// The migration view.
+    pub insight: Arc<Insight>,
+    /// Failed credentials per source.
+    pub guesses: Arc<Guesses>,
+}
+
 #[derive(Default)]
 struct Trace {
     integration: Option<Arc<IntegrationKey>>,
@@ -141,6 +152,10 @@ struct Trace {
     upstream: Option<Duration>,
     /// Time spent waiting for a token (none held when the request came).
     token_wait: Option<Duration>,
+    /// The request carried a credential that failed (a guess, perhaps).
+    failed_credential: Option<Guess>,
+    /// How long its answer was held back for that.
+    guess_delay: Duration,
 }
 
 impl Proxy {
@@ -152,7 +167,7 @@ impl Proxy {
         stores: &[Arc<TokenStore>],
         client: UpstreamClient,
         metrics: Arc<Metrics>,
-        insight: Arc<Insight>,
+        Shared { insight, guesses }: Shared,
         rate_limiter: Option<Limiter>,
         local_tokens: LocalTokens,
     ) -> Self {
@@ -215,6 +230,7 @@ impl Proxy {
                 rate_limiter,
                 metrics,
                 insight,
+                guesses,
                 local_tokens,
                 base_url: coupa.base_url.clone(),
                 keep_alive: crate::server::keep_alive_value(config.listen.keepalive_timeout),
@@ -266,12 +282,25 @@ impl Proxy {
         {
             Ok(response) => response,
             Err(err) => {
-                if !matches!(err, ProxyError::NoToken { .. }) {
+                if matches!(err, ProxyError::UnknownApiKey) && trace.via == Via::LegacyKey {
+                    trace.failed_credential = Some(Guess::LegacyKey);
+                }
+                let summarised = self.hold_failed_credential(client, &mut trace).await;
+                if !matches!(err, ProxyError::NoToken { .. }) && !summarised {
                     warn!(error = %err, "request not forwarded");
                 }
                 err.into_response()
             }
         };
+        if trace.failed_credential == Some(Guess::LocalClientSecret) {
+            self.hold_failed_credential(client, &mut trace).await;
+        }
+        if http11 && !trace.guess_delay.is_zero() {
+            // Each further guess costs a new connection.
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         // The same id reaches Coupa and comes back, so one call can be
         // followed through the integration, the proxy and Coupa support.
         let answer = response.headers_mut();
@@ -288,6 +317,18 @@ impl Proxy {
         };
         self.log(&handled, &trace, response.status());
         response
+    }
+
+    /// A failed credential is answered as late as its source's account
+    /// says ([`crate::guesses`]); `true` when the source's failures are
+    /// summarised in the log rather than warned of one by one.
+    async fn hold_failed_credential(&self, client: &ClientInfo, trace: &mut Trace) -> bool {
+        let Some(guess) = trace.failed_credential else {
+            return false;
+        };
+        let penalty = self.inner.guesses.failed(client.ip, guess).await;
+        trace.guess_delay = penalty.delay;
+        penalty.summarised
     }
 
     /// The phases in order; each is a function of its own.

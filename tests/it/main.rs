@@ -8,6 +8,7 @@
 mod support;
 
 mod accept;
+mod admin_access;
 mod bad_input;
 mod cli;
 mod cluster;

@@ -15,6 +15,7 @@ use super::credentials::validate_credentials;
 use super::file::*;
 use super::values::{parse_endpoint, read_ca_file};
 use super::*;
+use crate::encode::parse_sha256;
 use cluster::validate_cluster;
 use integrations::validate_integrations;
 
@@ -40,7 +41,18 @@ impl FileConfig {
         let ReloadFile { watch_interval } = reload;
         let AdminFile {
             address: admin_address,
+            status_password_sha256,
         } = admin;
+        let status_password_sha256 = status_password_sha256
+            .map(|hex| {
+                parse_sha256(&hex).ok_or_else(|| {
+                    invalid(
+                        "admin.status_password_sha256",
+                        "must be 64 hex digits: the SHA-256 of the status page's password (coupa-auth-proxy hash-key prints it)",
+                    )
+                })
+            })
+            .transpose()?;
         let listen = validate_listen(listen, base_dir)?;
         let coupa = validate_coupa(coupa, base_dir)?;
         let mut credentials = validate_credentials(&oauth, base_dir, &coupa.base_url)?;
@@ -83,6 +95,7 @@ impl FileConfig {
             integrations,
             admin: Admin {
                 address: admin_address,
+                status_password_sha256,
             },
             watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
             runtime: validate_runtime(runtime)?,

@@ -7,10 +7,14 @@
 //!   that would answer 503 or is draining.
 //! - `/metrics`: Prometheus text format ([`crate::metrics`]).
 //! - `/` and `/status.json`: credentials, integrations, version, uptime —
-//!   server-rendered, no external assets, nothing secret.
+//!   server-rendered, no external assets, nothing secret; off loopback
+//!   behind a password ([`access`]).
+
+mod access;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,9 +26,12 @@ use hyper::body::Incoming;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::guesses::{Guess, Guesses};
 use crate::insight::{chart, Insight};
 use crate::metrics::{Metrics, Stores};
+use crate::proxy::Shared;
 use crate::token::shared::credential_digest;
+use access::{StatusAccess, Verdict};
 
 /// What a credential is, for the status page (no secret).
 struct CredentialInfo {
@@ -50,6 +57,10 @@ pub struct AdminState {
     /// With `[cluster]`: the shared state, and each shared credential's
     /// (name, key digest), for the cluster view.
     cluster: Option<SharedView>,
+    /// Who may read the status page.
+    access: StatusAccess,
+    /// Wrong status-page passwords count as guesses.
+    guesses: Arc<Guesses>,
 }
 
 /// What the status page shows of the cluster: its state, and the
@@ -60,11 +71,14 @@ struct SharedView {
 }
 
 impl AdminState {
+    /// `address`: the admin socket's own address (a handed-over socket's
+    /// may differ from `admin.address`).
     pub fn new(
         config: &Config,
+        address: Option<SocketAddr>,
         stores: Stores,
         metrics: Arc<Metrics>,
-        insight: Arc<Insight>,
+        Shared { insight, guesses }: Shared,
         (draining, first_warm): (
             tokio_util::sync::CancellationToken,
             tokio::sync::watch::Receiver<bool>,
@@ -101,6 +115,8 @@ impl AdminState {
             upstream: config.coupa.base_url.clone(),
             config_warnings: config.warnings_with_env(),
             cluster,
+            access: StatusAccess::new(address, config.admin.status_password_sha256),
+            guesses,
         }
     }
 }
@@ -108,6 +124,7 @@ impl AdminState {
 pub async fn handle(
     request: Request<Incoming>,
     state: Arc<AdminState>,
+    peer: IpAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return Ok(json(
@@ -115,13 +132,36 @@ pub async fn handle(
             serde_json::json!({"error": "method_not_allowed"}),
         ));
     }
+    // Probes and Prometheus never log in.
+    match request.uri().path() {
+        "/healthz" => return Ok(json(StatusCode::OK, serde_json::json!({"status": "ok"}))),
+        "/readyz" => return Ok(readiness(&state)),
+        "/metrics" => {
+            return Ok(text(
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.metrics.render(),
+            ))
+        }
+        _ => {}
+    }
+    match state.access.check(request.headers()) {
+        Verdict::Allowed => {}
+        Verdict::Asked => return Ok(login_required("a password is required")),
+        Verdict::Refused => {
+            state.guesses.failed(peer, Guess::StatusLogin).await;
+            return Ok(login_required("the password is wrong"));
+        }
+        Verdict::Closed => {
+            return Ok(json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({
+                    "error": "status_page_closed",
+                    "message": CLOSED,
+                }),
+            ))
+        }
+    }
     Ok(match request.uri().path() {
-        "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => readiness(&state),
-        "/metrics" => text(
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(),
-        ),
         "/status.json" => json(StatusCode::OK, status(&state).await),
         "/" => text(
             "text/html; charset=utf-8",
@@ -184,7 +224,18 @@ fn credentials(state: &AdminState) -> Vec<serde_json::Value> {
 /// describe the first credential not ready (or the first one), so a
 /// single-credential set-up reads simply.
 fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
-    let credentials = credentials(state);
+    let mut credentials = credentials(state);
+    if state.access.off_loopback() {
+        // Open to every prober: what a credential is stays behind the
+        // status page's password.
+        for credential in &mut credentials {
+            if let Some(fields) = credential.as_object_mut() {
+                for private in ["client_id", "scopes", "granted_scopes"] {
+                    fields.remove(private);
+                }
+            }
+        }
+    }
     let draining = state.draining.is_cancelled();
     let warm = *state.first_warm.borrow();
     let ready = !draining && warm && credentials.iter().all(|c| c["ready"] == true);
@@ -445,6 +496,24 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
         );
     }
     html.push_str("</table>");
+}
+
+/// Why the status page is closed off loopback without a password.
+const CLOSED: &str = "the admin listener is not on loopback and admin.status_password_sha256 is not set, \
+     so the status page and /status.json are closed (/healthz, /readyz and /metrics stay open): \
+     set admin.status_password_sha256 to the digest `coupa-auth-proxy hash-key` prints for a password";
+
+/// `401` with the challenge a browser answers with its login prompt.
+fn login_required(message: &str) -> Response<Full<Bytes>> {
+    let mut response = json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"error": "login_required", "message": message}),
+    );
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"coupa-auth-proxy status\", charset=\"UTF-8\""),
+    );
+    response
 }
 
 fn text(content_type: &'static str, body: String) -> Response<Full<Bytes>> {
