@@ -19,7 +19,10 @@
 //!   send, 401 replay, response, log — and the upstream pool.
 //! - [`server`]: accept loop, connection limits and graceful drain for every listener;
 //!   idle HTTP/1.1 connections give their buffers back when many are open.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, the status page (off
+//!   loopback behind a password).
+//! - [`guesses`]: failed credentials per source address, answered late
+//!   past a budget.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`insight`]: the migration view — what each integration calls.
 //! - [`local_oauth`]: the proxy's own `/oauth2/token` for tools that fetch

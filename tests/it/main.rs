@@ -18,6 +18,7 @@ mod deploy;
 mod egress;
 mod fairness;
 mod forwarding;
+mod guessing;
 mod idle_buffers;
 mod inbound_tls;
 mod insight;
