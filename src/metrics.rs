@@ -210,6 +210,11 @@ impl Metrics {
             "Client connections closed because the client took an answer slower than listen.min_response_rate",
             client_connections.send_timeouts.clone(),
         );
+        registry.register(
+            "client_head_timeouts",
+            "Client connections cut for not sending a whole request head (or the TLS handshake, or anything) within listen.header_read_timeout",
+            client_connections.head_timeouts.clone(),
+        );
         let spool = SpoolMetrics::default();
         registry.register(
             "response_buffered_bytes",

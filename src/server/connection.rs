@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::framing::{ConnectionGuard, FramingGuard};
 use super::park;
-use super::{tunnel, BoxError, ConnectionService, Listener, ResponseBody};
+use super::{tunnel, BoxError, ConnectionService, HeadTimeout, Listener, ResponseBody};
 
 /// What a plain connection's first bytes say.
 enum Sniffed {
@@ -88,9 +88,7 @@ async fn sniff(stream: &TcpStream, timeout: Duration, connect: bool) -> Result<S
         }
     })
     .await
-    .map_err(|_| {
-        "client sent neither a request nor an HTTP/2 preface within the header-read timeout"
-    })?
+    .map_err(|_| HeadTimeout("client sent neither a request nor an HTTP/2 preface"))?
 }
 
 /// Serves one accepted connection with what its listener shares.
@@ -163,7 +161,7 @@ where
     let first_byte_timeout = listener.first_byte_timeout;
     let mut stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
         .await
-        .map_err(|_| "TLS handshake not completed within the header-read timeout")??;
+        .map_err(|_| HeadTimeout("TLS handshake not completed"))??;
     let mut prefix = Vec::new();
     if listener.intercept.is_some() && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
         // A proxy reached over HTTPS: the session may start with CONNECT.
@@ -172,7 +170,7 @@ where
         while prefix.len() < CONNECT.len() && CONNECT.starts_with(&prefix) {
             let read = tokio::time::timeout(first_byte_timeout, stream.read(&mut byte))
                 .await
-                .map_err(|_| "client sent no request within the header-read timeout")??;
+                .map_err(|_| HeadTimeout("client sent no request"))??;
             if read == 0 {
                 return Ok(());
             }
@@ -230,7 +228,7 @@ where
     }
     let stream = tokio::time::timeout(first_byte_timeout, check_h2_preface(stream))
         .await
-        .map_err(|_| "no HTTP/2 connection preface within the header-read timeout")??;
+        .map_err(|_| HeadTimeout("no HTTP/2 connection preface"))??;
     let io = FramingGuard::new(stream, max_head, verdicts).with_send_pace(send_pace.as_ref());
     let conn = builders.h2_only.serve_connection(TokioIo::new(io), service);
     watcher.watch(conn.into_owned()).await

@@ -110,6 +110,36 @@ pub struct ConnectionGauges {
     pub parked: Gauge,
     /// Connections closed for taking an answer too slowly.
     pub send_timeouts: Counter,
+    /// Connections cut for not finishing a request head (or the TLS
+    /// handshake, or sending anything) within the header-read timeout.
+    pub head_timeouts: Counter,
+}
+
+/// A client that did not finish what starts a request in time: the
+/// connection is cut and counted ([`ConnectionGauges::head_timeouts`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} within the header-read timeout")]
+pub(crate) struct HeadTimeout(pub &'static str);
+
+/// Whether a connection ended on the header-read timeout: ours anywhere in
+/// the chain (an I/O error may carry it), or hyper's own header timer.
+fn is_head_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(error) = next {
+        if error.is::<HeadTimeout>()
+            || error
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout)
+            || error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .is_some_and(|inner| inner.is::<HeadTimeout>())
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 impl Default for Limits {
@@ -268,9 +298,17 @@ where
         let shared = shared.clone();
         shared.policy.gauges.open.inc();
         connections.spawn(async move {
-            if let Err(err) =
-                connection::serve_connection(stream, &shared, watcher, verdicts, service).await
-            {
+            let served =
+                connection::serve_connection(stream, &shared, watcher, verdicts.clone(), service)
+                    .await;
+            let timed_out = match &served {
+                Err(err) => is_head_timeout(err.as_ref()),
+                Ok(()) => false,
+            };
+            if timed_out || verdicts.head_timed_out() {
+                shared.policy.gauges.head_timeouts.inc();
+            }
+            if let Err(err) = served {
                 debug!(%peer, error = %err, "connection ended with an error");
             }
             shared.policy.gauges.open.dec();

@@ -37,7 +37,7 @@ where
     let timeout = listener.first_byte_timeout;
     let head = tokio::time::timeout(timeout, read_head(&mut io, listener.max_head))
         .await
-        .map_err(|_| "CONNECT head not complete within the header-read timeout")?;
+        .map_err(|_| super::HeadTimeout("CONNECT head not complete"))?;
     let (target, rest) = match head {
         Ok(head) => head,
         Err(why) => {
@@ -61,7 +61,7 @@ where
         intercept.acceptor().accept(Rewind::new(rest, io)),
     )
     .await
-    .map_err(|_| "TLS handshake in the CONNECT tunnel not completed within the header-read timeout")?
+    .map_err(|_| super::HeadTimeout("TLS handshake in the CONNECT tunnel not completed"))?
     .map_err(|error| {
         warn!(
             %error,

@@ -445,9 +445,11 @@ async fn a_tunnel_that_never_starts_tls_is_closed_at_the_header_read_timeout() {
     stream.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200 Connection Established\r\n\r\n");
     // Silence after the 200: the same bound as any connection's start.
-    let mut rest = Vec::new();
-    let closed = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "the idle tunnel is closed");
+    let began = std::time::Instant::now();
+    let metrics = format!("http://{}/metrics", setup.proxy.admin);
+    let rest =
+        cut_at_header_timeout(&mut stream, Duration::from_secs(1), began, (&metrics, 1.0)).await;
+    assert!(rest.is_empty(), "the idle tunnel is closed without a word");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,21 +145,43 @@ async fn token_endpoint_down_at_startup_gives_503_then_recovers() {
     proxy.stop().await;
 }
 
+/// Fifty requests arrive while the first token is still being fetched
+/// (the fake holds its answer back): they all wait on that one fetch, and
+/// a second burst once the token is held fetches nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_fetch_at_a_time_and_none_while_the_token_is_fresh() {
-    let (fake, proxy) = start_pair(Duration::from_secs(86_399)).await;
+    const BURST: usize = 50;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    fake.state().set_token_delay(Duration::from_secs(3));
+    let proxy = TestProxy::start(parse_config(&config_text(&fake.base_url(), "", ""))).await;
     let client = http_client();
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let client = client.clone();
-        let url = proxy.url("/api/invoices");
-        tasks.push(tokio::spawn(async move {
-            client.get(url).send().await.unwrap().status()
-        }));
-    }
-    for t in tasks {
+    let burst = || {
+        (0..BURST)
+            .map(|_| {
+                let request = client.get(proxy.url("/api/invoices")).send();
+                tokio::spawn(async move { request.await.unwrap().status() })
+            })
+            .collect::<Vec<_>>()
+    };
+    let waiting = burst();
+    let metrics_url = proxy.admin_url("/metrics");
+    eventually("the whole burst waits for the first token", || async {
+        let metrics = scrape(&metrics_url).await;
+        metric(&metrics, "coupa_proxy_in_flight_requests", &[]) == BURST as f64
+    })
+    .await;
+    assert_eq!(fake.state().token_requests(), 1, "one fetch under way");
+    for t in waiting {
         assert_eq!(t.await.unwrap(), 200);
     }
-    assert_eq!(fake.state().token_requests(), 1);
+    assert_eq!(fake.state().token_requests(), 1, "the burst shared it");
+    for t in burst() {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        fake.state().token_requests(),
+        1,
+        "none while the token is fresh"
+    );
     proxy.stop().await;
 }

@@ -119,7 +119,16 @@ async fn a_head_sent_slowly_is_cut_off_from_its_first_byte_not_its_idle_time() {
     })
     .await
     .expect("an unfinished head is cut off after header_read_timeout");
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    // Each header line came 300 ms after the last: a timer restarted by
+    // every byte would never fire; the default (10 s) would fire later.
+    assert!(took < Duration::from_secs(5), "cut after {took:?}");
+    let metrics = scrape(&proxy.admin_url("/metrics")).await;
+    assert_eq!(
+        metric(&metrics, "coupa_proxy_client_head_timeouts_total", &[]),
+        1.0
+    );
     assert_eq!(
         fake.state().api_requests(),
         1,

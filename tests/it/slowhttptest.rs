@@ -218,7 +218,7 @@ async fn slow_bodies_with_a_valid_key_hold_no_connection_to_coupa() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_heads_are_cut_off_and_hold_nothing() {
-    let Some((observed, _)) = under_attack(
+    let Some((observed, metrics)) = under_attack(
         &["-H", "-r", "200", "-x", "16"],
         "/api/invoices",
         "header_read_timeout = \"3s\"",
@@ -228,6 +228,11 @@ async fn slowloris_heads_are_cut_off_and_hold_nothing() {
         return;
     };
     assert_served_everyone(&observed);
+    // The proxy cut the heads, rather than the tool closing its sockets.
+    assert!(
+        metric(&metrics, "coupa_proxy_client_head_timeouts_total", &[]) >= 100.0,
+        "the unfinished heads were cut off at listen.header_read_timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

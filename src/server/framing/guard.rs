@@ -132,17 +132,19 @@ impl<IO: AsyncRead> AsyncRead for FramingGuard<IO> {
             if this.inner.as_mut().poll_read(cx, buf)?.is_pending() {
                 if let Some(deadline) = this.first_byte.as_mut() {
                     ready!(deadline.as_mut().poll(cx));
+                    this.verdicts.note_head_timeout();
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "client sent nothing within the header-read timeout",
+                        crate::server::HeadTimeout("client sent nothing"),
                     )));
                 }
                 if *this.head_started {
                     if let Some(deadline) = this.head_deadline.as_mut() {
                         ready!(deadline.as_mut().poll(cx));
+                        this.verdicts.note_head_timeout();
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "request head not complete within the header-read timeout",
+                            crate::server::HeadTimeout("request head not complete"),
                         )));
                     }
                 }

@@ -132,6 +132,10 @@ pub struct ConnectionGuard {
     /// Asked by the server: answer the next read between requests with
     /// end-of-stream, so hyper ends its session and hands the socket back.
     end_session: AtomicBool,
+    /// The guard cut the connection at the header-read timeout (hyper
+    /// takes the guard's error for the client's end when it holds no
+    /// bytes of the head, so the error itself does not reach the server).
+    head_timed_out: AtomicBool,
 }
 
 impl Default for ConnectionGuard {
@@ -145,6 +149,7 @@ impl Default for ConnectionGuard {
             between_requests: AtomicBool::new(true),
             unflushed: AtomicBool::new(false),
             end_session: AtomicBool::new(false),
+            head_timed_out: AtomicBool::new(false),
         }
     }
 }
@@ -180,6 +185,14 @@ impl ConnectionGuard {
     /// the next one has arrived: hyper waits for a head and holds nothing
     /// of the client's. A connection that stopped being followed (HTTP/2,
     /// a head the guard left to hyper) is never idle.
+    pub fn head_timed_out(&self) -> bool {
+        self.head_timed_out.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn note_head_timeout(&self) {
+        self.head_timed_out.store(true, Ordering::Relaxed);
+    }
+
     pub fn is_idle(&self) -> bool {
         self.between_requests.load(Ordering::Relaxed)
             && !self.unflushed.load(Ordering::Relaxed)

@@ -806,3 +806,45 @@ pub fn metric_in(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str,
         })
         .sum()
 }
+
+/// `listen.header_read_timeout`'s default: a cut well before it shows the
+/// configured value was used.
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads `stream` until the proxy closes it — cleanly: a reset fails — and
+/// checks the close was the header-read timeout `configured` (set shorter
+/// than the default), counted `since` the head began: not before it, well
+/// before the default, and `coupa_proxy_client_head_timeouts_total`
+/// reaches `count` on `metrics_url`. Returns what the proxy sent.
+pub async fn cut_at_header_timeout(
+    stream: &mut tokio::net::TcpStream,
+    configured: Duration,
+    since: std::time::Instant,
+    (metrics_url, count): (&str, f64),
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    assert!(configured * 2 < DEFAULT_HEADER_READ_TIMEOUT);
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("a clean close, not a reset");
+    let took = since.elapsed();
+    assert!(
+        took >= configured.mul_f64(0.9),
+        "cut after {took:?}, before the {configured:?} timeout"
+    );
+    assert!(
+        took < DEFAULT_HEADER_READ_TIMEOUT / 2,
+        "cut after {took:?}: the configured {configured:?} was not used"
+    );
+    eventually("the proxy counted the cut", || async {
+        metric(
+            &scrape(metrics_url).await,
+            "coupa_proxy_client_head_timeouts_total",
+            &[],
+        ) == count
+    })
+    .await;
+    rest
+}
