@@ -252,11 +252,15 @@ async fn redis_down_fails_no_request_and_sharing_resumes_after() {
     let proxies = start_proxies(&text, 2).await;
     let client = http_client();
     let urls: Vec<String> = proxies.iter().map(|p| p.url("/api/invoices")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
-        let client = client.clone();
+        let (client, stop) = (client.clone(), stop.clone());
         tokio::spawn(async move {
             let mut statuses = Vec::new();
-            for i in 0..300 {
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 let response = client.get(&urls[i % urls.len()]).send().await.unwrap();
                 statuses.push(response.status().as_u16());
             }
@@ -275,6 +279,12 @@ async fn redis_down_fails_no_request_and_sharing_resumes_after() {
         "both processes are in the cluster view: {view}"
     );
     redis.kill();
+    let at_kill = fake.state().api_requests();
+    eventually("requests keep flowing without Redis", || async {
+        fake.state().api_requests() >= at_kill + 150
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let statuses = load.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let status = proxies[0].status_json().await;
@@ -353,7 +363,21 @@ async fn entries_that_do_not_open_are_refused_clearly() {
         .expect("the token entry exists")
         .to_owned();
     redis.command(&["SET", &key, "not-a-sealed-entry"]);
-    fake.state().revoke_all_tokens();
+    let before = fake.state().token_requests();
+    let third = ProxyProcess::start(&clustered(&fake, &redis, &dir, KEY, ""), &[], &[]);
+    third.wait_ready().await;
+    let logs = third.logs();
+    assert!(
+        logs.contains("cannot be opened"),
+        "the right key read the corrupted entry and refused it: {logs}"
+    );
+    assert!(!logs.contains("not-a-sealed-entry"), "{logs}");
+    assert_eq!(
+        fake.state().token_requests(),
+        before + 1,
+        "it fetched its own"
+    );
+    assert_eq!(get(third.url("/api/invoices")).await.status(), 200);
     assert_eq!(get(first[0].url("/api/invoices")).await.status(), 200);
     for proxy in first {
         proxy.stop().await;

@@ -163,42 +163,6 @@ async fn a_redirect_with_a_foreign_state_is_refused_and_nothing_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fake_checks_the_pkce_verifier_and_codes_are_single_use() {
-    let fake = start_user_fake().await;
-    let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-    let redirect = "http://127.0.0.1:1/callback";
-
-    let code = code_for(&fake, verifier, redirect).await;
-    let wrong = "wrong-verifier-wrong-verifier-wrong-verifier-1";
-    let (status, body) = exchange(&fake, &code, wrong, redirect).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_grant"))
-    );
-    // The failed exchange used the code up.
-    let (status, _) = exchange(&fake, &code, verifier, redirect).await;
-    assert_eq!(status, 400);
-
-    let code = code_for(&fake, verifier, redirect).await;
-    let (status, body) = exchange(&fake, &code, verifier, "http://127.0.0.1:2/other").await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_grant")),
-        "redirect_uri must match"
-    );
-
-    let code = code_for(&fake, verifier, redirect).await;
-    let (status, body) = exchange(&fake, &code, verifier, redirect).await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body["refresh_token"].is_string());
-    let (status, body) = exchange(&fake, &code, verifier, redirect).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_grant"))
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_code_flow_honours_pending_and_slow_down() {
     let fake = start_user_fake().await;
     fake.state().set_device_interval(Duration::from_secs(1));

@@ -160,12 +160,45 @@ async fn http2_cleartext_clients_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coupa_status_and_body_pass_through_unchanged() {
-    let (_fake, proxy) = start_pair(DAY).await;
-    // The fake answers 404 with Coupa's error shape outside /api.
-    let response = get(proxy.url("/not-api")).await;
-    assert_eq!(response.status(), 404);
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert!(body["errors"].is_object());
+    let (fake, proxy) = start_pair(DAY).await;
+    // The end-to-end headers of an answer: what the proxy adds (its
+    // request id, keep-alive) and the hop's own (date, connection) aside.
+    let end_to_end = |response: &reqwest::Response| {
+        let mut headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .filter(|(name, _)| {
+                !matches!(
+                    name.as_str(),
+                    "date" | "connection" | "keep-alive" | "x-request-id"
+                )
+            })
+            .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+            .collect();
+        headers.sort();
+        headers
+    };
+    // The fake answers 404 with Coupa's error shape outside /api: the
+    // proxy's answer is the one Coupa gives directly, byte for byte.
+    let direct = get(format!("{}/not-api", fake.base_url())).await;
+    let proxied = get(proxy.url("/not-api")).await;
+    assert_eq!(proxied.status(), 404);
+    assert_eq!(proxied.status(), direct.status());
+    assert_eq!(end_to_end(&proxied), end_to_end(&direct));
+    assert_eq!(
+        proxied.bytes().await.unwrap(),
+        direct.bytes().await.unwrap()
+    );
+
+    // A refusal of Coupa's with its own headers (Retry-After) and body.
+    let refused = get(proxy.url("/api/_status?code=422")).await;
+    assert_eq!(refused.status(), 422);
+    assert_eq!(refused.headers()["retry-after"], "7");
+    assert_eq!(refused.headers()["content-type"], "application/json");
+    assert_eq!(
+        refused.text().await.unwrap(),
+        r#"{"errors":{"fake":["status 422 Unprocessable Entity"]}}"#
+    );
     proxy.stop().await;
 }
 

@@ -380,9 +380,20 @@ async fn only_the_instance_is_tunnelled_and_garbage_is_closed_cleanly() {
         .await
         .unwrap();
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
         .await
-        .expect("the proxy closes the tunnel");
+        .expect("the proxy closes the tunnel")
+        .expect("with a clean close, not a reset");
+    assert!(
+        rest.is_empty() || rest[0] == 0x15,
+        "nothing but a TLS alert comes back: {rest:?}"
+    );
+    assert_eq!(
+        setup.fake.state().api_requests(),
+        0,
+        "Coupa received nothing of the garbage"
+    );
+    assert_eq!(setup.fake.open_connections(), before);
     // Everyone else is served as before.
     let ok = http_client()
         .get(setup.proxy.url("/api/x"))

@@ -362,14 +362,28 @@ async fn rate_limit_queues_a_burst_and_answers_429_past_the_queue() {
         let (client, url) = (client.clone(), proxy.url("/api/invoices"));
         tasks.push(tokio::spawn(async move {
             let r = client.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.headers().get("retry-after").cloned())
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").cloned();
+            (status, retry_after, r.text().await.unwrap())
         }));
     }
     let mut statuses = Vec::new();
     for t in tasks {
-        let (status, retry_after) = t.await.unwrap();
+        let (status, retry_after, body) = t.await.unwrap();
         if status == 429 {
-            assert!(retry_after.is_some(), "429 without Retry-After");
+            // The queue of 2 drains at 1 request/s: about 2 s.
+            assert_eq!(
+                retry_after.as_ref().map(|v| v.to_str().unwrap()),
+                Some("2"),
+                "{body}"
+            );
+            let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(answer["error"], "rate_limited", "{body}");
+            assert_eq!(answer["source"], "coupa-auth-proxy", "{body}");
+            assert!(
+                answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{body}"
+            );
         }
         statuses.push(status);
     }

@@ -132,12 +132,32 @@ async fn three_proxies_follow_a_sentinel_failover_without_a_failed_request() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // The old primary comes back as a replica: nothing changes for anyone.
-    redis.bring_back(old).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Watched over more than a Sentinel re-check (5 s), each proxy's
+    // primary and its count of changes: a switch back, even a passing
+    // one, shows in either.
+    let changes = |metrics: &str| metric(metrics, "coupa_proxy_cluster_primary_changes_total", &[]);
     for proxy in &proxies {
+        let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
+        assert_eq!(changes(&metrics), 1.0, "the failover was followed once");
+    }
+    redis.bring_back(old).await;
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        for proxy in &proxies {
+            assert_eq!(
+                cluster_view(proxy).await["connection"]["primary"],
+                format!("127.0.0.1:{promoted}"),
+                "a proxy went back to the old primary"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for proxy in &proxies {
+        let metrics = get(proxy.admin_url("/metrics")).await.text().await.unwrap();
         assert_eq!(
-            cluster_view(proxy).await["connection"]["primary"],
-            format!("127.0.0.1:{promoted}")
+            changes(&metrics),
+            1.0,
+            "no switch when the old primary returned"
         );
     }
 

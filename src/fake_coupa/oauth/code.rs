@@ -164,6 +164,114 @@ pub(super) fn redeem_code(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
+
+    const CLIENT: &str = "user-app";
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const REDIRECT: &str = "http://127.0.0.1:1/callback";
+
+    async fn public_client_fake() -> FakeCoupa {
+        FakeCoupa::start(FakeCoupaOptions {
+            clients: vec![FakeClient {
+                id: CLIENT.to_owned(),
+                secret: String::new(),
+                scopes: vec!["core.invoice.read".into(), "offline_access".into()],
+            }],
+            token_lifetime: std::time::Duration::from_secs(86_399),
+            tls: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A code from the authorize endpoint, bound to `VERIFIER`'s challenge.
+    async fn code_for(fake: &FakeCoupa) -> String {
+        let no_redirects = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let response = no_redirects
+            .get(format!("{}/oauth2/authorizations/new", fake.base_url()))
+            .query(&[
+                ("client_id", CLIENT),
+                ("response_type", "code"),
+                ("scope", "core.invoice.read offline_access"),
+                ("redirect_uri", REDIRECT),
+                ("code_challenge", &s256(VERIFIER)),
+                ("code_challenge_method", "S256"),
+                ("state", "s1"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 302);
+        let location = response.headers()["location"].to_str().unwrap();
+        let location = url::Url::parse(location).unwrap();
+        let code = location.query_pairs().find(|(k, _)| k == "code").unwrap().1;
+        code.into_owned()
+    }
+
+    /// Exchanges `code`: the status and the error code, if any.
+    async fn exchange(
+        fake: &FakeCoupa,
+        code: &str,
+        verifier: &str,
+        redirect: &str,
+    ) -> (u16, Option<String>) {
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("{}/oauth2/token", fake.base_url()))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", CLIENT),
+                ("code", code),
+                ("redirect_uri", redirect),
+                ("code_verifier", verifier),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        (status, body["error"].as_str().map(str::to_owned))
+    }
+
+    /// The fake plays Coupa's side of PKCE as RFC 7636 and RFC 6749 say,
+    /// so the proxy's `authorize` is tested against a strict server.
+    #[tokio::test]
+    async fn the_verifier_and_redirect_must_match_and_codes_are_single_use() {
+        let fake = public_client_fake().await;
+        let invalid_grant = Some("invalid_grant".to_owned());
+        let code = code_for(&fake).await;
+        let wrong = "wrong-verifier-wrong-verifier-wrong-verifier-1";
+        assert_eq!(
+            exchange(&fake, &code, wrong, REDIRECT).await,
+            (400, invalid_grant.clone())
+        );
+        // The failed exchange used the code up.
+        assert_eq!(exchange(&fake, &code, VERIFIER, REDIRECT).await.0, 400);
+
+        let code = code_for(&fake).await;
+        let other = "http://127.0.0.1:2/other";
+        assert_eq!(
+            exchange(&fake, &code, VERIFIER, other).await,
+            (400, invalid_grant.clone()),
+            "redirect_uri must match"
+        );
+
+        let code = code_for(&fake).await;
+        assert_eq!(
+            exchange(&fake, &code, VERIFIER, REDIRECT).await,
+            (200, None)
+        );
+        assert_eq!(
+            exchange(&fake, &code, VERIFIER, REDIRECT).await,
+            (400, invalid_grant)
+        );
+    }
 
     #[test]
     fn s256_matches_rfc_7636_appendix_b() {
