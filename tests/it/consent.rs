@@ -48,6 +48,11 @@ async fn authorization_code_consent_is_stored_and_run_renews_and_persists_rotate
     assert!(output.contains("code_challenge_method=S256"), "{output}");
     assert!(output.contains("consent stored"), "{output}");
     assert_eq!(mode(&state_path), 0o600);
+    assert_eq!(
+        mode(state_path.parent().unwrap()),
+        0o700,
+        "the directory authorize created"
+    );
     let consented = state_file::load(&state_path).unwrap();
     assert!(fake
         .state()

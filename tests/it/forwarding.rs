@@ -216,10 +216,26 @@ async fn unreachable_upstream_gives_502_with_json_body() {
     );
     let proxy = TestProxy::start(parse_config(&text)).await;
     proxy.wait_ready().await;
+    let retries = || async {
+        metric(
+            &scrape(&proxy.admin_url("/metrics")).await,
+            "coupa_proxy_upstream_retries_total",
+            &[("reason", "connection_failure")],
+        )
+    };
     let response = get(proxy.url("/api/invoices")).await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"], "upstream_unreachable");
+    assert_eq!(retries().await, 1.0, "a GET is tried twice");
+    let response = http_client()
+        .post(proxy.url("/api/invoices"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(retries().await, 1.0, "a POST is tried once");
     proxy.stop().await;
 }
 

@@ -16,6 +16,7 @@ mod consent;
 mod demo;
 mod deploy;
 mod egress;
+mod failure_logs;
 mod fairness;
 mod forwarding;
 mod guessing;

@@ -276,3 +276,36 @@ async fn a_changed_local_client_secret_ends_the_tokens_issued_under_the_old_one(
         assert!(!logs.contains(secret), "logs hold a secret");
     }
 }
+
+/// Without SIGHUP: a change of the config file itself is seen by the
+/// watcher (`reload.watch_interval`) and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_file_is_applied_without_a_signal() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let watched = |integrations: &[(&str, &str)]| {
+        integrations_config(&fake.base_url(), integrations)
+            + "\n[reload]\nwatch_interval = \"100ms\"\n"
+    };
+    let proxy = ProxyProcess::start(&watched(&[("a", KEY_A)]), &[], &[]);
+    proxy.wait_ready().await;
+    let status_with = |key: &'static str| {
+        let url = proxy.url("/api/invoices");
+        async move {
+            http_client()
+                .get(url)
+                .header("x-coupa-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(status_with(KEY_B).await, 401);
+    std::fs::write(proxy.config_path(), watched(&[("b", KEY_B)])).unwrap();
+    eventually("the watcher applies the file", || async {
+        proxy.logs().contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(status_with(KEY_B).await, 200);
+    assert_eq!(status_with(KEY_A).await, 401);
+}

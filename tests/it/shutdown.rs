@@ -1,12 +1,16 @@
-//! SIGTERM: the listener closes at once, an in-flight request finishes with
-//! its real answer, and the process exits 0.
+//! SIGTERM and SIGINT: the listener closes at once, an in-flight request
+//! finishes with its real answer (saying `Connection: close`), a request
+//! longer than the grace period is cut when it runs out, and the process
+//! exits 0.
 
 use std::time::Duration;
 
 use crate::support::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_an_in_flight_slow_request_finish() {
+/// `signal` (TERM or INT) while a slow request is at Coupa: the listener
+/// closes, the request finishes with its real answer saying
+/// `Connection: close`, and the process exits 0.
+async fn a_signal_lets_an_in_flight_slow_request_finish(signal: &str) {
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let mut proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
     proxy.wait_ready().await;
@@ -21,7 +25,7 @@ async fn sigterm_lets_an_in_flight_slow_request_finish() {
         async move { n >= 1 }
     })
     .await;
-    proxy.terminate();
+    proxy.signal(signal);
 
     let addr = proxy.addr;
     eventually("the listener closes", || async move {
@@ -31,10 +35,67 @@ async fn sigterm_lets_an_in_flight_slow_request_finish() {
 
     let response = slow.await.unwrap().expect("in-flight request completes");
     assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["connection"],
+        "close",
+        "an answer during the drain closes its connection"
+    );
     let echo: serde_json::Value = response.json().await.unwrap();
     assert_eq!(echo["target"], "/api/_slow?ms=1500");
     assert_eq!(proxy.wait_exit().await, Some(0));
-    assert!(proxy.logs().contains("all in-flight requests finished"));
+    let logs = proxy.logs();
+    assert!(logs.contains("shutdown signal received"), "{logs}");
+    assert!(logs.contains("all in-flight requests finished"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_slow_request_finish() {
+    a_signal_lets_an_in_flight_slow_request_finish("-TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_lets_an_in_flight_slow_request_finish() {
+    a_signal_lets_an_in_flight_slow_request_finish("-INT").await;
+}
+
+/// A request slower than `listen.shutdown_grace`: the grace period runs
+/// out, its connection is closed, the log says so, and the process exits
+/// 0 without waiting for Coupa.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_period_running_out_closes_what_is_left() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(&fake.base_url(), "", "")
+        .replace("shutdown_grace = \"10s\"", "shutdown_grace = \"1s\"");
+    let mut proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let client = http_client();
+    let slow = tokio::spawn({
+        let url = proxy.url("/api/_slow?ms=30000");
+        async move { client.get(url).send().await }
+    });
+    eventually("the slow request reaches Coupa", || {
+        let n = fake.state().api_requests();
+        async move { n >= 1 }
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    proxy.terminate();
+    assert_eq!(proxy.wait_exit().await, Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "exited {took:?} after SIGTERM: the 30 s request was not waited for"
+    );
+    let cut = slow.await.unwrap();
+    assert!(
+        cut.is_err(),
+        "the unfinished request's connection was closed: {cut:?}"
+    );
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("grace period ran out; closing the remaining connections"),
+        "{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

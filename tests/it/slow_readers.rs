@@ -208,3 +208,60 @@ async fn without_a_usable_spool_dir_the_answer_still_arrives_whole() {
     spool_back_to_idle(&proxy).await;
     proxy.stop().await;
 }
+
+/// The spool's temp files are unlinked from the start: while an answer is
+/// spooled the process holds a deleted file in `spool_dir` and the
+/// directory lists nothing, and after a SIGKILL nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_files_leave_nothing_in_the_spool_dir_even_after_a_crash() {
+    let fake = start_fake(std::time::Duration::from_secs(86_399)).await;
+    let spool = tempdir::Dir::new("spool-crash");
+    let text = config_text(
+        &fake.base_url(),
+        &format!(
+            "http_version = \"http1\"\nmax_connections = 1\nspool_dir = \"{}\"",
+            spool.path().display()
+        ),
+        "",
+    )
+    .replace(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nmin_response_rate = 0",
+    );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    let request = format!("GET /api/_download?bytes={ANSWER} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    eventually("an answer is spooled", || async {
+        metric(
+            &get(&metrics_url).await.text().await.unwrap(),
+            "coupa_proxy_response_spool_files",
+            &[],
+        ) >= 1.0
+    })
+    .await;
+    let listed = || std::fs::read_dir(spool.path()).unwrap().count();
+    assert_eq!(listed(), 0, "the spool file has no name");
+    let pid = proxy.child.id();
+    let held_deleted = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .any(|target| {
+            let target = target.to_string_lossy().into_owned();
+            target.starts_with(&spool.path().display().to_string()) && target.ends_with("(deleted)")
+        });
+    assert!(held_deleted, "the process holds its spool file, unlinked");
+    proxy.signal("-KILL");
+    eventually("the process is gone", || async {
+        !std::path::Path::new(&format!("/proc/{pid}/fd")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains(") Z"))
+    })
+    .await;
+    assert_eq!(listed(), 0, "nothing is left behind after a crash");
+    drop(stream);
+}

@@ -848,3 +848,35 @@ pub async fn cut_at_header_timeout(
     .await;
     rest
 }
+
+/// Where skipped tests are listed, a line each, for `.ci/run`'s closing
+/// line (which empties it first).
+pub fn skip_log() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("skipped-tests.txt")
+}
+
+/// The calling test cannot run: `missing` is not installed (`install` says
+/// how). Under CI (`CI` set, as `.ci/run` sets it) that is a failure.
+/// Elsewhere the test passes without running, and says so where it cannot
+/// be missed: straight to the terminal (the harness hides what a passing
+/// test prints with `eprintln!`, not what it writes to stderr itself) and
+/// in [`skip_log`].
+pub fn skip(missing: &str, install: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {missing} is not installed, and CI must not skip: .ci/run installs it"
+    );
+    let line = format!(
+        "*** SKIPPED {test}: {missing} is not installed ({install}); .ci/run installs it, so CI runs this test ***"
+    );
+    let _ = writeln!(std::io::stderr(), "\n{line}");
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(skip_log())
+    {
+        let _ = writeln!(log, "{line}");
+    }
+}
