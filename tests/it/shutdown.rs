@@ -223,3 +223,48 @@ async fn sigterm_stops_a_process_whose_stderr_reader_has_gone() {
     })
     .await;
 }
+
+/// A request that arrives on an idle keep-alive connection just after
+/// SIGTERM (a client between calls) is answered, saying
+/// `Connection: close`, rather than finding its connection closed: idle
+/// connections linger for a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_an_idle_connection_just_after_sigterm_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let mut proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
+    proxy.wait_ready().await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = b"GET /api/invoices HTTP/1.1\r\nHost: x\r\n\r\n";
+    stream.write_all(request).await.unwrap();
+    let mut answer = vec![0u8; 64 * 1024];
+    let n = stream.read(&mut answer).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+
+    proxy.terminate();
+    let readyz = format!("http://{}/readyz", proxy.admin);
+    let client = http_client();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Ok(r) = client.get(&readyz).send().await {
+                if r.status() == 503 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the process takes the signal");
+    stream.write_all(request).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("answered, then closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert_eq!(proxy.wait_exit().await, Some(0));
+    assert_eq!(fake.state().api_requests(), 2);
+}
