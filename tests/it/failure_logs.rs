@@ -24,6 +24,16 @@ fn start(
     ProxyProcess::start(&text, &[], &[])
 }
 
+/// Everything the proxy sends on `stream` until it closes it.
+async fn answer_on(stream: &mut tokio::net::TcpStream) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 async fn logged(proxy: &ProxyProcess, message: &str) {
     eventually(&format!("the log says {message:?}"), || async {
         proxy.logs().contains(message)
@@ -80,16 +90,8 @@ async fn a_client_falling_behind_with_its_body_is_logged() {
         .write_all(b"POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 408"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    let answer = answer_on(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     logged(&proxy, "client fell behind sending the request body").await;
 }
 
@@ -116,16 +118,8 @@ async fn the_connection_limit_is_logged() {
     })
     .await;
     let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, third.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 503"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    let answer = answer_on(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     logged(&proxy, "connection limit reached; refusing a connection").await;
 }
 
@@ -142,16 +136,8 @@ async fn ambiguous_framing_is_logged() {
         )
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    let answer = answer_on(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     logged(
         &proxy,
         "request refused: both Content-Length and Transfer-Encoding",

@@ -55,25 +55,24 @@ fn integrations_config(base_url: &str, keys: &[(&str, &str)]) -> String {
     text
 }
 
+/// The status of a call with legacy key `key`.
+async fn status_with_key(proxy: &ProxyProcess, key: &str) -> reqwest::StatusCode {
+    http_client()
+        .get(proxy.url("/api/invoices"))
+        .header("x-coupa-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_new_integrations_and_a_bad_file_changes_nothing() {
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let text = integrations_config(&fake.base_url(), &[("a", KEY_A)]);
     let proxy = ProxyProcess::start(&text, &[], &[]);
     proxy.wait_ready().await;
-    let client = http_client();
-    let status_with = |key: &'static str| {
-        let (client, url) = (client.clone(), proxy.url("/api/invoices"));
-        async move {
-            client
-                .get(url)
-                .header("x-coupa-api-key", key)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
+    let status_with = |key: &'static str| status_with_key(&proxy, key);
     assert_eq!(status_with(KEY_A).await, 200);
     assert_eq!(status_with(KEY_B).await, 401);
 
@@ -288,18 +287,7 @@ async fn a_changed_config_file_is_applied_without_a_signal() {
     };
     let proxy = ProxyProcess::start(&watched(&[("a", KEY_A)]), &[], &[]);
     proxy.wait_ready().await;
-    let status_with = |key: &'static str| {
-        let url = proxy.url("/api/invoices");
-        async move {
-            http_client()
-                .get(url)
-                .header("x-coupa-api-key", key)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
+    let status_with = |key: &'static str| status_with_key(&proxy, key);
     assert_eq!(status_with(KEY_B).await, 401);
     std::fs::write(proxy.config_path(), watched(&[("b", KEY_B)])).unwrap();
     eventually("the watcher applies the file", || async {

@@ -161,6 +161,80 @@ pub(super) fn redeem_code(
     Ok((pending.scope, true))
 }
 
+/// Why a step taken by hand failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ByHandError {
+    #[error("the fake did not answer: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the authorize endpoint gave no code: {0}")]
+    NoCode(String),
+}
+
+/// The authorization-code steps a browser and a client take, by hand: for
+/// tests of the fake itself and of consents made at it.
+impl crate::fake_coupa::FakeCoupa {
+    /// A code for `client` from the authorize endpoint (the test user
+    /// consents), bound to `verifier`'s S256 challenge and `redirect`.
+    pub async fn code_by_hand(
+        &self,
+        client: &str,
+        verifier: &str,
+        redirect: &str,
+    ) -> Result<String, ByHandError> {
+        let no_redirects = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let response = no_redirects
+            .get(format!("{}/oauth2/authorizations/new", self.base_url()))
+            .query(&[
+                ("client_id", client),
+                ("response_type", "code"),
+                ("scope", "core.invoice.read offline_access"),
+                ("redirect_uri", redirect),
+                ("code_challenge", &s256(verifier)),
+                ("code_challenge_method", "S256"),
+                ("state", "s1"),
+            ])
+            .send()
+            .await?;
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| url::Url::parse(l).ok())
+            .ok_or_else(|| ByHandError::NoCode(format!("status {}", response.status())))?;
+        let code = location.query_pairs().find(|(k, _)| k == "code");
+        code.map(|(_, code)| code.into_owned())
+            .ok_or_else(|| ByHandError::NoCode(location.to_string()))
+    }
+
+    /// Exchanges `code` for `client`: the status and the JSON answer.
+    pub async fn exchange_by_hand(
+        &self,
+        client: &str,
+        code: &str,
+        verifier: &str,
+        redirect: &str,
+    ) -> Result<(u16, serde_json::Value), ByHandError> {
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()?
+            .post(format!("{}/oauth2/token", self.base_url()))
+            .form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", client),
+                ("code", code),
+                ("redirect_uri", redirect),
+                ("code_verifier", verifier),
+            ])
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,59 +258,22 @@ mod tests {
         .unwrap()
     }
 
-    /// A code from the authorize endpoint, bound to `VERIFIER`'s challenge.
-    async fn code_for(fake: &FakeCoupa) -> String {
-        let no_redirects = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        let response = no_redirects
-            .get(format!("{}/oauth2/authorizations/new", fake.base_url()))
-            .query(&[
-                ("client_id", CLIENT),
-                ("response_type", "code"),
-                ("scope", "core.invoice.read offline_access"),
-                ("redirect_uri", REDIRECT),
-                ("code_challenge", &s256(VERIFIER)),
-                ("code_challenge_method", "S256"),
-                ("state", "s1"),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 302);
-        let location = response.headers()["location"].to_str().unwrap();
-        let location = url::Url::parse(location).unwrap();
-        let code = location.query_pairs().find(|(k, _)| k == "code").unwrap().1;
-        code.into_owned()
-    }
-
-    /// Exchanges `code`: the status and the error code, if any.
+    /// `exchange_by_hand` for the client: the status and the error code.
     async fn exchange(
         fake: &FakeCoupa,
         code: &str,
         verifier: &str,
         redirect: &str,
     ) -> (u16, Option<String>) {
-        let response = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .post(format!("{}/oauth2/token", fake.base_url()))
-            .form(&[
-                ("grant_type", "authorization_code"),
-                ("client_id", CLIENT),
-                ("code", code),
-                ("redirect_uri", redirect),
-                ("code_verifier", verifier),
-            ])
-            .send()
+        let (status, body) = fake
+            .exchange_by_hand(CLIENT, code, verifier, redirect)
             .await
             .unwrap();
-        let status = response.status().as_u16();
-        let body: serde_json::Value = response.json().await.unwrap();
         (status, body["error"].as_str().map(str::to_owned))
+    }
+
+    async fn code_for(fake: &FakeCoupa) -> String {
+        fake.code_by_hand(CLIENT, VERIFIER, REDIRECT).await.unwrap()
     }
 
     /// The fake plays Coupa's side of PKCE as RFC 7636 and RFC 6749 say,

@@ -1,6 +1,6 @@
 //! The user-consented side of the fake: its public client, a config for a
-//! consented credential, the authorization code steps by hand, and a
-//! running `authorize`.
+//! consented credential, a consent saved by hand, and a running
+//! `authorize`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use coupa_auth_proxy::fake_coupa::{FakeClient, FakeCoupa, FakeCoupaOptions};
 
-use super::{binary, eventually, http_client, DEADLINE};
+use super::{binary, eventually, DEADLINE};
 
 pub const USER_CLIENT: &str = "user-client";
 
@@ -26,8 +26,14 @@ pub async fn consent_saved(
     use coupa_auth_proxy::token::consent::state_file::{self, GrantState};
     let redirect = "http://127.0.0.1:9/callback";
     let verifier = "v".repeat(64);
-    let code = code_for(fake, &verifier, redirect).await;
-    let (status, answer) = exchange(fake, &code, &verifier, redirect).await;
+    let code = fake
+        .code_by_hand(USER_CLIENT, &verifier, redirect)
+        .await
+        .unwrap();
+    let (status, answer) = fake
+        .exchange_by_hand(USER_CLIENT, &code, &verifier, redirect)
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{answer}");
     let state = GrantState {
         client_id: USER_CLIENT.to_owned(),
@@ -90,57 +96,6 @@ address = "127.0.0.1:0"
 "#,
         state.display()
     )
-}
-
-/// Asks the fake's authorize endpoint for a code bound to `verifier`.
-pub async fn code_for(fake: &FakeCoupa, verifier: &str, redirect: &str) -> String {
-    let no_redirects = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let challenge = coupa_auth_proxy::token::consent::pkce::challenge(verifier);
-    let response = no_redirects
-        .get(format!("{}/oauth2/authorizations/new", fake.base_url()))
-        .query(&[
-            ("client_id", USER_CLIENT),
-            ("response_type", "code"),
-            ("scope", "core.invoice.read offline_access"),
-            ("redirect_uri", redirect),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-            ("state", "s1"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 302);
-    let location = url::Url::parse(response.headers()["location"].to_str().unwrap()).unwrap();
-    let code = location.query_pairs().find(|(k, _)| k == "code").unwrap().1;
-    code.into_owned()
-}
-
-/// Exchanges `code` with `verifier`; returns (status, JSON answer).
-pub async fn exchange(
-    fake: &FakeCoupa,
-    code: &str,
-    verifier: &str,
-    redirect: &str,
-) -> (u16, serde_json::Value) {
-    let response = http_client()
-        .post(format!("{}/oauth2/token", fake.base_url()))
-        .form(&[
-            ("grant_type", "authorization_code"),
-            ("client_id", USER_CLIENT),
-            ("code", code),
-            ("redirect_uri", redirect),
-            ("code_verifier", verifier),
-        ])
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 /// A running `authorize` whose stderr is collected line by line.
