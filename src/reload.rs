@@ -351,6 +351,10 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
         "coupa.token_wait_timeout",
         c.token_wait_timeout == d.token_wait_timeout,
     );
+    differ(
+        "coupa.resend_429_within",
+        c.resend_429_within == d.resend_429_within,
+    );
     differ("coupa.rate_limit", c.rate_limit == d.rate_limit);
     // Its password file is re-read and applied live; where it points is not.
     let route = |e: &Option<crate::config::EgressProxy>| {

@@ -241,6 +241,8 @@ pub(super) struct CoupaFile {
     pub(super) connection_wait_timeout: Duration,
     #[serde(default = "default_token_wait_timeout", with = "humantime_serde")]
     pub(super) token_wait_timeout: Duration,
+    #[serde(default = "default_resend_429_within", with = "humantime_serde")]
+    pub(super) resend_429_within: Duration,
     pub(super) rate_limit: Option<RateLimitFile>,
     pub(super) egress_proxy: Option<EgressProxyFile>,
 }
@@ -365,6 +367,12 @@ fn default_upstream_max_connections() -> usize {
     // Coupa takes 25 requests/s per instance: more connections than this
     // would only carry requests it answers 429.
     32
+}
+fn default_resend_429_within() -> Duration {
+    // Long enough to ride out a busy minute's bursts of other clients
+    // (Coupa's Retry-After is a second or two), well under the 60-120 s
+    // timeouts legacy integrations use.
+    Duration::from_secs(30)
 }
 fn default_token_wait_timeout() -> Duration {
     // A first token takes one round trip to the token endpoint; a retry

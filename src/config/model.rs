@@ -286,6 +286,9 @@ pub struct Coupa {
     /// none (start-up, or expired without renewal) before it gets 503;
     /// zero answers 503 at once.
     pub token_wait_timeout: Duration,
+    /// How long in all a request Coupa answered 429 may wait to be sent
+    /// again (its body kept for replay); zero passes the 429 on at once.
+    pub resend_429_within: Duration,
     /// Outbound shaping to Coupa's rate limit; off when absent.
     pub rate_limit: Option<RateLimit>,
     /// The egress proxy both hops to Coupa are tunnelled through; none:

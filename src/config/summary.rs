@@ -188,6 +188,7 @@ impl Config {
                 d(c.connection_wait_timeout),
             ),
             ("coupa.token_wait_timeout".into(), d(c.token_wait_timeout)),
+            ("coupa.resend_429_within".into(), d(c.resend_429_within)),
             ("coupa.rate_limit".into(), rate),
             (
                 "coupa.egress_proxy".into(),

@@ -44,7 +44,15 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
             serde_json::json!({"errors": {"authorization": [reason]}}),
         );
     }
-    if !state.within_rate_limit() {
+    let refusal = match state.refusing_now() {
+        Some(retry_after) => Some(retry_after),
+        None => (!state.within_rate_limit()).then_some(1),
+    };
+    if let Some(retry_after) = refusal {
+        // Like a real server, read the request before answering it.
+        let _ = http_body_util::Limited::new(request.into_body(), 4 * 1024 * 1024)
+            .collect()
+            .await;
         state.throttled.fetch_add(1, Ordering::SeqCst);
         let mut response = json(
             StatusCode::TOO_MANY_REQUESTS,
@@ -52,7 +60,7 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
         );
         response
             .headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after));
         return response;
     }
     state.api_requests.fetch_add(1, Ordering::SeqCst);

@@ -115,6 +115,9 @@ pub struct FakeState {
     rate_limit: Mutex<Option<limit::Bucket>>,
     /// API requests answered 429 by that limit.
     throttled: AtomicU64,
+    /// Until when every API request is answered 429, with this
+    /// `Retry-After` (seconds): another client took the instance's budget.
+    refusing: Mutex<Option<(std::time::Instant, u64)>>,
     /// Every bearer token the API side was sent, live or not.
     seen_bearers: Mutex<Vec<String>>,
     /// The addresses connections came from.
@@ -160,6 +163,27 @@ impl FakeState {
     /// API requests answered 429 by [`Self::set_rate_limit`]'s limit.
     pub fn throttled_requests(&self) -> u64 {
         self.throttled.load(Ordering::SeqCst)
+    }
+
+    /// Answers every API request 429 with `Retry-After: retry_after`
+    /// (seconds) for `period` from now.
+    pub fn refuse_for(&self, period: Duration, retry_after: u64) {
+        let until = std::time::Instant::now() + period;
+        *self.refusing.lock().unwrap_or_else(|e| e.into_inner()) = Some((until, retry_after));
+    }
+
+    /// Whether [`Self::refuse_for`]'s period still runs.
+    pub fn is_refusing(&self) -> bool {
+        self.refusing_now().is_some()
+    }
+
+    /// The `Retry-After` of a refusal now, while [`Self::refuse_for`]'s
+    /// period runs.
+    fn refusing_now(&self) -> Option<u64> {
+        let refusing = *self.refusing.lock().unwrap_or_else(|e| e.into_inner());
+        refusing
+            .filter(|(until, _)| std::time::Instant::now() < *until)
+            .map(|(_, retry_after)| retry_after)
     }
 
     /// Whether the played rate limit lets a request through now.
@@ -401,6 +425,7 @@ impl FakeCoupa {
             fast_api: std::sync::atomic::AtomicBool::new(false),
             rate_limit: Mutex::new(None),
             throttled: AtomicU64::new(0),
+            refusing: Mutex::new(None),
             scoped_api: std::sync::atomic::AtomicBool::new(false),
             seen_bearers: Mutex::new(Vec::new()),
             peers: Mutex::new(std::collections::BTreeSet::new()),

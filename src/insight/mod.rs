@@ -14,6 +14,7 @@
 //! looked up per request.
 
 pub mod chart;
+pub mod refusals;
 pub mod resource;
 pub mod usage;
 
@@ -148,6 +149,16 @@ impl Insight {
         usage.count_slot(self.now());
     }
 
+    /// Coupa answered one of `usage`'s requests 429.
+    pub fn coupa_refused(&self, usage: &Usage) {
+        usage.coupa_refusals.refused(self.now());
+    }
+
+    /// One of `usage`'s requests was sent again after `waited`.
+    pub fn resent(&self, usage: &Usage, waited: Duration) {
+        usage.coupa_refusals.resent(self.now(), waited);
+    }
+
     fn wall(&self, at: Duration) -> SystemTime {
         self.epoch_wall + at
     }
@@ -278,8 +289,14 @@ impl Insight {
                     "share_last_hour": slots as f64 / per_hour,
                 })
             });
+        let coupa_429 = usage.coupa_refusals.last_hour(now);
         serde_json::json!({
             "budget": budget,
+            "coupa_429_last_hour": {
+                "refused": coupa_429.refused,
+                "resent": coupa_429.resent,
+                "resend_wait_seconds": coupa_429.waited.as_secs_f64(),
+            },
             "integration": if usage.name.is_empty() { "(none)" } else { &usage.name },
             "requests": requests,
             "errors": errors,
@@ -370,6 +387,41 @@ impl Collector for InsightCollector {
                         ])?)?;
                     }
                 }
+            }
+        }
+        let refusals: Vec<_> = usages
+            .iter()
+            .map(|usage| (&*usage.name, usage.coupa_refusals.totals()))
+            .filter(|(_, counts)| counts.refused > 0)
+            .collect();
+        for (name, help) in [
+            ("coupa_rate_limited", "Coupa's own 429 answers, by integration"),
+            (
+                "coupa_rate_limited_resends",
+                "Requests sent to Coupa again after its 429 (coupa.resend_429_within), by integration",
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (integration, counts) in &refusals {
+                let count = if name == "coupa_rate_limited" {
+                    counts.refused
+                } else {
+                    counts.resent
+                };
+                ConstCounter::new(count)
+                    .encode(family.encode_family(&[("integration", *integration)])?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "coupa_rate_limited_wait_seconds",
+                "What the re-sends after Coupa's 429 waited in all, by integration",
+                None,
+                MetricType::Counter,
+            )?;
+            for (integration, counts) in &refusals {
+                ConstCounter::new(counts.waited.as_secs_f64())
+                    .encode(family.encode_family(&[("integration", *integration)])?)?;
             }
         }
         let mut family = encoder.encode_descriptor(

@@ -77,15 +77,22 @@ pub fn answer_index(status: StatusCode) -> usize {
 }
 
 /// Adds one to the current minute of a last-hour ring.
-fn count_minute(ring: &[AtomicU64; MINUTES], now: Duration) {
+pub(super) fn count_minute(ring: &[AtomicU64; MINUTES], now: Duration) {
+    add_to_minute(ring, now, 1);
+}
+
+/// Adds `amount` to `now`'s minute of a last-hour ring.
+pub(super) fn add_to_minute(ring: &[AtomicU64; MINUTES], now: Duration, amount: u64) {
     let minute = now.as_secs() / 60 + 1;
     let slot = &ring[(minute % MINUTES as u64) as usize];
     let mut current = slot.load(Ordering::Relaxed);
     loop {
+        // The count saturates at its 32 bits rather than spill into the
+        // minute.
         let next = if current >> 32 == minute {
-            current + 1
+            current + amount.min(0xffff_ffff - (current & 0xffff_ffff))
         } else {
-            (minute << 32) | 1
+            (minute << 32) | amount.min(0xffff_ffff)
         };
         match slot.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => return,
@@ -95,7 +102,7 @@ fn count_minute(ring: &[AtomicU64; MINUTES], now: Duration) {
 }
 
 /// A last-hour ring's counts, oldest minute first.
-fn last_hour(ring: &[AtomicU64; MINUTES], now: Duration) -> [u64; MINUTES] {
+pub(super) fn last_hour(ring: &[AtomicU64; MINUTES], now: Duration) -> [u64; MINUTES] {
     let this_minute = now.as_secs() / 60 + 1;
     let mut series = [0; MINUTES];
     for (age, value) in series.iter_mut().rev().enumerate() {
@@ -169,6 +176,8 @@ pub struct Usage {
     /// The same for slots of Coupa's budget (`[coupa.rate_limit]`) it
     /// was given: one per attempt sent.
     slots_per_minute: [AtomicU64; MINUTES],
+    /// Coupa's 429s to it, and the re-sends that absorbed them.
+    pub coupa_refusals: super::refusals::CoupaRefusals,
 }
 
 impl Usage {
@@ -187,6 +196,7 @@ impl Usage {
             defaulted_accept: Default::default(),
             per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
             slots_per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
+            coupa_refusals: Default::default(),
         }
     }
 

@@ -34,17 +34,20 @@ impl Proxy {
             upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
             token_wait_ms = trace.token_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0),
             guess_delay_ms = trace.guess_delay.as_secs_f64() * 1000.0,
+            resends = trace.resends,
+            resend_wait_ms = trace.resend_wait.as_secs_f64() * 1000.0,
             "request"
         );
-        // A failed credential held back is not the proxy's own time.
+        // A failed credential held back, and the waits Coupa asked for
+        // before re-sends, are not the proxy's own time.
         inner.metrics.record(
-            handled.started.elapsed().saturating_sub(trace.guess_delay),
+            handled
+                .started
+                .elapsed()
+                .saturating_sub(trace.guess_delay + trace.resend_wait),
             trace.upstream,
         );
-        let usage = match &trace.integration {
-            Some(integration) => &integration.usage,
-            None => inner.insight.unnamed(),
-        };
+        let usage = self.usage(trace);
         let refused =
             trace.upstream.is_none() && (status.is_client_error() || status.is_server_error());
         if inner

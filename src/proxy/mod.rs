@@ -15,6 +15,9 @@
 //!    client ([`upstream`]), response-header timeout. Sent again on another
 //!    connection when the server provably did not process it (any method,
 //!    a few times), or once after a connection failure (idempotent only).
+//!    Then `resend_rate_limited` ([`resend`]): Coupa answered 429, so the
+//!    request waits what Coupa asked and goes again, within
+//!    `coupa.resend_429_within` (after a 401 replay too).
 //! 4. `on_rejected_token` ([`rejected`]): Coupa answered 401, so fetch a
 //!    new token (once for a whole burst) and replay the request once.
 //! 5. `response_filter`: hop-by-hop removal, stall guard on the body, and
@@ -34,6 +37,7 @@ mod local_token;
 mod log;
 pub mod ratelimit;
 mod rejected;
+mod resend;
 mod rewrite;
 mod send;
 mod share;
@@ -114,6 +118,8 @@ struct Inner {
     connection_wait_timeout: Duration,
     /// How long a request waits for a token when none is held.
     token_wait_timeout: Duration,
+    /// `coupa.resend_429_within`.
+    resend_429_within: Duration,
     idle_timeout: Duration,
     body_read_timeout: Duration,
     /// What a whole request body must keep up.
@@ -152,6 +158,10 @@ struct Trace {
     upstream: Option<Duration>,
     /// Time spent waiting for a token (none held when the request came).
     token_wait: Option<Duration>,
+    /// Times Coupa's 429 was absorbed by sending the request again, and
+    /// what those waits took in all.
+    resends: u32,
+    resend_wait: Duration,
     /// The request carried a credential that failed (a guess, perhaps).
     failed_credential: Option<Guess>,
     /// How long its answer was held back for that.
@@ -213,6 +223,7 @@ impl Proxy {
                 response_header_timeout: coupa.response_header_timeout,
                 connection_wait_timeout: coupa.connection_wait_timeout,
                 token_wait_timeout: coupa.token_wait_timeout,
+                resend_429_within: coupa.resend_429_within,
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
                 body_pace: stall::Pace {
@@ -319,6 +330,15 @@ impl Proxy {
         response
     }
 
+    /// The migration view's record of the request's integration (or of
+    /// requests of none).
+    fn usage<'a>(&'a self, trace: &'a Trace) -> &'a crate::insight::Usage {
+        match &trace.integration {
+            Some(integration) => &integration.usage,
+            None => self.inner.insight.unnamed(),
+        }
+    }
+
     /// A failed credential is answered as late as its source's account
     /// says ([`crate::guesses`]); `true` when the source's failures are
     /// summarised in the log rather than warned of one by one.
@@ -375,8 +395,12 @@ impl Proxy {
             self.client_body(body).await?
         };
         let share = self.take_share(trace).await?;
-        let mut leased = self
+        let leased = self
             .send_with_retries(&method, &uri, &headers, body, &replay, trace)
+            .await?;
+        let mut headers = headers;
+        let mut leased = self
+            .resend_rate_limited(leased, &replay, (&method, &uri, &headers), trace)
             .await?;
         if leased.response.status() == StatusCode::UNAUTHORIZED {
             // Read the (small) 401 first: its connection goes back to the
@@ -388,12 +412,16 @@ impl Proxy {
                     credential,
                     &bearer,
                     &replay,
-                    (&method, &uri, headers),
+                    (&method, &uri, &mut headers),
                     trace,
                 )
                 .await
             {
-                Some(replayed) => leased = replayed?,
+                Some(replayed) => {
+                    leased = self
+                        .resend_rate_limited(replayed?, &replay, (&method, &uri, &headers), trace)
+                        .await?;
+                }
                 None => return Ok(rejected),
             }
         }
@@ -401,20 +429,13 @@ impl Proxy {
     }
 
     /// Phase 5: Coupa's answer for the client, taken off its connection
-    /// as far as `coupa.response_buffer` allows; a 429 also slows the rate
-    /// limit down.
+    /// as far as `coupa.response_buffer` allows.
     async fn response_filter(
         &self,
         leased: Leased,
         share: Option<OwnedSemaphorePermit>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
-        if leased.response.status() == StatusCode::TOO_MANY_REQUESTS {
-            if let Some(limiter) = &inner.rate_limiter {
-                limiter
-                    .coupa_rate_limited(leased.response.headers().get(http::header::RETRY_AFTER));
-            }
-        }
         let (mut parts, body) = leased.response.into_parts();
         headers::rewrite_response(&mut parts.headers);
         let body = ResponseBody::new(body, inner.idle_timeout, leased.lease, share);

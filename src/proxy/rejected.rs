@@ -15,8 +15,9 @@ use super::{headers, CredentialSlot, Proxy, ProxyBody, ProxyError, Trace};
 use crate::token::AfterRejection;
 
 impl Proxy {
-    /// Coupa's 401, read whole (bounded in size and time) and rewritten for
-    /// the client, so its connection is free before anything waits.
+    /// Coupa's refusal (401, 429), read whole (bounded in size and time)
+    /// and rewritten for the client, so its connection is free before
+    /// anything waits.
     pub(super) async fn buffer_rejection(
         &self,
         leased: Leased,
@@ -29,7 +30,7 @@ impl Proxy {
         let bytes = http_body_util::Limited::new(body, LIMIT)
             .collect()
             .await
-            .map_err(|e| ProxyError::Upstream(format!("reading Coupa's 401 answer: {e}")))?
+            .map_err(|e| ProxyError::Upstream(format!("reading Coupa's refusal: {e}")))?
             .to_bytes();
         headers::rewrite_response(&mut parts.headers);
         Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))))
@@ -43,7 +44,7 @@ impl Proxy {
         credential: &CredentialSlot,
         bearer: &HeaderValue,
         replay: &Replay,
-        (method, uri, mut headers): (&Method, &Uri, HeaderMap),
+        (method, uri, headers): (&Method, &Uri, &mut HeaderMap),
         trace: &mut Trace,
     ) -> Option<Result<Leased, ProxyError>> {
         let store = &credential.store;
@@ -59,9 +60,10 @@ impl Proxy {
             AfterRejection::GiveUp => return None,
         };
         debug!("replaying a request Coupa answered 401 with a fresh token");
+        // The caller's copy carries the fresh token too, for a re-send.
         headers.insert(AUTHORIZATION, fresh);
         Some(
-            self.send(upstream_request(method, uri, headers, body), trace)
+            self.send(upstream_request(method, uri, headers.clone(), body), trace)
                 .await
                 .map_err(ProxyError::from),
         )

@@ -169,11 +169,7 @@ impl Proxy {
                 .acquire(lane)
                 .await
                 .map_err(SendFailure::RateLimited)?;
-            let usage = match &trace.integration {
-                Some(integration) => &integration.usage,
-                None => inner.insight.unnamed(),
-            };
-            inner.insight.count_slot(usage);
+            inner.insight.count_slot(self.usage(trace));
         }
         let sent = StdInstant::now();
         let result =

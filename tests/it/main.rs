@@ -13,6 +13,7 @@ mod bad_input;
 mod cli;
 mod cluster;
 mod consent;
+mod coupa_429;
 mod demo;
 mod deploy;
 mod egress;

@@ -226,6 +226,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         max_connections,
         connection_wait_timeout,
         token_wait_timeout,
+        resend_429_within,
         rate_limit,
         egress_proxy,
     } = file;
@@ -288,6 +289,7 @@ fn validate_coupa(file: CoupaFile, base_dir: &Path) -> Result<Coupa, ConfigError
         max_connections,
         connection_wait_timeout,
         token_wait_timeout,
+        resend_429_within,
         rate_limit: rate_limit.map(validate_rate_limit).transpose()?,
         egress_proxy: egress_proxy
             .map(|file| validate_egress_proxy(file, base_dir))

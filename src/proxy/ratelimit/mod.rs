@@ -107,15 +107,20 @@ impl Limiter {
     /// Coupa answered 429: with a shared budget, every process holds off.
     pub fn coupa_rate_limited(&self, retry_after: Option<&http::HeaderValue>) {
         if let Some(shared) = &self.shared {
-            let hold_off = retry_after
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_HOLD_OFF)
-                .min(MAX_HOLD_OFF);
-            shared.pause(hold_off);
+            shared.pause(hold_off(retry_after));
         }
     }
+}
+
+/// How long Coupa's 429 asks to wait: its `Retry-After` in seconds (a
+/// second without one), at most [`MAX_HOLD_OFF`].
+pub fn hold_off(retry_after: Option<&http::HeaderValue>) -> Duration {
+    retry_after
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_HOLD_OFF)
+        .min(MAX_HOLD_OFF)
 }
 
 /// Coupa does not always send `Retry-After` with its 429.

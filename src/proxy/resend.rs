@@ -1,0 +1,67 @@
+//! Phase 3b, `resend_rate_limited`: Coupa answered 429. Its budget is per
+//! instance and shared with clients outside the proxy, and most legacy
+//! integrations take any non-2xx answer for a failed job. A 429 is an
+//! answer to a request the server did not process (RFC 6585 §4), so
+//! sending it again later is safe, for a POST too: the request, its body
+//! kept for replay, waits Coupa's `Retry-After` (a second without one) and
+//! goes again through its integration's place in the rate limit, while
+//! `coupa.resend_429_within` allows in all. Past that bound, or without
+//! the body, Coupa's 429 goes to the client unchanged. A request whose
+//! client has gone is dropped by the server while it waits, so it is not
+//! sent again.
+
+use std::time::Duration;
+
+use http::header::RETRY_AFTER;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use tracing::debug;
+
+use super::body::Replay;
+use super::send::upstream_request;
+use super::upstream::Leased;
+use super::{ratelimit, Proxy, ProxyError, Trace};
+
+impl Proxy {
+    /// `leased` as it is, or, while Coupa answers 429 and the bound
+    /// allows, the answer to the request sent again after the wait Coupa
+    /// asked for.
+    pub(super) async fn resend_rate_limited(
+        &self,
+        mut leased: Leased,
+        replay: &Replay,
+        (method, uri, headers): (&Method, &Uri, &HeaderMap),
+        trace: &mut Trace,
+    ) -> Result<Leased, ProxyError> {
+        let inner = &*self.inner;
+        while leased.response.status() == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = leased.response.headers().get(RETRY_AFTER);
+            if let Some(limiter) = &inner.rate_limiter {
+                limiter.coupa_rate_limited(retry_after);
+            }
+            inner.insight.coupa_refused(self.usage(trace));
+            let wait = ratelimit::hold_off(retry_after).max(MIN_WAIT);
+            if trace.resend_wait + wait > inner.resend_429_within {
+                break;
+            }
+            let Some(body) = replay.body() else {
+                break;
+            };
+            // Read off (small) so the connection serves others meanwhile.
+            let _ = self.buffer_rejection(leased).await?;
+            tokio::time::sleep(wait).await;
+            trace.resend_wait += wait;
+            trace.resends += 1;
+            inner.insight.resent(self.usage(trace), wait);
+            debug!(wait = ?wait, "sending a request Coupa answered 429 again");
+            leased = self
+                .send(upstream_request(method, uri, headers.clone(), body), trace)
+                .await?;
+        }
+        Ok(leased)
+    }
+}
+
+/// How long a re-send waits at least: after `Retry-After: 0` a request
+/// sent again at once would only meet the next 429, and the bound would
+/// never be reached.
+const MIN_WAIT: Duration = Duration::from_secs(1);
