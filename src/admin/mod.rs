@@ -455,6 +455,16 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
             "<p>Coupa's budget in the last hour: {slots} slots, {share:.1} % of it</p>"
         );
     }
+    let coupa_429 = &i["coupa_429_last_hour"];
+    if let Some(refused) = coupa_429["refused"].as_u64().filter(|n| *n > 0) {
+        let resent = coupa_429["resent"].as_u64().unwrap_or(0);
+        let waited = coupa_429["resend_wait_seconds"].as_f64().unwrap_or(0.0);
+        let _ = write!(
+            html,
+            "<p>Coupa's own 429s in the last hour: {refused}, sent again {resent} times after {waited:.0} s of waiting in all \
+             (other clients share the instance's budget)</p>"
+        );
+    }
     for flag in i["flags"].as_array().into_iter().flatten() {
         let _ = write!(
             html,

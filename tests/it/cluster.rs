@@ -433,7 +433,8 @@ async fn two_proxies_share_one_consent_across_rotations() {
 
 /// Coupa's own 429 (with `Retry-After: 7`) seen by one proxy makes every
 /// proxy hold off: the other one answers 429 itself, with `Retry-After`,
-/// and sends nothing to Coupa meanwhile.
+/// and sends nothing to Coupa meanwhile. (Re-sends are off here, so the
+/// one 429 is the one pause.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coupas_429_makes_every_proxy_hold_off() {
     let Some(redis) = Redis::start() else { return };
@@ -444,7 +445,7 @@ async fn coupas_429_makes_every_proxy_hold_off() {
         &redis,
         &dir,
         KEY,
-        "[coupa.rate_limit]\nper_second = 100\nburst = 10\nmax_queue = 100",
+        "resend_429_within = \"0s\"\n[coupa.rate_limit]\nper_second = 100\nburst = 10\nmax_queue = 100",
     );
     let proxies = start_proxies(&text, 2).await;
     let response = get(proxies[0].url("/api/_status?code=429")).await;

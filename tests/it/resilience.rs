@@ -393,8 +393,8 @@ async fn rate_limit_queues_a_burst_and_answers_429_past_the_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coupas_own_429_passes_through_untouched() {
-    let (_fake, proxy) = start_pair(DAY).await;
+async fn with_resending_off_coupas_own_429_passes_through_untouched() {
+    let (_fake, proxy) = start_with("resend_429_within = \"0s\"", "").await;
     let response = get(proxy.url("/api/_status?code=429")).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "7");

@@ -175,6 +175,45 @@ impl Nginx {
         Some(Self::launch(nginx, dir, port, ca_file, &config))
     }
 
+    /// nginx over plain HTTP in front of `upstream` playing Coupa's
+    /// per-instance limit with `limit_req` (`per_second`, `burst`,
+    /// `nodelay`, 429 beyond, no `Retry-After`): every client of the
+    /// instance, the proxy's or not, shares it.
+    pub fn start_limiting(
+        upstream: std::net::SocketAddr,
+        per_second: u32,
+        burst: u32,
+    ) -> Option<Self> {
+        let nginx = tool("nginx")?;
+        let dir = Dir::new("nginx-limit");
+        let prelude = prelude(&dir.path().display().to_string());
+        let port = free_port();
+        let config = format!(
+            r#"{prelude}
+    access_log off;
+    limit_req_zone $server_name zone=instance:1m rate={per_second}r/s;
+    limit_req_status 429;
+    upstream coupa {{
+        server {upstream};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        server_name coupa;
+        location / {{
+            limit_req zone=instance burst={burst} nodelay;
+            proxy_pass http://coupa;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"#
+        );
+        let ca_file = dir.path().join("no-tls");
+        Some(Self::launch(nginx, dir, port, ca_file, &config))
+    }
+
     /// Writes `config`, starts nginx on it and waits until it listens.
     fn launch(binary: PathBuf, dir: Dir, port: u16, ca_file: PathBuf, config: &str) -> Self {
         std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
