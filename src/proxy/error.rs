@@ -11,6 +11,13 @@ use http_body_util::{Either, Full};
 use super::stall::BodyTimeout;
 use super::ProxyBody;
 
+/// nginx's status for a client that closed its connection before the
+/// answer: logged, never sent.
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no valid access token is held: {cause}")]
@@ -36,8 +43,18 @@ pub enum ProxyError {
     ForeignTarget(String),
     #[error("the request body is malformed: {0}")]
     BadBody(String),
-    #[error("the request body fell behind: {0}; the request to Coupa was abandoned")]
-    ClientBodyTimeout(BodyTimeout),
+    /// `sent`: the request had started on its way to Coupa.
+    #[error("the request body fell behind: {why}; {}", if *.sent {
+        "the request to Coupa was abandoned midway (Coupa got an incomplete request and gave no answer)"
+    } else {
+        "nothing was sent to Coupa"
+    })]
+    ClientBodyTimeout { why: BodyTimeout, sent: bool },
+    /// The client closed its connection before its request was complete
+    /// (nginx's 499): nothing was sent to Coupa, and nobody reads the
+    /// answer; it is for the access line.
+    #[error("the client closed the connection before its request body was complete; nothing was sent to Coupa")]
+    ClientGone,
     #[error("too many requests queued for Coupa's rate limit")]
     RateLimited { retry_after: Duration },
     #[error("every connection to Coupa stayed busy for {0:?} (coupa.max_connections, coupa.connection_wait_timeout); try again shortly")]
@@ -70,7 +87,8 @@ impl ProxyError {
             | ProxyError::ForeignTarget(_)
             | ProxyError::BadBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ConnectMethod => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientGone => CLIENT_CLOSED_REQUEST,
             ProxyError::UnknownApiKey | ProxyError::InvalidLocalToken => StatusCode::UNAUTHORIZED,
             ProxyError::OAuthPathNotForwarded(_) => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -93,7 +111,8 @@ impl ProxyError {
             ProxyError::OAuthPathNotForwarded(_) => "not_forwarded",
             ProxyError::ForeignTarget(_) => "foreign_target",
             ProxyError::BadBody(_) => "bad_request_body",
-            ProxyError::ClientBodyTimeout(_) => "request_body_timeout",
+            ProxyError::ClientBodyTimeout { .. } => "request_body_timeout",
+            ProxyError::ClientGone => "client_gone",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::IntegrationBusy { .. } => "integration_busy",
@@ -127,6 +146,11 @@ impl ProxyError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if matches!(self, ProxyError::ClientBodyTimeout { .. }) {
+            // The rest of the body may still come: the connection cannot
+            // carry another request, and the server closes it.
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(wait) = self.retry_after() {
             // Whole seconds, rounded up, at least one.
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

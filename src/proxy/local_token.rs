@@ -35,7 +35,10 @@ impl Proxy {
             Limited::new(body, endpoint::MAX_BODY).collect(),
         )
         .await
-        .map_err(|_| ProxyError::ClientBodyTimeout(BodyTimeout::Idle(inner.body_read_timeout)))?;
+        .map_err(|_| ProxyError::ClientBodyTimeout {
+            why: BodyTimeout::Idle(inner.body_read_timeout),
+            sent: false,
+        })?;
         let outcome = match read {
             Ok(body) => {
                 let body = body.to_bytes();

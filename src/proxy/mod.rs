@@ -297,7 +297,9 @@ impl Proxy {
                     trace.failed_credential = Some(Guess::LegacyKey);
                 }
                 let summarised = self.hold_failed_credential(client, &mut trace).await;
-                if !matches!(err, ProxyError::NoToken { .. }) && !summarised {
+                // The access line says it all for these.
+                let quiet = matches!(err, ProxyError::NoToken { .. } | ProxyError::ClientGone);
+                if !quiet && !summarised {
                     warn!(error = %err, "request not forwarded");
                 }
                 err.into_response()
@@ -316,7 +318,7 @@ impl Proxy {
         // followed through the integration, the proxy and Coupa support.
         let answer = response.headers_mut();
         answer.insert(headers::X_REQUEST_ID, request_id.clone());
-        if http11 {
+        if http11 && !answer.contains_key(http::header::CONNECTION) {
             // Coupa's own, hop-by-hop, was removed with the other ones.
             answer.insert(headers::KEEP_ALIVE, self.inner.keep_alive.clone());
         }

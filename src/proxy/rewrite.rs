@@ -98,8 +98,9 @@ impl Proxy {
         .map_err(|e| match e {
             body::ClientBodyError::Stalled(why) => {
                 inner.metrics.client_body_timeout(why.reason());
-                ProxyError::ClientBodyTimeout(why)
+                ProxyError::ClientBodyTimeout { why, sent: false }
             }
+            body::ClientBodyError::Malformed(e) if client_left(&e) => ProxyError::ClientGone,
             body::ClientBodyError::Malformed(e) => ProxyError::BadBody(e.to_string()),
         })
     }
@@ -118,4 +119,25 @@ impl Proxy {
         };
         Ok(Uri::from(path_and_query))
     }
+}
+
+/// A body error that is the client leaving (its connection closed before
+/// the body was complete), not a malformed body.
+fn client_left(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_closed() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        cause = e.source();
+    }
+    false
 }

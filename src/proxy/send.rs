@@ -123,7 +123,7 @@ impl Proxy {
             }
             if let Some(why) = replay.client_stalled() {
                 metrics.client_body_timeout(why.reason());
-                return Err(ProxyError::ClientBodyTimeout(why));
+                return Err(ProxyError::ClientBodyTimeout { why, sent: true });
             }
             let retry = if failure.never_processed() {
                 unprocessed_retries += 1;

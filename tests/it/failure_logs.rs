@@ -92,7 +92,46 @@ async fn a_client_falling_behind_with_its_body_is_logged() {
         .unwrap();
     let answer = answer_on(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains("connection: close"),
+        "the proxy closes it: {answer}"
+    );
+    assert!(!lower.contains("keep-alive:"), "{answer}");
+    assert!(answer.contains("nothing was sent to Coupa"), "{answer}");
+    assert_eq!(fake.state().api_requests(), 0);
     logged(&proxy, "client fell behind sending the request body").await;
+}
+
+/// A client that leaves in the middle of its body: `499` in the access
+/// line (nginx's code: the client closed), not a malformed body's `400`,
+/// and nothing reaches Coupa.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_body_is_a_499_in_the_access_line() {
+    let fake = start_fake(DAY).await;
+    let proxy = start(&fake, "", "");
+    proxy.wait_ready().await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    drop(stream);
+    let line = || {
+        proxy
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["target"] == "coupa_auth_proxy::access")
+    };
+    eventually("the access line", || async { line().is_some() }).await;
+    let line = line().unwrap();
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(fake.state().api_requests(), 0);
+    assert!(
+        !proxy.logs().contains("request not forwarded"),
+        "the access line is the record"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
