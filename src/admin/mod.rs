@@ -419,13 +419,14 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
     let _ =
         write!(
         html,
-        "<h3>{}</h3><p>credential {} · identified by {} · {} requests, {} errors ({rate:.1} %) · \
-         first seen {} · last seen {}</p>",
+        "<h3>{}</h3><p>credential {} · identified by {} · {} requests, {} errors ({rate:.1} %), \
+         {} refused by Coupa (4xx) · first seen {} · last seen {}</p>",
         cell(&i["integration"]),
         cell(&i["credential"]),
         if by.is_empty() { "—".to_owned() } else { by.join(", ") },
         cell(&i["requests"]),
         cell(&i["errors"]),
+        cell(&i["refused_by_coupa"]),
         cell(&i["first_seen"]),
         cell(&i["last_seen"]),
     );
@@ -468,8 +469,7 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
     for flag in i["flags"].as_array().into_iter().flatten() {
         let _ = write!(
             html,
-            "<p class=\"flag bad\">⚑ {}: {}</p>",
-            cell(&flag["flag"]),
+            "<p class=\"flag bad\">⚑ {}</p>",
             cell(&flag["message"])
         );
     }

@@ -239,7 +239,7 @@ impl Insight {
         {
             flags.push(serde_json::json!({
                 "flag": "legacy_key",
-                "message": "still sends X-COUPA-API-KEY: still on a legacy key",
+                "message": "still sends X-COUPA-API-KEY: not on OAuth yet",
             }));
         }
         let mut requests = 0;
@@ -300,6 +300,7 @@ impl Insight {
             "integration": if usage.name.is_empty() { "(none)" } else { &usage.name },
             "requests": requests,
             "errors": errors,
+            "refused_by_coupa": usage.refused_by_coupa(),
             "error_rate": if requests == 0 { 0.0 } else { errors as f64 / requests as f64 },
             "first_seen": time(usage.first_seen()),
             "last_seen": time(last_seen),

@@ -168,6 +168,9 @@ pub struct Usage {
     last_local_token: AtomicU64,
     /// Answers with status 5xx, or errors the proxy answered itself.
     errors: AtomicU64,
+    /// Coupa's own 4xx answers (a missing scope's 403, a 404, a 422):
+    /// what a migrating operator looks for, apart from the errors.
+    refused_by_coupa: AtomicU64,
     /// Requests forwarded with no `Accept` of their own (none, or only
     /// `*/*`), by the format they were given ([`FORMATS`]).
     defaulted_accept: [AtomicU64; FORMATS.len()],
@@ -193,6 +196,7 @@ impl Usage {
             last_legacy_key: AtomicU64::new(0),
             last_local_token: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            refused_by_coupa: AtomicU64::new(0),
             defaulted_accept: Default::default(),
             per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
             slots_per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -227,6 +231,8 @@ impl Usage {
         }
         if refused || status.is_server_error() {
             self.errors.fetch_add(1, Ordering::Relaxed);
+        } else if status.is_client_error() {
+            self.refused_by_coupa.fetch_add(1, Ordering::Relaxed);
         }
         count_minute(&self.per_minute, now);
         let (m, a) = (method_index(method), answer_index(status));
@@ -317,6 +323,11 @@ impl Usage {
     }
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
+    }
+
+    /// Coupa's own 4xx answers to it.
+    pub fn refused_by_coupa(&self) -> u64 {
+        self.refused_by_coupa.load(Ordering::Relaxed)
     }
 
     /// A request that stated no `Accept` was forwarded with `given`.

@@ -81,6 +81,9 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
     assert_eq!(erp["credential"], "default");
     assert_eq!(erp["requests"], 77);
     assert_eq!(erp["flags"][0]["flag"], "legacy_key", "{erp}");
+    // Coupa's 403s are counted apart from errors: the proxy made none.
+    assert_eq!(erp["refused_by_coupa"], 4, "{erp}");
+    assert_eq!(erp["errors"], 0, "{erp}");
     assert!(erp["first_seen"].is_string() && erp["last_seen"].is_string());
     let resources = erp["resources"].as_array().unwrap();
     let resource = |name: &str| {
@@ -194,7 +197,22 @@ async fn the_view_counts_resources_methods_and_answers_and_keeps_no_ids_queries_
         page.contains("<h3>erp</h3>") && page.contains("<svg"),
         "{page}"
     );
-    assert!(page.contains("legacy_key") && page.contains("invoices"));
+    assert!(page.contains("invoices"));
+    assert!(
+        page.contains("77 requests, 0 errors (0.0 %), 4 refused by Coupa (4xx)"),
+        "{page}"
+    );
+    let erp_section = page
+        .split("<h3>erp</h3>")
+        .nth(1)
+        .and_then(|rest| rest.split("<h3>").next())
+        .unwrap();
+    assert_eq!(
+        erp_section.matches("legacy key").count() + erp_section.matches("legacy_key").count(),
+        1,
+        "identified by a legacy key, said once: {erp_section}"
+    );
+    assert!(erp_section.contains("⚑ still sends X-COUPA-API-KEY: not on OAuth yet"));
     for (what, text) in [
         ("status.json", &status_text),
         ("metrics", &metrics),
