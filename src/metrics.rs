@@ -380,11 +380,12 @@ impl Metrics {
 
     /// Times of one answered request (the counts are the migration
     /// view's, [`crate::insight`]).
-    pub fn record(&self, total: Duration, upstream: Option<Duration>) {
+    /// A forwarded request's Coupa time and the proxy's `own` (every
+    /// wait taken out: queue, connection share, token, re-sends).
+    pub fn record(&self, own: Duration, upstream: Option<Duration>) {
         if let Some(upstream) = upstream {
             self.upstream_seconds.observe(upstream.as_secs_f64());
-            self.overhead_seconds
-                .observe(total.saturating_sub(upstream).as_secs_f64());
+            self.overhead_seconds.observe(own.as_secs_f64());
         }
     }
 

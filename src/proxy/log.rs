@@ -2,7 +2,7 @@
 //! metrics, and the request counted in the migration view
 //! ([`crate::insight`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, StatusCode};
@@ -21,6 +21,17 @@ pub(super) struct Handled<'a> {
 impl Proxy {
     pub(super) fn log(&self, handled: &Handled<'_>, trace: &Trace, status: StatusCode) {
         let inner = &*self.inner;
+        let total = handled.started.elapsed();
+        // What is left once every wait is taken out: the proxy's own time.
+        let own = total.saturating_sub(
+            trace.upstream.unwrap_or_default()
+                + trace.token_wait.unwrap_or_default()
+                + trace.queue_wait
+                + trace.slot_wait
+                + trace.resend_wait
+                + trace.guess_delay,
+        );
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         // The query string can carry business data; only the path is logged.
         let path = handled.target.map(|t| t.path()).unwrap_or("");
         info!(
@@ -30,23 +41,18 @@ impl Proxy {
             integration = trace.integration.as_ref().map(|i| &*i.name).unwrap_or(""),
             request_id = handled.id.to_str().unwrap_or(""),
             status = status.as_u16(),
-            duration_ms = handled.started.elapsed().as_secs_f64() * 1000.0,
-            upstream_ms = trace.upstream.map(|u| u.as_secs_f64() * 1000.0),
-            token_wait_ms = trace.token_wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0),
-            guess_delay_ms = trace.guess_delay.as_secs_f64() * 1000.0,
+            duration_ms = ms(total),
+            upstream_ms = trace.upstream.map(ms),
+            token_wait_ms = trace.token_wait.map_or(0.0, ms),
+            queue_ms = ms(trace.queue_wait),
+            slot_ms = ms(trace.slot_wait),
+            guess_delay_ms = ms(trace.guess_delay),
             resends = trace.resends,
-            resend_wait_ms = trace.resend_wait.as_secs_f64() * 1000.0,
+            resend_wait_ms = ms(trace.resend_wait),
+            proxy_ms = ms(own),
             "request"
         );
-        // A failed credential held back, and the waits Coupa asked for
-        // before re-sends, are not the proxy's own time.
-        inner.metrics.record(
-            handled
-                .started
-                .elapsed()
-                .saturating_sub(trace.guess_delay + trace.resend_wait),
-            trace.upstream,
-        );
+        inner.metrics.record(own, trace.upstream);
         let usage = self.usage(trace);
         let refused =
             trace.upstream.is_none() && (status.is_client_error() || status.is_server_error());

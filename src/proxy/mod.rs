@@ -158,6 +158,12 @@ struct Trace {
     upstream: Option<Duration>,
     /// Time spent waiting for a token (none held when the request came).
     token_wait: Option<Duration>,
+    /// Time spent in the rate-limit queue for a slot of Coupa's budget
+    /// (all attempts).
+    queue_wait: Duration,
+    /// Time spent waiting for a place under the integration's
+    /// `max_concurrent` (its share of the connections to Coupa).
+    slot_wait: Duration,
     /// Times Coupa's 429 was absorbed by sending the request again, and
     /// what those waits took in all.
     resends: u32,

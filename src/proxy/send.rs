@@ -165,10 +165,10 @@ impl Proxy {
                 .as_ref()
                 .and_then(|i| i.lane.as_ref())
                 .unwrap_or(limiter.unnamed());
-            limiter
-                .acquire(lane)
-                .await
-                .map_err(SendFailure::RateLimited)?;
+            let queued = StdInstant::now();
+            let slot = limiter.acquire(lane).await;
+            trace.queue_wait += queued.elapsed();
+            slot.map_err(SendFailure::RateLimited)?;
             inner.insight.count_slot(self.usage(trace));
         }
         let sent = StdInstant::now();

@@ -59,17 +59,19 @@ impl Proxy {
     /// `coupa.connection_wait_timeout`; `None` without integrations.
     pub(super) async fn take_share(
         &self,
-        trace: &Trace,
+        trace: &mut Trace,
     ) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
         let Some(integration) = &trace.integration else {
             return Ok(None);
         };
         let inner = &*self.inner;
-        match integration
+        let asked = std::time::Instant::now();
+        let taken = integration
             .share
             .acquire(inner.connection_wait_timeout)
-            .await
-        {
+            .await;
+        trace.slot_wait += asked.elapsed();
+        match taken {
             Ok(permit) => Ok(Some(permit)),
             Err(at_cap) => {
                 inner.metrics.integration_busy(&integration.name);

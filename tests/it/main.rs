@@ -33,6 +33,7 @@ mod local_oauth;
 mod operate;
 mod pool;
 mod real_oauth;
+mod records;
 mod reload;
 mod resilience;
 mod restarts;

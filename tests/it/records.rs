@@ -1,0 +1,79 @@
+//! What an access line says about where a request's time went: every
+//! phase field on every line (0 when there was no wait), the wait for a
+//! place under an integration's `max_concurrent` in `slot_ms` rather than
+//! read as the proxy's own time, which stays in `proxy_ms`.
+
+use std::time::Duration;
+
+use coupa_auth_proxy::proxy::auth::hash_key;
+
+use crate::support::*;
+
+const KEY: &str = "records-legacy-key-5a4b3c2d1e0f";
+const PHASES: [&str; 8] = [
+    "duration_ms",
+    "token_wait_ms",
+    "queue_ms",
+    "slot_ms",
+    "guess_delay_ms",
+    "resend_wait_ms",
+    "proxy_ms",
+    "resends",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(&fake.base_url(), "", "")
+        + &format!(
+            "\n[[integration]]\nname = \"batch\"\napi_key_sha256 = \"{}\"\nmax_concurrent = 1\n",
+            hash_key(KEY)
+        );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let client = http_client();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            client
+                .get(proxy.url("/api/_slow?ms=300"))
+                .header("X-COUPA-API-KEY", KEY)
+                .send()
+        })
+        .collect();
+    for answer in futures_util::future::join_all(calls).await {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    let lines = || -> Vec<serde_json::Value> {
+        proxy
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "coupa_auth_proxy::access")
+            .collect()
+    };
+    eventually("four access lines", || async { lines().len() == 4 }).await;
+    let lines = lines();
+    for line in &lines {
+        for phase in PHASES {
+            assert!(line[phase].is_number(), "{phase} in every line: {line}");
+        }
+    }
+    // One at a time at Coupa: the last waited for three answers of 300 ms.
+    let slowest = lines
+        .iter()
+        .max_by(|a, b| {
+            a["slot_ms"]
+                .as_f64()
+                .partial_cmp(&b["slot_ms"].as_f64())
+                .unwrap()
+        })
+        .unwrap();
+    let slot = slowest["slot_ms"].as_f64().unwrap();
+    assert!(slot >= 800.0, "the wait for the slot is counted: {slowest}");
+    let own = slowest["proxy_ms"].as_f64().unwrap();
+    let total = slowest["duration_ms"].as_f64().unwrap();
+    assert!(
+        own < total / 4.0,
+        "the slot's wait is not read as the proxy's own time: {slowest}"
+    );
+}
