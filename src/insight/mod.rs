@@ -16,6 +16,7 @@
 pub mod chart;
 pub mod refusals;
 pub mod resource;
+pub mod ring;
 pub mod usage;
 
 use std::sync::{Arc, RwLock};

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::usage::{add_to_minute, count_minute, last_hour, MINUTES};
+use super::ring::{add_to_minute, count_minute, last_hour, MINUTES};
 
 #[derive(Debug)]
 pub struct CoupaRefusals {
