@@ -164,7 +164,7 @@ pub struct Metrics {
     client_body_timeouts: Family<[(&'static str, &'static str); 1], Counter>,
     /// Tunnels through the egress proxy that failed, by cause (rare).
     egress_failures: Family<[(&'static str, &'static str); 1], Counter>,
-    /// Requests the server refused before any phase ran, by reason (rare).
+    /// Requests the proxy answered itself, by reason (rare).
     refused_requests: Family<[(&'static str, &'static str); 1], Counter>,
     started: SystemTime,
 }
@@ -306,7 +306,7 @@ impl Metrics {
         let refused_requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
         registry.register(
             "refused_requests",
-            "Requests answered 400 by the server before any phase ran, by reason: ambiguous_framing, malformed_request_line, malformed_head",
+            "Requests the proxy answered itself instead of passing Coupa's answer on, by reason (the access line's reason: ambiguous_framing, malformed_request_line, malformed_head, unknown_api_key, missing_host, rate_limited, no_token, client_gone, ...)",
             refused_requests.clone(),
         );
         let integration_busy = Family::<Vec<(String, String)>, Counter>::default();
@@ -351,7 +351,7 @@ impl Metrics {
             .inc();
     }
 
-    /// The server refused a request before any phase ran, for `reason`.
+    /// The proxy answered a request itself, for `reason`.
     pub fn refused_request(&self, reason: &'static str) {
         self.refused_requests
             .get_or_create(&[("reason", reason)])

@@ -13,7 +13,7 @@ use super::ProxyBody;
 
 /// nginx's status for a client that closed its connection before the
 /// answer: logged, never sent.
-const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+pub(super) const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
     Ok(status) => status,
     Err(_) => StatusCode::BAD_REQUEST,
 };

@@ -57,6 +57,7 @@ impl Proxy {
                 (StatusCode::OK, answer)
             }
             Err(error) => {
+                trace.reason = error.code();
                 if error == OAuthError::InvalidClient {
                     trace.failed_credential = Some(crate::guesses::Guess::LocalClientSecret);
                 }

@@ -8,6 +8,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, StatusCode};
 use tracing::{info, warn};
 
+use super::error::CLIENT_CLOSED_REQUEST;
 use super::{Proxy, Trace};
 
 /// The request as the log line names it.
@@ -16,6 +17,29 @@ pub(super) struct Handled<'a> {
     pub target: Option<&'a PathAndQuery>,
     pub id: &'a HeaderValue,
     pub started: Instant,
+}
+
+/// One request's access line, written when this is dropped: with the
+/// answer's `status` once it is known, or as 499 `client_gone` when the
+/// server dropped the request's future because its client went away.
+pub(super) struct Record<'a> {
+    pub proxy: &'a Proxy,
+    pub handled: Handled<'a>,
+    pub trace: Trace,
+    pub status: Option<StatusCode>,
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        let status = match self.status {
+            Some(status) => status,
+            None => {
+                self.trace.reason = "client_gone";
+                CLIENT_CLOSED_REQUEST
+            }
+        };
+        self.proxy.log(&self.handled, &self.trace, status);
+    }
 }
 
 impl Proxy {
@@ -50,8 +74,12 @@ impl Proxy {
             resends = trace.resends,
             resend_wait_ms = ms(trace.resend_wait),
             proxy_ms = ms(own),
+            reason = trace.reason,
             "request"
         );
+        if !trace.reason.is_empty() {
+            inner.metrics.refused_request(trace.reason);
+        }
         inner.metrics.record(own, trace.upstream);
         let usage = self.usage(trace);
         let refused =

@@ -69,7 +69,7 @@ pub use error::ProxyError;
 use filter::Admitted;
 pub use headers::{ClientInfo, RewriteRules};
 use http_body::Body as _;
-use log::Handled;
+use log::{Handled, Record};
 use ratelimit::Limiter;
 use rewrite::Outgoing;
 use spool::Answer;
@@ -168,6 +168,9 @@ struct Trace {
     /// what those waits took in all.
     resends: u32,
     resend_wait: Duration,
+    /// Why the proxy answered the request itself (an error's `code`), or
+    /// `client_gone`; empty when Coupa's answer was passed on.
+    reason: &'static str,
     /// The request carried a credential that failed (a guess, perhaps).
     failed_credential: Option<Guess>,
     /// How long its answer was held back for that.
@@ -292,17 +295,29 @@ impl Proxy {
         let method = request.method().clone();
         let http11 = request.version() == http::Version::HTTP_11;
         let target = request.uri().path_and_query().cloned();
-        let mut trace = Trace::default();
-        let mut response = match self
-            .forward(request, target.as_ref(), client, &mut trace)
-            .await
-        {
+        // Writes the access line when dropped: at the end of this
+        // function, or, if the server drops this future because the
+        // client went away, as 499 `client_gone`.
+        let mut record = Record {
+            proxy: self,
+            handled: Handled {
+                method: &method,
+                target: target.as_ref(),
+                id: &request_id,
+                started,
+            },
+            trace: Trace::default(),
+            status: None,
+        };
+        let trace = &mut record.trace;
+        let mut response = match self.forward(request, target.as_ref(), client, trace).await {
             Ok(response) => response,
             Err(err) => {
+                trace.reason = err.code();
                 if matches!(err, ProxyError::UnknownApiKey) && trace.via == Via::LegacyKey {
                     trace.failed_credential = Some(Guess::LegacyKey);
                 }
-                let summarised = self.hold_failed_credential(client, &mut trace).await;
+                let summarised = self.hold_failed_credential(client, trace).await;
                 // The access line says it all for these.
                 let quiet = matches!(err, ProxyError::NoToken { .. } | ProxyError::ClientGone);
                 if !quiet && !summarised {
@@ -312,7 +327,7 @@ impl Proxy {
             }
         };
         if trace.failed_credential == Some(Guess::LocalClientSecret) {
-            self.hold_failed_credential(client, &mut trace).await;
+            self.hold_failed_credential(client, trace).await;
         }
         if http11 && !trace.guess_delay.is_zero() {
             // Each further guess costs a new connection.
@@ -328,13 +343,8 @@ impl Proxy {
             // Coupa's own, hop-by-hop, was removed with the other ones.
             answer.insert(headers::KEEP_ALIVE, self.inner.keep_alive.clone());
         }
-        let handled = Handled {
-            method: &method,
-            target: target.as_ref(),
-            id: &request_id,
-            started,
-        };
-        self.log(&handled, &trace, response.status());
+        record.status = Some(response.status());
+        drop(record);
         response
     }
 

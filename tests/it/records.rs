@@ -77,3 +77,84 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
         "the slot's wait is not read as the proxy's own time: {slowest}"
     );
 }
+
+/// Each refused request has exactly one access line with its reason, and
+/// the counter by reason equals the lines: a wrong key, a missing Host, a
+/// CONNECT, ambiguous framing, a malformed head, and a client that left
+/// while Coupa was still answering (499 `client_gone`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text = config_text(&fake.base_url(), "", "")
+        + &format!(
+            "\n[[integration]]\nname = \"erp\"\napi_key_sha256 = \"{}\"\n",
+            hash_key(KEY)
+        );
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let raw = |request: &'static [u8]| {
+        let addr = proxy.addr;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+        }
+    };
+    let expected = [
+        ("unknown_api_key", 2),
+        ("missing_host", 1),
+        ("method_not_allowed", 1),
+        ("ambiguous_framing", 1),
+        ("malformed_head", 1),
+        ("client_gone", 1),
+    ];
+    for _ in 0..2 {
+        raw(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
+    }
+    raw(b"GET /api/x HTTP/1.1\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
+    raw(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n").await;
+    raw(b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
+    raw(b"GET /api/x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n").await;
+    let gone = http_client()
+        .get(proxy.url("/api/_slow?ms=3000"))
+        .header("X-COUPA-API-KEY", KEY)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client left: {gone:?}");
+
+    let lines = || -> Vec<serde_json::Value> {
+        proxy
+            .logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "coupa_auth_proxy::access")
+            .collect()
+    };
+    let total: usize = expected.iter().map(|(_, n)| n).sum();
+    eventually("every refused request is logged", || async {
+        lines().len() >= total
+    })
+    .await;
+    let lines = lines();
+    assert_eq!(lines.len(), total, "one line each: {lines:?}");
+    let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    for (reason, count) in expected {
+        let logged = lines.iter().filter(|l| l["reason"] == reason).count();
+        assert_eq!(logged, count, "{reason}: {lines:?}");
+        assert_eq!(
+            metric(
+                &metrics,
+                "coupa_proxy_refused_requests_total",
+                &[("reason", reason)]
+            ),
+            count as f64,
+            "{reason} counted as logged"
+        );
+    }
+    let gone = lines.iter().find(|l| l["reason"] == "client_gone").unwrap();
+    assert_eq!(gone["status"], 499, "{gone}");
+    assert_eq!(gone["integration"], "erp", "{gone}");
+}
