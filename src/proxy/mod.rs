@@ -54,7 +54,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::guesses::{Guess, Guesses};
@@ -318,9 +318,15 @@ impl Proxy {
                     trace.failed_credential = Some(Guess::LegacyKey);
                 }
                 let summarised = self.hold_failed_credential(client, trace).await;
-                // The access line says it all for these.
-                let quiet = matches!(err, ProxyError::NoToken { .. } | ProxyError::ClientGone);
-                if !quiet && !summarised {
+                // A refusal of the client's request (4xx) is the access
+                // line's `reason`, which says it all: a flood of bad
+                // requests costs one line each. A failure on the way to
+                // Coupa (5xx) is warned of with its cause.
+                let clients_side = err.status().is_client_error()
+                    || matches!(err, ProxyError::NoToken { .. } | ProxyError::ClientGone);
+                if clients_side || summarised {
+                    debug!(error = %err, "request not forwarded");
+                } else {
                     warn!(error = %err, "request not forwarded");
                 }
                 err.into_response()

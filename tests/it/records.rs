@@ -114,7 +114,10 @@ async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
         raw(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
     }
     raw(b"GET /api/x HTTP/1.1\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
-    raw(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n").await;
+    raw(
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     raw(b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
     raw(b"GET /api/x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n").await;
     let gone = http_client()
