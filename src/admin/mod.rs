@@ -288,6 +288,7 @@ async fn status(state: &AdminState) -> serde_json::Value {
         "upstream": state.upstream,
         "credentials": credentials(state),
         "integrations": integrations,
+        "coupa_budget": state.insight.budget_view(),
         "cluster": cluster,
     })
 }
@@ -349,7 +350,9 @@ fn status_page(status: &serde_json::Value) -> String {
             },
         );
     }
-    html.push_str("</table><h2>Integrations</h2>");
+    html.push_str("</table>");
+    budget_section(&mut html, &status["coupa_budget"]);
+    html.push_str("<h2>Integrations</h2>");
     let integrations = status["integrations"]
         .as_array()
         .cloned()
@@ -402,6 +405,34 @@ fn status_page(status: &serde_json::Value) -> String {
          </body></html>",
     );
     html
+}
+
+/// Coupa's budget over the last hour: how often Coupa refused the proxy,
+/// and what clients outside it seem to take.
+fn budget_section(html: &mut String, budget: &serde_json::Value) {
+    let Some(per_second) = budget["per_second"].as_f64() else {
+        return;
+    };
+    let minutes = budget["refused_minutes_last_hour"].as_u64().unwrap_or(0);
+    let _ = write!(
+        html,
+        "<h2>Coupa's budget</h2><p>{per_second:.0} requests/s configured; in the last hour Coupa refused the proxy (429) in {minutes} minutes"
+    );
+    if let Some(share) = budget["outside_share_estimate"].as_f64() {
+        let _ = write!(
+            html,
+            "; clients outside the proxy took about {:.0} % of the budget then",
+            share * 100.0
+        );
+    }
+    html.push_str(".</p>");
+    if let Some(hint) = budget["hint"].as_str() {
+        let _ = write!(
+            html,
+            "<p class=\"flag bad\">⚑ {}</p>",
+            crate::encode::html(hint)
+        );
+    }
 }
 
 /// One integration of the migration view: what identifies it, when it was

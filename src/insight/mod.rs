@@ -27,6 +27,7 @@ use http::{Method, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use crate::config::Config;
@@ -169,6 +170,46 @@ impl Insight {
             .read()
             .map(|d| *d)
             .unwrap_or(Duration::from_secs(7 * 86_400))
+    }
+
+    /// Coupa's budget as the proxy sees it over the last hour: the
+    /// configured rate, the minutes Coupa refused it, and an estimate of
+    /// the share clients outside the proxy took then. `None` without
+    /// `[coupa.rate_limit]` (no slots are counted).
+    pub fn budget_view(&self) -> Option<serde_json::Value> {
+        let per_hour = self.budget_per_hour.read().ok().and_then(|b| *b)?;
+        let per_second = per_hour / 3600.0;
+        let now = self.now();
+        let usages: Vec<Arc<Usage>> = self.usages.read().map(|u| u.clone()).unwrap_or_default();
+        let mut slots = [0u64; usage::MINUTES];
+        let mut refused = [0u64; usage::MINUTES];
+        for usage in &usages {
+            let (s, r) = (
+                usage.slots_per_minute(now),
+                usage.coupa_refusals.refused_per_minute(now),
+            );
+            for m in 0..usage::MINUTES {
+                slots[m] += s[m];
+                refused[m] += r[m];
+            }
+        }
+        let estimate = refusals::outside_share(&slots, &refused, per_second);
+        let (minutes, share) = estimate.unwrap_or((0, 0.0));
+        let hint = (share >= 0.05).then(|| {
+            format!(
+                "clients outside the proxy took about {:.0} % of Coupa's budget while it refused the proxy; \
+                 lower coupa.rate_limit.per_second to about {:.0} to leave them room (the proxy sends refused \
+                 requests again meanwhile: coupa.resend_429_within)",
+                share * 100.0,
+                per_second * (1.0 - share)
+            )
+        });
+        Some(serde_json::json!({
+            "per_second": per_second,
+            "refused_minutes_last_hour": minutes,
+            "outside_share_estimate": estimate.map(|(_, share)| share),
+            "hint": hint,
+        }))
     }
 
     /// The view for `/status.json`: configured integrations in config
@@ -425,6 +466,19 @@ impl Collector for InsightCollector {
                 ConstCounter::new(counts.waited.as_secs_f64())
                     .encode(family.encode_family(&[("integration", *integration)])?)?;
             }
+        }
+        if let Some(share) = self
+            .0
+            .budget_view()
+            .and_then(|view| view["outside_share_estimate"].as_f64())
+        {
+            let gauge = encoder.encode_descriptor(
+                "coupa_outside_share_estimate",
+                "Share of Coupa's budget that clients outside the proxy seem to take, from the minutes of the last hour in which Coupa answered the proxy 429",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(share).encode(gauge)?;
         }
         let mut family = encoder.encode_descriptor(
             "requests",

@@ -66,6 +66,11 @@ impl CoupaRefusals {
         }
     }
 
+    /// Coupa's 429s per minute over the last hour, oldest first.
+    pub fn refused_per_minute(&self, now: Duration) -> [u64; MINUTES] {
+        last_hour(&self.refused_per_minute, now)
+    }
+
     pub fn last_hour(&self, now: Duration) -> RefusalCounts {
         let sum = |ring| last_hour(ring, now).iter().sum::<u64>();
         RefusalCounts {
@@ -76,9 +81,58 @@ impl CoupaRefusals {
     }
 }
 
+/// How much of the instance's budget clients outside the proxy seem to
+/// take, from the minutes of the last hour in which Coupa refused the
+/// proxy (its budget was spent then): in such a minute the proxy's
+/// accepted requests (its slots less Coupa's 429s) fell short of
+/// `per_second` by what others used. `slots` and `refused` are per minute,
+/// oldest first, summed over integrations; the current minute, still
+/// running, is left out. `None` without such a minute.
+pub fn outside_share(
+    slots: &[u64; MINUTES],
+    refused: &[u64; MINUTES],
+    per_second: f64,
+) -> Option<(usize, f64)> {
+    let complete = MINUTES - 1;
+    let shares: Vec<f64> = (0..complete)
+        .filter(|&m| refused[m] > 0)
+        .map(|m| {
+            let accepted = slots[m].saturating_sub(refused[m]) as f64 / 60.0;
+            (1.0 - accepted / per_second).clamp(0.0, 1.0)
+        })
+        .collect();
+    if shares.is_empty() || per_second <= 0.0 {
+        return None;
+    }
+    Some((
+        shares.len(),
+        shares.iter().sum::<f64>() / shares.len() as f64,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_outside_share_comes_from_the_minutes_coupa_refused() {
+        let mut slots = [0u64; MINUTES];
+        let mut refused = [0u64; MINUTES];
+        // Two saturated minutes: the proxy got 15/s and 10/s of 25/s.
+        slots[10] = 15 * 60 + 30;
+        refused[10] = 30;
+        slots[11] = 10 * 60 + 100;
+        refused[11] = 100;
+        // A quiet minute with no refusal says nothing of others.
+        slots[12] = 60;
+        // The running minute is left out.
+        slots[MINUTES - 1] = 100;
+        refused[MINUTES - 1] = 100;
+        let (minutes, share) = outside_share(&slots, &refused, 25.0).unwrap();
+        assert_eq!(minutes, 2);
+        assert!((share - 0.5).abs() < 1e-9, "(0.4 + 0.6) / 2: {share}");
+        assert_eq!(outside_share(&[0; MINUTES], &[0; MINUTES], 25.0), None);
+    }
 
     #[test]
     fn the_last_hour_forgets_what_is_older_and_totals_do_not() {

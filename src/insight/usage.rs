@@ -249,6 +249,12 @@ impl Usage {
         count_minute(&self.slots_per_minute, now);
     }
 
+    /// Slots of Coupa's budget it was given per minute over the last
+    /// hour, oldest first.
+    pub fn slots_per_minute(&self, now: Duration) -> [u64; MINUTES] {
+        last_hour(&self.slots_per_minute, now)
+    }
+
     /// Slots of Coupa's budget it was given in the last hour.
     pub fn slots_last_hour(&self, now: Duration) -> u64 {
         last_hour(&self.slots_per_minute, now).iter().sum()

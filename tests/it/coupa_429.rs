@@ -280,4 +280,18 @@ async fn no_429_reaches_the_integrations_beside_an_outside_client() {
     );
     eprintln!("Coupa's limiter refused {refused}, all sent again: {resent}");
     assert_eq!(refused, resent);
+    // The budget view: the configured rate, and (once a whole minute with
+    // refusals has passed) what others took then.
+    let status: serde_json::Value = get(format!("http://{}/status.json", proxy.admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["coupa_budget"]["per_second"], 25.0, "{status}");
+    let page = get(format!("http://{}/", proxy.admin))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<h2>Coupa's budget</h2>"), "{page}");
 }
