@@ -38,7 +38,14 @@ struct Row {
     goodput: f64,
     failed: usize,
     p99_ms: f64,
+    /// With another client calling Coupa directly: its calls answered 2xx
+    /// per second.
+    outside_ok_per_second: Option<f64>,
 }
+
+/// The other client of the `coupa-budget-outside` rows: it calls Coupa
+/// directly, evenly paced, at this rate.
+const OUTSIDE_PER_SECOND: u64 = 20;
 
 pub fn coupa_budget(
     fake: &Arc<FakeState>,
@@ -54,20 +61,38 @@ pub fn coupa_budget(
         .enable_all()
         .build()
         .unwrap();
-    let drive = |target: &'static str, urls: Vec<String>, headers: Vec<(&'static str, String)>| {
+    let outside_url = format!("http://127.0.0.1:{upstream}/api/invoices");
+    let drive_with = |target: &'static str,
+                      urls: Vec<String>,
+                      headers: Vec<(&'static str, String)>,
+                      outside: bool| {
         // Coupa's bucket full again, as after a quiet minute.
         std::thread::sleep(Duration::from_secs(1));
         let (ok_before, throttled_before) = (fake.api_requests(), fake.throttled_requests());
-        let (failed, waits, elapsed) = runtime.block_on(burst_load(urls, headers));
-        let ok = fake.api_requests() - ok_before;
+        let (failed, waits, elapsed, outside_ok) = runtime.block_on(async {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let other = outside.then(|| {
+                tokio::spawn(outside_client(outside_url.clone(), token.to_owned(), stop.clone()))
+            });
+            let (failed, waits, elapsed) = burst_load(urls, headers).await;
+            stop.cancel();
+            let outside_ok = match other {
+                Some(task) => Some(task.await.unwrap_or(0)),
+                None => None,
+            };
+            (failed, waits, elapsed, outside_ok)
+        });
+        let ok = fake.api_requests() - ok_before - outside_ok.unwrap_or(0);
         Row {
             target,
             coupa_429: fake.throttled_requests() - throttled_before,
             goodput: ok as f64 / elapsed.as_secs_f64() / RATE,
             failed,
             p99_ms: p99(waits),
+            outside_ok_per_second: outside_ok.map(|n| n as f64 / elapsed.as_secs_f64()),
         }
     };
+    let drive = |target, urls, headers| drive_with(target, urls, headers, false);
     let mut rows = Vec::new();
     rows.push(drive(
         "direct",
@@ -126,7 +151,7 @@ pub fn coupa_budget(
                     upstream,
                     &work.join(format!("{count}-{}-{i}", burst.unwrap_or(0))),
                     burst,
-                    shared,
+                    (shared, ""),
                 )
             })
             .collect();
@@ -142,8 +167,98 @@ pub fn coupa_budget(
     }
     let _ = redis.kill();
     let _ = redis.wait();
+
+    // The same bursts while another client takes part of Coupa's budget:
+    // the clients straight to Coupa, behind nginx's limit_req, and behind
+    // the proxy with Coupa's 429s sent again (the default) and passed on
+    // (`resend_429_within = "0s"`, as before).
+    let mut outside_rows = vec![drive_with(
+        "direct",
+        vec![outside_url.clone()],
+        vec![
+            ("Authorization", format!("Bearer {token}")),
+            ("Accept", "application/json".into()),
+        ],
+        true,
+    )];
+    let (mut nginx, nginx_port) =
+        start_rate_limited_nginx(upstream, token, &work.join("nginx-outside"), RATE, 10_000);
+    outside_rows.push(drive_with(
+        "nginx limit_req",
+        vec![format!("http://127.0.0.1:{nginx_port}/api/invoices")],
+        legacy(),
+        true,
+    ));
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+    for (name, resend) in [
+        ("proxy, 429s passed on", "resend_429_within = \"0s\""),
+        ("proxy, 429s sent again", ""),
+    ] {
+        let (mut proxy, port) = start_proxy(
+            upstream,
+            &work.join(format!("outside-{}", resend.len())),
+            None,
+            (None, resend),
+        );
+        outside_rows.push(drive_with(
+            name,
+            vec![format!("http://127.0.0.1:{port}/api/invoices")],
+            legacy(),
+            true,
+        ));
+        let _ = proxy.kill();
+        let _ = proxy.wait();
+    }
     fake.set_rate_limit(None);
-    report(&rows)
+    let (mut table, mut json) = report(&rows);
+    let (outside_table, outside_json) = report_outside(&outside_rows);
+    table.push_str(&outside_table);
+    json = serde_json::json!({"bursts": json, "beside_another_client": outside_json});
+    (table, json)
+}
+
+/// Another client of the instance, outside any proxy: one call every
+/// 1/[`OUTSIDE_PER_SECOND`] s until `stop`; its calls answered 2xx.
+async fn outside_client(url: String, token: String, stop: tokio_util::sync::CancellationToken) -> u64 {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / OUTSIDE_PER_SECOND));
+    let mut ok = 0;
+    while !stop.is_cancelled() {
+        tick.tick().await;
+        let call = client.get(&url).bearer_auth(&token).send().await;
+        if matches!(call, Ok(r) if r.status().is_success()) {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+fn report_outside(rows: &[Row]) -> (String, serde_json::Value) {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "\ncoupa-budget beside another client: the same bursts while another client calls Coupa directly at {OUTSIDE_PER_SECOND}/s\n\n\
+         | target | 429s from Coupa | goodput of the bursts (÷ 25) | failed at the client | p99 wait | the other client's 2xx/s |\n|---|---|---|---|---|---|"
+    );
+    let mut json = Vec::new();
+    for row in rows {
+        let outside = row.outside_ok_per_second.unwrap_or(0.0);
+        let _ = writeln!(
+            table,
+            "| {} | {} | {:.2} | {} | {:.0} ms | {outside:.1} |",
+            row.target, row.coupa_429, row.goodput, row.failed, row.p99_ms
+        );
+        json.push(serde_json::json!({
+            "target": row.target,
+            "coupa_429": row.coupa_429,
+            "goodput": row.goodput,
+            "failed_at_client": row.failed,
+            "p99_wait_ms": row.p99_ms,
+            "outside_ok_per_second": outside,
+        }));
+    }
+    (table, serde_json::Value::Array(json))
 }
 
 fn report(rows: &[Row]) -> (String, serde_json::Value) {
@@ -220,8 +335,14 @@ async fn burst_load(
 }
 
 /// A proxy shaping to Coupa's budget, with `burst` or the proxy's default;
-/// `shared`: through the Redis on this port, as one of several replicas.
-fn start_proxy(upstream: u16, dir: &Path, burst: Option<u32>, shared: Option<u16>) -> (Child, u16) {
+/// `shared`: through the Redis on this port, as one of several replicas;
+/// `coupa_extra`: more of `[coupa]`.
+fn start_proxy(
+    upstream: u16,
+    dir: &Path,
+    burst: Option<u32>,
+    (shared, coupa_extra): (Option<u16>, &str),
+) -> (Child, u16) {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
     let admin = free_port();
@@ -247,7 +368,7 @@ fn start_proxy(upstream: u16, dir: &Path, burst: Option<u32>, shared: Option<u16
             port,
             admin,
             &format!("http://127.0.0.1:{upstream}"),
-            "max_connections = 128",
+            &format!("max_connections = 128\n{coupa_extra}"),
             &limit,
         ),
     )

@@ -279,7 +279,8 @@ fn main() {
         let (budget_table, budget_json) =
             budget::coupa_budget(&fake_state, upstream, &token, &work);
         table.push_str(&budget_table);
-        summary["coupa_budget"] = budget_json;
+        summary["coupa_budget"] = budget_json["bursts"].clone();
+        summary["coupa_budget_outside"] = budget_json["beside_another_client"].clone();
     }
     if network::wanted_any() {
         let (network_table, network_json) = network::run(upstream, &token, &work);

@@ -39,10 +39,10 @@ impl Proxy {
                 limiter.coupa_rate_limited(retry_after);
             }
             inner.insight.coupa_refused(self.usage(trace));
-            let wait = ratelimit::hold_off(retry_after).max(MIN_WAIT);
-            if trace.resend_wait + wait > inner.resend_429_within {
+            let Some(wait) = next_wait(retry_after, trace.resend_wait, inner.resend_429_within)
+            else {
                 break;
-            }
+            };
             let Some(body) = replay.body() else {
                 break;
             };
@@ -61,7 +61,49 @@ impl Proxy {
     }
 }
 
+/// How long the next re-send waits — Coupa's `Retry-After` (a second
+/// without one, at least [`MIN_WAIT`]) — or `None` when that would take the
+/// request's waits past `bound` (zero: never re-sent).
+fn next_wait(
+    retry_after: Option<&http::HeaderValue>,
+    waited: Duration,
+    bound: Duration,
+) -> Option<Duration> {
+    let wait = ratelimit::hold_off(retry_after).max(MIN_WAIT);
+    (waited + wait <= bound).then_some(wait)
+}
+
 /// How long a re-send waits at least: after `Retry-After: 0` a request
 /// sent again at once would only meet the next 429, and the bound would
 /// never be reached.
 const MIN_WAIT: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    /// The schedule a request meets while Coupa keeps answering 429.
+    fn schedule(retry_after: Option<&str>, bound: Duration) -> Vec<Duration> {
+        let header = retry_after.map(|v| HeaderValue::from_str(v).unwrap());
+        let mut waited = Duration::ZERO;
+        let mut waits = Vec::new();
+        while let Some(wait) = next_wait(header.as_ref(), waited, bound) {
+            waited += wait;
+            waits.push(wait);
+        }
+        waits
+    }
+
+    #[test]
+    fn resends_follow_retry_after_within_the_bound() {
+        let s = Duration::from_secs;
+        assert_eq!(schedule(Some("2"), s(30)), vec![s(2); 15]);
+        assert_eq!(schedule(Some("2"), s(3)), vec![s(2)], "a second wait would pass 3 s");
+        assert_eq!(schedule(None, s(3)), vec![s(1); 3], "a second without Retry-After");
+        assert_eq!(schedule(Some("0"), s(2)), vec![s(1); 2], "never a busy loop");
+        assert_eq!(schedule(Some("soon"), s(1)), vec![s(1)], "an unreadable value: a second");
+        assert_eq!(schedule(Some("120"), s(90)), vec![s(60)], "at most a minute");
+        assert!(schedule(Some("2"), Duration::ZERO).is_empty(), "0s: passed on at once");
+    }
+}

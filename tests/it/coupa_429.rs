@@ -29,8 +29,8 @@ fn access_lines(proxy: &ProxyProcess) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gets_and_posts_wait_out_coupas_429_and_succeed() {
     let (fake, proxy) = proxy_with("").await;
-    // Another client holds the instance's budget for 3 s.
-    fake.state().refuse_for(Duration::from_secs(3), 2);
+    // Another client holds the instance's budget for 5 s.
+    fake.state().refuse_for(Duration::from_secs(5), 2);
     let client = http_client();
     let read = client.get(proxy.url("/api/invoices")).send();
     let write = client
