@@ -160,6 +160,7 @@ pub async fn run_with_reload(
         pid = std::process::id(),
         "coupa-auth-proxy started"
     );
+    let cut = proxy.clone();
     let drain = serve_proxy(
         listeners.proxy,
         (acceptor, intercept),
@@ -171,10 +172,13 @@ pub async fn run_with_reload(
     .await;
     match drain {
         Drain::Complete => info!("all in-flight requests finished"),
-        Drain::TimedOut { open_connections } => warn!(
-            open_connections,
-            "grace period ran out; closing the remaining connections"
-        ),
+        Drain::TimedOut { open_connections } => {
+            cut.cut_remaining();
+            warn!(
+                open_connections,
+                "grace period ran out; closing the remaining connections"
+            )
+        }
     }
     background.stop().await;
     Ok(drain)

@@ -72,7 +72,11 @@ pub fn coupa_budget(
         let (failed, waits, elapsed, outside_ok) = runtime.block_on(async {
             let stop = tokio_util::sync::CancellationToken::new();
             let other = outside.then(|| {
-                tokio::spawn(outside_client(outside_url.clone(), token.to_owned(), stop.clone()))
+                tokio::spawn(outside_client(
+                    outside_url.clone(),
+                    token.to_owned(),
+                    stop.clone(),
+                ))
             });
             let (failed, waits, elapsed) = burst_load(urls, headers).await;
             stop.cancel();
@@ -220,7 +224,11 @@ pub fn coupa_budget(
 
 /// Another client of the instance, outside any proxy: one call every
 /// 1/[`OUTSIDE_PER_SECOND`] s until `stop`; its calls answered 2xx.
-async fn outside_client(url: String, token: String, stop: tokio_util::sync::CancellationToken) -> u64 {
+async fn outside_client(
+    url: String,
+    token: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> u64 {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / OUTSIDE_PER_SECOND));
     let mut ok = 0;

@@ -21,7 +21,8 @@ pub(super) struct Handled<'a> {
 
 /// One request's access line, written when this is dropped: with the
 /// answer's `status` once it is known, or as 499 `client_gone` when the
-/// server dropped the request's future because its client went away.
+/// server dropped the request's future because its client went away (503
+/// `cut_at_shutdown` when the grace period ran out on it).
 pub(super) struct Record<'a> {
     pub proxy: &'a Proxy,
     pub handled: Handled<'a>,
@@ -33,6 +34,10 @@ impl Drop for Record<'_> {
     fn drop(&mut self) {
         let status = match self.status {
             Some(status) => status,
+            None if self.proxy.cut_at_shutdown() => {
+                self.trace.reason = "cut_at_shutdown";
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             None => {
                 self.trace.reason = "client_gone";
                 CLIENT_CLOSED_REQUEST

@@ -120,6 +120,9 @@ struct Inner {
     token_wait_timeout: Duration,
     /// `coupa.resend_429_within`.
     resend_429_within: Duration,
+    /// The grace period ran out: requests still in flight are cut by the
+    /// process, not left by their clients.
+    cut_at_shutdown: std::sync::atomic::AtomicBool,
     idle_timeout: Duration,
     body_read_timeout: Duration,
     /// What a whole request body must keep up.
@@ -233,6 +236,7 @@ impl Proxy {
                 connection_wait_timeout: coupa.connection_wait_timeout,
                 token_wait_timeout: coupa.token_wait_timeout,
                 resend_429_within: coupa.resend_429_within,
+                cut_at_shutdown: std::sync::atomic::AtomicBool::new(false),
                 idle_timeout: coupa.idle_timeout,
                 body_read_timeout: config.listen.body_read_timeout,
                 body_pace: stall::Pace {
@@ -352,6 +356,21 @@ impl Proxy {
         record.status = Some(response.status());
         drop(record);
         response
+    }
+
+    /// The grace period ran out: the requests still in flight are about to
+    /// be dropped, and their access lines say so (not `client_gone`).
+    pub fn cut_remaining(&self) {
+        self.inner
+            .cut_at_shutdown
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`Self::cut_remaining`] was called.
+    fn cut_at_shutdown(&self) -> bool {
+        self.inner
+            .cut_at_shutdown
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The migration view's record of the request's integration (or of

@@ -99,11 +99,34 @@ mod tests {
     fn resends_follow_retry_after_within_the_bound() {
         let s = Duration::from_secs;
         assert_eq!(schedule(Some("2"), s(30)), vec![s(2); 15]);
-        assert_eq!(schedule(Some("2"), s(3)), vec![s(2)], "a second wait would pass 3 s");
-        assert_eq!(schedule(None, s(3)), vec![s(1); 3], "a second without Retry-After");
-        assert_eq!(schedule(Some("0"), s(2)), vec![s(1); 2], "never a busy loop");
-        assert_eq!(schedule(Some("soon"), s(1)), vec![s(1)], "an unreadable value: a second");
-        assert_eq!(schedule(Some("120"), s(90)), vec![s(60)], "at most a minute");
-        assert!(schedule(Some("2"), Duration::ZERO).is_empty(), "0s: passed on at once");
+        assert_eq!(
+            schedule(Some("2"), s(3)),
+            vec![s(2)],
+            "a second wait would pass 3 s"
+        );
+        assert_eq!(
+            schedule(None, s(3)),
+            vec![s(1); 3],
+            "a second without Retry-After"
+        );
+        assert_eq!(
+            schedule(Some("0"), s(2)),
+            vec![s(1); 2],
+            "never a busy loop"
+        );
+        assert_eq!(
+            schedule(Some("soon"), s(1)),
+            vec![s(1)],
+            "an unreadable value: a second"
+        );
+        assert_eq!(
+            schedule(Some("120"), s(90)),
+            vec![s(60)],
+            "at most a minute"
+        );
+        assert!(
+            schedule(Some("2"), Duration::ZERO).is_empty(),
+            "0s: passed on at once"
+        );
     }
 }

@@ -96,6 +96,14 @@ async fn the_grace_period_running_out_closes_what_is_left() {
         logs.contains("grace period ran out; closing the remaining connections"),
         "{logs}"
     );
+    // Its access line says the process cut it, not that its client left.
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "coupa_auth_proxy::access")
+        .unwrap_or_else(|| panic!("the cut request's access line: {logs}"));
+    assert_eq!(line["reason"], "cut_at_shutdown", "{line}");
+    assert_eq!(line["status"], 503, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
