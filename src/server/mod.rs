@@ -9,6 +9,7 @@
 //! `Connection: close` where hyper can still add it).
 
 mod connection;
+mod negotiated;
 mod park;
 mod send_pace;
 mod tunnel;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use super::connection::{serve_negotiated, Rewind};
 use super::framing::ConnectionGuard;
+use super::negotiated::{serve_negotiated, Rewind};
 use super::{BoxError, ConnectionService, Listener, ResponseBody};
 use crate::intercept::Refusal;
 

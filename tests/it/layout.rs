@@ -61,7 +61,8 @@ fn paths_after(code: &str, start: usize) -> Vec<String> {
     };
     let head = &rest[..segment_end(rest)];
     let after = &rest[head.len()..];
-    if head.ends_with("::") && after.starts_with('{') {
+    // `super::{a, b}` as well as `crate::x::{a, b}`: each entry is a path.
+    if (head.is_empty() || head.ends_with("::")) && after.starts_with('{') {
         let group = &after[1..after.find('}').unwrap_or(after.len())];
         return group
             .split(',')
@@ -201,4 +202,14 @@ fn no_module_imports_one_that_imports_it_back() {
             );
         }
     }
+}
+
+#[test]
+fn grouped_imports_are_read_entry_by_entry() {
+    // `super::{…}` named nothing before: a circle through it went unseen.
+    let code = "use super::{tunnel, negotiated::Rewind};";
+    assert_eq!(paths_after(code, 11), ["tunnel", "negotiated::Rewind"]);
+    let code = "use crate::proxy::{auth, Trace};";
+    assert_eq!(paths_after(code, 11), ["proxy::auth", "proxy::Trace"]);
+    assert_eq!(paths_after("crate::token::store;", 7), ["token::store"]);
 }
