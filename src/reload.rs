@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::background::Background;
-use crate::config::{Cluster, Config, Coupa, Grant, Listen, OAuth, SecretSource};
+use crate::config::{
+    Admin, Cluster, Config, Coupa, Grant, Insight, Listen, OAuth, Runtime, SecretSource,
+};
 use crate::proxy::Proxy;
 use crate::tls::ReloadingCert;
 use crate::token::client::ClientParams;
@@ -224,6 +226,26 @@ impl Reloader {
 /// file's certificates and the cluster's secrets too, which the summary
 /// shows only as their source). Named as `check` names them.
 fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
+    // Every field of the configuration is named below (no `..`): a new
+    // key does not compile until it is compared here (needs a restart) or
+    // marked live where it is applied.
+    let Config {
+        listen: _,
+        coupa: _,
+        credentials: _,
+        integrations: _, // live: Proxy::reconfigure
+        admin: Admin {
+            address: _,
+            status_password_sha256: _,
+        },
+        watch_interval: _,
+        runtime: Runtime {
+            flavor: _,
+            worker_threads: _,
+        },
+        cluster: _,
+        insight: Insight { idle_warning: _ },
+    } = running;
     let mut keys = Vec::new();
     let mut differ = |key: &str, same: bool| {
         if !same {
@@ -257,6 +279,24 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
 }
 
 fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
+    let Listen {
+        address: _,
+        shutdown_grace: _,
+        drain_delay: _,
+        header_read_timeout: _,
+        keepalive_timeout: _,
+        max_header_bytes: _,
+        max_connections: _,
+        release_idle_buffers_above: _,
+        body_read_timeout: _,
+        min_body_rate: _,
+        min_rate_grace: _,
+        max_body_time: _,
+        min_response_rate: _,
+        allow_unauthenticated: _,
+        tls: _,
+        intercept: _,
+    } = l;
     differ("listen.address", l.address == m.address);
     differ(
         "listen.shutdown_grace",
@@ -306,6 +346,31 @@ fn listen_changes(l: &Listen, m: &Listen, differ: &mut impl FnMut(&str, bool)) {
 }
 
 fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
+    let Coupa {
+        base_url: _,
+        scheme: _,      // from base_url
+        authority: _,   // from base_url
+        path_prefix: _, // from base_url
+        ca_file: _,
+        extra_roots: _, // from ca_file
+        accept: _,
+        connect_timeout: _,
+        pool_idle_timeout: _,
+        keep_warm: _,
+        response_header_timeout: _,
+        idle_timeout: _,
+        replay_body_limit: _,
+        response_buffer: _,
+        response_spool_limit: _,
+        spool_dir: _,
+        http_version: _,
+        max_connections: _,
+        connection_wait_timeout: _,
+        token_wait_timeout: _,
+        resend_429_within: _,
+        rate_limit: _,
+        egress_proxy: _, // its login is live: UpstreamClient::set_egress
+    } = c;
     differ("coupa.base_url", c.base_url == d.base_url);
     differ(
         "coupa.ca_file",
@@ -368,6 +433,22 @@ fn coupa_changes(c: &Coupa, d: &Coupa, differ: &mut impl FnMut(&str, bool)) {
 }
 
 fn credential_changes(prefix: &str, o: &OAuth, p: &OAuth, differ: &mut impl FnMut(&str, bool)) {
+    let OAuth {
+        egress_proxy: _,  // coupa.egress_proxy's
+        client_id: _,     // live: the token request
+        client_secret: _, // live
+        secret_source: _, // live
+        scopes: _,        // live
+        token_url: _,     // live
+        client_auth: _,   // live
+        refresh_fraction: _,
+        activation_delay: _,
+        retry_initial: _,
+        retry_max: _,
+        request_timeout: _,
+        rejected_token_cooldown: _,
+        grant: _,
+    } = o;
     let key = |name: &str| format!("{prefix}.{name}");
     differ(&key("grant"), o.grant.kind() == p.grant.kind());
     differ(
@@ -385,6 +466,12 @@ fn credential_changes(prefix: &str, o: &OAuth, p: &OAuth, differ: &mut impl FnMu
     differ(
         &key("rejected_token_cooldown"),
         o.rejected_token_cooldown == p.rejected_token_cooldown,
+    );
+    // Built into the token client's HTTP client and the request path's
+    // wait for a replacement token at start.
+    differ(
+        &key("request_timeout"),
+        o.request_timeout == p.request_timeout,
     );
     match (&o.grant, &p.grant) {
         (
@@ -426,6 +513,15 @@ fn credential_changes(prefix: &str, o: &OAuth, p: &OAuth, differ: &mut impl FnMu
 fn cluster_changes(a: Option<&Cluster>, b: Option<&Cluster>, differ: &mut impl FnMut(&str, bool)) {
     match (a, b) {
         (Some(a), Some(b)) => {
+            let Cluster {
+                redis_url: _,
+                password: _,
+                sentinel: _,
+                key_prefix: _,
+                encryption_key: _,
+                encryption_key_file: _,
+                fallback_share: _,
+            } = a;
             differ(
                 "cluster.redis_url",
                 (&a.redis_url, &a.password, &a.sentinel)
@@ -465,6 +561,30 @@ mod tests {
         assert_eq!(
             changed_keys(&running, &config("shutdown_grace = \"5s\"", "a")),
             vec!["listen.shutdown_grace".to_owned()]
+        );
+    }
+
+    /// A bug the exhaustive list above found: `request_timeout` is built
+    /// into the token client at start, but a reload changing it applied
+    /// nothing and said nothing.
+    #[test]
+    fn a_changed_request_timeout_needs_a_restart() {
+        let running = config("", "a");
+        let text = |timeout: &str| {
+            format!(
+                "[listen]\naddress = \"127.0.0.1:0\"\n[coupa]\nbase_url = \"https://x.example\"\n\
+                 [oauth]\nclient_id = \"c\"\nclient_secret = \"a\"\nscopes = [\"core.common.read\"]\n{timeout}"
+            )
+        };
+        let new = Config::from_toml(
+            &text("request_timeout = \"5s\"\n"),
+            std::path::Path::new("."),
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            changed_keys(&running, &new),
+            vec!["oauth.request_timeout".to_owned()]
         );
     }
 
