@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::{
-    ClientAuth, Config, Credential, Grant, RatePolicy, RuntimeFlavor, SecretSource,
-    DEFAULT_CREDENTIAL,
+    Admin, ClientAuth, Config, Coupa, Credential, Grant, Insight, Listen, OAuth, RatePolicy,
+    Runtime, RuntimeFlavor, SecretSource, DEFAULT_CREDENTIAL,
 };
 
 impl Config {
@@ -20,6 +20,27 @@ impl Config {
     /// The summary as (key, value) rows, table by table, in the order
     /// `check` prints them.
     pub fn summary_rows(&self) -> Vec<(String, String)> {
+        // Every field named (no `..`): a new key does not compile without a
+        // row here.
+        let Config {
+            listen: _,
+            coupa: _,
+            credentials: _,
+            integrations: _,
+            admin:
+                Admin {
+                    address: _,
+                    status_password_sha256: _,
+                },
+            watch_interval: _,
+            runtime:
+                Runtime {
+                    flavor: _,
+                    worker_threads: _,
+                },
+            cluster: _,
+            insight: Insight { idle_warning: _ },
+        } = self;
         let mut rows = self.listen_rows();
         rows.extend(self.coupa_rows());
         for credential in &self.credentials {
@@ -59,6 +80,26 @@ impl Config {
 
     fn listen_rows(&self) -> Vec<(String, String)> {
         let l = &self.listen;
+        // Every field named (no `..`): a new key does not compile
+        // without a row here.
+        let Listen {
+            address: _,
+            shutdown_grace: _,
+            drain_delay: _,
+            header_read_timeout: _,
+            keepalive_timeout: _,
+            max_header_bytes: _,
+            max_connections: _,
+            release_idle_buffers_above: _,
+            body_read_timeout: _,
+            min_body_rate: _,
+            min_rate_grace: _,
+            max_body_time: _,
+            min_response_rate: _,
+            allow_unauthenticated: _,
+            tls: _,
+            intercept: _,
+        } = l;
         vec![
             ("listen.address".into(), l.address.to_string()),
             ("listen.shutdown_grace".into(), d(l.shutdown_grace)),
@@ -131,6 +172,33 @@ impl Config {
 
     fn coupa_rows(&self) -> Vec<(String, String)> {
         let c = &self.coupa;
+        // Every field named (no `..`): a new key does not compile
+        // without a row here.
+        let Coupa {
+            base_url: _,
+            scheme: _,
+            authority: _,
+            path_prefix: _,
+            ca_file: _,
+            extra_roots: _,
+            accept: _,
+            connect_timeout: _,
+            pool_idle_timeout: _,
+            keep_warm: _,
+            response_header_timeout: _,
+            idle_timeout: _,
+            replay_body_limit: _,
+            response_buffer: _,
+            response_spool_limit: _,
+            spool_dir: _,
+            http_version: _,
+            max_connections: _,
+            connection_wait_timeout: _,
+            token_wait_timeout: _,
+            resend_429_within: _,
+            rate_limit: _,
+            egress_proxy: _,
+        } = c;
         let ca = c
             .ca_file
             .as_ref()
@@ -212,6 +280,24 @@ impl Config {
 
     fn credential_rows(&self, credential: &Credential) -> Vec<(String, String)> {
         let o = &credential.oauth;
+        // Every field named (no `..`): a new key does not compile
+        // without a row here.
+        let OAuth {
+            egress_proxy: _,
+            client_id: _,
+            client_secret: _,
+            secret_source: _,
+            scopes: _,
+            token_url: _,
+            client_auth: _,
+            refresh_fraction: _,
+            activation_delay: _,
+            retry_initial: _,
+            retry_max: _,
+            request_timeout: _,
+            rejected_token_cooldown: _,
+            grant: _,
+        } = o;
         let prefix = self.credential_key_prefix(&credential.name);
         let renew_after = Duration::from_secs((86_400.0_f64 * o.refresh_fraction).round() as u64);
         let mut rows = vec![
@@ -254,6 +340,7 @@ impl Config {
                 format!("{prefix}.rejected_token_cooldown"),
                 d(o.rejected_token_cooldown),
             ),
+            (format!("{prefix}.request_timeout"), d(o.request_timeout)),
         ];
         match &o.grant {
             Grant::ClientCredentials => {}
