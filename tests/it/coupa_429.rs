@@ -17,15 +17,6 @@ async fn proxy_with(coupa_extra: &str) -> (coupa_auth_proxy::fake_coupa::FakeCou
     (fake, proxy)
 }
 
-fn access_lines(proxy: &ProxyProcess) -> Vec<serde_json::Value> {
-    proxy
-        .logs()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "coupa_auth_proxy::access")
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gets_and_posts_wait_out_coupas_429_and_succeed() {
     let (fake, proxy) = proxy_with("").await;
@@ -47,10 +38,10 @@ async fn gets_and_posts_wait_out_coupas_429_and_succeed() {
     assert!(fake.state().throttled_requests() >= 2);
 
     eventually("both access lines", || async {
-        access_lines(&proxy).len() >= 2
+        proxy.access_lines().len() >= 2
     })
     .await;
-    for line in access_lines(&proxy) {
+    for line in proxy.access_lines() {
         assert!(line["resends"].as_u64().unwrap() >= 1, "{line}");
         assert!(line["resend_wait_ms"].as_f64().unwrap() >= 2000.0, "{line}");
     }
@@ -91,10 +82,10 @@ async fn past_the_bound_coupas_own_429_reaches_the_client() {
     // Sent at once, then again after 2 s; a second wait would pass 3 s.
     assert_eq!(fake.state().throttled_requests(), 2);
     eventually("the access line", || async {
-        !access_lines(&proxy).is_empty()
+        !proxy.access_lines().is_empty()
     })
     .await;
-    assert_eq!(access_lines(&proxy)[0]["resends"], 1);
+    assert_eq!(proxy.access_lines()[0]["resends"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,10 +101,10 @@ async fn a_body_too_large_to_keep_gets_coupas_429_at_once() {
     assert_eq!(answer.status(), 429);
     assert_eq!(fake.state().throttled_requests(), 1, "not sent again");
     eventually("the access line", || async {
-        !access_lines(&proxy).is_empty()
+        !proxy.access_lines().is_empty()
     })
     .await;
-    assert_eq!(access_lines(&proxy)[0]["resends"], 0);
+    assert_eq!(proxy.access_lines()[0]["resends"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

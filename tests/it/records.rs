@@ -43,14 +43,7 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
     for answer in futures_util::future::join_all(calls).await {
         assert_eq!(answer.unwrap().status(), 200);
     }
-    let lines = || -> Vec<serde_json::Value> {
-        proxy
-            .logs()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "coupa_auth_proxy::access")
-            .collect()
-    };
+    let lines = || proxy.access_lines();
     eventually("four access lines", || async { lines().len() == 4 }).await;
     let lines = lines();
     for line in &lines {
@@ -128,14 +121,7 @@ async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
         .await;
     assert!(gone.is_err(), "the client left: {gone:?}");
 
-    let lines = || -> Vec<serde_json::Value> {
-        proxy
-            .logs()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "coupa_auth_proxy::access")
-            .collect()
-    };
+    let lines = || proxy.access_lines();
     let total: usize = expected.iter().map(|(_, n)| n).sum();
     eventually("every refused request is logged", || async {
         lines().len() >= total

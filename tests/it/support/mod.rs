@@ -481,6 +481,15 @@ impl ProxyProcess {
         self.logs.lock().unwrap().clone()
     }
 
+    /// The access lines logged so far (JSON), oldest first.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "coupa_auth_proxy::access")
+            .collect()
+    }
+
     pub async fn wait_ready(&self) {
         let client = http_client();
         let url = format!("http://{}/readyz", self.admin);
