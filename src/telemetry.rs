@@ -66,9 +66,70 @@ fn with_quiet_peers(filter: &str) -> String {
     }
 }
 
+/// A warning that an attack or a looping client can repeat without end:
+/// written the first time, then at most once per [`Repeated::EVERY`] with
+/// the number left out since, so a flood cannot fill a disk. Each kind of
+/// warning has its own (a `static` at its call site); what every request
+/// leaves is its access line and its counter.
+pub struct Repeated {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    left_out: std::sync::atomic::AtomicU64,
+}
+
+impl Repeated {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub const fn new() -> Self {
+        Self {
+            last: std::sync::Mutex::new(None),
+            left_out: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when the warning is to be written now (`n` left out since
+    /// the last one), `None` when it is left out.
+    pub fn due(&self) -> Option<u64> {
+        self.due_at(std::time::Instant::now())
+    }
+
+    fn due_at(&self, now: std::time::Instant) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some(at) if now.saturating_duration_since(at) < Self::EVERY => {
+                self.left_out.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(self.left_out.swap(0, Ordering::Relaxed))
+            }
+        }
+    }
+}
+
+impl Default for Repeated {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_written_once_a_minute_with_the_count_left_out() {
+        let warning = Repeated::new();
+        let start = std::time::Instant::now();
+        assert_eq!(warning.due_at(start), Some(0));
+        for n in 1..=500 {
+            let at = start + std::time::Duration::from_millis(n * 100);
+            assert_eq!(warning.due_at(at), None);
+        }
+        assert_eq!(warning.due_at(start + Repeated::EVERY), Some(500));
+        assert_eq!(warning.due_at(start + Repeated::EVERY * 3), Some(0));
+    }
 
     #[test]
     fn h2_warnings_about_peers_are_quiet_unless_asked_for() {

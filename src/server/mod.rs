@@ -289,7 +289,10 @@ where
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            warn!(%peer, max_connections = limits.max_connections, "connection limit reached; refusing a connection");
+            static AT_LIMIT: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
+            if let Some(left_out) = AT_LIMIT.due() {
+                warn!(%peer, max_connections = limits.max_connections, left_out, "connection limit reached; refusing a connection");
+            }
             tokio::spawn(refuse(stream));
             continue;
         };

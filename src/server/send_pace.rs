@@ -85,12 +85,16 @@ impl SendWatch {
         }
         self.period = None;
         self.pace.timeouts.inc();
-        tracing::warn!(
-            min_rate = self.pace.min_rate,
-            taken = written,
-            waited = ?now.duration_since(started),
-            "client took its answer slower than listen.min_response_rate; closing the connection"
-        );
+        static SLOW: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
+        if let Some(left_out) = SLOW.due() {
+            tracing::warn!(
+                left_out,
+                min_rate = self.pace.min_rate,
+                taken = written,
+                waited = ?now.duration_since(started),
+                "client took its answer slower than listen.min_response_rate; closing the connection"
+            );
+        }
         Poll::Ready(io::Error::new(
             io::ErrorKind::TimedOut,
             "client took the answer slower than listen.min_response_rate",

@@ -46,7 +46,10 @@ where
         }
     };
     if let Err(refusal) = intercept.check(&target) {
-        warn!(%refusal, "CONNECT refused; nothing opened");
+        static REFUSED: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
+        if let Some(left_out) = REFUSED.due() {
+            warn!(%refusal, left_out, "CONNECT refused; nothing opened");
+        }
         let status = match refusal {
             Refusal::OtherTarget { .. } => 403,
             Refusal::Malformed(_) => 400,

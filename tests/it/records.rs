@@ -147,3 +147,51 @@ async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
     assert_eq!(gone["status"], 499, "{gone}");
     assert_eq!(gone["integration"], "erp", "{gone}");
 }
+
+/// A flood of smuggling attempts: each has its access line and is
+/// counted, but the warning beside them is written once (then once a
+/// minute with the count left out), so the log grows by one line a
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_ambiguous_requests_is_counted_and_warned_of_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FLOOD: usize = 200;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
+    proxy.wait_ready().await;
+    for _ in 0..FLOOD {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+        assert!(answer.starts_with(b"HTTP/1.1 400"));
+    }
+    eventually("every refusal has its access line", || async {
+        proxy.access_lines().len() >= FLOOD
+    })
+    .await;
+    let refused = proxy
+        .access_lines()
+        .iter()
+        .filter(|l| l["reason"] == "ambiguous_framing")
+        .count();
+    assert_eq!(refused, FLOOD);
+    let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "coupa_proxy_refused_requests_total",
+            &[("reason", "ambiguous_framing")]
+        ),
+        FLOOD as f64
+    );
+    let warned = proxy.logs().matches("request refused: both").count();
+    assert_eq!(warned, 1, "warned of once, not per request");
+    assert_eq!(fake.state().api_requests(), 0);
+}

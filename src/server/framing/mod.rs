@@ -209,8 +209,15 @@ impl ConnectionGuard {
 /// The refusal itself, out of the per-request path.
 #[cold]
 fn refusal_answer(refusal: Refusal) -> Response<Full<Bytes>> {
+    static AMBIGUOUS: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
     if refusal == Refusal::AmbiguousFraming {
-        warn!("request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed");
+        if let Some(left_out) = AMBIGUOUS.due() {
+            warn!(
+                left_out,
+                "request refused: both Content-Length and Transfer-Encoding (possible request smuggling); connection closed \
+                 (each has its access line; repeats are summarised once a minute)"
+            );
+        }
     }
     let mut response = Response::new(Full::new(Bytes::from_static(refusal.body().as_bytes())));
     *response.status_mut() = StatusCode::BAD_REQUEST;
