@@ -67,9 +67,9 @@ impl Proxy {
         Some(admitted)
     }
 
-    /// Phase 1 whole, for what [`Self::request_filter_now`] leaves: takes
-    /// the request by reference except on the rare path that answers it
-    /// here.
+    /// Phase 1 whole, for what [`Self::request_filter_now`] leaves (it has
+    /// checked the target already): takes the request by reference except
+    /// on the rare path that answers it here.
     pub(super) async fn request_filter(
         &self,
         request: &mut Option<Request<Incoming>>,
@@ -78,7 +78,6 @@ impl Proxy {
         let Some(incoming) = request.as_ref() else {
             return Err(ProxyError::BadTarget);
         };
-        self.check_target(incoming)?;
         if local_oauth::is_oauth_path(incoming.uri().path()) {
             let path = incoming.uri().path();
             if path != local_oauth::TOKEN_PATH {

@@ -8,7 +8,7 @@ use http_body_util::{Either, Full};
 use tracing::debug;
 
 use super::body::Replay;
-use super::send::upstream_request;
+use super::send::attempt_request;
 use super::upstream::Leased;
 use super::upstream::ResponseBody;
 use super::{headers, CredentialSlot, Proxy, ProxyBody, ProxyError, Trace};
@@ -63,7 +63,7 @@ impl Proxy {
         // The caller's copy carries the fresh token too, for a re-send.
         headers.insert(AUTHORIZATION, fresh);
         Some(
-            self.send(upstream_request(method, uri, headers.clone(), body), trace)
+            self.send(attempt_request(method, uri, headers.clone(), body), trace)
                 .await
                 .map_err(ProxyError::from),
         )

@@ -17,7 +17,7 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use tracing::debug;
 
 use super::body::Replay;
-use super::send::upstream_request;
+use super::send::attempt_request;
 use super::upstream::Leased;
 use super::{ratelimit, Proxy, ProxyError, Trace};
 
@@ -54,7 +54,7 @@ impl Proxy {
             inner.insight.resent(self.usage(trace), wait);
             debug!(wait = ?wait, "sending a request Coupa answered 429 again");
             leased = self
-                .send(upstream_request(method, uri, headers.clone(), body), trace)
+                .send(attempt_request(method, uri, headers.clone(), body), trace)
                 .await?;
         }
         Ok(leased)

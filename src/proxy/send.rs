@@ -108,7 +108,7 @@ impl Proxy {
         loop {
             let failure = match self
                 .send(
-                    upstream_request(method, uri, headers.clone(), attempt),
+                    attempt_request(method, uri, headers.clone(), attempt),
                     trace,
                 )
                 .await
@@ -184,7 +184,9 @@ impl Proxy {
     }
 }
 
-pub(super) fn upstream_request(
+/// One attempt's request to Coupa, built again for each try from the
+/// rewritten parts (phase 2's `upstream_request` made them once).
+pub(super) fn attempt_request(
     method: &Method,
     uri: &Uri,
     headers: HeaderMap,
