@@ -65,16 +65,6 @@ impl Guess {
     }
 }
 
-/// How a failed credential is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Penalty {
-    /// How long the answer waits.
-    pub delay: Duration,
-    /// The source is past its budget: its failures are summarised, so the
-    /// caller writes no warning of its own for this one.
-    pub summarised: bool,
-}
-
 /// One source's account.
 #[derive(Debug, Clone, Copy)]
 struct Source {
@@ -149,20 +139,21 @@ impl Guesses {
     }
 
     /// Counts a failed credential from `ip` and waits as long as its
-    /// source's account says; returns what was decided.
-    pub async fn failed(&self, ip: IpAddr, guess: Guess) -> Penalty {
-        let penalty = self.account(ip, guess, Instant::now());
-        if !penalty.delay.is_zero() {
+    /// source's account says; returns how long that was to be.
+    pub async fn failed(&self, ip: IpAddr, guess: Guess) -> Duration {
+        let delay = self.account(ip, guess, Instant::now());
+        if !delay.is_zero() {
             tokio::select! {
-                _ = tokio::time::sleep(penalty.delay) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = self.draining.cancelled() => {}
             }
         }
-        penalty
+        delay
     }
 
-    /// The bookkeeping of [`Self::failed`], at `now`.
-    fn account(&self, ip: IpAddr, guess: Guess, now: Instant) -> Penalty {
+    /// The bookkeeping of [`Self::failed`], at `now`: how long the answer
+    /// waits.
+    fn account(&self, ip: IpAddr, guess: Guess, now: Instant) -> Duration {
         let key = source_of(ip);
         let kind = [("kind", guess.as_str())];
         self.metrics.failed.get_or_create(&kind).inc();
@@ -175,12 +166,9 @@ impl Guesses {
         }
         let source = sources.entry(key).or_insert_with(|| Source::new(now));
         source.settle(now);
-        let penalty = if !source.slowed() && source.allowance >= 1.0 {
+        let delay = if !source.slowed() && source.allowance >= 1.0 {
             source.allowance -= 1.0;
-            Penalty {
-                delay: Duration::ZERO,
-                summarised: false,
-            }
+            Duration::ZERO
         } else {
             source.excess = source.excess.saturating_add(1);
             let step = FIRST_STEP
@@ -195,13 +183,10 @@ impl Guesses {
                 source.unlogged = 0;
                 source.logged_at = now;
             }
-            Penalty {
-                delay: source.release_at.saturating_duration_since(now),
-                summarised: true,
-            }
+            source.release_at.saturating_duration_since(now)
         };
         self.metrics.sources.set(sources.len() as i64);
-        penalty
+        delay
     }
 }
 
@@ -300,19 +285,13 @@ mod tests {
         let now = Instant::now();
         let attacker = ip("192.0.2.7");
         for _ in 0..BUDGET {
-            let penalty = guesses.account(attacker, Guess::LegacyKey, now);
-            assert_eq!(penalty.delay, Duration::ZERO);
-            assert!(!penalty.summarised);
+            let delay = guesses.account(attacker, Guess::LegacyKey, now);
+            assert_eq!(delay, Duration::ZERO);
         }
         // Ten more at the same instant: each leaves one step after the
         // one before it, the steps doubling up to the maximum.
         let delays: Vec<u64> = (0..8)
-            .map(|_| {
-                guesses
-                    .account(attacker, Guess::LegacyKey, now)
-                    .delay
-                    .as_millis() as u64
-            })
+            .map(|_| guesses.account(attacker, Guess::LegacyKey, now).as_millis() as u64)
             .collect();
         assert_eq!(
             delays,
@@ -321,7 +300,7 @@ mod tests {
         );
         // Another source is not touched.
         let neighbour = guesses.account(ip("192.0.2.8"), Guess::LegacyKey, now);
-        assert_eq!(neighbour.delay, Duration::ZERO);
+        assert_eq!(neighbour, Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
@@ -333,8 +312,8 @@ mod tests {
         let mut answered_at = Vec::new();
         // A client that waits for each answer and sends the next at once.
         while now < start + Duration::from_secs(3600) {
-            let penalty = guesses.account(attacker, Guess::LocalClientSecret, now);
-            now += penalty.delay + Duration::from_millis(1);
+            let delay = guesses.account(attacker, Guess::LocalClientSecret, now);
+            now += delay + Duration::from_millis(1);
             answered_at.push(now);
         }
         let per_hour = answered_at.len();
@@ -352,9 +331,7 @@ mod tests {
         now += REFILL_EVERY * BUDGET;
         for _ in 0..BUDGET {
             assert_eq!(
-                guesses
-                    .account(attacker, Guess::LocalClientSecret, now)
-                    .delay,
+                guesses.account(attacker, Guess::LocalClientSecret, now),
                 Duration::ZERO
             );
         }
@@ -404,8 +381,8 @@ mod tests {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         draining.cancel();
-        let penalty = waiting.await;
-        assert!(penalty.delay > Duration::from_secs(1));
-        assert!(started.elapsed() < penalty.delay);
+        let delay = waiting.await;
+        assert!(delay > Duration::from_secs(1));
+        assert!(started.elapsed() < delay);
     }
 }

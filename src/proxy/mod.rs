@@ -142,8 +142,6 @@ struct Inner {
     keep_alive: HeaderValue,
 }
 
-/// What the request path learns about a request, for its log line and
-/// metrics.
 /// What the request path shares with the admin listener.
 pub struct Shared {
     /// The migration view.
@@ -152,6 +150,8 @@ pub struct Shared {
     pub guesses: Arc<Guesses>,
 }
 
+/// What the request path learns about a request, for its log line and
+/// metrics.
 #[derive(Default)]
 struct Trace {
     integration: Option<Arc<IntegrationKey>>,
@@ -321,14 +321,11 @@ impl Proxy {
                 if matches!(err, ProxyError::UnknownApiKey) && trace.via == Via::LegacyKey {
                     trace.failed_credential = Some(Guess::LegacyKey);
                 }
-                let summarised = self.hold_failed_credential(client, trace).await;
                 // A refusal of the client's request (4xx) is the access
                 // line's `reason`, which says it all: a flood of bad
                 // requests costs one line each. A failure on the way to
                 // Coupa (5xx) is warned of with its cause.
-                let clients_side = err.status().is_client_error()
-                    || matches!(err, ProxyError::NoToken { .. } | ProxyError::ClientGone);
-                if clients_side || summarised {
+                if err.status().is_client_error() || matches!(err, ProxyError::NoToken { .. }) {
                     debug!(error = %err, "request not forwarded");
                 } else {
                     warn!(error = %err, "request not forwarded");
@@ -336,8 +333,11 @@ impl Proxy {
                 err.into_response()
             }
         };
-        if trace.failed_credential == Some(Guess::LocalClientSecret) {
-            self.hold_failed_credential(client, trace).await;
+        // A wrong legacy key (above) or local client secret (the token
+        // endpoint's answer) is answered as late as its source's account
+        // says ([`crate::guesses`]).
+        if let Some(guess) = trace.failed_credential {
+            trace.guess_delay = self.inner.guesses.failed(client.ip, guess).await;
         }
         if http11 && !trace.guess_delay.is_zero() {
             // Each further guess costs a new connection.
@@ -382,18 +382,6 @@ impl Proxy {
         }
     }
 
-    /// A failed credential is answered as late as its source's account
-    /// says ([`crate::guesses`]); `true` when the source's failures are
-    /// summarised in the log rather than warned of one by one.
-    async fn hold_failed_credential(&self, client: &ClientInfo, trace: &mut Trace) -> bool {
-        let Some(guess) = trace.failed_credential else {
-            return false;
-        };
-        let penalty = self.inner.guesses.failed(client.ip, guess).await;
-        trace.guess_delay = penalty.delay;
-        penalty.summarised
-    }
-
     /// The phases in order; each is a function of its own.
     async fn forward(
         &self,
@@ -428,7 +416,7 @@ impl Proxy {
             Outgoing {
                 method,
                 uri,
-                headers,
+                mut headers,
             },
             body,
         ) = self.upstream_request(request, target, &bearer, client, trace)?;
@@ -441,7 +429,6 @@ impl Proxy {
         let leased = self
             .send_with_retries(&method, &uri, &headers, body, &replay, trace)
             .await?;
-        let mut headers = headers;
         let mut leased = self
             .resend_rate_limited(leased, &replay, (&method, &uri, &headers), trace)
             .await?;

@@ -17,7 +17,6 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use tracing::debug;
 
 use super::body::Replay;
-use super::send::attempt_request;
 use super::upstream::Leased;
 use super::{ratelimit, Proxy, ProxyError, Trace};
 
@@ -53,8 +52,9 @@ impl Proxy {
             trace.resends += 1;
             inner.insight.resent(self.usage(trace), wait);
             debug!(wait = ?wait, "sending a request Coupa answered 429 again");
+            // As any send: again on another connection when that is safe.
             leased = self
-                .send(attempt_request(method, uri, headers.clone(), body), trace)
+                .send_with_retries(method, uri, headers, body, replay, trace)
                 .await?;
         }
         Ok(leased)
