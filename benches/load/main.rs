@@ -344,23 +344,9 @@ fn start_upstream() -> (
     fake.state().set_fast_api(true);
     let upstream = fake.addr().port();
     let state = fake.shared_state();
-    let token = runtime.block_on(async {
-        let answer: serde_json::Value = reqwest::Client::new()
-            .post(format!("{}/oauth2/token", fake.base_url()))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", CLIENT_ID),
-                ("client_secret", CLIENT_SECRET),
-                ("scope", "core.common.read"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["access_token"].as_str().unwrap().to_owned()
-    });
+    let token = runtime
+        .block_on(fake.client_credentials_by_hand(CLIENT_ID, CLIENT_SECRET, "core.common.read"))
+        .unwrap();
     std::thread::spawn(move || {
         let _fake = fake;
         runtime.block_on(std::future::pending::<()>());

@@ -17,12 +17,14 @@
 //! token requests and any use of an expired token.
 
 mod api;
+mod by_hand;
 mod limit;
 mod oauth;
 pub mod relay;
 
 use api::FaultyBody;
 pub use api::{pattern_byte, pattern_sha256, PatternBody};
+pub use by_hand::ByHandError;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -154,21 +154,11 @@ async fn under_load(
 ) -> Outcome {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
-    let token: serde_json::Value = http_client()
-        .post(format!("{}/oauth2/token", fake.base_url()))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", CLIENT_ID),
-            ("client_secret", CLIENT_SECRET),
-            ("scope", "core.invoice.read"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
+    // The other client holds a token of its own, from the same instance.
+    let token = fake
+        .client_credentials_by_hand(CLIENT_ID, CLIENT_SECRET, "core.invoice.read")
         .await
         .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
     let stop = Arc::new(AtomicBool::new(false));
     let outside_ok = Arc::new(AtomicU64::new(0));
     let outside = {

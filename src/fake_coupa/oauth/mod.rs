@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use rand::RngCore;
 
 mod code;
+pub(super) use code::s256;
 mod device;
 
 use super::{json, FakeBody, FakeClient, FakeState, TokenFailure, TokenRecord};
