@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use coupa_auth_proxy::fake_coupa::TokenFailure;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::support::*;
 
@@ -22,16 +22,6 @@ fn start(
         &format!("shutdown_grace = \"10s\"\n{listen_extra}"),
     );
     ProxyProcess::start(&text, &[], &[])
-}
-
-/// Everything the proxy sends on `stream` until it closes it.
-async fn answer_on(stream: &mut tokio::net::TcpStream) -> String {
-    let mut answer = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
-        .await
-        .expect("answered")
-        .unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 async fn logged(proxy: &ProxyProcess, message: &str) {
@@ -85,20 +75,20 @@ async fn a_client_falling_behind_with_its_body_is_logged() {
     let fake = start_fake(DAY).await;
     let proxy = start(&fake, "body_read_timeout = \"300ms\"", "");
     proxy.wait_ready().await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
-        .await
-        .unwrap();
-    let answer = answer_on(&mut stream).await;
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    let lower = answer.to_ascii_lowercase();
+    let (status, head, body) = raw_request(
+        proxy.addr,
+        "POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":",
+    )
+    .await;
+    assert_eq!(status, 408, "{head}");
+    let head = head.to_ascii_lowercase();
     assert!(
-        lower.contains("connection: close"),
-        "the proxy closes it: {answer}"
+        head.contains("connection: close"),
+        "the proxy closes it: {head}"
     );
-    assert!(!lower.contains("keep-alive:"), "{answer}");
-    assert!(answer.contains("nothing was sent to Coupa"), "{answer}");
+    assert!(!head.contains("keep-alive:"), "{head}");
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("nothing was sent to Coupa"), "{body}");
     assert_eq!(fake.state().api_requests(), 0);
     logged(&proxy, "client fell behind sending the request body").await;
 }
@@ -152,9 +142,8 @@ async fn the_connection_limit_is_logged() {
         ) == 2.0
     })
     .await;
-    let mut third = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let answer = answer_on(&mut third).await;
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // A third connection, saying nothing: the server answers it at once.
+    assert_eq!(raw_request(proxy.addr, "").await.0, 503);
     logged(&proxy, "connection limit reached; refusing a connection").await;
 }
 
@@ -163,16 +152,13 @@ async fn ambiguous_framing_is_logged() {
     let fake = start_fake(DAY).await;
     let proxy = start(&fake, "", "");
     proxy.wait_ready().await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(
-            b"POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\
-              Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let answer = answer_on(&mut stream).await;
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let (status, head, _) = raw_request(
+        proxy.addr,
+        "POST /api/invoices HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\
+         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{head}");
     logged(
         &proxy,
         "request refused: both Content-Length and Transfer-Encoding",

@@ -77,7 +77,6 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
 /// while Coupa was still answering (499 `client_gone`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let text = config_text(&fake.base_url(), "", "")
         + &format!(
@@ -86,15 +85,7 @@ async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
         );
     let proxy = ProxyProcess::start(&text, &[], &[]);
     proxy.wait_ready().await;
-    let raw = |request: &'static [u8]| {
-        let addr = proxy.addr;
-        async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.write_all(request).await.unwrap();
-            let mut answer = Vec::new();
-            let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
-        }
-    };
+    let raw = |request: &'static str| raw_request(proxy.addr, request);
     let expected = [
         ("unknown_api_key", 2),
         ("missing_host", 1),
@@ -104,15 +95,16 @@ async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
         ("client_gone", 1),
     ];
     for _ in 0..2 {
-        raw(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
+        raw(
+            "GET /api/x HTTP/1.1\r\nHost: x\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n",
+        )
+        .await;
     }
-    raw(b"GET /api/x HTTP/1.1\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
-    raw(
-        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    raw(b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
-    raw(b"GET /api/x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n").await;
+    raw("GET /api/x HTTP/1.1\r\nX-COUPA-API-KEY: wrong\r\nConnection: close\r\n\r\n").await;
+    raw("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n")
+        .await;
+    raw("POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
+    raw("GET /api/x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n").await;
     let gone = http_client()
         .get(proxy.url("/api/_slow?ms=3000"))
         .header("X-COUPA-API-KEY", KEY)
@@ -154,23 +146,14 @@ async fn every_refused_request_has_one_line_with_its_reason_and_is_counted() {
 /// request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_ambiguous_requests_is_counted_and_warned_of_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const FLOOD: usize = 200;
     let fake = start_fake(Duration::from_secs(86_399)).await;
     let proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
     proxy.wait_ready().await;
     for _ in 0..FLOOD {
-        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        stream
-            .write_all(
-                b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
-                  Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
-        assert!(answer.starts_with(b"HTTP/1.1 400"));
+        let request = "POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
+                       Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(raw_request(proxy.addr, request).await.0, 400);
     }
     eventually("every refusal has its access line", || async {
         proxy.access_lines().len() >= FLOOD
