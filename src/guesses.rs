@@ -115,6 +115,14 @@ impl Source {
         self.excess > 0
     }
 
+    /// The gap between its late answers now: [`FIRST_STEP`] doubled for
+    /// each failure past the budget, at most [`MAX_STEP`].
+    fn step(&self) -> Duration {
+        FIRST_STEP
+            .saturating_mul(1u32 << self.excess.saturating_sub(1).min(16))
+            .min(MAX_STEP)
+    }
+
     fn last_seen(&self) -> Instant {
         self.refilled
     }
@@ -171,10 +179,7 @@ impl Guesses {
             Duration::ZERO
         } else {
             source.excess = source.excess.saturating_add(1);
-            let step = FIRST_STEP
-                .saturating_mul(1u32 << (source.excess - 1).min(16))
-                .min(MAX_STEP);
-            source.release_at = source.release_at.max(now) + step;
+            source.release_at = source.release_at.max(now) + source.step();
             self.metrics.delayed.get_or_create(&kind).inc();
             let first = source.excess == 1;
             source.unlogged += 1;
@@ -203,9 +208,7 @@ fn summarise(key: IpAddr, guess: Guess, source: &Source, first: bool) {
             source = %key,
             kind = guess.as_str(),
             failed = source.unlogged,
-            step_ms = (FIRST_STEP.saturating_mul(1u32 << (source.excess - 1).min(16)))
-                .min(MAX_STEP)
-                .as_millis() as u64,
+            step_ms = source.step().as_millis() as u64,
             "failed credentials from one source in the last minute, answered late"
         );
     }
