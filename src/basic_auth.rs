@@ -1,7 +1,8 @@
 //! HTTP Basic client authentication as RFC 6749 §2.3.1 defines it: the
 //! client id and secret are form-urlencoded, then joined by `:` and base64
 //! encoded. One place for both sides, so the proxy's token client, its
-//! local token endpoint and the fake Coupa agree on the rule.
+//! local token endpoint and the fake Coupa agree on the rule; and plain
+//! RFC 7617 Basic as browsers send it, for the status page's password.
 //!
 //! Not every server follows the rule (Doorkeeper 5.5 does not decode): for
 //! a secret the encoding changes, Basic is ambiguous and the form body
@@ -32,6 +33,14 @@ pub fn encode(client_id: &str, secret: &str) -> http::HeaderValue {
 
 /// The client id and secret in an `Authorization` value, decoded.
 pub fn decode(value: &[u8]) -> Result<(String, String), BasicError> {
+    let (id, secret) = decode_plain(value)?;
+    Ok((urldecode(&id), urldecode(&secret)))
+}
+
+/// The user and password of an `Authorization` value as RFC 7617 has
+/// browsers and curl send them: `user:password` in base64, nothing more
+/// encoded (unlike an OAuth client's, see [`decode`]).
+pub fn decode_plain(value: &[u8]) -> Result<(String, String), BasicError> {
     let text = std::str::from_utf8(value).map_err(|_| BasicError::Malformed)?;
     let (scheme, encoded) = text.trim().split_once(' ').ok_or(BasicError::NotBasic)?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -41,8 +50,8 @@ pub fn decode(value: &[u8]) -> Result<(String, String), BasicError> {
         .decode(encoded.trim())
         .map_err(|_| BasicError::Malformed)?;
     let decoded = String::from_utf8(decoded).map_err(|_| BasicError::Malformed)?;
-    let (id, secret) = decoded.split_once(':').ok_or(BasicError::Malformed)?;
-    Ok((urldecode(id), urldecode(secret)))
+    let (user, password) = decoded.split_once(':').ok_or(BasicError::Malformed)?;
+    Ok((user.to_owned(), password.to_owned()))
 }
 
 /// Whether the RFC's encoding changes the id or the secret: then servers

@@ -7,8 +7,6 @@
 
 use std::net::SocketAddr;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -63,8 +61,8 @@ impl StatusAccess {
         let Some(value) = headers.get(AUTHORIZATION) else {
             return Verdict::Asked;
         };
-        match basic_password(value.as_bytes()) {
-            Some(password) if bool::from(Sha256::digest(&password).ct_eq(&digest)) => {
+        match crate::basic_auth::decode_plain(value.as_bytes()) {
+            Ok((_, password)) if bool::from(Sha256::digest(password.as_bytes()).ct_eq(&digest)) => {
                 Verdict::Allowed
             }
             _ => Verdict::Refused,
@@ -72,23 +70,11 @@ impl StatusAccess {
     }
 }
 
-/// The password of an HTTP Basic `Authorization` value as browsers and
-/// curl send it (RFC 7617: `user:password`, base64; not form-encoded as
-/// OAuth clients do).
-fn basic_password(value: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(value).ok()?;
-    let (scheme, encoded) = text.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = STANDARD.decode(encoded.trim()).ok()?;
-    let colon = decoded.iter().position(|b| *b == b':')?;
-    Some(decoded[colon + 1..].to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
     use http::HeaderValue;
 
     fn with_basic(user_password: &str) -> HeaderMap {
