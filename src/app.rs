@@ -24,7 +24,7 @@ use crate::insight::Insight;
 use crate::local_oauth::LocalTokens;
 use crate::metrics::Metrics;
 use crate::proxy::ratelimit::{Limiter, SharedBudget};
-use crate::proxy::{self, ClientInfo, Proxy, Shared};
+use crate::proxy::{self, ClientInfo, Proxy, Services, Shared};
 use crate::reload::Reloader;
 use crate::server::framing::Refusal;
 use crate::server::{self, Drain};
@@ -32,6 +32,7 @@ use crate::tls;
 use crate::token::client::ClientParams;
 use crate::token::source::SourceError;
 use crate::token::{CredentialSource, RefreshPolicy, Refresher, TokenStore};
+use crate::traces::Traces;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -45,6 +46,8 @@ pub enum AppError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("listen.intercept: {0}")]
     Intercept(#[from] crate::intercept::CaError),
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TracesError),
 }
 
 /// The two sockets the proxy serves, bound by the caller (port 0 in tests).
@@ -85,12 +88,22 @@ pub async fn run_with_reload(
     let stores = Arc::new(stores);
     let insight = Insight::new(&config);
     let metrics = Metrics::new(stores.clone(), config.cluster.is_some(), &insight);
+    let traces = match &config.telemetry.otlp_traces_url {
+        Some(url) => match Traces::start(url, metrics.traces.clone(), &background) {
+            Ok(traces) => Some(traces),
+            Err(error) => {
+                background.stop().await;
+                return Err(error.into());
+            }
+        },
+        None => None,
+    };
     let started = start_token_work(
         &config,
         config_path.as_deref(),
         &tls_config,
         &stores,
-        &metrics,
+        (&metrics, traces.as_ref()),
         &background,
     );
     let (cluster, handles) = match started {
@@ -121,7 +134,7 @@ pub async fn run_with_reload(
             insight: insight.clone(),
             guesses: guesses.clone(),
         },
-        cluster.clone(),
+        (cluster.clone(), traces),
         &background,
     );
     let admin_state = Arc::new(AdminState::new(
@@ -240,7 +253,7 @@ fn build_proxy(
     stores: &[(String, Arc<TokenStore>)],
     metrics: &Arc<Metrics>,
     shared: Shared,
-    cluster: Option<Arc<Cluster>>,
+    (cluster, traces): (Option<Arc<Cluster>>, Option<Traces>),
     background: &Background,
 ) -> Proxy {
     let upstream = proxy::upstream::build(
@@ -263,8 +276,11 @@ fn build_proxy(
         upstream,
         metrics.clone(),
         shared,
-        rate_limiter,
-        LocalTokens::new(cluster),
+        Services {
+            rate_limiter,
+            local_tokens: LocalTokens::new(cluster),
+            traces,
+        },
     )
 }
 
@@ -298,7 +314,7 @@ fn start_token_work(
     config_path: Option<&Path>,
     tls_config: &rustls::ClientConfig,
     stores: &[(String, Arc<TokenStore>)],
-    metrics: &Metrics,
+    (metrics, traces): (&Metrics, Option<&Traces>),
     background: &Background,
 ) -> Result<(Option<Arc<Cluster>>, CredentialHandles), AppError> {
     let cluster = match &config.cluster {
@@ -333,6 +349,7 @@ fn start_token_work(
             store,
             policy: RefreshPolicy::from(&credential.oauth),
             credential: credential.name.clone(),
+            traces: traces.cloned(),
         };
         background.spawn(|stop| refresher.run(stop));
     }

@@ -77,3 +77,4 @@ pub mod server;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod traces;

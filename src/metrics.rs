@@ -156,6 +156,8 @@ pub struct Metrics {
     pub rate: RateMetrics,
     /// Handed to the guessing accounts ([`crate::guesses`]).
     pub guesses: crate::guesses::GuessMetrics,
+    /// Handed to the trace exporter ([`crate::traces`]).
+    pub traces: crate::traces::TraceMetrics,
     /// Answers of the proxy's own `/oauth2/token`, by outcome.
     local_token_requests: Vec<(&'static str, Counter)>,
     /// 503 integration_busy answers, by integration (rare: a lookup each).
@@ -319,10 +321,13 @@ impl Metrics {
         rate.register(&mut registry);
         let guesses = crate::guesses::GuessMetrics::default();
         guesses.register(&mut registry);
+        let traces = crate::traces::TraceMetrics::default();
+        traces.register(&mut registry);
         registry.register_collector(Box::new(TokenCollector { stores }));
         Arc::new(Self {
             rate,
             guesses,
+            traces,
             registry,
             upstream_seconds,
             overhead_seconds,

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::background::Background;
 use crate::config::{
-    Admin, Cluster, Config, Coupa, Grant, Insight, Listen, OAuth, Runtime, SecretSource,
+    Admin, Cluster, Config, Coupa, Grant, Insight, Listen, OAuth, Runtime, SecretSource, Telemetry,
 };
 use crate::proxy::Proxy;
 use crate::tls::ReloadingCert;
@@ -245,6 +245,7 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
         },
         cluster: _,
         insight: Insight { idle_warning: _ },
+        telemetry: Telemetry { otlp_traces_url: _ },
     } = running;
     let mut keys = Vec::new();
     let mut differ = |key: &str, same: bool| {
@@ -275,6 +276,10 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
     );
     cluster_changes(running.cluster.as_ref(), new.cluster.as_ref(), &mut differ);
     differ("runtime.flavor", running.runtime == new.runtime);
+    differ(
+        "telemetry.otlp_endpoint",
+        running.telemetry == new.telemetry,
+    );
     keys
 }
 

@@ -32,6 +32,17 @@ pub(super) struct FileConfig {
     pub(super) cluster: Option<ClusterFile>,
     #[serde(default)]
     pub(super) insight: InsightFile,
+    #[serde(default)]
+    pub(super) telemetry: TelemetryFile,
+}
+
+/// `[telemetry]`: where traces go.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TelemetryFile {
+    /// An OpenTelemetry collector's OTLP/HTTP base URL; unset: no traces.
+    #[serde(default)]
+    pub(super) otlp_endpoint: Option<String>,
 }
 
 /// `[cluster]`: state shared with other processes in Redis/Valkey.

@@ -34,6 +34,7 @@ pub struct Config {
     /// Shared state in Redis; `None`: every process on its own.
     pub cluster: Option<Cluster>,
     pub insight: Insight,
+    pub telemetry: Telemetry,
 }
 
 /// `[cluster]`, validated.
@@ -155,6 +156,14 @@ pub struct LocalClient {
     pub client_id: String,
     /// SHA-256 of the secret shared between the tool and the proxy.
     pub secret_sha256: [u8; 32],
+}
+
+/// `[telemetry]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    /// Where spans are posted (`<otlp_endpoint>/v1/traces`); `None`: no
+    /// traces are made.
+    pub otlp_traces_url: Option<url::Url>,
 }
 
 /// `[insight]`, validated.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{
     Admin, ClientAuth, Config, Coupa, Credential, Grant, Insight, Listen, OAuth, RatePolicy,
-    Runtime, RuntimeFlavor, SecretSource, DEFAULT_CREDENTIAL,
+    Runtime, RuntimeFlavor, SecretSource, Telemetry, DEFAULT_CREDENTIAL,
 };
 
 impl Config {
@@ -40,6 +40,7 @@ impl Config {
                 },
             cluster: _,
             insight: Insight { idle_warning: _ },
+            telemetry: Telemetry { otlp_traces_url: _ },
         } = self;
         let mut rows = self.listen_rows();
         rows.extend(self.coupa_rows());
@@ -65,6 +66,14 @@ impl Config {
         ));
         rows.extend(self.cluster_rows());
         rows.push(("runtime.flavor".into(), self.runtime_flavor()));
+        rows.push((
+            "telemetry.otlp_endpoint".into(),
+            self.telemetry
+                .otlp_traces_url
+                .as_ref()
+                .map(|url| format!("spans posted to {url}"))
+                .unwrap_or_else(|| "not set: no traces".into()),
+        ));
         rows
     }
 

@@ -31,6 +31,12 @@ pub(super) async fn api(state: &FakeState, request: Request<Incoming>) -> Respon
                 seen.push(token.clone());
             }
         }
+        let traceparent = request.headers().get("traceparent");
+        if let (Some(traceparent), Ok(mut seen)) = (traceparent, state.seen_traceparents.lock()) {
+            if seen.len() < 1_000 {
+                seen.push(String::from_utf8_lossy(traceparent.as_bytes()).into_owned());
+            }
+        }
     }
     let reason = rejection(state, token.as_deref());
     if let Some(reason) = reason {

@@ -122,6 +122,8 @@ pub struct FakeState {
     refusing: Mutex<Option<(std::time::Instant, u64)>>,
     /// Every bearer token the API side was sent, live or not.
     seen_bearers: Mutex<Vec<String>>,
+    /// Every W3C `traceparent` the API side was sent.
+    seen_traceparents: Mutex<Vec<String>>,
     /// The addresses connections came from.
     peers: Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
 }
@@ -224,6 +226,15 @@ impl FakeState {
 
     pub fn seen_bearers(&self) -> Vec<String> {
         self.seen_bearers
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// The `traceparent` headers sent to `/api/*` so far, in order (the
+    /// first 1,000; none in fast mode).
+    pub fn seen_traceparents(&self) -> Vec<String> {
+        self.seen_traceparents
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
@@ -430,6 +441,7 @@ impl FakeCoupa {
             refusing: Mutex::new(None),
             scoped_api: std::sync::atomic::AtomicBool::new(false),
             seen_bearers: Mutex::new(Vec::new()),
+            seen_traceparents: Mutex::new(Vec::new()),
             peers: Mutex::new(std::collections::BTreeSet::new()),
         });
         let shutdown = CancellationToken::new();

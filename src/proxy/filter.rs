@@ -125,6 +125,7 @@ impl Proxy {
             .wait_for_token(self.inner.token_wait_timeout)
             .await;
         trace.token_wait = Some(started.elapsed());
+        trace.note_wait("token wait", started.into_std());
         bearer.ok_or_else(|| self.no_token(credential))
     }
 

@@ -10,6 +10,19 @@ use tracing::{info, warn};
 
 use super::error::CLIENT_CLOSED_REQUEST;
 use super::{Proxy, Trace};
+use crate::traces::Finished;
+
+/// A W3C trace id in the access line: 32 hex digits, or empty.
+struct TraceIdField(Option<opentelemetry::trace::TraceId>);
+
+impl std::fmt::Display for TraceIdField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => write!(f, "{id}"),
+            None => Ok(()),
+        }
+    }
+}
 
 /// The request as the log line names it.
 pub(super) struct Handled<'a> {
@@ -44,6 +57,25 @@ impl Drop for Record<'_> {
             }
         };
         self.proxy.log(&self.handled, &self.trace, status);
+        if let (Some(traces), Some(spans)) = (&self.proxy.inner.traces, self.trace.spans.take()) {
+            let path = self.handled.target.map(|t| t.path()).unwrap_or("");
+            traces.finish(
+                *spans,
+                Finished {
+                    method: self.handled.method.as_str(),
+                    path,
+                    route: crate::insight::resource_of(path).label(),
+                    status: status.as_u16(),
+                    integration: self
+                        .trace
+                        .integration
+                        .as_ref()
+                        .map(|i| &*i.name)
+                        .unwrap_or(""),
+                    reason: self.trace.reason,
+                },
+            );
+        }
     }
 }
 
@@ -80,6 +112,7 @@ impl Proxy {
             resend_wait_ms = ms(trace.resend_wait),
             proxy_ms = ms(own),
             reason = trace.reason,
+            trace_id = %TraceIdField(trace.trace_id),
             "request"
         );
         if !trace.reason.is_empty() {
@@ -122,6 +155,7 @@ impl Proxy {
             status = status.as_u16(),
             duration_ms = 0.0,
             reason,
+            trace_id = "",
             "request"
         );
         self.inner.metrics.refused_request(reason);

@@ -62,6 +62,7 @@ use crate::insight::{Insight, Via};
 use crate::local_oauth::LocalTokens;
 use crate::metrics::Metrics;
 use crate::token::TokenStore;
+use crate::traces::{Recording, Traces};
 use arc_swap::ArcSwap;
 use auth::{IntegrationKey, Integrations};
 use body::{Replay, UpstreamBody};
@@ -136,10 +137,21 @@ struct Inner {
     /// Failed credentials per source, answered late past a budget.
     guesses: Arc<Guesses>,
     local_tokens: LocalTokens,
+    traces: Option<Traces>,
     /// The instance URL, for hints in log lines.
     base_url: String,
     /// `Keep-Alive: timeout=N` for HTTP/1.1 answers.
     keep_alive: HeaderValue,
+}
+
+/// What the request path uses beside Coupa's client.
+pub struct Services {
+    /// Shapes to `[coupa.rate_limit]` (this process's budget or the
+    /// instance's shared one).
+    pub rate_limiter: Option<Limiter>,
+    pub local_tokens: LocalTokens,
+    /// With `[telemetry] otlp_endpoint`.
+    pub traces: Option<Traces>,
 }
 
 /// What the request path shares with the admin listener.
@@ -178,20 +190,35 @@ struct Trace {
     failed_credential: Option<Guess>,
     /// How long its answer was held back for that.
     guess_delay: Duration,
+    /// The W3C trace the request belongs to, for the access line.
+    trace_id: Option<opentelemetry::trace::TraceId>,
+    /// Its spans, when traces are exported and the client's trace (if
+    /// any) is sampled.
+    spans: Option<Box<Recording>>,
+}
+
+impl Trace {
+    /// A wait from `start` until now, as a span when spans are recorded.
+    fn note_wait(&mut self, name: &'static str, start: StdInstant) {
+        if let Some(spans) = &mut self.spans {
+            spans.wait(name, start, StdInstant::now());
+        }
+    }
 }
 
 impl Proxy {
-    /// `stores` holds one token store per entry of `config.credentials`;
-    /// `rate_limiter` shapes to `[coupa.rate_limit]` (this process's budget
-    /// or the instance's shared one).
+    /// `stores` holds one token store per entry of `config.credentials`.
     pub fn new(
         config: &Config,
         stores: &[Arc<TokenStore>],
         client: UpstreamClient,
         metrics: Arc<Metrics>,
         Shared { insight, guesses }: Shared,
-        rate_limiter: Option<Limiter>,
-        local_tokens: LocalTokens,
+        Services {
+            rate_limiter,
+            local_tokens,
+            traces,
+        }: Services,
     ) -> Self {
         let coupa = &config.coupa;
         let rules = RewriteRules {
@@ -256,6 +283,7 @@ impl Proxy {
                 insight,
                 guesses,
                 local_tokens,
+                traces,
                 base_url: coupa.base_url.clone(),
                 keep_alive: crate::server::keep_alive_value(config.listen.keepalive_timeout),
             }),
@@ -299,6 +327,14 @@ impl Proxy {
         let method = request.method().clone();
         let http11 = request.version() == http::Version::HTTP_11;
         let target = request.uri().path_and_query().cloned();
+        let spans = match &self.inner.traces {
+            Some(traces) => traces.begin(request.headers(), started),
+            None => None,
+        };
+        let trace_id = match &spans {
+            Some(spans) => Some(spans.trace_id()),
+            None => crate::traces::client_trace_id(request.headers()),
+        };
         // Writes the access line when dropped: at the end of this
         // function, or, if the server drops this future because the
         // client went away, as 499 `client_gone`.
@@ -310,7 +346,11 @@ impl Proxy {
                 id: &request_id,
                 started,
             },
-            trace: Trace::default(),
+            trace: Trace {
+                trace_id,
+                spans,
+                ..Trace::default()
+            },
             status: None,
         };
         let trace = &mut record.trace;

@@ -47,7 +47,9 @@ impl Proxy {
             };
             // Read off (small) so the connection serves others meanwhile.
             let _ = self.buffer_rejection(leased).await?;
+            let waited = std::time::Instant::now();
             tokio::time::sleep(wait).await;
+            trace.note_wait("429 wait", waited);
             trace.resend_wait += wait;
             trace.resends += 1;
             inner.insight.resent(self.usage(trace), wait);

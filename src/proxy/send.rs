@@ -155,7 +155,7 @@ impl Proxy {
     /// response-header timeout.
     pub(super) async fn send(
         &self,
-        request: Request<UpstreamBody>,
+        mut request: Request<UpstreamBody>,
         trace: &mut Trace,
     ) -> Result<Leased, SendFailure> {
         let inner = &*self.inner;
@@ -168,14 +168,27 @@ impl Proxy {
             let queued = StdInstant::now();
             let slot = limiter.acquire(lane).await;
             trace.queue_wait += queued.elapsed();
+            trace.note_wait("rate-limit queue", queued);
             slot.map_err(SendFailure::RateLimited)?;
             inner.insight.count_slot(self.usage(trace));
         }
+        let attempt = trace
+            .spans
+            .as_mut()
+            .map(|spans| spans.attempt(request.headers_mut()));
         let sent = StdInstant::now();
         let result =
             tokio::time::timeout(inner.response_header_timeout, inner.client.request(request))
                 .await;
         *trace.upstream.get_or_insert(Duration::ZERO) += sent.elapsed();
+        if let (Some(spans), Some(attempt)) = (&mut trace.spans, attempt) {
+            let outcome = match &result {
+                Ok(Ok(leased)) => Ok(leased.response.status().as_u16()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err("no answer within coupa.response_header_timeout".to_owned()),
+            };
+            spans.attempt_done(attempt, outcome);
+        }
         match result {
             Ok(Err(upstream::UpstreamError::Busy(waited))) => Err(SendFailure::Busy(waited)),
             Ok(result) => result.map_err(SendFailure::Client),

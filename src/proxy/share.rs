@@ -71,6 +71,10 @@ impl Proxy {
             .acquire(inner.connection_wait_timeout)
             .await;
         trace.slot_wait += asked.elapsed();
+        if let Some(spans) = &mut trace.spans {
+            // (A field, not `note_wait`: `integration` borrows `trace`.)
+            spans.wait("connection slot", asked, std::time::Instant::now());
+        }
         match taken {
             Ok(permit) => Ok(Some(permit)),
             Err(at_cap) => {

@@ -140,6 +140,8 @@ pub struct Refresher<S = TokenClient> {
     pub policy: RefreshPolicy,
     /// Credential name for log lines.
     pub credential: String,
+    /// Each fetch a span, with `[telemetry] otlp_endpoint`.
+    pub traces: Option<crate::traces::Traces>,
 }
 
 impl<S: TokenSource> Refresher<S> {
@@ -151,10 +153,12 @@ impl<S: TokenSource> Refresher<S> {
         // Scopes of the last token Coupa granted, to name what a later
         // request is missing.
         let mut granted = String::new();
+        // Why the next fetch runs, for its span.
+        let mut trigger = "start";
         loop {
             let next_fetch = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                result = self.client.fetch() => match result {
+                result = self.traced_fetch(trigger) => match result {
                     Ok(token) => {
                         backoff.reset();
                         if last_failure.take().is_some() {
@@ -190,17 +194,37 @@ impl<S: TokenSource> Refresher<S> {
                     }
                 }
             };
-            tokio::select! {
+            let failing = last_failure.is_some();
+            trigger = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = sleep_until(next_fetch) => {}
+                _ = sleep_until(next_fetch) => if failing { "retry" } else { "renewal" },
                 _ = self.store.refresh_requested() => {
                     info!(credential = %self.credential, "Coupa rejected the token; fetching a new one now");
+                    "rejected_token"
                 }
                 _ = self.store.renew_requested() => {
                     info!(credential = %self.credential, "renewing now for the reloaded configuration");
+                    "reload"
                 }
-            }
+            };
         }
+    }
+
+    /// One fetch, a span of its own when traces are exported.
+    async fn traced_fetch(&self, trigger: &'static str) -> Result<FetchedToken, FetchError> {
+        let Some(traces) = &self.traces else {
+            return self.client.fetch().await;
+        };
+        let started_at = std::time::SystemTime::now();
+        let result = self.client.fetch().await;
+        traces.token_fetch(crate::traces::TokenFetch {
+            credential: &self.credential,
+            trigger,
+            started_at,
+            ended_at: std::time::SystemTime::now(),
+            failure: result.as_ref().err().map(|e| e.outcome()),
+        });
+        result
     }
 
     fn log_failure(&self, message: &str, retry_in: Duration, last: &mut Option<String>) {
@@ -388,6 +412,7 @@ mod tests {
         let failing = Arc::new(AtomicBool::new(false));
         let store = Arc::new(TokenStore::new());
         let refresher = Refresher {
+            traces: None,
             client: Script {
                 fetches: fetches.clone(),
                 failing: failing.clone(),
@@ -451,6 +476,7 @@ mod tests {
     fn scripted(store: &Arc<TokenStore>) -> (Refresher<Script>, Arc<std::sync::atomic::AtomicU64>) {
         let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let refresher = Refresher {
+            traces: None,
             client: Script {
                 fetches: fetches.clone(),
                 failing: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -531,6 +557,7 @@ mod tests {
         let fetches = Arc::new(AtomicU64::new(0));
         let store = Arc::new(TokenStore::new());
         let refresher = Refresher {
+            traces: None,
             client: Script {
                 fetches: fetches.clone(),
                 failing: Arc::new(AtomicBool::new(true)),

@@ -48,3 +48,4 @@ mod streaming;
 mod targets;
 mod tls;
 mod token_cli;
+mod traces;

@@ -33,6 +33,7 @@ impl FileConfig {
             runtime,
             cluster,
             insight,
+            telemetry,
         } = self;
         let InsightFile { idle_warning } = insight;
         if idle_warning.is_zero() {
@@ -101,8 +102,42 @@ impl FileConfig {
             runtime: validate_runtime(runtime)?,
             cluster: cluster.map(|c| validate_cluster(c, base_dir)).transpose()?,
             insight: Insight { idle_warning },
+            telemetry: validate_telemetry(telemetry)?,
         })
     }
+}
+
+/// `[telemetry]`. Plain `http://` is allowed anywhere: a collector is
+/// usually a sidecar or a cluster service spoken to in plain HTTP, and
+/// spans carry no secret.
+fn validate_telemetry(file: TelemetryFile) -> Result<Telemetry, ConfigError> {
+    const KEY: &str = "telemetry.otlp_endpoint";
+    let TelemetryFile { otlp_endpoint } = file;
+    let Some(text) = otlp_endpoint.filter(|t| !t.trim().is_empty()) else {
+        return Ok(Telemetry {
+            otlp_traces_url: None,
+        });
+    };
+    let url = url::Url::parse(text.trim())
+        .map_err(|e| invalid(KEY, format!("{text:?} is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid(
+            KEY,
+            format!("{text:?}: must be an http:// or https:// URL with a host, the collector's OTLP/HTTP base (such as http://127.0.0.1:4318)"),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(invalid(
+            KEY,
+            "must not carry a query, a fragment or credentials",
+        ));
+    }
+    // The OTLP spec's signal path, below whatever path the base has.
+    let traces = format!("{}/v1/traces", url.as_str().trim_end_matches('/'));
+    let otlp_traces_url = url::Url::parse(&traces).map_err(|e| invalid(KEY, e.to_string()))?;
+    Ok(Telemetry {
+        otlp_traces_url: Some(otlp_traces_url),
+    })
 }
 
 fn validate_runtime(file: RuntimeFile) -> Result<Runtime, ConfigError> {

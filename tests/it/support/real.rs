@@ -46,7 +46,7 @@ pub fn python_with(module: &str) -> Option<PathBuf> {
     if !imports {
         super::skip(
             &format!("Python {module}"),
-            "python3 -m venv .venv && .venv/bin/pip install requests-oauthlib",
+            "python3 -m venv .venv && .venv/bin/pip install requests-oauthlib opentelemetry-sdk opentelemetry-proto",
         );
         return None;
     }
