@@ -168,6 +168,7 @@ pub struct Metrics {
     egress_failures: Family<[(&'static str, &'static str); 1], Counter>,
     /// Requests the proxy answered itself, by reason (rare).
     refused_requests: Family<[(&'static str, &'static str); 1], Counter>,
+    access_lines_left_out: Counter,
     started: SystemTime,
 }
 
@@ -216,6 +217,11 @@ impl Metrics {
             "client_head_timeouts",
             "Client connections cut for not sending a whole request head (or the TLS handshake, or anything) within listen.header_read_timeout",
             client_connections.head_timeouts.clone(),
+        );
+        registry.register(
+            "client_tls_handshake_failures",
+            "TLS handshakes with clients that failed ([listen.tls]): a client that does not trust the certificate, sends plain HTTP to the TLS port, or shares no protocol version or cipher",
+            client_connections.tls_handshake_failures.clone(),
         );
         let spool = SpoolMetrics::default();
         registry.register(
@@ -311,6 +317,12 @@ impl Metrics {
             "Requests the proxy answered itself instead of passing Coupa's answer on, by reason (the access line's reason: ambiguous_framing, malformed_request_line, malformed_head, unknown_api_key, missing_host, rate_limited, no_token, client_gone, ...)",
             refused_requests.clone(),
         );
+        let access_lines_left_out = Counter::default();
+        registry.register(
+            "access_lines_left_out",
+            "Access lines of refused requests not written: more than telemetry.refused_lines_per_second (refused_requests still counts them)",
+            access_lines_left_out.clone(),
+        );
         let integration_busy = Family::<Vec<(String, String)>, Counter>::default();
         registry.register(
             "integration_busy",
@@ -344,6 +356,7 @@ impl Metrics {
             client_body_timeouts,
             egress_failures,
             refused_requests,
+            access_lines_left_out,
             started: SystemTime::now(),
         })
     }
@@ -357,6 +370,12 @@ impl Metrics {
     }
 
     /// The proxy answered a request itself, for `reason`.
+    /// A refused request's access line left out under
+    /// `telemetry.refused_lines_per_second`.
+    pub fn access_line_left_out(&self) {
+        self.access_lines_left_out.inc();
+    }
+
     pub fn refused_request(&self, reason: &'static str) {
         self.refused_requests
             .get_or_create(&[("reason", reason)])

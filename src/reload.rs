@@ -245,7 +245,11 @@ fn changed_keys(running: &Config, new: &Config) -> Vec<String> {
         },
         cluster: _,
         insight: Insight { idle_warning: _ },
-        telemetry: Telemetry { otlp_traces_url: _ },
+        telemetry:
+            Telemetry {
+                otlp_traces_url: _,
+                refused_lines_per_second: _,
+            },
     } = running;
     let mut keys = Vec::new();
     let mut differ = |key: &str, same: bool| {
@@ -590,6 +594,17 @@ mod tests {
         assert_eq!(
             changed_keys(&running, &new),
             vec!["oauth.request_timeout".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_changed_collector_needs_a_restart() {
+        let running = config("", "a");
+        let mut new = config("", "a");
+        new.telemetry.otlp_traces_url = url::Url::parse("http://127.0.0.1:4318/v1/traces").ok();
+        assert_eq!(
+            changed_keys(&running, &new),
+            vec!["telemetry.otlp_endpoint".to_owned()]
         );
     }
 

@@ -43,6 +43,10 @@ pub(super) struct TelemetryFile {
     /// An OpenTelemetry collector's OTLP/HTTP base URL; unset: no traces.
     #[serde(default)]
     pub(super) otlp_endpoint: Option<String>,
+    /// Access lines of refused requests written per second at most
+    /// (burst as many); 0: every one.
+    #[serde(default)]
+    pub(super) refused_lines_per_second: u32,
 }
 
 /// `[cluster]`: state shared with other processes in Redis/Valkey.

@@ -164,6 +164,10 @@ pub struct Telemetry {
     /// Where spans are posted (`<otlp_endpoint>/v1/traces`); `None`: no
     /// traces are made.
     pub otlp_traces_url: Option<url::Url>,
+    /// Access lines of requests the proxy refused, per second at most (a
+    /// burst of as many); past it they are left out and counted. `None`:
+    /// every line is written.
+    pub refused_lines_per_second: Option<std::num::NonZeroU32>,
 }
 
 /// `[insight]`, validated.

@@ -40,7 +40,11 @@ impl Config {
                 },
             cluster: _,
             insight: Insight { idle_warning: _ },
-            telemetry: Telemetry { otlp_traces_url: _ },
+            telemetry:
+                Telemetry {
+                    otlp_traces_url: _,
+                    refused_lines_per_second: _,
+                },
         } = self;
         let mut rows = self.listen_rows();
         rows.extend(self.coupa_rows());
@@ -73,6 +77,15 @@ impl Config {
                 .as_ref()
                 .map(|url| format!("spans posted to {url}"))
                 .unwrap_or_else(|| "not set: no traces".into()),
+        ));
+        rows.push((
+            "telemetry.refused_lines_per_second".into(),
+            match self.telemetry.refused_lines_per_second {
+                Some(rate) => format!(
+                    "{rate}/s: access lines of refused requests past it are left out (counted)"
+                ),
+                None => "0: every access line is written".into(),
+            },
         ));
         rows
     }

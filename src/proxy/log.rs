@@ -95,7 +95,11 @@ impl Proxy {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         // The query string can carry business data; only the path is logged.
         let path = handled.target.map(|t| t.path()).unwrap_or("");
-        info!(
+        if !trace.reason.is_empty() {
+            inner.metrics.refused_request(trace.reason);
+        }
+        if trace.reason.is_empty() || self.refused_line_due() {
+            info!(
             target: "coupa_auth_proxy::access",
             method = %handled.method,
             path,
@@ -114,9 +118,7 @@ impl Proxy {
             reason = trace.reason,
             trace_id = %TraceIdField(trace.trace_id),
             "request"
-        );
-        if !trace.reason.is_empty() {
-            inner.metrics.refused_request(trace.reason);
+            );
         }
         inner.metrics.record(own, trace.upstream);
         let usage = self.usage(trace);
@@ -146,19 +148,43 @@ impl Proxy {
         } else {
             ("", "")
         };
-        info!(
-            target: "coupa_auth_proxy::access",
-            method,
-            path,
-            integration = "",
-            request_id = "",
-            status = status.as_u16(),
-            duration_ms = 0.0,
-            reason,
-            trace_id = "",
-            "request"
-        );
         self.inner.metrics.refused_request(reason);
+        if self.refused_line_due() {
+            info!(
+                target: "coupa_auth_proxy::access",
+                method,
+                path,
+                integration = "",
+                request_id = "",
+                status = status.as_u16(),
+                duration_ms = 0.0,
+                reason,
+                trace_id = "",
+                "request"
+            );
+        }
+    }
+
+    /// Whether a refused request's access line is written, under
+    /// `telemetry.refused_lines_per_second`; one left out is counted, and
+    /// said once a minute.
+    fn refused_line_due(&self) -> bool {
+        let Some(budget) = &self.inner.refused_lines else {
+            return true;
+        };
+        if budget.take(Instant::now()) {
+            return true;
+        }
+        self.inner.metrics.access_line_left_out();
+        static LEFT_OUT: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
+        if let Some(earlier) = LEFT_OUT.due() {
+            warn!(
+                left_out = earlier + 1,
+                "access lines of refused requests left out: more than telemetry.refused_lines_per_second; \
+                 coupa_proxy_refused_requests_total still counts every one"
+            );
+        }
+        false
     }
 
     /// Coupa's 403, once per (integration, method, resource) an hour: the
@@ -186,5 +212,56 @@ impl Proxy {
              (logged once an hour per integration, method and resource)",
             inner.base_url.trim_end_matches('/'),
         );
+    }
+}
+
+/// A token bucket for refused requests' access lines: `rate` a second, a
+/// burst of as many. Touched only by refused requests.
+pub(super) struct LineBudget {
+    rate: f64,
+    /// Lines that may be written now, and when that was reckoned.
+    left: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl LineBudget {
+    pub(super) fn new(rate: std::num::NonZeroU32) -> Self {
+        let rate = f64::from(rate.get());
+        Self {
+            rate,
+            left: std::sync::Mutex::new((rate, Instant::now())),
+        }
+    }
+
+    fn take(&self, now: Instant) -> bool {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, at) = *left;
+        let tokens =
+            (tokens + now.saturating_duration_since(at).as_secs_f64() * self.rate).min(self.rate);
+        if tokens >= 1.0 {
+            *left = (tokens - 1.0, now);
+            true
+        } else {
+            *left = (tokens, now);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::LineBudget;
+
+    #[test]
+    fn refused_lines_past_the_rate_are_left_out_and_the_budget_refills() {
+        let budget = LineBudget::new(std::num::NonZeroU32::new(5).unwrap());
+        let start = Instant::now();
+        let written = (0..20).filter(|_| budget.take(start)).count();
+        assert_eq!(written, 5, "a burst of the rate");
+        assert!(!budget.take(start + Duration::from_millis(100)));
+        assert!(budget.take(start + Duration::from_millis(250)));
+        let later = start + Duration::from_secs(60);
+        assert_eq!((0..20).filter(|_| budget.take(later)).count(), 5);
     }
 }

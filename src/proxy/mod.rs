@@ -138,6 +138,8 @@ struct Inner {
     guesses: Arc<Guesses>,
     local_tokens: LocalTokens,
     traces: Option<Traces>,
+    /// `telemetry.refused_lines_per_second`, when set.
+    refused_lines: Option<log::LineBudget>,
     /// The instance URL, for hints in log lines.
     base_url: String,
     /// `Keep-Alive: timeout=N` for HTTP/1.1 answers.
@@ -284,6 +286,10 @@ impl Proxy {
                 guesses,
                 local_tokens,
                 traces,
+                refused_lines: config
+                    .telemetry
+                    .refused_lines_per_second
+                    .map(log::LineBudget::new),
                 base_url: coupa.base_url.clone(),
                 keep_alive: crate::server::keep_alive_value(config.listen.keepalive_timeout),
             }),

@@ -156,7 +156,8 @@ where
     let first_byte_timeout = listener.first_byte_timeout;
     let mut stream = tokio::time::timeout(first_byte_timeout, acceptor.accept(stream))
         .await
-        .map_err(|_| HeadTimeout("TLS handshake not completed"))??;
+        .map_err(|_| HeadTimeout("TLS handshake not completed"))?
+        .map_err(super::HandshakeFailed)?;
     let mut prefix = Vec::new();
     if listener.intercept.is_some() && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
         // A proxy reached over HTTPS: the session may start with CONNECT.

@@ -114,7 +114,19 @@ pub struct ConnectionGauges {
     /// Connections cut for not finishing a request head (or the TLS
     /// handshake, or sending anything) within the header-read timeout.
     pub head_timeouts: Counter,
+    /// TLS handshakes with clients that failed (a client that does not
+    /// trust the certificate, speaks plain HTTP to the TLS port, or offers
+    /// nothing in common).
+    pub tls_handshake_failures: Counter,
 }
+
+/// A client's TLS handshake failed: counted
+/// ([`ConnectionGauges::tls_handshake_failures`]) and summarised in the
+/// log, since a client that keeps retrying would otherwise leave no trace
+/// (its requests never begin, so it has no access line).
+#[derive(Debug, thiserror::Error)]
+#[error("TLS handshake failed: {0}")]
+pub(crate) struct HandshakeFailed(pub std::io::Error);
 
 /// A client that did not finish what starts a request in time: the
 /// connection is cut and counted ([`ConnectionGauges::head_timeouts`]).
@@ -313,6 +325,14 @@ where
                 shared.policy.gauges.head_timeouts.inc();
             }
             if let Err(err) = served {
+                if let Some(HandshakeFailed(cause)) = err.downcast_ref::<HandshakeFailed>() {
+                    shared.policy.gauges.tls_handshake_failures.inc();
+                    static FAILED: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
+                    if let Some(left_out) = FAILED.due() {
+                        warn!(%peer, error = %cause, left_out,
+                            "TLS handshake with a client failed (its certificate trust, or plain HTTP sent to the TLS port?)");
+                    }
+                }
                 debug!(%peer, error = %err, "connection ended with an error");
             }
             shared.policy.gauges.open.dec();

@@ -222,3 +222,53 @@ async fn tls_protocol_follows_alpn() {
         "no SETTINGS frame"
     );
 }
+
+/// Clients whose handshakes fail never send a request, so they have no
+/// access line: they are counted, and summarised in one warning however
+/// many there are, while a client that trusts the CA is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_are_counted_and_warned_of_once() {
+    let (_fake, _dir, ca, proxy) = tls_proxy("inbound-tls-failures").await;
+    let untrusting = client(&Ca::new("some other CA"), None);
+    for _ in 0..10 {
+        let error = untrusting.get(https(&proxy, "/api/invoices")).send().await;
+        assert!(error.is_err(), "a client not trusting the CA was served");
+        // Plain HTTP to the TLS port: not a TLS record at all. The
+        // proxy closes the connection (after a TLS alert).
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+            .await
+            .expect("the connection is closed");
+        assert!(
+            !answer.starts_with(b"HTTP/"),
+            "plain HTTP answered on the TLS port"
+        );
+    }
+    let answer = client(&ca, None)
+        .get(https(&proxy, "/api/invoices"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    eventually("20 failed handshakes counted", || async {
+        let text = scrape(&metrics_url).await;
+        metric(
+            &text,
+            "coupa_proxy_client_tls_handshake_failures_total",
+            &[],
+        ) == 20.0
+    })
+    .await;
+    let warnings = proxy
+        .logs()
+        .matches("TLS handshake with a client failed")
+        .count();
+    assert_eq!(warnings, 1, "{}", proxy.logs());
+}

@@ -178,3 +178,61 @@ async fn a_flood_of_ambiguous_requests_is_counted_and_warned_of_once() {
     assert_eq!(warned, 1, "warned of once, not per request");
     assert_eq!(fake.state().api_requests(), 0);
 }
+
+/// With `telemetry.refused_lines_per_second`, a flood of refused requests
+/// writes a burst and then that many lines a second; every refusal is
+/// still counted, the lines left out are counted too (the two add up),
+/// one warning says so, and a forwarded request's line is always written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_access_lines_past_the_configured_rate_are_left_out_and_counted() {
+    const RATE: f64 = 20.0;
+    const EACH: usize = 150;
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let text =
+        config_text(&fake.base_url(), "", "") + "\n[telemetry]\nrefused_lines_per_second = 20\n";
+    let proxy = ProxyProcess::start(&text, &[], &[]);
+    proxy.wait_ready().await;
+    let flood = std::time::Instant::now();
+    for _ in 0..EACH {
+        // Refused by the framing guard, and by the request path.
+        let ambiguous = "POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
+                         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(raw_request(proxy.addr, ambiguous).await.0, 400);
+        let hostless = "GET /api/x HTTP/1.1\r\nConnection: close\r\n\r\n";
+        assert_eq!(raw_request(proxy.addr, hostless).await.0, 400);
+    }
+    let elapsed = flood.elapsed().as_secs_f64();
+    let answer = http_client().get(proxy.url("/api/invoices")).send().await;
+    assert_eq!(answer.unwrap().status(), 200);
+    eventually("the forwarded request's line", || async {
+        proxy.access_lines().iter().any(|l| l["status"] == 200)
+    })
+    .await;
+
+    let written = proxy
+        .access_lines()
+        .iter()
+        .filter(|l| l["reason"] != "")
+        .count();
+    assert!(
+        written as f64 >= RATE && written as f64 <= RATE + RATE * elapsed + 1.0,
+        "{written} refused lines in {elapsed:.2} s at {RATE}/s"
+    );
+    let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    let refused = |reason| {
+        metric(
+            &metrics,
+            "coupa_proxy_refused_requests_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(refused("ambiguous_framing"), EACH as f64);
+    assert_eq!(refused("missing_host"), EACH as f64);
+    let left_out = metric(&metrics, "coupa_proxy_access_lines_left_out_total", &[]);
+    assert_eq!(left_out + written as f64, 2.0 * EACH as f64);
+    let warned = proxy
+        .logs()
+        .matches("access lines of refused requests left out")
+        .count();
+    assert_eq!(warned, 1, "{}", proxy.logs());
+}

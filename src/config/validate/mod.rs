@@ -112,10 +112,15 @@ impl FileConfig {
 /// spans carry no secret.
 fn validate_telemetry(file: TelemetryFile) -> Result<Telemetry, ConfigError> {
     const KEY: &str = "telemetry.otlp_endpoint";
-    let TelemetryFile { otlp_endpoint } = file;
+    let TelemetryFile {
+        otlp_endpoint,
+        refused_lines_per_second,
+    } = file;
+    let refused_lines_per_second = std::num::NonZeroU32::new(refused_lines_per_second);
     let Some(text) = otlp_endpoint.filter(|t| !t.trim().is_empty()) else {
         return Ok(Telemetry {
             otlp_traces_url: None,
+            refused_lines_per_second,
         });
     };
     let url = url::Url::parse(text.trim())
@@ -137,6 +142,7 @@ fn validate_telemetry(file: TelemetryFile) -> Result<Telemetry, ConfigError> {
     let otlp_traces_url = url::Url::parse(&traces).map_err(|e| invalid(KEY, e.to_string()))?;
     Ok(Telemetry {
         otlp_traces_url: Some(otlp_traces_url),
+        refused_lines_per_second,
     })
 }
 
@@ -608,6 +614,36 @@ mod tests {
             for fragment in fragments {
                 assert!(err.contains(fragment), "{err}");
             }
+        }
+    }
+
+    #[test]
+    fn an_otlp_endpoint_gets_the_traces_path_and_bad_ones_name_the_key() {
+        let with =
+            |endpoint: &str| format!("{MINIMAL}\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
+        for (endpoint, url) in [
+            (
+                "http://otel-collector:4318",
+                "http://otel-collector:4318/v1/traces",
+            ),
+            (
+                "https://collector.example/otlp/",
+                "https://collector.example/otlp/v1/traces",
+            ),
+        ] {
+            let config = load(&with(endpoint)).unwrap();
+            assert_eq!(config.telemetry.otlp_traces_url.unwrap().as_str(), url);
+        }
+        assert!(load(MINIMAL).unwrap().telemetry.otlp_traces_url.is_none());
+        for bad in [
+            "otel-collector:4318",
+            "grpc://127.0.0.1:4317",
+            "http://127.0.0.1:4318/?x=1",
+            "http://user:pw@127.0.0.1:4318",
+        ] {
+            let err = error_of(&with(bad));
+            assert!(err.starts_with("telemetry.otlp_endpoint:"), "{bad}: {err}");
+            assert!(!err.contains("pw@"), "{err}");
         }
     }
 }
