@@ -131,11 +131,26 @@ impl RateMetrics {
 /// Token stores by credential name.
 pub type Stores = Arc<Vec<(String, Arc<TokenStore>)>>;
 
+/// A request's waits, by phase, as the access line has them.
+#[derive(Debug, Default)]
+pub struct Waits {
+    pub token: Duration,
+    pub queue: Duration,
+    pub slot: Duration,
+    pub resend: Duration,
+}
+
+/// The `phase` labels of `coupa_proxy_wait_seconds`, in [`Waits`]' order.
+const WAIT_PHASES: [&str; 4] = ["token", "queue", "slot", "resend"];
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     upstream_seconds: Histogram,
     overhead_seconds: Histogram,
+    /// Per phase of [`WAIT_PHASES`]: the waits of requests that went
+    /// through it.
+    wait_seconds: [Histogram; 4],
     in_flight: Gauge,
     /// Handed to the upstream pool, which updates them.
     pub upstream: UpstreamMetrics,
@@ -191,6 +206,15 @@ impl Metrics {
             "Time the proxy itself spent on a request (total minus upstream time)",
             overhead_seconds.clone(),
         );
+        let waits = Family::<[(&'static str, &'static str); 1], Histogram>::new_with_constructor(
+            || Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        );
+        registry.register(
+            "wait_seconds",
+            "Requests' waits by phase, the access line's fields, observed for each request that went through the phase (microseconds when it did not have to wait): token (token_wait_ms, no token held yet), queue (queue_ms, the rate-limit queue), slot (slot_ms, a place under the integration's max_concurrent), resend (resend_wait_ms, re-sends after Coupa's 429)",
+            waits.clone(),
+        );
+        let wait_seconds = WAIT_PHASES.map(|phase| waits.get_or_create(&[("phase", phase)]).clone());
         let in_flight = Gauge::default();
         registry.register(
             "in_flight_requests",
@@ -343,6 +367,7 @@ impl Metrics {
             registry,
             upstream_seconds,
             overhead_seconds,
+            wait_seconds,
             in_flight,
             upstream,
             client_connections,
@@ -406,10 +431,23 @@ impl Metrics {
     /// view's, [`crate::insight`]).
     /// A forwarded request's Coupa time and the proxy's `own` (every
     /// wait taken out: queue, connection share, token, re-sends).
-    pub fn record(&self, own: Duration, upstream: Option<Duration>) {
+    /// A request's time: its own and Coupa's when it was forwarded, and
+    /// each wait it had, by phase.
+    pub fn record(&self, own: Duration, upstream: Option<Duration>, waits: &Waits) {
         if let Some(upstream) = upstream {
             self.upstream_seconds.observe(upstream.as_secs_f64());
             self.overhead_seconds.observe(own.as_secs_f64());
+        }
+        let Waits {
+            token,
+            queue,
+            slot,
+            resend,
+        } = waits;
+        for (histogram, waited) in self.wait_seconds.iter().zip([token, queue, slot, resend]) {
+            if !waited.is_zero() {
+                histogram.observe(waited.as_secs_f64());
+            }
         }
     }
 

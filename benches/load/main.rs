@@ -22,7 +22,10 @@
 //! keep-alive client connection, proxy against nginx, N connections),
 //! BENCH_PROXY_B (path of another build of the proxy: target `proxy-b`
 //! runs it beside `proxy` in every row, for a lever that is a build
-//! choice, e.g. the crypto provider or the allocator).
+//! choice, e.g. the crypto provider or the allocator),
+//! BENCH_OTLP_ENDPOINT (a collector's OTLP/HTTP base URL, e.g. the
+//! receiver `tests/otel/receiver.py PORT /dev/null discard`: this build's
+//! proxy exports traces to it, for the cost of tracing).
 //!
 //! Targets: `direct`, `proxy`, `nginx`, `haproxy`, and in the
 //! 50-connection scenario variants of the proxy with one lever turned:

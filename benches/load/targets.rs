@@ -382,10 +382,17 @@ pub fn start_proxy_with(
         "{ca_file}max_connections = 128\n{}",
         if stream { "response_buffer = 0\n" } else { "" }
     );
-    let tail = format!(
+    let mut tail = format!(
         "[reload]\nwatch_interval = \"0s\"\n[runtime]\nflavor = \"{flavor}\"\n{}",
         budget_config(budget, &dir)
     );
+    // This build only: an older one may not know the table.
+    if let (Some(collector), false) = (std::env::var_os("BENCH_OTLP_ENDPOINT"), other_build) {
+        tail.push_str(&format!(
+            "[telemetry]\notlp_endpoint = \"{}\"\n",
+            collector.to_string_lossy()
+        ));
+    }
     let config = dir.join("proxy.toml");
     std::fs::write(
         &config,

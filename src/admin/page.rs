@@ -148,6 +148,35 @@ fn budget_section(html: &mut String, budget: &serde_json::Value) {
     }
 }
 
+/// Where an integration's requests spent their time in the last hour:
+/// p50 and p99 of the proxy's waits, Coupa and the proxy's own work, as
+/// bucket bounds.
+fn time_spent(html: &mut String, spent: &serde_json::Value) {
+    let requests = spent["requests"].as_u64().unwrap_or(0);
+    if requests == 0 {
+        return;
+    }
+    let bound = |value: &serde_json::Value| match value.as_f64() {
+        Some(ms) if ms < 1000.0 => format!("≤ {ms} ms"),
+        Some(ms) => format!("≤ {} s", ms / 1000.0),
+        None => "> 32.8 s".to_owned(),
+    };
+    let part = |name: &str, key: &str| {
+        format!(
+            "{name} p50 {}, p99 {}",
+            bound(&spent[key]["p50"]),
+            bound(&spent[key]["p99"])
+        )
+    };
+    let _ = write!(
+        html,
+        "<p>where the time went in the last hour ({requests} requests sent to Coupa): {} · {} · {}</p>",
+        part("waiting in the proxy (queue, connection slot, token, 429 re-sends)", "waiting_ms"),
+        part("at Coupa", "coupa_ms"),
+        part("the proxy's own work", "proxy_ms"),
+    );
+}
+
 /// One integration of the migration view: what identifies it, when it was
 /// seen, its flags, the last hour, and its resources.
 fn integration_section(html: &mut String, i: &serde_json::Value) {
@@ -193,6 +222,7 @@ fn integration_section(html: &mut String, i: &serde_json::Value) {
             },
         );
     }
+    time_spent(html, &i["time_last_hour"]);
     if let Some(slots) = i["budget"]["slots_last_hour"].as_u64() {
         let share = i["budget"]["share_last_hour"].as_f64().unwrap_or(0.0) * 100.0;
         let _ = write!(

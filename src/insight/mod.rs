@@ -17,6 +17,7 @@ pub mod chart;
 pub mod refusals;
 pub mod resource;
 pub mod ring;
+pub mod time_spent;
 pub mod usage;
 
 use std::sync::{Arc, RwLock};
@@ -32,6 +33,7 @@ use prometheus_client::metrics::MetricType;
 
 use crate::config::Config;
 pub use resource::{resource_of, Resource};
+pub use time_spent::Split;
 pub use usage::{Usage, Via};
 use usage::{ANSWERS, FORMATS, METHODS};
 
@@ -144,6 +146,11 @@ impl Insight {
         refused: bool,
     ) -> bool {
         usage.record(self.now(), via, method, resource_of(path), status, refused)
+    }
+
+    /// Where a forwarded request of `usage`'s spent its time.
+    pub fn spent(&self, usage: &Usage, split: &Split) {
+        usage.time_spent.observe(split, self.now());
     }
 
     /// Counts a slot of Coupa's budget given to `usage`'s integration.
@@ -352,6 +359,7 @@ impl Insight {
             "flags": flags,
             "resources": resources,
             "requests_per_minute": usage.per_minute(now).to_vec(),
+            "time_last_hour": usage.time_spent.view(now),
             "default_accept": {
                 "relied_on": FORMATS
                     .iter()

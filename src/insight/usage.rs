@@ -140,6 +140,8 @@ pub struct Usage {
     slots_per_minute: [AtomicU64; MINUTES],
     /// Coupa's 429s to it, and the re-sends that absorbed them.
     pub coupa_refusals: super::refusals::CoupaRefusals,
+    /// Where its forwarded requests spent their time, the last hour.
+    pub time_spent: super::time_spent::TimeSpent,
 }
 
 impl Usage {
@@ -160,6 +162,7 @@ impl Usage {
             per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
             slots_per_minute: std::array::from_fn(|_| AtomicU64::new(0)),
             coupa_refusals: Default::default(),
+            time_spent: Default::default(),
         }
     }
 

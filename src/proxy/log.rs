@@ -120,8 +120,30 @@ impl Proxy {
             "request"
             );
         }
-        inner.metrics.record(own, trace.upstream);
+        inner.metrics.record(
+            own,
+            trace.upstream,
+            &crate::metrics::Waits {
+                token: trace.token_wait.unwrap_or_default(),
+                queue: trace.queue_wait,
+                slot: trace.slot_wait,
+                resend: trace.resend_wait,
+            },
+        );
         let usage = self.usage(trace);
+        if let Some(coupa) = trace.upstream {
+            inner.insight.spent(
+                usage,
+                &crate::insight::Split {
+                    waiting: trace.token_wait.unwrap_or_default()
+                        + trace.queue_wait
+                        + trace.slot_wait
+                        + trace.resend_wait,
+                    coupa,
+                    proxy: own,
+                },
+            );
+        }
         let refused =
             trace.upstream.is_none() && (status.is_client_error() || status.is_server_error());
         if inner

@@ -69,6 +69,34 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
         own < total / 4.0,
         "the slot's wait is not read as the proxy's own time: {slowest}"
     );
+
+    // The same split in the metrics (all four went through the slot
+    // phase, none through a rate-limit queue) and on the status page: the integration's waits reach the
+    // second-long bucket, Coupa's 300 ms in the 512 ms one.
+    let metrics = scrape(&format!("http://{}/metrics", proxy.admin)).await;
+    let waited = |phase| metric(&metrics, "coupa_proxy_wait_seconds", &[("phase", phase)]);
+    assert_eq!(waited("slot"), 4.0);
+    assert_eq!(waited("queue"), 0.0);
+    let status: serde_json::Value = get(format!("http://{}/status.json", proxy.admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let batch = status["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["integration"] == "batch")
+        .unwrap();
+    let spent = &batch["time_last_hour"];
+    assert_eq!(spent["requests"], 4, "{spent}");
+    assert_eq!(spent["coupa_ms"]["p50"], 512.0, "{spent}");
+    assert_eq!(spent["waiting_ms"]["p99"], 1024.0, "{spent}");
+    let page = get(format!("http://{}/", proxy.admin)).await.text().await.unwrap();
+    assert!(
+        page.contains("where the time went in the last hour (4 requests sent to Coupa)"),
+        "{page}"
+    );
 }
 
 /// Each refused request has exactly one access line with its reason, and

@@ -4,7 +4,8 @@ Decodes each POST /v1/traces with the official opentelemetry-proto
 package and appends one JSON line per span to the file given, with the
 raw request body's hex beside it (so the test can look for secrets in
 exactly what was exported). Usage: receiver.py PORT OUT [MODE], MODE
-`ok` (default) or `slow` (answers after 30 s: a collector that hangs).
+`ok` (default), `slow` (answers after 30 s: a collector that hangs) or
+`discard` (decodes and keeps nothing: the load bench's collector).
 """
 
 import http.server
@@ -33,6 +34,9 @@ class Receiver(http.server.BaseHTTPRequestHandler):
             time.sleep(30)
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
+        if MODE == "discard":
+            self.answer()
+            return
         with open(OUT, "a", encoding="utf-8") as out:
             for resource_spans in request.resource_spans:
                 resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
@@ -54,6 +58,9 @@ class Receiver(http.server.BaseHTTPRequestHandler):
                             "attributes": {a.key: value(a.value) for a in span.attributes},
                             "raw": body.hex(),
                         }) + "\n")
+        self.answer()
+
+    def answer(self):
         answer = ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
