@@ -206,15 +206,17 @@ impl Metrics {
             "Time the proxy itself spent on a request (total minus upstream time)",
             overhead_seconds.clone(),
         );
-        let waits = Family::<[(&'static str, &'static str); 1], Histogram>::new_with_constructor(
-            || Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-        );
+        let waits =
+            Family::<[(&'static str, &'static str); 1], Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            });
         registry.register(
             "wait_seconds",
             "Requests' waits by phase, the access line's fields, observed for each request that went through the phase (microseconds when it did not have to wait): token (token_wait_ms, no token held yet), queue (queue_ms, the rate-limit queue), slot (slot_ms, a place under the integration's max_concurrent), resend (resend_wait_ms, re-sends after Coupa's 429)",
             waits.clone(),
         );
-        let wait_seconds = WAIT_PHASES.map(|phase| waits.get_or_create(&[("phase", phase)]).clone());
+        let wait_seconds =
+            WAIT_PHASES.map(|phase| waits.get_or_create(&[("phase", phase)]).clone());
         let in_flight = Gauge::default();
         registry.register(
             "in_flight_requests",

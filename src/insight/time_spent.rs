@@ -14,8 +14,8 @@ use super::ring::{add_to_minute, last_hour, MINUTES};
 /// Upper bounds of the buckets in milliseconds; one more bucket holds
 /// what is above the last.
 const BOUNDS_MS: [f64; 17] = [
-    0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
-    8192.0, 16384.0, 32768.0,
+    0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+    16384.0, 32768.0,
 ];
 const BUCKETS: usize = BOUNDS_MS.len() + 1;
 

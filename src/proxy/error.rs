@@ -8,8 +8,8 @@ use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
+use super::core::ProxyBody;
 use super::stall::BodyTimeout;
-use super::ProxyBody;
 
 /// nginx's status for a client that closed its connection before the
 /// answer: logged, never sent.

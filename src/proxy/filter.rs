@@ -10,7 +10,8 @@ use http::uri::Scheme;
 use http::{HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
-use super::{headers, CredentialSlot, Proxy, ProxyBody, ProxyError, Trace};
+use super::core::{CredentialSlot, Proxy, ProxyBody, Trace};
+use super::{headers, ProxyError};
 use crate::insight::Via;
 use crate::local_oauth;
 

@@ -14,7 +14,8 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use tracing::info;
 
-use super::{Proxy, ProxyBody, ProxyError, Trace};
+use super::core::{Proxy, ProxyBody, Trace};
+use super::ProxyError;
 use crate::insight::Via;
 use crate::local_oauth::endpoint::{self, OAuthError};
 

@@ -1,8 +1,9 @@
 //! The request path: one client request in, one Coupa request out.
 //!
-//! A request goes through named phases, each a function over one
-//! per-request [`Trace`], so a reader knows where a change belongs
-//! (`Proxy::forward` calls them in order):
+//! A request goes through named phases, each a method of [`Proxy`] over
+//! one per-request [`Trace`], so a reader knows where a change belongs
+//! (`Proxy::forward` calls them in order). The types they share live in
+//! `core.rs`, which imports no phase; this file is the hub that calls them.
 //! 1. `request_filter` ([`filter`]): a target this proxy serves, an
 //!    integration known by its legacy key or local token ([`auth`]), and a
 //!    valid token; if not, an error answer and nothing is forwarded.
@@ -10,7 +11,8 @@
 //!    Its common case (`request_filter_now`) needs no await.
 //! 2. `upstream_request` ([`rewrite`]): target URI and header rewrite
 //!    ([`headers`]); then `client_body`: a body, if any, wrapped so it can
-//!    be replayed ([`body`]).
+//!    be replayed ([`body`]); then `take_share` ([`slot`]): a place under
+//!    the integration's `max_concurrent`.
 //! 3. `send_with_retries` ([`send`]): rate limit ([`ratelimit`]), pooled
 //!    client ([`upstream`]), response-header timeout. Sent again on another
 //!    connection when the server provably did not process it (any method,
@@ -30,9 +32,11 @@
 
 pub mod auth;
 pub mod body;
+mod core;
 pub mod error;
 mod filter;
 pub mod headers;
+mod line_budget;
 mod local_token;
 mod log;
 pub mod ratelimit;
@@ -41,37 +45,30 @@ mod resend;
 mod rewrite;
 mod send;
 mod share;
+mod slot;
 mod spool;
 mod stall;
 pub mod upstream;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Instant as StdInstant;
 
-use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
 
-use crate::config::Config;
-use crate::guesses::{Guess, Guesses};
-use crate::insight::{Insight, Via};
-use crate::local_oauth::LocalTokens;
-use crate::metrics::Metrics;
-use crate::token::TokenStore;
-use crate::traces::{Recording, Traces};
-use arc_swap::ArcSwap;
-use auth::{IntegrationKey, Integrations};
+use crate::guesses::Guess;
+use crate::insight::Via;
 use body::{Replay, UpstreamBody};
+use core::Trace;
+pub use core::{CredentialSlot, Proxy, ProxyBody, Services, Shared};
 pub use error::ProxyError;
 use filter::Admitted;
 pub use headers::{ClientInfo, RewriteRules};
 use http_body::Body as _;
 use log::{Handled, Record};
-use ratelimit::Limiter;
 use rewrite::Outgoing;
 use spool::Answer;
 pub use spool::SpoolSettings;
@@ -79,248 +76,7 @@ pub use stall::BodyTimeout;
 pub use upstream::UpstreamClient;
 use upstream::{Leased, ResponseBody};
 
-/// Response body: Coupa's answer, or one the proxy wrote itself.
-pub type ProxyBody = Either<Answer, Full<Bytes>>;
-
-/// Where requests go and how they are rewritten. Cheap to clone.
-#[derive(Clone)]
-pub struct Proxy {
-    inner: Arc<Inner>,
-}
-
-/// One OAuth credential as the request path sees it.
-pub struct CredentialSlot {
-    pub name: String,
-    /// The scopes configured (asked for); the token says which were granted.
-    pub scopes: Vec<String>,
-    pub store: Arc<TokenStore>,
-    /// After a 401-triggered token fetch, no other one within this.
-    pub rejected_token_cooldown: Duration,
-    /// How long a request that got 401 waits for a fresh token.
-    pub token_wait: Duration,
-}
-
-struct Inner {
-    credentials: Vec<CredentialSlot>,
-    /// Used when no integrations are configured.
-    default_credential: usize,
-    /// Swapped whole on reload; read lock-free per request.
-    integrations: ArcSwap<Integrations>,
-    client: UpstreamClient,
-    rules: RewriteRules,
-    /// `coupa.accept`, for requests of no integration.
-    default_accept: HeaderValue,
-    scheme: Scheme,
-    authority: Authority,
-    /// Path the instance lives under; empty for a normal instance URL.
-    path_prefix: String,
-    response_header_timeout: Duration,
-    /// How long a request waits for its integration's share.
-    connection_wait_timeout: Duration,
-    /// How long a request waits for a token when none is held.
-    token_wait_timeout: Duration,
-    /// `coupa.resend_429_within`.
-    resend_429_within: Duration,
-    /// The grace period ran out: requests still in flight are cut by the
-    /// process, not left by their clients.
-    cut_at_shutdown: std::sync::atomic::AtomicBool,
-    idle_timeout: Duration,
-    body_read_timeout: Duration,
-    /// What a whole request body must keep up.
-    body_pace: stall::Pace,
-    replay_body_limit: usize,
-    /// How Coupa's answers are held for slow clients.
-    spool: Arc<SpoolSettings>,
-    rate_limiter: Option<Limiter>,
-    metrics: Arc<Metrics>,
-    insight: Arc<Insight>,
-    /// Failed credentials per source, answered late past a budget.
-    guesses: Arc<Guesses>,
-    local_tokens: LocalTokens,
-    traces: Option<Traces>,
-    /// `telemetry.refused_lines_per_second`, when set.
-    refused_lines: Option<log::LineBudget>,
-    /// The instance URL, for hints in log lines.
-    base_url: String,
-    /// `Keep-Alive: timeout=N` for HTTP/1.1 answers.
-    keep_alive: HeaderValue,
-}
-
-/// What the request path uses beside Coupa's client.
-pub struct Services {
-    /// Shapes to `[coupa.rate_limit]` (this process's budget or the
-    /// instance's shared one).
-    pub rate_limiter: Option<Limiter>,
-    pub local_tokens: LocalTokens,
-    /// With `[telemetry] otlp_endpoint`.
-    pub traces: Option<Traces>,
-}
-
-/// What the request path shares with the admin listener.
-pub struct Shared {
-    /// The migration view.
-    pub insight: Arc<Insight>,
-    /// Failed credentials per source.
-    pub guesses: Arc<Guesses>,
-}
-
-/// What the request path learns about a request, for its log line and
-/// metrics.
-#[derive(Default)]
-struct Trace {
-    integration: Option<Arc<IntegrationKey>>,
-    /// How the integration was identified.
-    via: Via,
-    /// Time spent waiting for Coupa's response headers (all attempts).
-    upstream: Option<Duration>,
-    /// Time spent waiting for a token (none held when the request came).
-    token_wait: Option<Duration>,
-    /// Time spent in the rate-limit queue for a slot of Coupa's budget
-    /// (all attempts).
-    queue_wait: Duration,
-    /// Time spent waiting for a place under the integration's
-    /// `max_concurrent` (its share of the connections to Coupa).
-    slot_wait: Duration,
-    /// Times Coupa's 429 was absorbed by sending the request again, and
-    /// what those waits took in all.
-    resends: u32,
-    resend_wait: Duration,
-    /// Why the proxy answered the request itself (an error's `code`), or
-    /// `client_gone`; empty when Coupa's answer was passed on.
-    reason: &'static str,
-    /// The request carried a credential that failed (a guess, perhaps).
-    failed_credential: Option<Guess>,
-    /// How long its answer was held back for that.
-    guess_delay: Duration,
-    /// The W3C trace the request belongs to, for the access line.
-    trace_id: Option<opentelemetry::trace::TraceId>,
-    /// Its spans, when traces are exported and the client's trace (if
-    /// any) is sampled.
-    spans: Option<Box<Recording>>,
-}
-
-impl Trace {
-    /// A wait from `start` until now, as a span when spans are recorded.
-    fn note_wait(&mut self, name: &'static str, start: StdInstant) {
-        if let Some(spans) = &mut self.spans {
-            spans.wait(name, start, StdInstant::now());
-        }
-    }
-}
-
 impl Proxy {
-    /// `stores` holds one token store per entry of `config.credentials`.
-    pub fn new(
-        config: &Config,
-        stores: &[Arc<TokenStore>],
-        client: UpstreamClient,
-        metrics: Arc<Metrics>,
-        Shared { insight, guesses }: Shared,
-        Services {
-            rate_limiter,
-            local_tokens,
-            traces,
-        }: Services,
-    ) -> Self {
-        let coupa = &config.coupa;
-        let rules = RewriteRules {
-            upstream_host: HeaderValue::from_str(coupa.authority.as_str())
-                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
-            forwarded_proto: HeaderValue::from_static(if config.listen.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            }),
-        };
-        let credentials = config
-            .credentials
-            .iter()
-            .zip(stores)
-            .map(|(credential, store)| CredentialSlot {
-                name: credential.name.clone(),
-                scopes: credential.oauth.scopes.clone(),
-                store: store.clone(),
-                rejected_token_cooldown: credential.oauth.rejected_token_cooldown,
-                token_wait: credential.oauth.request_timeout,
-            })
-            .collect();
-        Self {
-            inner: Arc::new(Inner {
-                credentials,
-                default_credential: config.default_credential(),
-                integrations: ArcSwap::from_pointee(Integrations::from_config(
-                    &config.integrations,
-                    &coupa.accept,
-                    &insight,
-                    rate_limiter.as_ref(),
-                    None,
-                )),
-                client,
-                rules,
-                default_accept: coupa.accept.clone(),
-                scheme: coupa.scheme.clone(),
-                authority: coupa.authority.clone(),
-                path_prefix: coupa.path_prefix.clone(),
-                response_header_timeout: coupa.response_header_timeout,
-                connection_wait_timeout: coupa.connection_wait_timeout,
-                token_wait_timeout: coupa.token_wait_timeout,
-                resend_429_within: coupa.resend_429_within,
-                cut_at_shutdown: std::sync::atomic::AtomicBool::new(false),
-                idle_timeout: coupa.idle_timeout,
-                body_read_timeout: config.listen.body_read_timeout,
-                body_pace: stall::Pace {
-                    min_rate: config.listen.min_body_rate,
-                    grace: config.listen.min_rate_grace,
-                    total: config.listen.max_body_time,
-                },
-                replay_body_limit: coupa.replay_body_limit,
-                spool: Arc::new(SpoolSettings {
-                    memory: coupa.response_buffer,
-                    file_limit: coupa.response_spool_limit,
-                    dir: coupa.spool_dir.clone(),
-                    metrics: metrics.spool.clone(),
-                }),
-                rate_limiter,
-                metrics,
-                insight,
-                guesses,
-                local_tokens,
-                traces,
-                refused_lines: config
-                    .telemetry
-                    .refused_lines_per_second
-                    .map(log::LineBudget::new),
-                base_url: coupa.base_url.clone(),
-                keep_alive: crate::server::keep_alive_value(config.listen.keepalive_timeout),
-            }),
-        }
-    }
-
-    /// Whether the first warm connection to Coupa has been tried; see
-    /// [`upstream::UpstreamClient::first_warm`].
-    pub fn first_warm(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.inner.client.first_warm()
-    }
-
-    /// Takes the integrations of a reloaded config; requests already past
-    /// identification keep the answer they got, and the migration view
-    /// keeps the counts of integrations that stay.
-    pub fn reconfigure(&self, config: &Config) {
-        let inner = &*self.inner;
-        inner.insight.configure(config);
-        // Only the login can change without a restart (reload compares
-        // the rest).
-        inner.client.set_egress(config.coupa.egress_proxy.as_ref());
-        let previous = inner.integrations.load();
-        inner.integrations.store(Arc::new(Integrations::from_config(
-            &config.integrations,
-            &config.coupa.accept,
-            &inner.insight,
-            inner.rate_limiter.as_ref(),
-            Some(&previous),
-        )));
-    }
-
     /// Handles one client request; never fails (failures are responses).
     pub async fn handle(
         &self,
@@ -404,30 +160,6 @@ impl Proxy {
         response
     }
 
-    /// The grace period ran out: the requests still in flight are about to
-    /// be dropped, and their access lines say so (not `client_gone`).
-    pub fn cut_remaining(&self) {
-        self.inner
-            .cut_at_shutdown
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether [`Self::cut_remaining`] was called.
-    fn cut_at_shutdown(&self) -> bool {
-        self.inner
-            .cut_at_shutdown
-            .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// The migration view's record of the request's integration (or of
-    /// requests of none).
-    fn usage<'a>(&'a self, trace: &'a Trace) -> &'a crate::insight::Usage {
-        match &trace.integration {
-            Some(integration) => &integration.usage,
-            None => self.inner.insight.unnamed(),
-        }
-    }
-
     /// The phases in order; each is a function of its own.
     async fn forward(
         &self,
@@ -436,16 +168,15 @@ impl Proxy {
         client: &ClientInfo,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (request, admitted) = match self.request_filter_now(&request, trace) {
-            Some(admitted) => (request, admitted?),
-            None => {
-                let mut request = Some(request);
-                match self.request_filter(&mut request, trace).await? {
-                    // The proxy's own token endpoint took the request.
-                    Admitted::Answered(response) => return Ok(*response),
-                    admitted => (request.ok_or(ProxyError::BadTarget)?, admitted),
-                }
-            }
+        // The common case needs no await; the slow path may take the
+        // request (the proxy's own token endpoint answers it).
+        let mut request = Some(request);
+        let admitted = match request
+            .as_ref()
+            .and_then(|r| self.request_filter_now(r, trace))
+        {
+            Some(admitted) => admitted?,
+            None => self.request_filter(&mut request, trace).await?,
         };
         let (credential, bearer) = match admitted {
             Admitted::Answered(response) => return Ok(*response),
@@ -453,11 +184,14 @@ impl Proxy {
             Admitted::AwaitToken(credential) => match self.await_token(credential, trace).await {
                 Ok(bearer) => (credential, bearer),
                 Err(refused) => {
-                    filter::note_legacy_key(request.headers(), trace);
+                    if let Some(request) = &request {
+                        filter::note_legacy_key(request.headers(), trace);
+                    }
                     return Err(refused);
                 }
             },
         };
+        let request = request.ok_or(ProxyError::BadTarget)?;
         let (
             Outgoing {
                 method,

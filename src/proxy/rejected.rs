@@ -8,10 +8,11 @@ use http_body_util::{Either, Full};
 use tracing::debug;
 
 use super::body::Replay;
+use super::core::{CredentialSlot, Proxy, ProxyBody, Trace};
 use super::send::attempt_request;
 use super::upstream::Leased;
 use super::upstream::ResponseBody;
-use super::{headers, CredentialSlot, Proxy, ProxyBody, ProxyError, Trace};
+use super::{headers, ProxyError};
 use crate::token::AfterRejection;
 
 impl Proxy {

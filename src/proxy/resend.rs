@@ -17,8 +17,9 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 use tracing::debug;
 
 use super::body::Replay;
+use super::core::{Proxy, Trace};
 use super::upstream::Leased;
-use super::{ratelimit, Proxy, ProxyError, Trace};
+use super::{ratelimit, ProxyError};
 
 impl Proxy {
     /// `leased` as it is, or, while Coupa answers 429 and the bound

@@ -10,7 +10,8 @@ use hyper::body::Incoming;
 use tracing::debug;
 
 use super::body::{self, Replay, UpstreamBody};
-use super::{headers, ClientInfo, Proxy, ProxyError, Trace};
+use super::core::{Proxy, Trace};
+use super::{headers, ClientInfo, ProxyError};
 use crate::insight::Via;
 
 /// The request's head as it goes to Coupa.

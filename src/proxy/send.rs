@@ -8,8 +8,9 @@ use http::{HeaderMap, Method, Request, Uri};
 use tracing::debug;
 
 use super::body::{Replay, UpstreamBody};
+use super::core::{Proxy, Trace};
 use super::upstream::{self, Leased};
-use super::{ratelimit, Proxy, ProxyError, Trace};
+use super::{ratelimit, ProxyError};
 use crate::token::client::error_chain;
 
 /// Why one attempt to reach Coupa failed.

@@ -2,16 +2,15 @@
 //! max_concurrent`): a burst from one integration waits behind its own
 //! cap, so the other integrations still find free connections.
 //!
-//! A permit is taken after the request body has been read and before a
-//! connection is looked for, and travels with Coupa's answer until its
-//! body has been read to the end, as the connection does.
+//! A permit is taken (the `take_share` phase, [`super::slot`]) after the
+//! request body has been read and before a connection is looked for, and
+//! travels with Coupa's answer until its body has been read to the end, as
+//! the connection does.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use super::{Proxy, ProxyError, Trace};
 
 /// One integration's cap on requests at Coupa at once.
 pub struct Share {
@@ -50,41 +49,6 @@ impl Share {
                 cap: self.cap,
                 waited: wait,
             }),
-        }
-    }
-}
-
-impl Proxy {
-    /// The identified integration's place under its cap, waiting up to
-    /// `coupa.connection_wait_timeout`; `None` without integrations.
-    pub(super) async fn take_share(
-        &self,
-        trace: &mut Trace,
-    ) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
-        let Some(integration) = &trace.integration else {
-            return Ok(None);
-        };
-        let inner = &*self.inner;
-        let asked = std::time::Instant::now();
-        let taken = integration
-            .share
-            .acquire(inner.connection_wait_timeout)
-            .await;
-        trace.slot_wait += asked.elapsed();
-        if let Some(spans) = &mut trace.spans {
-            // (A field, not `note_wait`: `integration` borrows `trace`.)
-            spans.wait("connection slot", asked, std::time::Instant::now());
-        }
-        match taken {
-            Ok(permit) => Ok(Some(permit)),
-            Err(at_cap) => {
-                inner.metrics.integration_busy(&integration.name);
-                Err(ProxyError::IntegrationBusy {
-                    integration: integration.name.to_string(),
-                    cap: at_cap.cap,
-                    waited: at_cap.waited,
-                })
-            }
         }
     }
 }

@@ -92,7 +92,11 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
     assert_eq!(spent["requests"], 4, "{spent}");
     assert_eq!(spent["coupa_ms"]["p50"], 512.0, "{spent}");
     assert_eq!(spent["waiting_ms"]["p99"], 1024.0, "{spent}");
-    let page = get(format!("http://{}/", proxy.admin)).await.text().await.unwrap();
+    let page = get(format!("http://{}/", proxy.admin))
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(
         page.contains("where the time went in the last hour (4 requests sent to Coupa)"),
         "{page}"
