@@ -32,6 +32,67 @@ pub struct UpstreamMetrics {
     pub queued: Counter,
     /// Requests that gave up waiting (`coupa.connection_wait_timeout`).
     pub wait_timeouts: Counter,
+    /// Requests sent again after the server provably did not process them
+    /// (GOAWAY, REFUSED_STREAM, a recycled keep-alive connection).
+    pub retried_never_processed: Counter,
+    /// Idempotent requests sent again after a connection failure.
+    pub retried_connection_failure: Counter,
+}
+
+impl UpstreamMetrics {
+    /// Made and registered (`upstream_*`); labelled handles are resolved
+    /// once, so the pool counts without a label lookup.
+    fn registered(registry: &mut Registry) -> Self {
+        let open = Gauge::default();
+        registry.register(
+            "upstream_connections",
+            "Open connections to Coupa (pooled and in use)",
+            open.clone(),
+        );
+        let opened = CountersBy::default();
+        registry.register(
+            "upstream_connections_opened",
+            "Connections opened to Coupa, by protocol (http1, http2)",
+            opened.clone(),
+        );
+        let queued = Counter::default();
+        registry.register(
+            "upstream_connection_waits",
+            "Requests that waited for an HTTP/1.1 connection because coupa.max_connections were open",
+            queued.clone(),
+        );
+        let wait_timeouts = Counter::default();
+        registry.register(
+            "upstream_connection_wait_timeouts",
+            "Requests answered 503 upstream_busy because no HTTP/1.1 connection came free within coupa.connection_wait_timeout",
+            wait_timeouts.clone(),
+        );
+        let retries = CountersBy::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent to Coupa again on another connection: never_processed (GOAWAY, REFUSED_STREAM, a keep-alive connection closed before any response byte; any method) or connection_failure (idempotent methods only)",
+            retries.clone(),
+        );
+        // One statement each: a family's read guard must be gone before
+        // the next label is created.
+        let opened_http1 = opened.get_or_create(&[("protocol", "http1")]).clone();
+        let opened_http2 = opened.get_or_create(&[("protocol", "http2")]).clone();
+        let retried_never_processed = retries
+            .get_or_create(&[("reason", "never_processed")])
+            .clone();
+        let retried_connection_failure = retries
+            .get_or_create(&[("reason", "connection_failure")])
+            .clone();
+        Self {
+            open,
+            opened_http1,
+            opened_http2,
+            queued,
+            wait_timeouts,
+            retried_never_processed,
+            retried_connection_failure,
+        }
+    }
 }
 
 /// Answers held for slow clients (`proxy::spool`). Made here, updated by
@@ -49,6 +110,31 @@ pub struct SpoolMetrics {
     pub overflowed: Counter,
 }
 
+impl SpoolMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "response_buffered_bytes",
+            "Bytes of Coupa's answers held in memory for clients that have not taken them yet (coupa.response_buffer each)",
+            self.memory_bytes.clone(),
+        );
+        registry.register(
+            "response_spool_files",
+            "Temp files holding answers for slow clients now (coupa.spool_dir)",
+            self.files.clone(),
+        );
+        registry.register(
+            "response_spooled_bytes",
+            "Bytes of Coupa's answers written to temp files for slow clients",
+            self.spooled_bytes.clone(),
+        );
+        registry.register(
+            "response_spool_overflows",
+            "Answers larger than coupa.response_buffer + coupa.response_spool_limit taken by a slow client, which then held their Coupa connection",
+            self.overflowed.clone(),
+        );
+    }
+}
+
 /// The rate limit's queues, by integration (`proxy::ratelimit`): made
 /// here, each integration's handles taken once by its lane.
 #[derive(Debug, Clone)]
@@ -60,6 +146,10 @@ pub struct RateMetrics {
 }
 
 type ByIntegration = Vec<(String, String)>;
+
+/// Counters by one label whose values are fixed in the code (`reason`,
+/// `cause`, `kind`, …).
+pub type CountersBy = Family<[(&'static str, &'static str); 1], Counter>;
 
 impl Default for RateMetrics {
     fn default() -> Self {
@@ -158,11 +248,6 @@ pub struct Metrics {
     pub client_connections: crate::server::ConnectionGauges,
     /// Handed to the request path, which updates them.
     pub spool: SpoolMetrics,
-    /// Requests sent again after the server provably did not process them
-    /// (GOAWAY, REFUSED_STREAM, a recycled keep-alive connection).
-    pub retried_never_processed: Counter,
-    /// Idempotent requests sent again after a connection failure.
-    pub retried_connection_failure: Counter,
     /// Request header fields with `_` in their name, dropped.
     pub dropped_underscore_fields: Counter,
     /// Handed to the cluster state, when `[cluster]` is set.
@@ -178,11 +263,11 @@ pub struct Metrics {
     /// 503 integration_busy answers, by integration (rare: a lookup each).
     integration_busy: Family<Vec<(String, String)>, Counter>,
     /// 408 answers for request bodies, by reason (rare).
-    client_body_timeouts: Family<[(&'static str, &'static str); 1], Counter>,
+    client_body_timeouts: CountersBy,
     /// Tunnels through the egress proxy that failed, by cause (rare).
-    egress_failures: Family<[(&'static str, &'static str); 1], Counter>,
+    egress_failures: CountersBy,
     /// Requests the proxy answered itself, by reason (rare).
-    refused_requests: Family<[(&'static str, &'static str); 1], Counter>,
+    refused_requests: CountersBy,
     access_lines_left_out: Counter,
     started: SystemTime,
 }
@@ -224,120 +309,32 @@ impl Metrics {
             in_flight.clone(),
         );
         let client_connections = crate::server::ConnectionGauges::default();
-        registry.register(
-            "client_connections",
-            "Open client connections",
-            client_connections.open.clone(),
-        );
-        registry.register(
-            "client_connections_parked",
-            "Idle HTTP/1.1 client connections that gave their buffers back until their next request (listen.release_idle_buffers_above)",
-            client_connections.parked.clone(),
-        );
-        registry.register(
-            "client_response_timeouts",
-            "Client connections closed because the client took an answer slower than listen.min_response_rate",
-            client_connections.send_timeouts.clone(),
-        );
-        registry.register(
-            "client_head_timeouts",
-            "Client connections cut for not sending a whole request head (or the TLS handshake, or anything) within listen.header_read_timeout",
-            client_connections.head_timeouts.clone(),
-        );
-        registry.register(
-            "client_tls_handshake_failures",
-            "TLS handshakes with clients that failed ([listen.tls]): a client that does not trust the certificate, sends plain HTTP to the TLS port, or shares no protocol version or cipher",
-            client_connections.tls_handshake_failures.clone(),
-        );
+        client_connections.register(&mut registry);
         let spool = SpoolMetrics::default();
-        registry.register(
-            "response_buffered_bytes",
-            "Bytes of Coupa's answers held in memory for clients that have not taken them yet (coupa.response_buffer each)",
-            spool.memory_bytes.clone(),
-        );
-        registry.register(
-            "response_spool_files",
-            "Temp files holding answers for slow clients now (coupa.spool_dir)",
-            spool.files.clone(),
-        );
-        registry.register(
-            "response_spooled_bytes",
-            "Bytes of Coupa's answers written to temp files for slow clients",
-            spool.spooled_bytes.clone(),
-        );
-        registry.register(
-            "response_spool_overflows",
-            "Answers larger than coupa.response_buffer + coupa.response_spool_limit taken by a slow client, which then held their Coupa connection",
-            spool.overflowed.clone(),
-        );
-        let open = Gauge::default();
-        registry.register(
-            "upstream_connections",
-            "Open connections to Coupa (pooled and in use)",
-            open.clone(),
-        );
-        let opened = Family::<[(&'static str, &'static str); 1], Counter>::default();
-        registry.register(
-            "upstream_connections_opened",
-            "Connections opened to Coupa, by protocol (http1, http2)",
-            opened.clone(),
-        );
-        // Handles resolved once: the pool counts without a label lookup.
-        // One statement each: a family's read guard must be gone before
-        // the next label is created.
-        let opened_http1 = opened.get_or_create(&[("protocol", "http1")]).clone();
-        let opened_http2 = opened.get_or_create(&[("protocol", "http2")]).clone();
-        let upstream = UpstreamMetrics {
-            open,
-            opened_http1,
-            opened_http2,
-            queued: Counter::default(),
-            wait_timeouts: Counter::default(),
-        };
-        let retries = Family::<[(&'static str, &'static str); 1], Counter>::default();
-        registry.register(
-            "upstream_retries",
-            "Requests sent to Coupa again on another connection: never_processed (GOAWAY, REFUSED_STREAM, a keep-alive connection closed before any response byte; any method) or connection_failure (idempotent methods only)",
-            retries.clone(),
-        );
-        let dropped = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        spool.register(&mut registry);
+        let upstream = UpstreamMetrics::registered(&mut registry);
+        let dropped = CountersBy::default();
         registry.register(
             "request_fields_dropped",
             "Request header fields not forwarded, by reason (underscore: a name with '_', which a next hop may read as '-')",
             dropped.clone(),
         );
-        let cluster = register_cluster(&mut registry, clustered);
-        let retried_never_processed = retries
-            .get_or_create(&[("reason", "never_processed")])
-            .clone();
-        let retried_connection_failure = retries
-            .get_or_create(&[("reason", "connection_failure")])
-            .clone();
         let dropped_underscore_fields = dropped.get_or_create(&[("reason", "underscore")]).clone();
-        registry.register(
-            "upstream_connection_waits",
-            "Requests that waited for an HTTP/1.1 connection because coupa.max_connections were open",
-            upstream.queued.clone(),
-        );
-        registry.register(
-            "upstream_connection_wait_timeouts",
-            "Requests answered 503 upstream_busy because no HTTP/1.1 connection came free within coupa.connection_wait_timeout",
-            upstream.wait_timeouts.clone(),
-        );
+        let cluster = register_cluster(&mut registry, clustered);
         let local_token_requests = register_local_tokens(&mut registry);
-        let client_body_timeouts = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let client_body_timeouts = CountersBy::default();
         registry.register(
             "client_body_timeouts",
             "Request bodies given up on with 408, by reason: idle (listen.body_read_timeout), rate (below listen.min_body_rate after the grace), total (listen.max_body_time)",
             client_body_timeouts.clone(),
         );
-        let egress_failures = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let egress_failures = CountersBy::default();
         registry.register(
             "egress_failures",
             "Connections to Coupa that the egress proxy ([coupa.egress_proxy]) failed, by cause: proxy_unreachable, login_required, login_rejected, refused, coupa_unreachable, coupa_timeout, broken",
             egress_failures.clone(),
         );
-        let refused_requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let refused_requests = CountersBy::default();
         registry.register(
             "refused_requests",
             "Requests the proxy answered itself instead of passing Coupa's answer on, by reason (the access line's reason: ambiguous_framing, malformed_request_line, malformed_head, unknown_api_key, missing_host, rate_limited, no_token, client_gone, ...)",
@@ -374,8 +371,6 @@ impl Metrics {
             upstream,
             client_connections,
             spool,
-            retried_never_processed,
-            retried_connection_failure,
             dropped_underscore_fields,
             cluster,
             local_token_requests,
@@ -597,7 +592,7 @@ fn register_cluster(registry: &mut Registry, clustered: bool) -> crate::cluster:
 
 /// The local token endpoint's outcomes, each counter resolved once.
 fn register_local_tokens(registry: &mut Registry) -> Vec<(&'static str, Counter)> {
-    let local_tokens = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    let local_tokens = CountersBy::default();
     registry.register(
         "local_token_requests",
         "Requests to the proxy's own /oauth2/token, by outcome (issued, or the RFC 6749 error code)",

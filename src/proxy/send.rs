@@ -144,9 +144,9 @@ impl Proxy {
             };
             attempt = again;
             if failure.never_processed() {
-                metrics.retried_never_processed.inc();
+                metrics.upstream.retried_never_processed.inc();
             } else {
-                metrics.retried_connection_failure.inc();
+                metrics.upstream.retried_connection_failure.inc();
             }
             debug!(error = %ProxyError::from(failure), "sending the request again on another connection");
         }

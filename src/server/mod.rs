@@ -120,6 +120,36 @@ pub struct ConnectionGauges {
     pub tls_handshake_failures: Counter,
 }
 
+impl ConnectionGauges {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "client_connections",
+            "Open client connections",
+            self.open.clone(),
+        );
+        registry.register(
+                "client_connections_parked",
+                "Idle HTTP/1.1 client connections that gave their buffers back until their next request (listen.release_idle_buffers_above)",
+                self.parked.clone(),
+            );
+        registry.register(
+                "client_response_timeouts",
+                "Client connections closed because the client took an answer slower than listen.min_response_rate",
+                self.send_timeouts.clone(),
+            );
+        registry.register(
+                "client_head_timeouts",
+                "Client connections cut for not sending a whole request head (or the TLS handshake, or anything) within listen.header_read_timeout",
+                self.head_timeouts.clone(),
+            );
+        registry.register(
+                "client_tls_handshake_failures",
+                "TLS handshakes with clients that failed ([listen.tls]): a client that does not trust the certificate, sends plain HTTP to the TLS port, or shares no protocol version or cipher",
+                self.tls_handshake_failures.clone(),
+            );
+    }
+}
+
 /// A client's TLS handshake failed: counted
 /// ([`ConnectionGauges::tls_handshake_failures`]) and summarised in the
 /// log, since a client that keeps retrying would otherwise leave no trace
