@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use http_body_util::Either;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
@@ -29,7 +28,6 @@ use crate::reload::Reloader;
 use crate::server::framing::Refusal;
 use crate::server::{self, Drain};
 use crate::tls;
-use crate::token::client::ClientParams;
 use crate::token::source::SourceError;
 use crate::token::{CredentialSource, RefreshPolicy, Refresher, TokenStore};
 use crate::traces::Traces;
@@ -303,9 +301,6 @@ fn inbound_tls(
     Ok((Some(cert), Some(acceptor)))
 }
 
-/// What the reloader needs to hand each credential its new parameters.
-type CredentialHandles = Vec<(Arc<ArcSwap<ClientParams>>, Arc<TokenStore>)>;
-
 /// The cluster state (with `[cluster]`) and one refresher per credential.
 /// Every source is built before any refresher starts, so a missing consent
 /// stops start-up with no refresher running.
@@ -316,7 +311,7 @@ fn start_token_work(
     stores: &[(String, Arc<TokenStore>)],
     (metrics, traces): (&Metrics, Option<&Traces>),
     background: &Background,
-) -> Result<(Option<Arc<Cluster>>, CredentialHandles), AppError> {
+) -> Result<(Option<Arc<Cluster>>, crate::reload::CredentialHandles), AppError> {
     let cluster = match &config.cluster {
         Some(settings) => Some(Cluster::start(
             settings,
@@ -365,10 +360,9 @@ fn intercept(config: &Config) -> Result<Option<Arc<crate::intercept::Intercept>>
     let authority = &config.coupa.authority;
     let port = authority
         .port_u16()
-        .unwrap_or(match config.coupa.scheme.as_str() {
-            "http" => 80,
-            _ => 443,
-        });
+        .unwrap_or(crate::encode::default_port(Some(
+            config.coupa.scheme.as_str(),
+        )));
     Ok(Some(Arc::new(crate::intercept::Intercept::new(
         ca,
         authority.host(),

@@ -161,15 +161,12 @@ impl Service<Uri> for EgressConnector {
         match self.route.load_full() {
             None => Box::pin(async move { tcp.call(destination).await.map_err(Into::into) }),
             Some(route) => Box::pin(async move {
-                let default_port = if destination.scheme_str() == Some("http") {
-                    80
-                } else {
-                    443
-                };
                 let target = format!(
                     "{}:{}",
                     destination.host().unwrap_or_default(),
-                    destination.port_u16().unwrap_or(default_port)
+                    destination
+                        .port_u16()
+                        .unwrap_or(crate::encode::default_port(destination.scheme_str()))
                 );
                 let stream =
                     tcp.call(route.proxy.clone())

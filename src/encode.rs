@@ -1,6 +1,7 @@
 //! Small encodings several modules share: hex of digests (key segments,
-//! `api_key_sha256`, local client secrets), text put into HTML pages, and
-//! an error with its causes on one line.
+//! `api_key_sha256`, local client secrets), text put into HTML pages, an
+//! error with its causes on one line, the JSON body of the proxy's own
+//! error answers, and a scheme's default port.
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -49,8 +50,52 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// The port a URL of `scheme` means when it names none: 443 for
+/// `https`, 80 otherwise (the proxy speaks only HTTP and HTTPS).
+pub fn default_port(scheme: Option<&str>) -> u16 {
+    match scheme {
+        Some(scheme) if scheme.eq_ignore_ascii_case("https") => 443,
+        _ => 80,
+    }
+}
+
+/// The body of every error answer the proxy writes itself:
+/// `{"error":CODE,"message":MESSAGE,"source":"coupa-auth-proxy"}`.
+pub fn error_json(code: &str, message: &str) -> String {
+    serde_json::json!({
+        "error": code,
+        "message": message,
+        "source": "coupa-auth-proxy",
+    })
+    .to_string()
+}
+
+/// [`error_json`] as a `&'static str`, for answers written from constants
+/// (a flood of refusals allocates nothing). The message must need no JSON
+/// escaping (no `"` or `\\`).
+macro_rules! error_json_static {
+    ($code:literal, $message:literal) => {
+        concat!(
+            r#"{"error":""#,
+            $code,
+            r#"","message":""#,
+            $message,
+            r#"","source":"coupa-auth-proxy"}"#
+        )
+    };
+}
+pub(crate) use error_json_static;
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_static_error_body_is_the_same_json_as_a_built_one() {
+        assert_eq!(
+            error_json_static!("malformed_head", "not 'name: value' (a space)"),
+            super::error_json("malformed_head", "not 'name: value' (a space)")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -34,6 +34,9 @@ use crate::token::TokenStore;
 /// What identifies a file's version without reading it.
 type Stamp = Option<(SystemTime, u64)>;
 
+/// What the reloader needs to hand each credential its new parameters.
+pub type CredentialHandles = Vec<(Arc<ArcSwap<ClientParams>>, Arc<TokenStore>)>;
+
 pub struct Reloader {
     pub path: PathBuf,
     /// The configuration the process started with: the reference for what
@@ -41,7 +44,7 @@ pub struct Reloader {
     pub startup: Config,
     /// Each credential's token request parameters and token store, in
     /// `startup.credentials` order.
-    pub credentials: Vec<(Arc<ArcSwap<ClientParams>>, Arc<TokenStore>)>,
+    pub credentials: CredentialHandles,
     pub proxy: Proxy,
     /// The inbound TLS certificate, re-read with the rest.
     pub cert: Option<Arc<ReloadingCert>>,

@@ -50,10 +50,7 @@ pub fn check(path: &Path, live_path: Option<&str>) -> Result<(), Failure> {
         return Ok(());
     };
     println!("\nlive check against {}:", config.coupa.base_url);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = super::current_thread_runtime()?;
     let reports = runtime.block_on(crate::live::check(&config, Some(path), live_path));
     for report in &reports {
         print!("{}", report.text);

@@ -8,8 +8,6 @@ mod check;
 mod consent;
 mod run;
 
-use anyhow::Context;
-
 use crate::config::{Config, Credential};
 
 pub use ca::ca_init;
@@ -65,8 +63,5 @@ pub(crate) fn choose_credential<'c>(
 }
 
 pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?)
+    run::built(tokio::runtime::Builder::new_current_thread())
 }

@@ -25,10 +25,7 @@ pub fn run(path: PathBuf) -> Result<(), Failure> {
 
 /// `demo`: a fake Coupa and the proxy in front of it.
 pub fn demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), Failure> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = built(tokio::runtime::Builder::new_multi_thread())?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -37,13 +34,23 @@ pub fn demo(listen: SocketAddr, admin: SocketAddr) -> Result<(), Failure> {
     })
 }
 
+/// A runtime of `builder`'s flavor with I/O and time.
+pub(super) fn built(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?)
+}
+
 /// The runtime `run` serves on, as `[runtime]` says.
 fn proxy_runtime(settings: &crate::config::Runtime) -> Result<tokio::runtime::Runtime, Failure> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let (flavor, workers) = settings.resolve(cores);
-    let mut builder = match flavor {
+    let builder = match flavor {
         RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
         _ => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -51,10 +58,7 @@ fn proxy_runtime(settings: &crate::config::Runtime) -> Result<tokio::runtime::Ru
             builder
         }
     };
-    let runtime = builder
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = built(builder)?;
     tracing::debug!(?flavor, workers, cores, "async runtime");
     Ok(runtime)
 }

@@ -137,12 +137,8 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        let body = serde_json::json!({
-            "error": self.code(),
-            "message": self.to_string(),
-            "source": "coupa-auth-proxy",
-        });
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        let body = crate::encode::error_json(self.code(), &self.to_string());
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -6,12 +6,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::uri::Scheme;
 use http::{HeaderValue, Method, Request, Response, Version};
 use hyper::body::Incoming;
 
 use super::core::{CredentialSlot, Proxy, ProxyBody, Trace};
 use super::{headers, ProxyError};
+use crate::encode::default_port;
 use crate::insight::Via;
 use crate::local_oauth;
 
@@ -205,17 +205,13 @@ impl Proxy {
         if request.version() <= Version::HTTP_11 {
             if let Some(authority) = request.uri().authority() {
                 let ours = &self.inner.authority;
-                let default_port = |scheme: Option<&Scheme>| match scheme {
-                    Some(s) if *s == Scheme::HTTPS => 443,
-                    _ => 80,
-                };
                 let same_host = authority.host().eq_ignore_ascii_case(ours.host());
                 let same_port = authority
                     .port_u16()
-                    .unwrap_or_else(|| default_port(request.uri().scheme()))
+                    .unwrap_or_else(|| default_port(request.uri().scheme_str()))
                     == ours
                         .port_u16()
-                        .unwrap_or_else(|| default_port(Some(&self.inner.scheme)));
+                        .unwrap_or_else(|| default_port(Some(self.inner.scheme.as_str())));
                 if !(same_host && same_port) {
                     return Err(ProxyError::ForeignTarget(authority.to_string()));
                 }

@@ -212,7 +212,10 @@ pub fn keep_alive_value(timeout: Duration) -> http::HeaderValue {
 }
 
 /// Body of the answer to a connection over `max_connections`.
-const TOO_MANY_CONNECTIONS: &str = r#"{"error":"too_many_connections","message":"the proxy's connection limit (listen.max_connections) is reached","source":"coupa-auth-proxy"}"#;
+const TOO_MANY_CONNECTIONS: &str = crate::encode::error_json_static!(
+    "too_many_connections",
+    "the proxy's connection limit (listen.max_connections) is reached"
+);
 
 /// How a server stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

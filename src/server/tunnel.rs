@@ -117,12 +117,7 @@ async fn answer<IO: AsyncWrite + Unpin>(io: &mut IO, status: u16, error: &str, m
         403 => "Forbidden",
         _ => "Bad Request",
     };
-    let body = serde_json::json!({
-        "error": error,
-        "message": message,
-        "source": "coupa-auth-proxy",
-    })
-    .to_string();
+    let body = crate::encode::error_json(error, message);
     let response = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n\
          content-length: {}\r\n\r\n{body}",

@@ -36,6 +36,7 @@ mod guard;
 mod scan;
 mod target;
 
+use crate::encode::error_json_static;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use bytes::Bytes;
@@ -73,15 +74,18 @@ impl Refusal {
     /// The refusal's JSON body.
     fn body(self) -> &'static str {
         match self {
-            Self::AmbiguousFraming => {
-                r#"{"error":"ambiguous_framing","message":"the request has both Content-Length and Transfer-Encoding (possible request smuggling)","source":"coupa-auth-proxy"}"#
-            }
-            Self::MalformedRequestLine => {
-                r#"{"error":"malformed_request_line","message":"the request line is malformed: the method or target holds a byte no HTTP server accepts there (a space, a control character; percent-encode it), or the version is not HTTP/1.x","source":"coupa-auth-proxy"}"#
-            }
-            Self::MalformedHead => {
-                r#"{"error":"malformed_head","message":"a header line is malformed: not 'name: value' (a space or control character in the name, an obs-fold continuation line, a control character in the value) or a bad line end","source":"coupa-auth-proxy"}"#
-            }
+            Self::AmbiguousFraming => error_json_static!(
+                "ambiguous_framing",
+                "the request has both Content-Length and Transfer-Encoding (possible request smuggling)"
+            ),
+            Self::MalformedRequestLine => error_json_static!(
+                "malformed_request_line",
+                "the request line is malformed: the method or target holds a byte no HTTP server accepts there (a space, a control character; percent-encode it), or the version is not HTTP/1.x"
+            ),
+            Self::MalformedHead => error_json_static!(
+                "malformed_head",
+                "a header line is malformed: not 'name: value' (a space or control character in the name, an obs-fold continuation line, a control character in the value) or a bad line end"
+            ),
         }
     }
 

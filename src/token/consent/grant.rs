@@ -50,7 +50,9 @@ pub fn authorize_command(config_path: Option<&Path>, credential: &Credential) ->
     )
 }
 
-struct Held {
+/// The grant as this process holds it (the state file's or the shared
+/// state's copy, and what is not yet written back).
+struct InMemory {
     /// `None` only with `[cluster]` before the shared state was read.
     state: Option<GrantState>,
     /// The in-memory state is newer than the file (a write failed).
@@ -67,7 +69,7 @@ pub struct UserGrantSource {
     consent: Consent,
     reauthorize: String,
     store: Arc<TokenStore>,
-    held: tokio::sync::Mutex<Held>,
+    held: tokio::sync::Mutex<InMemory>,
     /// With `[cluster]`: the state in Redis is the one that counts.
     shared: Option<SharedConsent>,
     /// The OAuth client this consent must belong to.
@@ -115,7 +117,7 @@ impl UserGrantSource {
             consent: consent.clone(),
             reauthorize,
             store,
-            held: tokio::sync::Mutex::new(Held {
+            held: tokio::sync::Mutex::new(InMemory {
                 state,
                 unsaved: false,
                 access_token_served: false,
@@ -149,7 +151,7 @@ impl UserGrantSource {
         self.store.set_refresh_token(info);
     }
 
-    fn save(&self, held: &mut Held) -> Result<(), FetchError> {
+    fn save(&self, held: &mut InMemory) -> Result<(), FetchError> {
         let Some(state) = &held.state else {
             return Ok(());
         };
@@ -186,7 +188,7 @@ impl UserGrantSource {
     /// Asks Coupa for a new access token with the held refresh token and
     /// puts the rotated state in `held` (not saved yet: the caller saves
     /// before serving).
-    async fn refresh(&self, held: &mut Held) -> Result<FetchedToken, FetchError> {
+    async fn refresh(&self, held: &mut InMemory) -> Result<FetchedToken, FetchError> {
         let Some(state) = &held.state else {
             return Err(FetchError::ConsentNeeded {
                 reason: "no consent is stored".to_owned(),
@@ -230,7 +232,7 @@ impl UserGrantSource {
     /// A refreshed token, saved: marked served, logged, handed out.
     fn served(
         &self,
-        mut held: tokio::sync::MutexGuard<'_, Held>,
+        mut held: tokio::sync::MutexGuard<'_, InMemory>,
         token: FetchedToken,
         saved_to: &str,
     ) -> FetchedToken {
@@ -318,7 +320,7 @@ impl UserGrantSource {
     async fn refresh_locked(
         &self,
         shared: &SharedConsent,
-        held: &mut Held,
+        held: &mut InMemory,
     ) -> Result<Option<FetchedToken>, FetchError> {
         if self.adopt_shared(shared, held).await? {
             return Ok(None);
@@ -340,7 +342,7 @@ impl UserGrantSource {
     async fn adopt_shared(
         &self,
         shared: &SharedConsent,
-        held: &mut Held,
+        held: &mut InMemory,
     ) -> Result<bool, FetchError> {
         match shared.read().await.map_err(shared_error)? {
             Some(stored) if lost_in_redis(held.state.as_ref(), &stored) => {
@@ -393,7 +395,7 @@ impl UserGrantSource {
 
     /// Another process (a new `authorize`, or `token`) may have replaced
     /// the file; its refresh token is then the live one.
-    fn adopt_newer_file(&self, held: &mut Held) {
+    fn adopt_newer_file(&self, held: &mut InMemory) {
         let Some(current) = held.state.as_ref() else {
             return;
         };
@@ -419,7 +421,7 @@ impl UserGrantSource {
 }
 
 /// The stored access token, once, if it has a useful life left.
-fn take_stored_access_token(held: &mut Held) -> Option<FetchedToken> {
+fn take_stored_access_token(held: &mut InMemory) -> Option<FetchedToken> {
     if held.access_token_served {
         return None;
     }
