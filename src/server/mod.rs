@@ -118,6 +118,9 @@ pub struct ConnectionGauges {
     /// trust the certificate, speaks plain HTTP to the TLS port, or offers
     /// nothing in common).
     pub tls_handshake_failures: Counter,
+    /// Connections the client closed in the middle of a request head: no
+    /// request began, so there is no access line.
+    pub incomplete_heads: Counter,
 }
 
 impl ConnectionGauges {
@@ -128,25 +131,30 @@ impl ConnectionGauges {
             self.open.clone(),
         );
         registry.register(
-                "client_connections_parked",
-                "Idle HTTP/1.1 client connections that gave their buffers back until their next request (listen.release_idle_buffers_above)",
-                self.parked.clone(),
-            );
+            "client_connections_parked",
+            "Idle HTTP/1.1 client connections that gave their buffers back until their next request (listen.release_idle_buffers_above)",
+            self.parked.clone(),
+        );
         registry.register(
-                "client_response_timeouts",
-                "Client connections closed because the client took an answer slower than listen.min_response_rate",
-                self.send_timeouts.clone(),
-            );
+            "client_response_timeouts",
+            "Client connections closed because the client took an answer slower than listen.min_response_rate",
+            self.send_timeouts.clone(),
+        );
         registry.register(
-                "client_head_timeouts",
-                "Client connections cut for not sending a whole request head (or the TLS handshake, or anything) within listen.header_read_timeout",
-                self.head_timeouts.clone(),
-            );
+            "client_head_timeouts",
+            "Client connections cut for not sending a whole request head (or the TLS handshake, or anything) within listen.header_read_timeout",
+            self.head_timeouts.clone(),
+        );
         registry.register(
-                "client_tls_handshake_failures",
-                "TLS handshakes with clients that failed ([listen.tls]): a client that does not trust the certificate, sends plain HTTP to the TLS port, or shares no protocol version or cipher",
-                self.tls_handshake_failures.clone(),
-            );
+            "client_tls_handshake_failures",
+            "TLS handshakes with clients that failed ([listen.tls]): a client that does not trust the certificate, sends plain HTTP to the TLS port, or shares no protocol version or cipher",
+            self.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "client_incomplete_heads",
+            "Client connections closed by the client in the middle of a request head (no request began, so no access line)",
+            self.incomplete_heads.clone(),
+        );
     }
 }
 
@@ -163,6 +171,23 @@ pub(crate) struct HandshakeFailed(pub std::io::Error);
 #[derive(Debug, thiserror::Error)]
 #[error("{0} within the header-read timeout")]
 pub(crate) struct HeadTimeout(pub &'static str);
+
+/// Whether the client closed the connection in the middle of a request
+/// head (hyper's "connection closed before message completed" while it
+/// read one; a close mid-body ends that request as `client_gone`).
+fn is_incomplete_head(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(error) = next {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
 
 /// Whether a connection ended on the header-read timeout: ours anywhere in
 /// the chain (an I/O error may carry it), or hyper's own header timer.
@@ -356,6 +381,8 @@ where
             };
             if timed_out || verdicts.head_timed_out() {
                 shared.policy.gauges.head_timeouts.inc();
+            } else if served.as_ref().is_err_and(|err| is_incomplete_head(err.as_ref())) {
+                shared.policy.gauges.incomplete_heads.inc();
             }
             if let Err(err) = served {
                 if let Some(HandshakeFailed(cause)) = err.downcast_ref::<HandshakeFailed>() {

@@ -261,3 +261,45 @@ async fn header_names_with_underscores_are_dropped_and_counted() {
     );
     proxy.stop().await;
 }
+
+/// A client that closes its connection in the middle of a request head
+/// began no request, so it has no access line: it is counted instead, and
+/// nothing reaches Coupa. A head cut inside the request line and one cut
+/// between header lines both count; a client that closes an idle
+/// keep-alive connection between requests does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_mid_head_is_counted() {
+    let fake = start_fake(Duration::from_secs(86_399)).await;
+    let proxy = ProxyProcess::start(&config_text(&fake.base_url(), "", ""), &[], &[]);
+    proxy.wait_ready().await;
+    for partial in [
+        "GET /api/invo",
+        "GET /api/invoices HTTP/1.1\r\nHost: x\r\nAccept: a",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(partial.as_bytes()).await.unwrap();
+        drop(stream);
+    }
+    // A whole request, then an idle close: not incomplete.
+    let (status, _, _) = raw_request(
+        proxy.addr,
+        "GET /api/invoices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let metrics_url = format!("http://{}/metrics", proxy.admin);
+    eventually("two heads cut by their clients, counted", || async {
+        metric(
+            &scrape(&metrics_url).await,
+            "coupa_proxy_client_incomplete_heads_total",
+            &[],
+        ) == 2.0
+    })
+    .await;
+    assert_eq!(
+        proxy.access_lines().len(),
+        1,
+        "only the whole request has a line"
+    );
+    assert_eq!(fake.state().api_requests(), 1);
+}
