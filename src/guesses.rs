@@ -23,6 +23,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
@@ -243,8 +245,8 @@ fn source_of(ip: IpAddr) -> IpAddr {
 /// Failed credentials by kind, those answered late, and the sources held.
 #[derive(Debug, Clone, Default)]
 pub struct GuessMetrics {
-    failed: crate::metrics::CountersBy,
-    delayed: crate::metrics::CountersBy,
+    failed: Family<[(&'static str, &'static str); 1], Counter>,
+    delayed: Family<[(&'static str, &'static str); 1], Counter>,
     sources: Gauge,
 }
 

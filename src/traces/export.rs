@@ -9,6 +9,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -32,7 +33,7 @@ pub struct TracesError(String);
 #[derive(Debug, Clone, Default)]
 pub struct TraceMetrics {
     exported: Counter,
-    dropped: crate::metrics::CountersBy,
+    dropped: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl TraceMetrics {
