@@ -22,6 +22,7 @@ mod model;
 mod summary;
 mod validate;
 mod values;
+mod warnings;
 
 use std::path::{Path, PathBuf};
 
