@@ -5,7 +5,7 @@
 //! - [`config`]: the TOML file — its shape, `${ENV}` expansion, validation into
 //!   [`config::Config`], the redacted summary — one file per pass.
 //! - [`secret`]: the redacting wrapper for secret strings.
-//! - [`encode`]: hex of digests, HTML escaping.
+//! - [`encode`]: hex of digests, HTML escaping, the JSON error body.
 //! - [`token`]: fetching ([`token::client`]), holding ([`token::store`]) and
 //!   rotating ([`token::refresher`]) the access token — background work;
 //!   one fetch across processes ([`token::shared`]); a user's consent, its
@@ -40,7 +40,10 @@
 //! - [`intercept`]: forward-proxy mode for the one instance
 //!   (`[listen.intercept]`): which `CONNECT` is tunnelled, the local CA and
 //!   the leaf it mints; `ca init`.
-//! - [`telemetry`]: log format and filtering.
+//! - [`telemetry`]: log format and filtering, and warnings a flood repeats
+//!   written once a minute.
+//! - [`traces`]: OpenTelemetry spans of requests and token fetches, exported
+//!   over OTLP/HTTP in the background (`[telemetry] otlp_endpoint`).
 //! - [`fake_coupa`]: a fake Coupa instance for tests, benches and the demo.
 //! - [`demo`]: the `demo` subcommand.
 //! - [`cli`]: each subcommand's body, output and exit code (`main.rs` only
