@@ -82,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The configuration file's reference.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Start a fake Coupa and the proxy in front of it, on loopback.
     Demo {
         /// Proxy address (a free port is used if this one is taken).
@@ -91,6 +96,17 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the JSON Schema of the configuration file (what editors with
+    /// Taplo / Even Better TOML complete and check; docs/proxy.schema.json
+    /// is this output).
+    Schema,
+    /// Print the configuration reference in Markdown, generated from the
+    /// same types (docs/configuration.md is this output).
+    Reference,
 }
 
 #[derive(Subcommand)]
@@ -153,5 +169,11 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Ca {
             command: CaCommand::Init { dir, host },
         } => cli::ca_init(&dir, host.as_deref()),
+        Command::Config {
+            command: ConfigCommand::Schema,
+        } => cli::config_schema(),
+        Command::Config {
+            command: ConfigCommand::Reference,
+        } => cli::config_reference(),
     }
 }

@@ -81,3 +81,15 @@ pub fn hash_key() -> Result<(), Failure> {
     println!("{}", crate::proxy::auth::hash_key(key));
     Ok(())
 }
+
+/// `config schema`: the configuration file's JSON Schema on stdout.
+pub fn config_schema() -> Result<(), Failure> {
+    println!("{}", crate::config::schema_text());
+    Ok(())
+}
+
+/// `config reference`: the configuration reference page on stdout.
+pub fn config_reference() -> Result<(), Failure> {
+    print!("{}", crate::config::reference_markdown());
+    Ok(())
+}

@@ -11,7 +11,7 @@ mod run;
 use crate::config::{Config, Credential};
 
 pub use ca::ca_init;
-pub use check::{check, hash_key};
+pub use check::{check, config_reference, config_schema, hash_key};
 pub use consent::{authorize, token};
 pub use run::{demo, run};
 

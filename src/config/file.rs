@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{ClientAuth, ConfigError, GrantKind, HttpVersion, RuntimeFlavor, DEFAULT_CREDENTIAL};
 
 /// The config file as written. Every table rejects keys it does not know.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     #[serde(default)]
@@ -20,6 +21,7 @@ pub(super) struct FileConfig {
     pub(super) coupa: CoupaFile,
     /// One credential (`[oauth]` with `client_id`, named `default`) or
     /// several (`[oauth.NAME]` tables); told apart in `validate`.
+    #[schemars(schema_with = "oauth_schema")]
     pub(super) oauth: toml::Table,
     #[serde(default)]
     pub(super) integration: Vec<IntegrationFile>,
@@ -36,31 +38,57 @@ pub(super) struct FileConfig {
     pub(super) telemetry: TelemetryFile,
 }
 
-/// `[telemetry]`: where traces go.
-#[derive(Debug, Default, Deserialize)]
+/// `[telemetry]`: where traces go, and how many access lines of refused
+/// requests are written.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TelemetryFile {
-    /// An OpenTelemetry collector's OTLP/HTTP base URL; unset: no traces.
+    /// an OpenTelemetry collector's OTLP/HTTP base URL (such as
+    /// `http://127.0.0.1:4318`): each request and each token fetch becomes spans
+    /// posted as protobuf to `<otlp_endpoint>/v1/traces` (see *Traces*). Plain
+    /// `http://` is allowed to any host. Restart to change
     #[serde(default)]
     pub(super) otlp_endpoint: Option<String>,
-    /// Access lines of refused requests written per second at most
-    /// (burst as many); 0: every one.
+    /// at most this many access lines a second (a burst of as many) for requests
+    /// the proxy refused (`reason` not empty); past it their lines are left out,
+    /// counted in `coupa_proxy_access_lines_left_out_total` and said once a minute,
+    /// while `coupa_proxy_refused_requests_total` still counts every refusal.
+    /// Forwarded requests' lines are never left out. Restart to change
     #[serde(default)]
     pub(super) refused_lines_per_second: u32,
 }
 
 /// `[cluster]`: state shared with other processes in Redis/Valkey.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ClusterFile {
+    /// with a `[cluster]` table: the Redis/Valkey every proxy of this instance
+    /// shares (`redis://HOST:PORT/DB`, `rediss://` for TLS with public roots), or
+    /// its sentinels:
+    /// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER_NAME[/DB]`
+    /// (`rediss+sentinel://` for TLS to sentinels and data nodes; `USER` is an ACL
+    /// user on the data nodes) — the proxy connects to whichever node the sentinels
+    /// name primary and follows failovers; see *Running several proxies*
     pub(super) redis_url: String,
+    /// prefix of every key, so several deployments can share one server
     #[serde(default = "default_key_prefix")]
     pub(super) key_prefix: String,
+    /// the Redis password (the data nodes' with Sentinel), from a file (or put it
+    /// in `redis_url`, not both)
     pub(super) password_file: Option<PathBuf>,
-    /// With a `redis+sentinel://` URL: the sentinels' own login.
+    /// with `redis+sentinel://`: ACL user for the sentinels themselves (when they
+    /// require a login)
     pub(super) sentinel_username: Option<String>,
+    /// with `redis+sentinel://`: file holding the sentinels' password (their
+    /// `requirepass`); the data nodes' password is `password_file` or the URL's
     pub(super) sentinel_password_file: Option<PathBuf>,
+    /// 32 random bytes, base64 (`head -c 32 /dev/urandom \| base64`): seals every
+    /// token stored in Redis
+    ///
+    /// Required with `[cluster]`.
     pub(super) encryption_key_file: Option<PathBuf>,
+    /// share of `[coupa.rate_limit]` one process uses alone while Redis is
+    /// unreachable
     #[serde(default = "default_fallback_share")]
     pub(super) fallback_share: f64,
 }
@@ -72,18 +100,32 @@ fn default_fallback_share() -> f64 {
     0.5
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `[runtime]`: how the async runtime runs the proxy.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RuntimeFile {
+    /// the async runtime: `current_thread` (one thread does everything: the least
+    /// CPU per request), `multi_thread` (a worker per CPU: scales across cores), or
+    /// `auto`: `current_thread` when the process may use one CPU (pinned with
+    /// `taskset` or a cpuset, or a CPU quota of one or less, as in a container
+    /// limited to `1` CPU), else `multi_thread`. Restart to change
     #[serde(default)]
     pub(super) flavor: RuntimeFlavor,
+    /// `multi_thread` only: how many workers
+    ///
+    /// Default: one per usable CPU.
     pub(super) worker_threads: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[reload]`: how changes to this file and its secret files are noticed.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReloadFile {
+    /// how often the config file, `client_secret_file`s,
+    /// `coupa.egress_proxy.password_file` and `listen.tls` files are checked for
+    /// changes; `"0s"`: only on SIGHUP
     #[serde(default = "default_watch_interval", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) watch_interval: Duration,
 }
 
@@ -99,36 +141,71 @@ fn default_watch_interval() -> Duration {
     Duration::from_secs(5)
 }
 
-#[derive(Debug, Deserialize)]
+/// `[[integration]]`: one legacy integration, how it is recognised, which
+/// credential it gets and its share of the way to Coupa.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct IntegrationFile {
+    /// with `[[integration]]` tables: a name for logs, metrics and the status page
     pub(super) name: String,
-    /// How a tool that sends a legacy key is recognised.
+    /// hex SHA-256 of the integration's legacy key (`hash-key` prints it). Each
+    /// table needs this, or a local OAuth client, or both
     pub(super) api_key_sha256: Option<String>,
-    /// How a tool that fetches its own token is recognised: a client of
-    /// the proxy's own `/oauth2/token`, not of Coupa's.
+    /// a local OAuth client of the proxy's own `POST /oauth2/token`, for tools that
+    /// fetch their own token (see *Tools that fetch their own token*); unique, no
+    /// spaces
     pub(super) oauth_client_id: Option<String>,
+    /// with `oauth_client_id`: hex SHA-256 of the local client secret (`hash-key`
+    /// prints it)
     pub(super) oauth_client_secret_sha256: Option<String>,
+    /// the `[oauth.NAME]` credential whose token the integration gets
     #[serde(default = "default_credential_name")]
     pub(super) credential: String,
-    /// Requests of this integration at Coupa at once; past it they wait.
+    /// requests of this integration at Coupa at once (from when its body has been
+    /// read until Coupa's answer has been read). Past it the integration's requests
+    /// wait, up to `coupa.connection_wait_timeout`, then get `503
+    /// {"error":"integration_busy"}` with `Retry-After: 1`; the other integrations
+    /// are not held up. The default leaves half of the connections to the others
+    /// whatever one integration sends
+    ///
+    /// Default: half of `coupa.max_connections` (16); all of them when only one
+    /// integration is configured.
     pub(super) max_concurrent: Option<usize>,
-    /// `Accept` for its requests that state no preference (else
-    /// `coupa.accept`).
+    /// the `Accept` for this integration's requests that state none (or only
+    /// `*/*`), e.g. `"application/xml"` for an XML flow behind a proxy whose
+    /// `coupa.accept` is JSON. The status page counts, per integration, the
+    /// requests that relied on it and the format given
+    ///
+    /// Default: `coupa.accept`.
     pub(super) accept: Option<String>,
-    /// Its part of Coupa's budget against other waiting integrations.
+    /// with `[coupa.rate_limit]`: this integration's part of Coupa's budget while
+    /// other integrations wait too — free slots are dealt to the waiting
+    /// integrations in turn, `weight` slots to it per turn (see *Sharing Coupa's
+    /// budget*). An idle integration costs the others nothing; a lone one gets the
+    /// whole budget
+    ///
+    /// Default: `1`.
     pub(super) weight: Option<u32>,
-    /// Its own bound on requests waiting for a slot (else the global one).
+    /// with `[coupa.rate_limit]`: its own bound on requests waiting for a slot;
+    /// past it its requests get `429 {"error":"rate_limited"}` with `Retry-After`
+    /// (never another integration's)
+    ///
+    /// Default: `coupa.rate_limit.max_queue`.
     pub(super) max_queue: Option<usize>,
-    /// A hard ceiling on its requests per second.
+    /// with `[coupa.rate_limit]`: a hard ceiling on this integration's requests per
+    /// second (e.g. a batch job held to `10`), whatever the budget has free; spaced
+    /// evenly (no burst)
     pub(super) max_per_second: Option<f64>,
 }
 
 /// `[insight]`: what the migration view flags.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct InsightFile {
+    /// an integration not seen for this long is flagged on the status page as a
+    /// candidate to retire (see *Seeing what integrations use*)
     #[serde(default = "default_idle_warning", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) idle_warning: Duration,
 }
 
@@ -148,35 +225,87 @@ fn default_credential_name() -> String {
     DEFAULT_CREDENTIAL.to_owned()
 }
 
-#[derive(Debug, Deserialize)]
+/// `[listen]`: where integrations connect, and how the proxy guards that
+/// side (timeouts, sizes, slow clients, shutdown).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListenFile {
+    /// where integrations connect (HTTP/1.1 and HTTP/2 cleartext by prior
+    /// knowledge)
     #[serde(default = "default_listen_address")]
     pub(super) address: SocketAddr,
+    /// after SIGTERM/SIGINT, how long in-flight requests may run on
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) shutdown_grace: Duration,
+    /// after SIGTERM/SIGINT, how long the listener keeps accepting and serving
+    /// (while `/readyz` already answers `503`) before the drain begins: load
+    /// balancers and kube-proxy still route to the process for a moment (see
+    /// *Restarts and upgrades*)
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) drain_delay: Duration,
+    /// a request head must be complete within this of its first byte (slowloris); a
+    /// new connection that sends nothing (or does not finish its TLS handshake)
+    /// within this is closed
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) header_read_timeout: Duration,
+    /// an idle keep-alive connection is closed after this, and every HTTP/1.1
+    /// answer says so: `Keep-Alive: timeout=120`. Longer than the longest common
+    /// client pool (.NET Framework 100 s), so clients give up an idle connection
+    /// before the proxy does and never send a `POST` into a closing socket; nginx
+    /// keeps 75 s, IIS 120 s. An idle connection costs about 6 KiB once parked (see
+    /// `release_idle_buffers_above`), so 1,000 idle clients hold about 6 MiB
     #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) keepalive_timeout: Duration,
+    /// largest request head accepted (at least 8192); beyond it the client gets
+    /// `431`
     #[serde(default = "default_max_header_bytes")]
     pub(super) max_header_bytes: usize,
+    /// open client connections beyond this get a `503` JSON answer and are closed
     #[serde(default = "default_max_connections")]
     pub(super) max_connections: usize,
+    /// with more client connections open than this, a plain HTTP/1.1 keep-alive
+    /// connection that goes idle gives hyper's buffers back (about 27 KiB) until
+    /// its next request: an idle connection then holds about 6 KiB instead of about
+    /// 33. `0` does it always; below the threshold it is not done, because starting
+    /// hyper's connection state again costs a few large allocations per request.
+    /// Idle connections still close after `keepalive_timeout`
     #[serde(default = "default_release_idle_buffers_above")]
     pub(super) release_idle_buffers_above: usize,
+    /// a client that sends no request body bytes for this long gets `408
+    /// {"error":"request_body_timeout"}`, and an upstream request it started is
+    /// aborted
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) body_read_timeout: Duration,
+    /// bytes per second a request body must average once `min_rate_grace` has
+    /// passed (Kestrel's default), else `408`: a trickle of a byte every few
+    /// seconds is progress, but not a request. `0` turns it off
     #[serde(default = "default_min_body_rate")]
     pub(super) min_body_rate: u64,
+    /// how long a body may start slowly before `min_body_rate` applies, and how
+    /// long a client may stall an answer before `min_response_rate` applies
     #[serde(default = "default_min_rate_grace", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) min_rate_grace: Duration,
+    /// a request body must be complete within this, else `408` (a body kept just
+    /// above the minimum rate is still bounded)
     #[serde(default = "default_max_body_time", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) max_body_time: Duration,
+    /// bytes per second a client must take an answer at, on average, once the proxy
+    /// has waited on it for `min_rate_grace` (Kestrel's default); else its
+    /// connection is closed (`coupa_proxy_client_response_timeouts_total`). The
+    /// clock runs only while the client's socket is full, so idle time between
+    /// requests does not count. `0` turns it off. See *Slow and misbehaving
+    /// clients*
     #[serde(default = "default_min_response_rate")]
     pub(super) min_response_rate: u64,
+    /// allow a non-loopback `listen.address` without `[[integration]]` tables (logs
+    /// a warning at start)
     #[serde(default)]
     pub(super) allow_unauthenticated: bool,
     pub(super) tls: Option<ListenTlsFile>,
@@ -184,18 +313,34 @@ pub(super) struct ListenFile {
 }
 
 /// `[listen.intercept]`: forward-proxy mode for the instance.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct InterceptFile {
+    /// with a `[listen.intercept]` table: the local CA (PEM) the integration hosts
+    /// trust; `CONNECT` to the instance's host and port is then tunnelled and
+    /// served like a direct connection, anything else gets `403` (see *Integrations
+    /// that cannot change their base URL*). Without the table `CONNECT` is `405`.
+    /// `coupa-auth-proxy ca init` makes one
     pub(super) ca_cert_file: PathBuf,
+    /// the CA's private key (PEM, PKCS#8); must be mode 0600 (refused otherwise);
+    /// read at start, never logged or shown
     pub(super) ca_key_file: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[listen.tls]`: HTTPS on the listener, and mutual TLS with a client CA.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListenTlsFile {
+    /// with a `[listen.tls]` table: PEM certificate chain of the listener (HTTPS,
+    /// ALPN h2 and http/1.1; a connection speaks exactly what ALPN agreed); re-read
+    /// when it changes. Without `[listen.tls]` on a non-loopback address, legacy
+    /// keys and Coupa's answers cross the network in cleartext: the proxy says so
+    /// at start, in `check` and in `/readyz` warnings
     pub(super) cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); re-read when it changes
     pub(super) key_file: PathBuf,
+    /// require client certificates chaining to these PEM CAs (mTLS); counts as
+    /// authentication for the open-listener rule
     pub(super) client_ca_file: Option<PathBuf>,
 }
 
@@ -222,103 +367,260 @@ impl Default for ListenFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `[coupa]`: the instance, and how requests to it are sent, retried,
+/// paced and buffered.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CoupaFile {
+    /// the instance, e.g. `https://acme.coupahost.com`; `http://` only for loopback
+    /// hosts; a path (e.g. `https://host/coupa`) is prepended to every request
     pub(super) base_url: String,
+    /// extra PEM trust roots for the instance and the token endpoint; public
+    /// (webpki) roots are always trusted; verification cannot be turned off
     pub(super) ca_file: Option<PathBuf>,
+    /// `Accept` sent when the client sent none or only `*/*` and its `Content-Type`
+    /// is neither JSON nor XML. The default is Coupa's own answer to such requests
+    /// (XML), so a legacy integration that relied on it keeps getting XML; a
+    /// client's own `Accept` is always kept. Any media type (`type/subtype`)
     #[serde(default = "default_accept")]
     pub(super) accept: String,
+    /// TCP connect limit towards the instance (then 502/504)
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) connect_timeout: Duration,
+    /// idle upstream connections are closed after this
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) pool_idle_timeout: Duration,
-    /// Keep one connection to the instance open (opened at start, again
-    /// when the last one closed).
+    /// keep one connection to the instance open: it is opened at start, while the
+    /// first token is fetched, and again whenever the last one has closed (after
+    /// `pool_idle_timeout` idle, or closed by Coupa), so a call after start-up or
+    /// after an idle period does not pay the TCP and TLS handshakes (two round
+    /// trips to a distant instance). Costs one connection, re-made every
+    /// `pool_idle_timeout` while idle. `false`: connections are opened by requests
+    /// only
     #[serde(default = "default_true")]
     pub(super) keep_warm: bool,
+    /// Coupa must send status and headers within this, else `504`
     #[serde(default = "default_response_header_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) response_header_timeout: Duration,
+    /// a response body that sends nothing for this long is aborted
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) idle_timeout: Duration,
+    /// request bodies up to this many bytes are read whole before the request goes
+    /// to Coupa (a slow uploader holds only its own connection, never one to Coupa,
+    /// and Coupa gets the body in one piece) and kept so the request can be
+    /// replayed (after a 401 or a dropped connection). A larger body streams on
+    /// after its first `replay_body_limit` bytes and is not replayed
     #[serde(default = "default_replay_body_limit")]
     pub(super) replay_body_limit: usize,
+    /// Coupa's answer is taken off its connection ahead of the client, so a slow
+    /// reader holds only its own connection: an answer of known length up to this
+    /// is read whole before its head goes to the client; of a larger or chunked
+    /// one, this much is held in memory while the client drains it. `0`: answers
+    /// stream at the client's pace, holding their Coupa connection until read (the
+    /// behaviour before this setting)
     #[serde(default = "default_response_buffer")]
     pub(super) response_buffer: usize,
+    /// beyond `response_buffer`, up to this many bytes of one answer go to an
+    /// unlinked temp file in `spool_dir` (gone when the answer is, even after a
+    /// crash). An answer larger than both streams at its client's pace from there,
+    /// as without a spool (`coupa_proxy_response_spool_overflows_total`). `0`: no
+    /// temp files
     #[serde(default = "default_response_spool_limit")]
     pub(super) response_spool_limit: u64,
+    /// where those temp files are made; must exist
+    ///
+    /// Default: the system temp dir (`$TMPDIR`, else `/tmp`).
     pub(super) spool_dir: Option<PathBuf>,
+    /// the upstream hop: `"http1"` (ALPN offers only `http/1.1`), `"http2"` (ALPN
+    /// `h2` only; prior knowledge over loopback `http://`), or `"auto"` (what ALPN
+    /// picks). See *Upstream HTTP version, retries and connections*
     #[serde(default)]
     pub(super) http_version: HttpVersion,
+    /// HTTP/1.1 connections to the instance at most, idle and busy; past it
+    /// requests wait for a free one (bounded by `connection_wait_timeout`). HTTP/2
+    /// shares one connection instead
     #[serde(default = "default_upstream_max_connections")]
     pub(super) max_connections: usize,
+    /// how long a request waits for a free connection before it gets `503
+    /// {"error":"upstream_busy"}` with `Retry-After: 1` (counted in
+    /// `coupa_proxy_upstream_connection_wait_timeouts_total`); nothing is sent to
+    /// Coupa
     #[serde(default = "default_connection_wait_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) connection_wait_timeout: Duration,
+    /// how long a request waits for a token when its credential holds none (at
+    /// start-up, or after a token expired without renewal) before it gets `503
+    /// {"error":"no_token"}` with the reason; `0s` answers 503 at once. Waiting
+    /// requests hold their connection like any other
     #[serde(default = "default_token_wait_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) token_wait_timeout: Duration,
+    /// Coupa's own `429` (its budget is per instance, shared with clients outside
+    /// the proxy) is not passed on while this allows: the request waits Coupa's
+    /// `Retry-After` (a second without one, at least a second) and is sent again
+    /// through its integration's place in the rate limit, up to this long in all, a
+    /// `POST` too (a 429 is an answer to a request Coupa did not process, RFC 6585
+    /// §4). Needs the body kept (`replay_body_limit`); past the bound, or with a
+    /// larger body, Coupa's 429 goes to the client unchanged. `0s`: always pass it
+    /// on
     #[serde(default = "default_resend_429_within", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) resend_429_within: Duration,
     pub(super) rate_limit: Option<RateLimitFile>,
     pub(super) egress_proxy: Option<EgressProxyFile>,
 }
 
 /// `[coupa.egress_proxy]`: the corporate proxy every hop to Coupa takes.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EgressProxyFile {
+    /// with a `[coupa.egress_proxy]` table: the `http://host:port` of the company's
+    /// egress proxy; every connection to the instance and the token endpoint is
+    /// tunnelled through it with `CONNECT` (see *Behind a corporate proxy*).
+    /// Without it every hop goes direct;
+    /// `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` are never used
     pub(super) url: String,
+    /// login for the egress proxy (`Proxy-Authorization: Basic`); needs
+    /// `password_file`
     pub(super) username: Option<String>,
+    /// file holding the egress proxy's password (trailing newline ignored); re-read
+    /// on reload; never logged or shown
     pub(super) password_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[coupa.rate_limit]`: Coupa's per-instance budget, shaped by the proxy
+/// (per process, or for all of them with `[cluster]`).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RateLimitFile {
+    /// with a `[coupa.rate_limit]` table: sustained requests per second to Coupa
+    /// (no table: no shaping)
     #[serde(default = "default_rate_per_second")]
     pub(super) per_second: f64,
+    /// requests that may go at once above the rate: four under Coupa's own 20, the
+    /// slack that keeps requests the network bunches on their way out of Coupa's
+    /// 429 (see *What integrations feel*)
     #[serde(default = "default_rate_burst")]
     pub(super) burst: u32,
+    /// requests that may wait for their slot, per integration (each waits in its
+    /// own queue; requests of no integration share one); beyond it `429` with
+    /// `Retry-After`. An integration's own `max_queue` overrides it
     #[serde(default = "default_rate_max_queue")]
     pub(super) max_queue: usize,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[oauth]` (or `[oauth.NAME]`): an OAuth client of the instance and how
+/// its tokens are fetched and renewed.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct OAuthFile {
+    /// the OAuth client's id. Every `oauth.*` key also exists per named credential:
+    /// `[oauth.NAME]` tables instead of one `[oauth]` table (which is the
+    /// credential `default`)
     pub(super) client_id: String,
+    /// the secret (normally `"${COUPA_CLIENT_SECRET}"`); exactly one of this and
+    /// `client_secret_file`. Required for `client_credentials`; optional for the
+    /// user-consented grants (a public client authenticates with PKCE alone)
     pub(super) client_secret: Option<String>,
+    /// file holding the secret (trailing newline ignored), e.g. a mounted
+    /// Kubernetes/Docker secret
     pub(super) client_secret_file: Option<PathBuf>,
+    /// list of scopes (`service.object.right`), each assigned to the client in
+    /// Coupa; sent space-separated
     pub(super) scopes: Vec<String>,
+    /// token endpoint; same `https`/loopback rule
+    ///
+    /// Default: `base_url` + `/oauth2/token`.
     pub(super) token_url: Option<String>,
+    /// `body`: id and secret as form fields; `basic`: HTTP Basic, id and secret
+    /// form-urlencoded first as RFC 6749 §2.3.1 says (servers that do not decode,
+    /// such as Doorkeeper, then see another secret when it holds anything but `A-Z
+    /// a-z 0-9 - . _ *`: `check` and `/readyz` warn, and `body` is unambiguous).
+    /// Never both (Coupa rejects "multiple credentials")
     #[serde(default)]
     pub(super) client_auth: ClientAuth,
+    /// renew once this share of the lifetime has passed (20 h of Coupa's 24 h)
     #[serde(default = "default_refresh_fraction")]
     pub(super) refresh_fraction: f64,
+    /// wait between receiving a new token and using it, as Coupa advises; the old
+    /// token serves meanwhile. Skipped when no valid token is held, and when Coupa
+    /// rejected the current one (a 401)
     #[serde(default = "default_activation_delay", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) activation_delay: Duration,
+    /// first retry delay after a failed token request
     #[serde(default = "default_retry_initial", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) retry_initial: Duration,
+    /// cap of the exponential backoff (with jitter); configuration errors are
+    /// retried every `retry_max/2`..`retry_max`
     #[serde(default = "default_retry_max", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) retry_max: Duration,
+    /// limit for one token request; also how long a request that got 401 waits for
+    /// the fresh token
     #[serde(default = "default_token_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) request_timeout: Duration,
+    /// after a 401-triggered token fetch, no other one starts within this (no loops
+    /// when Coupa keeps rejecting). A 401 for a token already superseded by one
+    /// waiting out its activation delay installs that one instead and does not
+    /// start the cooldown
     #[serde(default = "default_rejected_token_cooldown", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub(super) rejected_token_cooldown: Duration,
+    /// `client_credentials`, `authorization_code` or `device_code` (see
+    /// *User-consented grants*)
     #[serde(default)]
     pub(super) grant: GrantKind,
+    /// where the refresh token, access token, expiries and scopes are kept (JSON,
+    /// mode 0600, replaced atomically; relative paths are from the config file's
+    /// directory). Only for `authorization_code` / `device_code`, which also need
+    /// `offline_access` in `scopes`
+    ///
+    /// Required for the user grants.
     pub(super) state_file: Option<PathBuf>,
+    /// `authorization_code` only: where `authorize` listens for Coupa's redirect;
+    /// must be `http://` on a loopback host with a port, and registered on the
+    /// client in Coupa. Port `0` takes any free port (only if your Coupa accepts
+    /// any loopback port)
+    ///
+    /// Default: `http://127.0.0.1:8765/callback`.
     pub(super) redirect_uri: Option<String>,
+    /// `authorization_code` only
+    ///
+    /// Default: `base_url` + `/oauth2/authorizations/new`.
     pub(super) authorize_url: Option<String>,
+    /// `device_code` only
+    ///
+    /// Default: `base_url` + `/oauth2/device_authorizations`.
     pub(super) device_authorization_url: Option<String>,
+    /// user grants only: how long a refresh token lasts from its issue (Coupa: 90
+    /// days); warnings start 14 days before the end
+    ///
+    /// Default: `90d`.
     #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
     pub(super) refresh_token_lifetime: Option<Duration>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[admin]`: the admin listener (`/healthz`, `/readyz`, `/metrics`, the
+/// status page).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AdminFile {
+    /// the admin endpoints (`/healthz`, `/readyz`, `/metrics`, the status page)
     #[serde(default = "default_admin_address")]
     pub(super) address: SocketAddr,
+    /// the SHA-256 (`coupa-auth-proxy hash-key` prints it) of the password the
+    /// status page and `/status.json` ask for when the admin listener is not on
+    /// loopback: HTTP Basic, any user name (a browser prompts for it). Off loopback
+    /// without it they answer `401 {"error":"status_page_closed"}` and the start-up
+    /// log and `check` warn. Restart to change
     #[serde(default)]
     pub(super) status_password_sha256: Option<String>,
 }
@@ -543,6 +845,22 @@ fn remove_key(value: &mut toml::Value, path: &serde_path_to_error::Path, field: 
     }
 }
 
+/// `[oauth]`: one credential's table, or tables of credentials by name.
+fn oauth_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let credential = generator.subschema_for::<OAuthFile>();
+    schemars::json_schema!({
+        "description": "The OAuth client: one credential's keys (named `default`), or one [oauth.NAME] table per credential",
+        "anyOf": [
+            credential,
+            {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": credential,
+            },
+        ],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -587,7 +905,7 @@ mod tests {
              [[integration]]\nname = \"b\"\napi_key_sha256 = \"y\"\ncredentail = \"z\"\n",
         )
         .unwrap();
-        #[derive(Debug, Deserialize)]
+        #[derive(Debug, Deserialize, JsonSchema)]
         #[serde(deny_unknown_fields)]
         struct Only {
             #[allow(dead_code)]

@@ -19,6 +19,7 @@ mod credentials;
 mod env;
 mod file;
 mod model;
+mod reference;
 mod summary;
 mod validate;
 mod values;
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 pub use env::expand_str;
 pub use model::*;
+pub use reference::reference_markdown;
 
 /// The environment variable that may hold the config file's path.
 pub const CONFIG_ENV: &str = "COUPA_PROXY_CONFIG";
@@ -79,6 +81,19 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         key: key.into(),
         reason: reason.into(),
     }
+}
+
+/// The configuration file's JSON Schema (draft 2020-12), from the same
+/// types serde reads the file with, so it cannot drift from what `check`
+/// accepts; each key's description is its doc comment. Pretty-printed, as
+/// `docs/proxy.schema.json` holds it.
+pub fn schema_text() -> String {
+    let mut schema = schemars::schema_for!(file::FileConfig);
+    schema.insert(
+        "title".into(),
+        "coupa-auth-proxy configuration (proxy.toml)".into(),
+    );
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
 }
 
 impl Config {

@@ -333,7 +333,9 @@ impl fmt::Debug for EgressProxy {
 }
 
 /// The HTTP version of the hop to Coupa (`coupa.http_version`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpVersion {
     /// HTTP/1.1 only (ALPN offers only `http/1.1`): what nginx, HAProxy and
@@ -485,7 +487,9 @@ impl Config {
 }
 
 /// How the async runtime runs the proxy (`[runtime] flavor`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeFlavor {
     /// `current_thread` when the process may use one CPU (a pinned or
@@ -522,7 +526,9 @@ impl Runtime {
 
 /// How the client id and secret reach the token endpoint. Coupa rejects a
 /// request that carries them both ways ("provided multiple credentials").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
     /// `client_id` and `client_secret` as form fields.
@@ -533,7 +539,9 @@ pub enum ClientAuth {
 }
 
 /// How a credential obtains its tokens (`grant` in an `[oauth]` table).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantKind {
     /// System-to-system: the client's own id and secret, no user.

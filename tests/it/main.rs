@@ -16,6 +16,7 @@ mod consent;
 mod coupa_429;
 mod demo;
 mod deploy;
+mod docs;
 mod egress;
 mod failure_logs;
 mod fairness;
