@@ -14,11 +14,16 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --bin coupa-auth-proxy
+RUN cargo build --release --locked --bin coupa-auth-proxy \
+    && mkdir -p /man/man1 \
+    && target/release/coupa-auth-proxy manpage > /man/man1/coupa-auth-proxy.1
 
 # glibc and CA certificates, no shell, no package manager; runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/coupa-auth-proxy /usr/local/bin/coupa-auth-proxy
+# The man page, generated from the command line's definition (read it with
+# `docker cp` or a debug image; the runtime image has no man).
+COPY --from=build /man/man1/coupa-auth-proxy.1 /usr/local/share/man/man1/coupa-auth-proxy.1
 ENV COUPA_PROXY_CONFIG=/etc/coupa-auth-proxy/proxy.toml
 USER 65532:65532
 EXPOSE 8080 9090

@@ -140,7 +140,7 @@ address = "{admin_addr}"
          \nstatus page's migration view:\n\
          \n  curl -s -X PUT -H 'X-COUPA-API-KEY: {DEMO_LEGACY_KEY}' 'http://{proxy_addr}/api/invoices/1'\n\
          \nAn integration that can only set a proxy keeps Coupa's https:// URL: see\
-         \n`coupa-auth-proxy ca init` and [listen.intercept] (README: Integrations that cannot change their base URL).\n\
+         \n`coupa-auth-proxy ca init` and [listen.intercept] (docs/integrations.md: Integrations that cannot change their base URL).\n\
          \nCtrl-C stops the demo.",
         base = fake.base_url(),
     );

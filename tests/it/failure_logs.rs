@@ -1,4 +1,4 @@
-//! The failure table's log column (README, *Failure behaviour*): each row
+//! The failure table's log column (docs/failures.md, *Failure behaviour*): each row
 //! provoked against the real binary, and its log line checked — the
 //! client's side of each row is tested where the feature is.
 

@@ -466,7 +466,7 @@ mod tests {
     use crate::config::test_support::*;
 
     /// An empty `[coupa.rate_limit]` is Coupa's rate with a burst four
-    /// under Coupa's own 20 (the slack network jitter needs; README, What
+    /// under Coupa's own 20 (the slack network jitter needs; docs/performance.md, What
     /// integrations feel).
     #[test]
     fn rate_limit_defaults_keep_slack_under_coupas_burst() {
