@@ -35,7 +35,10 @@ Better TOML completes and checks keys as they are typed when the file starts
 with `#:schema ./docs/proxy.schema.json` (as `proxy.toml.example` does) or
 when the editor maps the schema to it. `coupa-auth-proxy check --config
 PATH` checks a file as the proxy will read it and prints a summary with
-every secret redacted.
+every secret redacted; `check-jsonschema --default-filetype toml
+--schemafile docs/proxy.schema.json proxy.toml` checks its keys and types
+the same way outside the proxy (`check` checks more: values, files,
+cross-table rules).
 
 A minimal file (the whole required set, plus the listen and admin
 addresses):
