@@ -77,11 +77,7 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
     let waited = |phase| metric(&metrics, "coupa_proxy_wait_seconds", &[("phase", phase)]);
     assert_eq!(waited("slot"), 4.0);
     assert_eq!(waited("queue"), 0.0);
-    let status: serde_json::Value = get(format!("http://{}/status.json", proxy.admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let status = proxy.status_json().await;
     let batch = status["integrations"]
         .as_array()
         .unwrap()
@@ -92,11 +88,7 @@ async fn the_wait_for_a_capped_integrations_slot_is_its_own_field() {
     assert_eq!(spent["requests"], 4, "{spent}");
     assert_eq!(spent["coupa_ms"]["p50"], 512.0, "{spent}");
     assert_eq!(spent["waiting_ms"]["p99"], 1024.0, "{spent}");
-    let page = get(format!("http://{}/", proxy.admin))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = proxy.status_page().await;
     assert!(
         page.contains("where the time went in the last hour (4 requests sent to Coupa)"),
         "{page}"

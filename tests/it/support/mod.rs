@@ -490,6 +490,24 @@ impl ProxyProcess {
             .collect()
     }
 
+    /// What the admin listener's `/status.json` answers.
+    pub async fn status_json(&self) -> serde_json::Value {
+        get(format!("http://{}/status.json", self.admin))
+            .await
+            .json()
+            .await
+            .expect("/status.json is JSON")
+    }
+
+    /// The status page's HTML.
+    pub async fn status_page(&self) -> String {
+        get(format!("http://{}/", self.admin))
+            .await
+            .text()
+            .await
+            .expect("the status page is text")
+    }
+
     pub async fn wait_ready(&self) {
         let client = http_client();
         let url = format!("http://{}/readyz", self.admin);
