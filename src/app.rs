@@ -78,33 +78,28 @@ pub async fn run_with_reload(
     // Background work stops only after the proxy has drained, so requests
     // finishing during the grace period still see a token.
     let background = Background::new();
-    let stores: Vec<_> = config
-        .credentials
-        .iter()
-        .map(|credential| (credential.name.clone(), Arc::new(TokenStore::new())))
-        .collect();
-    let stores = Arc::new(stores);
+    let stores: crate::metrics::Stores = Arc::new(
+        config
+            .credentials
+            .iter()
+            .map(|credential| (credential.name.clone(), Arc::new(TokenStore::new())))
+            .collect(),
+    );
     let insight = Insight::new(&config);
     let metrics = Metrics::new(stores.clone(), config.cluster.is_some(), &insight);
-    let traces = match &config.telemetry.otlp_traces_url {
-        Some(url) => match Traces::start(url, metrics.traces.clone(), &background) {
-            Ok(traces) => Some(traces),
-            Err(error) => {
-                background.stop().await;
-                return Err(error.into());
-            }
-        },
-        None => None,
-    };
-    let started = start_token_work(
+    let started = start_background_work(
         &config,
         config_path.as_deref(),
         &tls_config,
         &stores,
-        (&metrics, traces.as_ref()),
+        &metrics,
         &background,
     );
-    let (cluster, handles) = match started {
+    let Started {
+        cluster,
+        credentials,
+        traces,
+    } = match started {
         Ok(started) => started,
         Err(error) => {
             background.stop().await;
@@ -115,13 +110,8 @@ pub async fn run_with_reload(
         warn!("{warning}");
     }
 
-    let local = |l: &TcpListener| {
-        l.local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "?".to_owned())
-    };
-    let proxy_addr = local(&listeners.proxy);
-    let admin_addr = local(&listeners.admin);
+    let proxy_addr = listening_on(&listeners.proxy);
+    let admin_addr = listening_on(&listeners.admin);
     let guesses = Arc::new(Guesses::new(metrics.guesses.clone(), shutdown.clone()));
     let proxy = build_proxy(
         &config,
@@ -149,7 +139,7 @@ pub async fn run_with_reload(
         let reloader = Reloader {
             path,
             startup: config.clone(),
-            credentials: handles,
+            credentials,
             proxy: proxy.clone(),
             cert: inbound_cert,
         };
@@ -181,18 +171,72 @@ pub async fn run_with_reload(
         drain_after_delay(&shutdown, config.listen.drain_delay, &background),
     )
     .await;
+    report_drain(drain, &cut);
+    background.stop().await;
+    Ok(drain)
+}
+
+/// A listener's address for the start-up line.
+fn listening_on(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// Says how the drain ended; when the grace period ran out, the requests
+/// still in flight are marked as cut by the process before they are
+/// dropped (their access lines say `cut_at_shutdown`).
+fn report_drain(drain: Drain, proxy: &Proxy) {
     match drain {
         Drain::Complete => info!("all in-flight requests finished"),
         Drain::TimedOut { open_connections } => {
-            cut.cut_remaining();
+            proxy.cut_remaining();
             warn!(
                 open_connections,
                 "grace period ran out; closing the remaining connections"
             )
         }
     }
-    background.stop().await;
-    Ok(drain)
+}
+
+/// What runs beside the request path once started.
+struct Started {
+    cluster: Option<Arc<Cluster>>,
+    credentials: crate::reload::CredentialHandles,
+    traces: Option<Traces>,
+}
+
+/// The trace exporter (with `[telemetry] otlp_endpoint`), then the
+/// cluster state and the token work ([`start_token_work`]), all on
+/// `background`.
+fn start_background_work(
+    config: &Config,
+    config_path: Option<&Path>,
+    tls_config: &rustls::ClientConfig,
+    stores: &[(String, Arc<TokenStore>)],
+    metrics: &Metrics,
+    background: &Background,
+) -> Result<Started, AppError> {
+    let traces = config
+        .telemetry
+        .otlp_traces_url
+        .as_ref()
+        .map(|url| Traces::start(url, metrics.traces.clone(), background))
+        .transpose()?;
+    let (cluster, credentials) = start_token_work(
+        config,
+        config_path,
+        tls_config,
+        stores,
+        (metrics, traces.as_ref()),
+        background,
+    )?;
+    Ok(Started {
+        cluster,
+        credentials,
+        traces,
+    })
 }
 
 /// The proxy's own shutdown: `listen.drain_delay` after `shutdown`.
